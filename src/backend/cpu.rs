@@ -1,0 +1,544 @@
+//! The f32 CPU reference backend: plain loops a reader can check against the formulas, with
+//! matrixmultiply for the products and rayon where rows are independent. Every other backend is
+//! tested against this one.
+
+use super::relpos::relative_bucket;
+use super::rng::{dropout_keep, uniform};
+use super::{Activation, AttnSpec, Backend, LoraRef, SampleSpec, Selected, Shaped};
+use crate::checkpoint::HostTensor;
+use anyhow::{Result, bail, ensure};
+use rayon::prelude::*;
+
+/// An owned row-major tensor on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor<T> {
+    pub data: Vec<T>,
+    pub shape: Vec<usize>,
+}
+
+impl<T> Shaped for CpuTensor<T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+impl<T: Clone> CpuTensor<T> {
+    pub fn new(data: Vec<T>, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        ensure!(data.len() == n, "tensor of shape {shape:?} needs {n} values, got {}", data.len());
+        Ok(Self { data, shape: shape.to_vec() })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// `c[m, n] = a[m, k] · b[n, k]ᵀ` (+ c when `accumulate`), all row-major.
+pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    debug_assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: the slices cover the strided extents asserted above and `c` does not alias a or b.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` (+ c when `accumulate`), all row-major.
+pub fn matmul_nn(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: as in `matmul_nt`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `c[m, n] = a[k, m]ᵀ · b[k, n]` (+ c when `accumulate`): the weight-gradient product.
+pub fn matmul_tn(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: as in `matmul_nt`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            1,
+            m as isize,
+            b.as_ptr(),
+            n as isize,
+            1,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `gelu_new`: the tanh approximation T5 v1.1 uses.
+pub fn gelu_new(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// BERT's exact GELU.
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Applies inverted dropout to a copy of `x` (row-major, `x.len()` elements).
+pub fn apply_dropout(x: &[f32], d: &super::Dropout) -> Vec<f32> {
+    let scale = 1.0 / (1.0 - d.p);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| if dropout_keep(d.p, d.seed, d.stream, i as u64) { v * scale } else { 0.0 })
+        .collect()
+}
+
+fn out_shape(x: &[usize], last: usize) -> Vec<usize> {
+    let mut s = x.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = last;
+    }
+    s
+}
+
+impl Backend for Cpu {
+    type Tensor = CpuTensor<f32>;
+    type Weight = CpuTensor<f32>;
+    type Ids = CpuTensor<u32>;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        CpuTensor::new(data.to_vec(), shape)
+    }
+
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
+        CpuTensor::new(vec![0.0; shape.iter().product()], shape)
+    }
+
+    fn upload_weight(&self, w: &HostTensor<'_>) -> Result<Self::Weight> {
+        CpuTensor::new(w.to_f32(), w.shape)
+    }
+
+    fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids> {
+        CpuTensor::new(ids.to_vec(), shape)
+    }
+
+    fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>> {
+        Ok(ids.data.clone())
+    }
+
+    fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor> {
+        let (rows, d) = table.rows_cols();
+        let mut out = Vec::with_capacity(ids.data.len() * d);
+        for &id in &ids.data {
+            let id = id as usize;
+            ensure!(id < rows, "token id {id} is outside the embedding table of {rows} rows");
+            out.extend_from_slice(&table.data[id * d..(id + 1) * d]);
+        }
+        let mut shape = ids.shape.clone();
+        shape.push(d);
+        CpuTensor::new(out, &shape)
+    }
+
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor> {
+        let (m, k) = x.rows_cols();
+        let (n, wk) = w.rows_cols();
+        ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
+        let mut y = vec![0.0; m * n];
+        matmul_nt(&x.data, &w.data, &mut y, m, k, n, false);
+        if let Some(l) = lora {
+            let r = l.a.shape[0];
+            ensure!(l.a.shape == [r, k] && l.b.shape == [n, r], "LoRA shapes {:?} / {:?}", l.a.shape, l.b.shape);
+            let xd;
+            let xin = match &l.dropout {
+                Some(d) if d.p > 0.0 => {
+                    xd = apply_dropout(&x.data, d);
+                    &xd
+                }
+                _ => &x.data,
+            };
+            let mut h = vec![0.0; m * r];
+            matmul_nt(xin, &l.a.data, &mut h, m, k, r, false);
+            h.iter_mut().for_each(|v| *v *= l.scale);
+            matmul_nt(&h, &l.b.data, &mut y, m, r, n, true);
+        }
+        CpuTensor::new(y, &out_shape(&x.shape, n))
+    }
+
+    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+        let (m, k) = x.rows_cols();
+        let (n, wk) = w.rows_cols();
+        ensure!(k == wk, "affine: input has {k} features, weight {:?} expects {wk}", w.shape);
+        let mut y = vec![0.0; m * n];
+        matmul_nt(&x.data, &w.data, &mut y, m, k, n, false);
+        if let Some(b) = bias {
+            ensure!(b.data.len() == n, "affine: bias has {} values for {n} outputs", b.data.len());
+            for row in y.chunks_mut(n) {
+                row.iter_mut().zip(&b.data).for_each(|(v, b)| *v += b);
+            }
+        }
+        CpuTensor::new(y, &out_shape(&x.shape, n))
+    }
+
+    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> {
+        let (_, d) = x.rows_cols();
+        ensure!(bias.data.len() == d, "bias_add: bias has {} values for {d} features", bias.data.len());
+        x.data.chunks_mut(d.max(1)).for_each(|row| row.iter_mut().zip(&bias.data).for_each(|(v, b)| *v += b));
+        Ok(())
+    }
+
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
+        let (_, d) = x.rows_cols();
+        ensure!(w.data.len() == d && b.data.len() == d, "layer_norm: parameters do not have {d} values");
+        let mut y = x.data.clone();
+        y.par_chunks_mut(d.max(1)).for_each(|row| {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, g), bb) in row.iter_mut().zip(&w.data).zip(&b.data) {
+                *v = (*v - mean) * inv * g + bb;
+            }
+        });
+        CpuTensor::new(y, &x.shape)
+    }
+
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor> {
+        let f = match act {
+            Activation::GeluErf => gelu_erf,
+            Activation::GeluNew => gelu_new,
+            Activation::Tanh => f32::tanh,
+        };
+        CpuTensor::new(x.data.iter().map(|&v| f(v)).collect(), &x.shape)
+    }
+
+    fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor> {
+        let (n, d) = x.rows_cols();
+        let mut out = Vec::with_capacity(rows.data.len() * d);
+        for &r in &rows.data {
+            ensure!((r as usize) < n, "gather_rows: row {r} of {n}");
+            out.extend_from_slice(&x.data[r as usize * d..(r as usize + 1) * d]);
+        }
+        CpuTensor::new(out, &[rows.data.len(), d])
+    }
+
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
+        let (_, d) = x.rows_cols();
+        ensure!(w.data.len() == d, "rms_norm: weight has {} values for {d} features", w.data.len());
+        let mut y = x.data.clone();
+        y.par_chunks_mut(d.max(1)).for_each(|row| {
+            let var = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            row.iter_mut().zip(&w.data).for_each(|(v, g)| *v = *v * inv * g);
+        });
+        CpuTensor::new(y, &x.shape)
+    }
+
+    fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()> {
+        x.data.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> {
+        ensure!(x.shape == y.shape, "add: shapes {:?} and {:?} differ", x.shape, y.shape);
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn gated_gelu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
+        ensure!(gate.shape == up.shape, "gated_gelu: shapes {:?} and {:?} differ", gate.shape, up.shape);
+        let y = gate.data.iter().zip(&up.data).map(|(g, u)| gelu_new(*g) * u).collect();
+        CpuTensor::new(y, &gate.shape)
+    }
+
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let inner = h * dk;
+        ensure!(q.shape.len() == 3 && q.shape[2] == inner, "attention: q shape {:?}", q.shape);
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        ensure!(
+            k.shape.len() == 3 && k.shape[0] == b && k.shape[2] == inner && k.shape == v.shape,
+            "attention: k {:?} / v {:?} do not match q {:?}",
+            k.shape,
+            v.shape,
+            q.shape
+        );
+        let cap = k.shape[1];
+        let lk = spec.kv_len;
+        ensure!(lk <= cap, "attention: kv_len {lk} exceeds the {cap} rows of k");
+        let key_len: Vec<usize> = match spec.key_lengths {
+            Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
+            None => vec![lk; b],
+        };
+        ensure!(key_len.len() == b, "attention: {} key lengths for batch {b}", key_len.len());
+        // bias[h][i][j] for the query positions of this call.
+        let bias: Option<Vec<f32>> = spec.bias.as_ref().map(|rb| {
+            let mut out = vec![0.0; h * lq * lk];
+            for i in 0..lq {
+                for j in 0..lk {
+                    let rel = j as i64 - (spec.q_offset + i) as i64;
+                    let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+                    for hh in 0..h {
+                        out[(hh * lq + i) * lk + j] = rb.table.data[bucket * h + hh];
+                    }
+                }
+            }
+            out
+        });
+        let mut out = vec![0.0f32; b * lq * inner];
+        out.par_chunks_mut(lq * inner).enumerate().for_each(|(bi, ob)| {
+            let mut scores = vec![0.0f32; lk];
+            for hh in 0..h {
+                for i in 0..lq {
+                    let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                    let visible = if spec.causal { (spec.q_offset + i + 1).min(lk) } else { lk };
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        if j >= visible || j >= key_len[bi] {
+                            *s = f32::NEG_INFINITY;
+                            continue;
+                        }
+                        let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        let mut dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+                        if let Some(bias) = &bias {
+                            dot += bias[(hh * lq + i) * lk + j];
+                        }
+                        *s = dot;
+                        max = max.max(dot);
+                    }
+                    let o = &mut ob[i * inner + hh * dk..][..dk];
+                    o.fill(0.0);
+                    if max == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    for (j, s) in scores.iter().enumerate() {
+                        if *s == 0.0 {
+                            continue;
+                        }
+                        let p = s / sum;
+                        let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        o.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
+                    }
+                }
+            }
+        });
+        CpuTensor::new(out, &q.shape)
+    }
+
+    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: usize) -> Result<()> {
+        ensure!(
+            dst.shape.len() == 3
+                && src.shape.len() == 3
+                && dst.shape[0] == src.shape[0]
+                && dst.shape[2] == src.shape[2],
+            "write_rows: {:?} into {:?}",
+            src.shape,
+            dst.shape
+        );
+        let (b, cap, d) = (dst.shape[0], dst.shape[1], dst.shape[2]);
+        let n = src.shape[1];
+        ensure!(pos + n <= cap, "write_rows: rows {pos}..{} past capacity {cap}", pos + n);
+        for bi in 0..b {
+            dst.data[(bi * cap + pos) * d..(bi * cap + pos + n) * d]
+                .copy_from_slice(&src.data[bi * n * d..(bi + 1) * n * d]);
+        }
+        Ok(())
+    }
+
+    fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()> {
+        let n = src.data.len();
+        ensure!(offset + n <= dst.data.len(), "copy_into: {n} values at {offset} overflow {:?}", dst.shape);
+        dst.data[offset..offset + n].copy_from_slice(&src.data);
+        Ok(())
+    }
+
+    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor> {
+        let (_, v) = logits.rows_cols();
+        let mut y = logits.data.clone();
+        y.par_chunks_mut(v.max(1)).for_each(log_softmax_row);
+        CpuTensor::new(y, &logits.shape)
+    }
+
+    fn select_tokens(
+        &self,
+        logits: &Self::Tensor,
+        spec: &SampleSpec,
+        step: usize,
+        streams: &Self::Ids,
+        finished: &mut Self::Ids,
+    ) -> Result<Selected<Self>> {
+        let (b, v) = logits.rows_cols();
+        ensure!(finished.data.len() == b, "select_tokens: {} flags for {b} rows", finished.data.len());
+        ensure!(streams.data.len() == b, "select_tokens: {} streams for {b} rows", streams.data.len());
+        if spec.eos as usize >= v {
+            bail!("EOS id {} is outside the vocabulary of {v}", spec.eos);
+        }
+        let mut tokens = vec![spec.pad; b];
+        let mut logprobs = vec![0.0f32; b];
+        for row in 0..b {
+            if finished.data[row] != 0 {
+                continue;
+            }
+            let raw = &logits.data[row * v..(row + 1) * v];
+            let tok = choose_token(raw, spec, streams.data[row] as u64, step as u64);
+            let mut lp = raw.to_vec();
+            log_softmax_row(&mut lp);
+            tokens[row] = tok as u32;
+            logprobs[row] = lp[tok];
+            if tok as u32 == spec.eos {
+                finished.data[row] = 1;
+            }
+        }
+        Ok(Selected { tokens: CpuTensor::new(tokens, &[b, 1])?, logprobs: CpuTensor::new(logprobs, &[b])? })
+    }
+}
+
+/// In-place log-softmax of one row, in f32 with the max subtracted first.
+pub fn log_softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    let lse = max + sum.ln();
+    row.iter_mut().for_each(|x| *x -= lse);
+}
+
+/// Picks one token from one row of raw logits. Sampling draws u from the counter RNG keyed by
+/// (seed, row, step) and inverts the CDF of the filtered distribution in vocabulary order, which
+/// the GPU reproduces with a prefix sum.
+pub fn choose_token(raw: &[f32], spec: &SampleSpec, row: u64, step: u64) -> usize {
+    let mut z: Vec<f32> = raw.to_vec();
+    if spec.suppress_eos {
+        z[spec.eos as usize] = f32::NEG_INFINITY;
+    }
+    if spec.greedy {
+        return argmax(&z);
+    }
+    let t = spec.temperature;
+    z.iter_mut().for_each(|x| *x /= t);
+    if spec.top_k > 0 && spec.top_k < z.len() {
+        let mut sorted = z.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[spec.top_k - 1];
+        z.iter_mut().filter(|x| **x < kth).for_each(|x| *x = f32::NEG_INFINITY);
+    }
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<f32> = z.iter().map(|x| (x - max).exp()).collect();
+    if spec.top_p < 1.0 {
+        // Hugging Face drops the tokens whose ascending cumulative probability is ≤ 1 − top_p,
+        // keeping at least the most likely one.
+        let total: f32 = p.iter().sum();
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)));
+        let mut cum = 0.0;
+        let threshold = 1.0 - spec.top_p;
+        for &i in &order[..order.len() - 1] {
+            cum += p[i] / total;
+            if cum <= threshold {
+                p[i] = 0.0;
+            } else {
+                break;
+            }
+        }
+    }
+    let total: f32 = p.iter().sum();
+    let u = uniform(spec.seed, row, step) * total;
+    let mut cum = 0.0;
+    let mut last_nonzero = 0;
+    for (i, &pi) in p.iter().enumerate() {
+        if pi > 0.0 {
+            cum += pi;
+            last_nonzero = i;
+            if cum > u {
+                return i;
+            }
+        }
+    }
+    last_nonzero
+}
+
+/// The first index of the largest value (torch.argmax's tie rule).
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,171 @@
+//! The operations every model is written against, once, and the backends that run them: an f32 CPU
+//! reference and CUDA. A backend owns its memory; model code only sees the associated types.
+
+pub mod cpu;
+pub mod relpos;
+pub mod rng;
+
+use crate::checkpoint::HostTensor;
+use anyhow::Result;
+
+/// The shape of a backend tensor, row-major, innermost dimension last.
+pub trait Shaped {
+    fn shape(&self) -> &[usize];
+
+    fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+
+    /// The size of the last dimension and the number of rows before it.
+    fn rows_cols(&self) -> (usize, usize) {
+        let s = self.shape();
+        let cols = *s.last().unwrap_or(&1);
+        (self.numel().checked_div(cols).unwrap_or(0), cols)
+    }
+}
+
+/// Inverted dropout whose mask is a pure function of (seed, stream, element index), so the forward
+/// and backward passes, and the CPU and the GPU, draw the same mask without storing it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+    pub stream: u64,
+}
+
+/// The low-rank branch of a LoRA linear layer: `y += scale · B(A(dropout(x)))`.
+pub struct LoraRef<'a, B: Backend> {
+    /// `[r, in]`
+    pub a: &'a B::Tensor,
+    /// `[out, r]`
+    pub b: &'a B::Tensor,
+    pub scale: f32,
+    pub dropout: Option<Dropout>,
+}
+
+/// T5's learned relative position bias, looked up inside attention.
+pub struct RelBias<'a, B: Backend> {
+    /// `relative_attention_bias.weight`, `[num_buckets, heads]`
+    pub table: &'a B::Weight,
+    pub bidirectional: bool,
+    pub num_buckets: usize,
+    pub max_distance: usize,
+}
+
+/// Element-wise activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// BERT's exact GELU, `0.5 x (1 + erf(x / √2))`.
+    GeluErf,
+    /// T5 v1.1's tanh approximation.
+    GeluNew,
+    Tanh,
+}
+
+/// What one attention call needs beyond q, k and v.
+pub struct AttnSpec<'a, B: Backend> {
+    pub heads: usize,
+    pub d_kv: usize,
+    /// Multiplies q·k: 1 for T5 (unscaled), 1/√d_kv for BERT.
+    pub scale: f32,
+    /// Keys `0..kv_len` of k and v take part; k and v may hold more rows (a KV cache).
+    pub kv_len: usize,
+    /// Per batch row, how many leading keys are real (the rest is right padding).
+    pub key_lengths: Option<&'a B::Ids>,
+    /// Query `i` sits at position `q_offset + i` and, when causal, sees keys `0..=q_offset + i`.
+    pub causal: bool,
+    pub q_offset: usize,
+    pub bias: Option<RelBias<'a, B>>,
+}
+
+/// How the next token is chosen (Hugging Face's processor order: min-length, temperature, top-k,
+/// top-p, then a draw).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleSpec {
+    /// Argmax instead of a draw; the other fields but `suppress_eos` are then unused.
+    pub greedy: bool,
+    pub temperature: f32,
+    /// 0 keeps every token.
+    pub top_k: usize,
+    /// 1.0 keeps every token.
+    pub top_p: f32,
+    pub seed: u64,
+    pub eos: u32,
+    pub pad: u32,
+    /// Forbid EOS at this step (fewer than `min_new_tokens` generated so far).
+    pub suppress_eos: bool,
+}
+
+/// One decoding step's choice for every batch row.
+pub struct Selected<B: Backend> {
+    /// `[B, 1]` the chosen ids (pad for rows already finished), ready to feed the decoder.
+    pub tokens: B::Ids,
+    /// `[B]` log-probability of each chosen id under the model's own distribution (the raw logits,
+    /// before any processor); 0 for rows already finished.
+    pub logprobs: B::Tensor,
+}
+
+pub trait Backend: Sized + Send + Sync {
+    /// f32 values: activations, trainable parameters, gradients.
+    type Tensor: Shaped + Send + Sync;
+    /// A frozen parameter in the backend's storage precision.
+    type Weight: Shaped + Send + Sync;
+    /// u32 indices: token ids, lengths, flags.
+    type Ids: Shaped + Send + Sync + Clone;
+
+    fn name(&self) -> String;
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    fn upload_weight(&self, w: &HostTensor<'_>) -> Result<Self::Weight>;
+    fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids>;
+    fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
+
+    /// `table[ids]`: `[..ids] → [..ids, d]`.
+    fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
+    /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor>;
+    /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
+    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    /// `x += bias` on every row (`bias` has the last dimension's size).
+    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
+    /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+    /// Rows `rows[i]` of `x [N, d]` (x viewed as rows of its last dimension) → `[M, d]`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor>;
+    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// `x *= s`.
+    fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+    /// `x += y`, same shapes.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `gelu_new(gate) · up`.
+    fn gated_gelu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Self::Tensor>;
+    /// Writes `src [B, n, D]` into rows `pos..pos + n` of `dst [B, cap, D]` (KV-cache append).
+    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: usize) -> Result<()>;
+    /// Copies `src` into `dst` starting at flat element `offset`.
+    fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
+    /// Log-softmax over the last dimension.
+    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Chooses the next token of every row from `logits [B, V]`; rows flagged in `finished [B]`
+    /// get pad, and rows that choose EOS are flagged. Row `i` draws from RNG stream `streams[i]`
+    /// (its prompt's index in the data set), so a sample does not depend on batch composition.
+    fn select_tokens(
+        &self,
+        logits: &Self::Tensor,
+        spec: &SampleSpec,
+        step: usize,
+        streams: &Self::Ids,
+        finished: &mut Self::Ids,
+    ) -> Result<Selected<Self>>;
+}

@@ -1,0 +1,44 @@
+//! `detox init`: a random FLAN-T5-shaped checkpoint directory.
+
+use crate::checkpoint::{DType, write_safetensors};
+use crate::t5::T5Config;
+use crate::t5::init::random_weights;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// FLAN-T5 shape: tiny (d_model 64, 2 layers, the real 32,128 vocabulary), small, base, large or xl.
+    #[arg(long, default_value = "small")]
+    pub size: String,
+    /// Output directory (created; existing files of the same name are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the deterministic initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Storage dtype: f16 (the engine's own), bf16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// A tokenizer.json to copy beside the weights (e.g. ../shared/tokenizers/t5/tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let cfg = T5Config::preset(&a.size)?;
+    let dtype = DType::parse(&a.dtype)?;
+    if let Some(t) = &a.tokenizer {
+        crate::text::load_tokenizer(t)?;
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let weights = random_weights(&cfg, a.seed, dtype);
+    let params: usize = weights.values().map(|t| t.shape.iter().product::<usize>()).sum();
+    write_safetensors(&a.out.join("model.safetensors"), &weights, Some([("format".into(), "pt".into())].into()))?;
+    crate::fsutil::write_atomic(&a.out.join("config.json"), serde_json::to_string_pretty(&cfg.to_json())?.as_bytes())?;
+    if let Some(t) = &a.tokenizer {
+        crate::fsutil::copy_file(t, &a.out.join("tokenizer.json"))?;
+    }
+    eprintln!("wrote {} ({} parameters, {:?}, seed {})", a.out.display(), params, dtype, a.seed);
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! The subcommands of `detox`, one file each.
+
+mod convert;
+mod info;
+mod init;
+mod summarize;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Detoxify FLAN-T5 dialogue summaries: LoRA + PPO with a toxicity classifier as the reward,
+/// on the CPU or an NVIDIA GPU.
+#[derive(Parser, Debug)]
+#[command(name = "detox", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
+    Summarize(summarize::Args),
+    /// Write a T5 checkpoint of FLAN-T5's shapes with deterministic random weights.
+    Init(init::Args),
+    /// Copy a Hugging Face T5 checkpoint as fp16 safetensors (config and tokenizer included).
+    Convert(convert::Args),
+    /// Print a checkpoint's configuration and parameter counts.
+    Info(info::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Summarize(a) => summarize::run(a),
+        Command::Init(a) => init::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Info(a) => info::run(a),
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left)")
+            .expect("valid template"),
+    );
+    pb.set_message(what.to_string());
+    pb
+}

@@ -1,0 +1,136 @@
+//! `detox summarize`: JSON Lines dialogues in, JSON Lines summaries out.
+
+use crate::backend::Backend;
+use crate::device::{Device, Job, run_on};
+use crate::t5::{Fwd, GenConfig, Prompts, T5, generate};
+use crate::text::{self, Prompter, pad_batch};
+use anyhow::{Result, ensure};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Model directory (Hugging Face layout: config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// JSON Lines with a "dialogue" field (an "id" is carried through); - reads stdin.
+    #[arg(long)]
+    pub input: String,
+    /// Where to write JSON Lines rows {id, summary, tokens}; - writes stdout.
+    #[arg(long, default_value = "-")]
+    pub output: String,
+    /// Longest summary, in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Shortest summary, in tokens (EOS is suppressed before it).
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// Dialogues per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Prompts longer than this many tokens are truncated (EOS kept).
+    #[arg(long, default_value_t = text::DEFAULT_MAX_SOURCE_LEN)]
+    pub max_source_len: usize,
+    /// Prompt template; {dialogue} is replaced by the dialogue.
+    #[arg(long, default_value = text::DEFAULT_TEMPLATE)]
+    pub prompt: String,
+    /// A tokenizer.json to use instead of the model directory's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Sample instead of greedy decoding.
+    #[arg(long)]
+    pub sample: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens when sampling (0 keeps all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p when sampling.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampling seed; a row's sample depends only on the seed and the row's position in the input.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    ensure!(a.batch_size > 0, "--batch-size must be at least 1");
+    let generation = GenConfig {
+        max_new_tokens: a.max_new_tokens,
+        min_new_tokens: a.min_new_tokens,
+        sample: a.sample,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    generation.validate()?;
+    let rows = text::read_jsonl(&a.input)?;
+    let source = if a.input == "-" { "standard input" } else { a.input.as_str() };
+    let dialogues: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| text::string_field(r, "dialogue", i, source).map(str::to_owned))
+        .collect::<Result<_>>()?;
+    let summaries = run_on(a.device, Summarize { args: &a, dialogues: &dialogues, generation })?;
+    let mut out = String::new();
+    for (i, (row, (summary, tokens))) in rows.iter().zip(summaries).enumerate() {
+        let id = row.get("id").cloned().unwrap_or(Value::from(i));
+        out.push_str(&json!({ "id": id, "summary": summary, "tokens": tokens }).to_string());
+        out.push('\n');
+    }
+    text::write_output(&a.output, &out)
+}
+
+struct Summarize<'a> {
+    args: &'a Args,
+    dialogues: &'a [String],
+    generation: GenConfig,
+}
+
+impl Job for Summarize<'_> {
+    type Output = Vec<(String, Vec<u32>)>;
+
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
+        let a = self.args;
+        let mut model = T5::load(be, &a.model)?;
+        if let Some(dir) = &a.adapter {
+            model.load_adapter(be, dir)?;
+        }
+        let c = &model.config;
+        let prompter = Prompter::new(
+            &text::tokenizer_path(&a.model, a.tokenizer.as_deref()),
+            &a.prompt,
+            a.max_source_len,
+            c.eos_token_id,
+            c.vocab_size,
+        )?;
+        let encoded: Vec<Vec<u32>> = self.dialogues.iter().map(|d| prompter.encode(d)).collect::<Result<_>>()?;
+        // Longest first, so each batch pads little and the slowest batch shows up early.
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+        let pb = super::progress(encoded.len(), "summarizing");
+        let mut results = vec![(String::new(), Vec::new()); encoded.len()];
+        let f = Fwd { lora: model.lora.is_some() };
+        for chunk in order.chunks(a.batch_size) {
+            let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            let batch = pad_batch(&seqs, c.pad_token_id);
+            let streams: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
+            let prompts = Prompts::upload(be, &batch, &streams)?;
+            let out = generate(be, &model, None, &prompts, &self.generation, f)?;
+            for (&i, g) in chunk.iter().zip(out) {
+                results[i] = (prompter.decode(&g.tokens)?, g.tokens);
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        Ok(results)
+    }
+}

@@ -1,0 +1,41 @@
+//! `--device cpu|cuda[:N]`, and running a generic job on the backend it names.
+
+use anyhow::{Result, bail};
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => match n.parse() {
+                    Ok(i) => Ok(Device::Cuda(i)),
+                    Err(_) => bail!("device '{s}': expected cuda:N with N a GPU index"),
+                },
+                None => bail!("unknown device '{s}' (expected cpu, cuda or cuda:N)"),
+            },
+        }
+    }
+}
+
+/// A job generic over the backend, run on whichever one a `Device` names.
+pub trait Job {
+    type Output;
+    fn run<B: crate::backend::Backend>(self, be: &B) -> Result<Self::Output>;
+}
+
+pub fn run_on<J: Job>(device: Device, job: J) -> Result<J::Output> {
+    match device {
+        Device::Cpu => job.run(&crate::backend::cpu::Cpu),
+        Device::Cuda(_) => bail!("this build of detox has no CUDA backend yet; use --device cpu"),
+    }
+}

@@ -1,0 +1,9 @@
+//! detox: FLAN-T5 + LoRA + PPO detoxification of dialogue summaries, on the CPU or CUDA.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod device;
+pub mod fsutil;
+pub mod t5;
+pub mod text;

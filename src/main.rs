@@ -1,0 +1,14 @@
+//! The `detox` command line.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = detox::cli::Cli::parse();
+    match detox::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

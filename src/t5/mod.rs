@@ -1,0 +1,14 @@
+//! FLAN-T5: configuration, weights, LoRA, value head, generation and random initialisation.
+
+pub mod config;
+pub mod generate;
+pub mod init;
+pub mod lora;
+pub mod model;
+pub mod value_head;
+
+pub use config::T5Config;
+pub use generate::{GenConfig, Generation, Prompts, generate};
+pub use lora::{LoraSettings, Targets};
+pub use model::{Fwd, T5};
+pub use value_head::ValueHead;

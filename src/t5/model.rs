@@ -1,0 +1,367 @@
+//! The T5 v1.1 / FLAN-T5 encoder-decoder, written once over the backend: weights with Hugging Face's
+//! names, the encoder, and a decoder that runs any number of new positions against a KV cache (one
+//! position per step when generating, the whole target when teacher-forcing).
+
+use super::config::T5Config;
+use super::lora::{LoraPair, LoraSettings};
+use crate::backend::{AttnSpec, Backend, LoraRef, RelBias, Shaped};
+use crate::checkpoint::Checkpoint;
+use anyhow::{Context, Result, bail};
+
+/// A bias-free linear layer `[out, in]`, optionally carrying a LoRA branch.
+pub struct Linear<B: Backend> {
+    pub weight: B::Weight,
+    pub lora: Option<LoraPair<B>>,
+}
+
+pub struct Attention<B: Backend> {
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub o: Linear<B>,
+    /// Only block 0's self-attention owns the table; every block of the stack reuses it.
+    pub relative_attention_bias: Option<B::Weight>,
+}
+
+pub struct DenseReluDense<B: Backend> {
+    pub wi_0: Linear<B>,
+    pub wi_1: Linear<B>,
+    pub wo: Linear<B>,
+}
+
+/// One block: `layer.0` self-attention, in the decoder `layer.1` cross-attention, then the FFN.
+pub struct Block<B: Backend> {
+    pub self_attention: Attention<B>,
+    pub self_attention_norm: B::Weight,
+    pub cross_attention: Option<(Attention<B>, B::Weight)>,
+    pub ff: DenseReluDense<B>,
+    pub ff_norm: B::Weight,
+}
+
+pub struct Stack<B: Backend> {
+    pub blocks: Vec<Block<B>>,
+    pub final_layer_norm: B::Weight,
+}
+
+impl<B: Backend> Stack<B> {
+    fn bias_table(&self) -> &B::Weight {
+        self.blocks[0].self_attention.relative_attention_bias.as_ref().expect("block 0 owns the bias")
+    }
+}
+
+pub struct T5<B: Backend> {
+    pub config: T5Config,
+    pub shared: B::Weight,
+    pub encoder: Stack<B>,
+    pub decoder: Stack<B>,
+    /// `None` when the head is tied to `shared`.
+    pub lm_head: Option<B::Weight>,
+    pub lora: Option<LoraSettings>,
+}
+
+/// Per-call switches of the forward pass.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fwd {
+    /// Run the LoRA branches (off gives the frozen reference model).
+    pub lora: bool,
+}
+
+/// Decoder state carried across calls: self-attention K/V of every position so far and the
+/// cross-attention K/V, computed once from the encoder output.
+pub struct DecodeCache<B: Backend> {
+    pub self_k: Vec<B::Tensor>,
+    pub self_v: Vec<B::Tensor>,
+    pub cross_k: Vec<B::Tensor>,
+    pub cross_v: Vec<B::Tensor>,
+    pub enc_lengths: B::Ids,
+    /// Positions already in the cache.
+    pub len: usize,
+    pub capacity: usize,
+}
+
+/// Which stack a weight belongs to, for names and shapes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum StackKind {
+    Encoder,
+    Decoder,
+}
+
+impl StackKind {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            StackKind::Encoder => "encoder",
+            StackKind::Decoder => "decoder",
+        }
+    }
+}
+
+impl<B: Backend> T5<B> {
+    /// Loads `config.json` and the weights of a Hugging Face T5 directory onto `be`.
+    pub fn load(be: &B, dir: &std::path::Path) -> Result<Self> {
+        let config = T5Config::load(dir)?;
+        let ckpt = Checkpoint::open_dir(dir)?;
+        Self::from_checkpoint(be, config, &ckpt).with_context(|| format!("loading T5 weights from {}", dir.display()))
+    }
+
+    pub fn from_checkpoint(be: &B, config: T5Config, ckpt: &Checkpoint) -> Result<Self> {
+        let c = &config;
+        let (d, inner, ff, v) = (c.d_model, c.inner_dim(), c.d_ff, c.vocab_size);
+        let get =
+            |name: &str, shape: &[usize]| -> Result<B::Weight> { be.upload_weight(&ckpt.get_shaped(name, shape)?) };
+        let linear = |name: &str, shape: &[usize]| -> Result<Linear<B>> {
+            Ok(Linear { weight: get(&format!("{name}.weight"), shape)?, lora: None })
+        };
+        let attention = |p: &str, with_bias: bool| -> Result<Attention<B>> {
+            Ok(Attention {
+                q: linear(&format!("{p}.q"), &[inner, d])?,
+                k: linear(&format!("{p}.k"), &[inner, d])?,
+                v: linear(&format!("{p}.v"), &[inner, d])?,
+                o: linear(&format!("{p}.o"), &[d, inner])?,
+                relative_attention_bias: if with_bias {
+                    Some(get(
+                        &format!("{p}.relative_attention_bias.weight"),
+                        &[c.relative_attention_num_buckets, c.num_heads],
+                    )?)
+                } else {
+                    None
+                },
+            })
+        };
+        let stack = |kind: StackKind, layers: usize| -> Result<Stack<B>> {
+            let s = kind.prefix();
+            let mut blocks = Vec::with_capacity(layers);
+            for i in 0..layers {
+                let p = format!("{s}.block.{i}.layer");
+                let ff_layer = if kind == StackKind::Decoder { 2 } else { 1 };
+                let cross_attention = if kind == StackKind::Decoder {
+                    Some((
+                        attention(&format!("{p}.1.EncDecAttention"), false)?,
+                        get(&format!("{p}.1.layer_norm.weight"), &[d])?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push(Block {
+                    self_attention: attention(&format!("{p}.0.SelfAttention"), i == 0)?,
+                    self_attention_norm: get(&format!("{p}.0.layer_norm.weight"), &[d])?,
+                    cross_attention,
+                    ff: DenseReluDense {
+                        wi_0: linear(&format!("{p}.{ff_layer}.DenseReluDense.wi_0"), &[ff, d])?,
+                        wi_1: linear(&format!("{p}.{ff_layer}.DenseReluDense.wi_1"), &[ff, d])?,
+                        wo: linear(&format!("{p}.{ff_layer}.DenseReluDense.wo"), &[d, ff])?,
+                    },
+                    ff_norm: get(&format!("{p}.{ff_layer}.layer_norm.weight"), &[d])?,
+                });
+            }
+            Ok(Stack { blocks, final_layer_norm: get(&format!("{s}.final_layer_norm.weight"), &[d])? })
+        };
+        let shared_name = if ckpt.contains("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" };
+        let shared = get(shared_name, &[v, d])?;
+        // transformers keeps a stored lm_head even when the config says tied, if it differs.
+        let lm_head = if ckpt.contains("lm_head.weight") {
+            Some(get("lm_head.weight", &[v, d])?)
+        } else if c.tie_word_embeddings {
+            None
+        } else {
+            bail!("lm_head.weight is missing from {} and config.json says tie_word_embeddings: false", ckpt.describe());
+        };
+        Ok(T5 {
+            encoder: stack(StackKind::Encoder, c.num_layers)?,
+            decoder: stack(StackKind::Decoder, c.num_decoder_layers)?,
+            shared,
+            lm_head,
+            lora: None,
+            config,
+        })
+    }
+
+    fn lin(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd) -> Result<B::Tensor> {
+        let lora = match (&l.lora, &self.lora) {
+            (Some(p), Some(s)) if f.lora => Some(LoraRef { a: &p.a, b: &p.b, scale: s.scale(), dropout: None }),
+            _ => None,
+        };
+        be.linear(x, &l.weight, lora.as_ref())
+    }
+
+    fn feed_forward(&self, be: &B, x: &B::Tensor, ff: &DenseReluDense<B>, f: Fwd) -> Result<B::Tensor> {
+        let gate = self.lin(be, x, &ff.wi_0, f)?;
+        let up = self.lin(be, x, &ff.wi_1, f)?;
+        let h = be.gated_gelu(&gate, &up)?;
+        self.lin(be, &h, &ff.wo, f)
+    }
+
+    fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
+        RelBias {
+            table,
+            bidirectional,
+            num_buckets: self.config.relative_attention_num_buckets,
+            max_distance: self.config.relative_attention_max_distance,
+        }
+    }
+
+    /// `ids [B, L]` right-padded, `lengths [B]` real tokens per row → final encoder states `[B, L, d]`.
+    pub fn encode(&self, be: &B, ids: &B::Ids, lengths: &B::Ids, f: Fwd) -> Result<B::Tensor> {
+        let c = &self.config;
+        let l = ids.shape()[1];
+        let mut h = be.embedding(&self.shared, ids)?;
+        let table = self.encoder.bias_table();
+        for block in &self.encoder.blocks {
+            let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
+            let a = &block.self_attention;
+            let (q, k, v) = (self.lin(be, &x, &a.q, f)?, self.lin(be, &x, &a.k, f)?, self.lin(be, &x, &a.v, f)?);
+            let spec = AttnSpec {
+                heads: c.num_heads,
+                d_kv: c.d_kv,
+                scale: 1.0,
+                kv_len: l,
+                key_lengths: Some(lengths),
+                causal: false,
+                q_offset: 0,
+                bias: Some(self.rel_bias(table, true)),
+            };
+            let ctx = be.attention(&q, &k, &v, &spec)?;
+            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f)?)?;
+            let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
+            be.add_assign(&mut h, &self.feed_forward(be, &x, &block.ff, f)?)?;
+        }
+        be.rms_norm(&h, &self.encoder.final_layer_norm, c.layer_norm_epsilon)
+    }
+
+    /// An empty cache for up to `capacity` decoder positions, with every layer's cross-attention
+    /// K/V computed once from `enc [B, L, d]`.
+    pub fn start_decoding(
+        &self,
+        be: &B,
+        enc: &B::Tensor,
+        enc_lengths: B::Ids,
+        capacity: usize,
+        f: Fwd,
+    ) -> Result<DecodeCache<B>> {
+        let b = enc.shape()[0];
+        let inner = self.config.inner_dim();
+        let mut cache = DecodeCache {
+            self_k: Vec::new(),
+            self_v: Vec::new(),
+            cross_k: Vec::new(),
+            cross_v: Vec::new(),
+            enc_lengths,
+            len: 0,
+            capacity,
+        };
+        for block in &self.decoder.blocks {
+            let (ca, _) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
+            cache.cross_k.push(self.lin(be, enc, &ca.k, f)?);
+            cache.cross_v.push(self.lin(be, enc, &ca.v, f)?);
+            cache.self_k.push(be.zeros(&[b, capacity, inner])?);
+            cache.self_v.push(be.zeros(&[b, capacity, inner])?);
+        }
+        Ok(cache)
+    }
+
+    /// Runs `ids [B, n]` as the next n decoder positions and returns their final states `[B, n, d]`
+    /// (after `final_layer_norm`: what the LM head and the value head read).
+    pub fn decode(&self, be: &B, ids: &B::Ids, cache: &mut DecodeCache<B>, f: Fwd) -> Result<B::Tensor> {
+        let c = &self.config;
+        let n = ids.shape()[1];
+        let pos = cache.len;
+        if pos + n > cache.capacity {
+            bail!("decoder cache holds {} positions; {} requested", cache.capacity, pos + n);
+        }
+        let enc_len = cache.cross_k[0].shape()[1];
+        let mut h = be.embedding(&self.shared, ids)?;
+        let table = self.decoder.bias_table();
+        for (i, block) in self.decoder.blocks.iter().enumerate() {
+            let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
+            let a = &block.self_attention;
+            let q = self.lin(be, &x, &a.q, f)?;
+            be.write_rows(&mut cache.self_k[i], &self.lin(be, &x, &a.k, f)?, pos)?;
+            be.write_rows(&mut cache.self_v[i], &self.lin(be, &x, &a.v, f)?, pos)?;
+            let spec = AttnSpec {
+                heads: c.num_heads,
+                d_kv: c.d_kv,
+                scale: 1.0,
+                kv_len: pos + n,
+                key_lengths: None,
+                causal: true,
+                q_offset: pos,
+                bias: Some(self.rel_bias(table, false)),
+            };
+            let ctx = be.attention(&q, &cache.self_k[i], &cache.self_v[i], &spec)?;
+            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f)?)?;
+
+            let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
+            let x = be.rms_norm(&h, ca_norm, c.layer_norm_epsilon)?;
+            let q = self.lin(be, &x, &ca.q, f)?;
+            let spec = AttnSpec {
+                heads: c.num_heads,
+                d_kv: c.d_kv,
+                scale: 1.0,
+                kv_len: enc_len,
+                key_lengths: Some(&cache.enc_lengths),
+                causal: false,
+                q_offset: 0,
+                bias: None,
+            };
+            let ctx = be.attention(&q, &cache.cross_k[i], &cache.cross_v[i], &spec)?;
+            be.add_assign(&mut h, &self.lin(be, &ctx, &ca.o, f)?)?;
+
+            let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
+            be.add_assign(&mut h, &self.feed_forward(be, &x, &block.ff, f)?)?;
+        }
+        cache.len += n;
+        be.rms_norm(&h, &self.decoder.final_layer_norm, c.layer_norm_epsilon)
+    }
+
+    /// Vocabulary logits of decoder states `[.., d] → [.., V]`.
+    pub fn lm_logits(&self, be: &B, hidden: &B::Tensor) -> Result<B::Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.shared);
+        let mut logits = be.linear(hidden, head, None)?;
+        if let Some(s) = self.config.lm_head_scale() {
+            be.scale_assign(&mut logits, s)?;
+        }
+        Ok(logits)
+    }
+
+    /// Teacher-forced logits for whole target sequences: `dec_ids [B, T]` → `[B, T, V]`.
+    pub fn forward(
+        &self,
+        be: &B,
+        ids: &B::Ids,
+        lengths: &B::Ids,
+        dec_ids: &B::Ids,
+        f: Fwd,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let enc = self.encode(be, ids, lengths, f)?;
+        let t = dec_ids.shape()[1];
+        let mut cache = self.start_decoding(be, &enc, lengths.clone(), t, f)?;
+        let hidden = self.decode(be, dec_ids, &mut cache, f)?;
+        Ok((self.lm_logits(be, &hidden)?, hidden))
+    }
+
+    /// Every linear layer with its Hugging Face module path, in checkpoint order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (kind, stack) in [(StackKind::Encoder, &mut self.encoder), (StackKind::Decoder, &mut self.decoder)] {
+            for (i, block) in stack.blocks.iter_mut().enumerate() {
+                let p = format!("{}.block.{i}.layer", kind.prefix());
+                let a = &mut block.self_attention;
+                for (n, l) in [("q", &mut a.q), ("k", &mut a.k), ("v", &mut a.v), ("o", &mut a.o)] {
+                    out.push((format!("{p}.0.SelfAttention.{n}"), l));
+                }
+                let ff_layer = if let Some((ca, _)) = block.cross_attention.as_mut() {
+                    for (n, l) in [("q", &mut ca.q), ("k", &mut ca.k), ("v", &mut ca.v), ("o", &mut ca.o)] {
+                        out.push((format!("{p}.1.EncDecAttention.{n}"), l));
+                    }
+                    2
+                } else {
+                    1
+                };
+                let ff = &mut block.ff;
+                for (n, l) in [("wi_0", &mut ff.wi_0), ("wi_1", &mut ff.wi_1), ("wo", &mut ff.wo)] {
+                    out.push((format!("{p}.{ff_layer}.DenseReluDense.{n}"), l));
+                }
+            }
+        }
+        out
+    }
+}

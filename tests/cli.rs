@@ -1,0 +1,205 @@
+//! The `detox` binary end to end: help texts, init → summarize, and clear errors without panics.
+
+mod common;
+
+use common::{fixture, shared};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn detox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_detox")).args(args).output().expect("detox runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails the test if the binary panicked or succeeded, and returns its error text.
+fn fails(o: &Output) -> String {
+    let e = stderr(o);
+    assert!(!o.status.success(), "expected failure, stderr: {e}");
+    assert_eq!(o.status.code(), Some(1), "expected exit code 1: {e}");
+    assert!(!e.contains("panicked"), "panicked: {e}");
+    assert!(e.starts_with("error: "), "{e}");
+    e
+}
+
+fn init_tiny(dir: &Path, seed: &str) {
+    let tok = shared("tokenizers/t5/tokenizer.json");
+    let o = detox(&[
+        "init",
+        "--size",
+        "tiny",
+        "--out",
+        dir.to_str().unwrap(),
+        "--seed",
+        seed,
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn rows(text: &str) -> Vec<serde_json::Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn help_describes_every_command() {
+    let o = detox(&["--help"]);
+    let h = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["summarize", "init", "convert", "info"] {
+        assert!(h.contains(cmd), "{h}");
+        let o = detox(&[cmd, "--help"]);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("--"), "{cmd} help");
+    }
+}
+
+#[test]
+fn summarize_carries_ids_and_handles_empty_dialogues() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    init_tiny(&m, "3");
+    let input = d.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\":\"a\",\"dialogue\":\"Amanda: I baked cookies. Do you want some?\\nJerry: Sure!\"}\n\
+         {\"id\":7,\"dialogue\":\"\"}\n\n\
+         {\"dialogue\":\"Tom: see you tomorrow\"}\n",
+    )
+    .unwrap();
+    let out = d.path().join("out.jsonl");
+    let o = detox(&[
+        "summarize",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = rows(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0]["id"], "a");
+    assert_eq!(r[1]["id"], 7);
+    assert_eq!(r[2]["id"], 2, "rows without an id get their index");
+    let tok = tokenizers::Tokenizer::from_file(shared("tokenizers/t5/tokenizer.json")).unwrap();
+    for row in &r {
+        let ids: Vec<u32> = row["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert!(!ids.is_empty() && ids.len() <= 12);
+        assert!(ids[..ids.len() - 1].iter().all(|&t| t != 1), "EOS only last");
+        assert_eq!(row["summary"], tok.decode(&ids, true).unwrap());
+    }
+    assert_ne!(r[0]["tokens"], r[2]["tokens"], "outputs depend on the input");
+}
+
+#[test]
+fn greedy_output_does_not_depend_on_batching() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    init_tiny(&m, "4");
+    let input = d.path().join("in.jsonl");
+    let dialogues: Vec<String> =
+        (0..5).map(|i| format!("{{\"id\":{i},\"dialogue\":\"{}\"}}", "Ann: hello there. ".repeat(i * 3 + 1))).collect();
+    std::fs::write(&input, dialogues.join("\n")).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "summarize",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        let o = detox(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(run(&["--batch-size", "1"]), run(&["--batch-size", "4"]));
+    let s1 = run(&["--sample", "--seed", "1", "--batch-size", "2"]);
+    assert_eq!(s1, run(&["--sample", "--seed", "1", "--batch-size", "5"]), "a sample depends on the seed and row only");
+    assert_ne!(s1, run(&["--sample", "--seed", "2", "--batch-size", "2"]));
+}
+
+#[test]
+fn errors_are_clear() {
+    let e = fails(&detox(&["summarize", "--model", "/nonexistent/m", "--input", "/nonexistent/in.jsonl"]));
+    assert!(e.contains("/nonexistent/in.jsonl"), "{e}");
+
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in.jsonl");
+    std::fs::write(&input, "{\"dialogue\":\"hi\"}\n").unwrap();
+    let e = fails(&detox(&["summarize", "--model", "/nonexistent/m", "--input", input.to_str().unwrap()]));
+    assert!(e.contains("/nonexistent/m"), "{e}");
+
+    std::fs::write(&input, "{\"dialogue\":\"hi\"}\n{\"text\":\"x\"}\n").unwrap();
+    let e = fails(&detox(&["summarize", "--model", "/nonexistent/m", "--input", input.to_str().unwrap()]));
+    assert!(e.contains("row 2") && e.contains("\"dialogue\""), "{e}");
+
+    std::fs::write(&input, "{\"dialogue\":\"hi\"}\nnot json\n").unwrap();
+    let e = fails(&detox(&["summarize", "--model", "/nonexistent/m", "--input", input.to_str().unwrap()]));
+    assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
+
+    // The fixture model has 320 embedding rows; the T5 tokenizer emits 32,100 ids.
+    std::fs::write(&input, "{\"dialogue\":\"hi\"}\n").unwrap();
+    let model = fixture("t5/flan_small");
+    let tok = shared("tokenizers/t5/tokenizer.json");
+    let e = fails(&detox(&[
+        "summarize",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]));
+    assert!(e.contains("tokenizer.json") && e.contains("320 rows"), "{e}");
+
+    let e = fails(&detox(&["summarize", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()]));
+    assert!(e.contains("tokenizer.json") && e.contains("does not exist"), "{e}");
+
+    let e = fails(&detox(&["init", "--size", "huge", "--out", d.path().join("x").to_str().unwrap()]));
+    assert!(e.contains("huge"), "{e}");
+
+    // Usage errors come from clap, with its exit code 2.
+    let o = detox(&["summarize", "--model", "m", "--input", "x", "--device", "tpu"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown device 'tpu'"), "{}", stderr(&o));
+    let e = fails(&detox(&["summarize", "--model", "m", "--input", input.to_str().unwrap(), "--device", "cuda"]));
+    assert!(e.contains("CUDA") || e.contains("GPU"), "{e}");
+}
+
+#[test]
+fn convert_writes_fp16_that_loads_and_matches() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("fp16");
+    let src = fixture("t5/sharded_f16");
+    let o = detox(&["convert", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = detox::checkpoint::Checkpoint::open_dir(&src).unwrap();
+    let b = detox::checkpoint::Checkpoint::open_dir(&out).unwrap();
+    assert_eq!(a.names(), b.names());
+    for n in a.names() {
+        let (x, y) = (a.get(n).unwrap(), b.get(n).unwrap());
+        assert_eq!(y.dtype, detox::checkpoint::DType::F16);
+        assert_eq!(x.to_f32(), y.to_f32(), "{n}: an f16 source converts exactly");
+    }
+    // An fp32 source rounds to the nearest fp16.
+    let out2 = d.path().join("fp16b");
+    let src2 = fixture("t5/flan_small");
+    let o = detox(&["convert", "--model", src2.to_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = detox::checkpoint::Checkpoint::open_dir(&src2).unwrap();
+    let b = detox::checkpoint::Checkpoint::open_dir(&out2).unwrap();
+    let (x, y) = (a.get("lm_head.weight").unwrap().to_f32(), b.get("lm_head.weight").unwrap().to_f32());
+    assert!(x.iter().zip(&y).all(|(p, q)| (p - q).abs() <= p.abs() * 1e-3 + 1e-7));
+    assert_eq!(std::fs::read(src2.join("config.json")).unwrap(), std::fs::read(out2.join("config.json")).unwrap());
+    let e = fails(&detox(&["convert", "--model", src2.to_str().unwrap(), "--out", src2.to_str().unwrap()]));
+    assert!(e.contains("--out must differ"), "{e}");
+}
