@@ -36,6 +36,6 @@ pub trait Job {
 pub fn run_on<J: Job>(device: Device, job: J) -> Result<J::Output> {
     match device {
         Device::Cpu => job.run(&crate::backend::cpu::Cpu),
-        Device::Cuda(_) => bail!("this build of detox has no CUDA backend yet; use --device cpu"),
+        Device::Cuda(n) => job.run(&crate::backend::cuda::Cuda::new(n)?),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod classifier;
 pub mod cli;
 pub mod device;
 pub mod fsutil;

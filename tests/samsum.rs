@@ -22,8 +22,17 @@ fn summarize(size: &str, rows: usize, max_new: &str) {
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = d.path().join("out.jsonl");
     detox(&[
-        "summarize", "--model", m.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output",
-        out.to_str().unwrap(), "--max-new-tokens", max_new, "--batch-size", "32",
+        "summarize",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        max_new,
+        "--batch-size",
+        "32",
     ]);
     let got: Vec<serde_json::Value> =
         std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

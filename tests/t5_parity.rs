@@ -1,188 +1,33 @@
-//! The T5 forward pass, LoRA, value head and greedy generation against transformers + peft
-//! (fixtures from tools/make_fixtures.py), through one body per check that any backend can run.
+//! T5 parity with transformers + peft on the CPU reference (bodies in tests/suites/t5.rs; the same
+//! bodies run on CUDA in tests/gpu.rs).
 
 mod common;
+#[path = "suites/t5.rs"]
+mod t5;
 
-use common::{Expected, fixture, rel_max_err};
-use detox::backend::Backend;
 use detox::backend::cpu::Cpu;
-use detox::t5::{Fwd, GenConfig, Prompts, T5, ValueHead, generate};
-use detox::text::Batch;
-
-const FIXTURES: &[&str] = &["flan_small", "odd_bf16", "sharded_f16"];
-/// DESIGN.md: CPU f32 vs Hugging Face fp32, max |Δ| ≤ 1e-3 of the reference's scale.
-const TOL: f32 = 1e-3;
-
-struct Case<B: Backend> {
-    model: T5<B>,
-    exp: Expected,
-    prompts: Prompts<B>,
-    host_lengths: Vec<u32>,
-    dec: B::Ids,
-}
-
-fn case<B: Backend>(be: &B, name: &str) -> Case<B> {
-    let dir = fixture(&format!("t5/{name}"));
-    let model = T5::load(be, &dir).unwrap();
-    let exp = Expected::open(dir.join("expected.safetensors"));
-    let (ids, shape) = exp.ids("input_ids");
-    let (mask, _) = exp.ids("attention_mask");
-    let host_lengths: Vec<u32> = mask.chunks(shape[1]).map(|r| r.iter().sum()).collect();
-    let (dec, dshape) = exp.ids("decoder_input_ids");
-    let batch = Batch { ids, lengths: host_lengths.clone(), rows: shape[0], width: shape[1] };
-    let streams: Vec<u32> = (0..shape[0] as u32).collect();
-    Case {
-        prompts: Prompts::upload(be, &batch, &streams).unwrap(),
-        host_lengths,
-        dec: be.upload_ids(&dec, &dshape).unwrap(),
-        model,
-        exp,
-    }
-}
-
-pub fn encoder_matches<B: Backend>(be: &B) {
-    for name in FIXTURES {
-        let c = case(be, name);
-        let enc =
-            be.download(&c.model.encode(be, &c.prompts.ids, &c.prompts.lengths, Fwd::default()).unwrap()).unwrap();
-        let (want, shape) = c.exp.get("encoder_output");
-        let (l, d) = (shape[1], shape[2]);
-        // Padded positions are computed but never read: compare the real ones.
-        let (mut got_v, mut want_v) = (Vec::new(), Vec::new());
-        for (b, &n) in c.host_lengths.iter().enumerate() {
-            let r = b * l * d..(b * l + n as usize) * d;
-            got_v.extend_from_slice(&enc[r.clone()]);
-            want_v.extend_from_slice(&want[r]);
-        }
-        let err = rel_max_err(&got_v, &want_v);
-        assert!(err <= TOL, "{name}: encoder output error {err}");
-    }
-}
-
-pub fn logits_match<B: Backend>(be: &B) {
-    for name in FIXTURES {
-        let c = case(be, name);
-        let (logits, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd::default()).unwrap();
-        let err = rel_max_err(&be.download(&logits).unwrap(), &c.exp.get("logits").0);
-        assert!(err <= TOL, "{name}: logits error {err}");
-    }
-}
-
-pub fn lora_logits_and_values_match<B: Backend>(be: &B) {
-    for name in FIXTURES {
-        let mut c = case(be, name);
-        let adapter = fixture(&format!("t5/{name}/adapter"));
-        c.model.load_adapter(be, &adapter).unwrap();
-        let vh = ValueHead::load(be, &adapter.join("value_head.safetensors"), c.model.config.d_model).unwrap();
-        let (logits, hidden) =
-            c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd { lora: true }).unwrap();
-        let want = c.exp.get("logits_lora").0;
-        let err = rel_max_err(&be.download(&logits).unwrap(), &want);
-        assert!(err <= TOL, "{name}: LoRA logits error {err}");
-        // The adapter must matter, or this test would pass on a model that ignores it.
-        assert!(rel_max_err(&c.exp.get("logits").0, &want) > 100.0 * TOL, "{name}: adapter has no effect");
-        let values = be.download(&vh.forward(be, &hidden).unwrap()).unwrap();
-        let err = rel_max_err(&values, &c.exp.get("values_lora").0);
-        assert!(err <= TOL, "{name}: value head error {err}");
-        // Switched off, the adapter gives back the base model: the KL reference.
-        let (base, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd { lora: false }).unwrap();
-        let err = rel_max_err(&be.download(&base).unwrap(), &c.exp.get("logits").0);
-        assert!(err <= TOL, "{name}: adapter-off logits error {err}");
-    }
-}
-
-/// Hugging Face's generate output `[B, 1 + n]` → each row's tokens after the start token, up to and
-/// including the first EOS.
-fn hf_rows(ids: &[u32], shape: &[usize], eos: u32) -> Vec<Vec<u32>> {
-    ids.chunks(shape[1])
-        .map(|r| {
-            let mut out = Vec::new();
-            for &t in &r[1..] {
-                out.push(t);
-                if t == eos {
-                    break;
-                }
-            }
-            out
-        })
-        .collect()
-}
-
-pub fn greedy_generations_match<B: Backend>(be: &B) {
-    for name in FIXTURES {
-        for with_lora in [false, true] {
-            let mut c = case(be, name);
-            if with_lora {
-                c.model.load_adapter(be, &fixture(&format!("t5/{name}/adapter"))).unwrap();
-            }
-            let key = if with_lora { "greedy_lora" } else { "greedy" };
-            let (ids, shape) = c.exp.ids(key);
-            let want = hf_rows(&ids, &shape, c.model.config.eos_token_id);
-            let cfg = GenConfig { max_new_tokens: shape[1] - 1, ..GenConfig::default() };
-            let got = generate(be, &c.model, None, &c.prompts, &cfg, Fwd { lora: with_lora }).unwrap();
-            for (row, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(&g.tokens, w, "{name} {key} row {row}");
-                assert_eq!(g.logprobs.len(), g.tokens.len());
-                assert!(g.logprobs.iter().all(|p| *p <= 0.0 && p.is_finite()));
-            }
-        }
-    }
-}
-
-/// Generation's log-probs and values are those of a teacher-forced pass over the same tokens.
-pub fn generation_logprobs_and_values_match_teacher_forcing<B: Backend>(be: &B) {
-    let name = "flan_small";
-    let mut c = case(be, name);
-    let adapter = fixture(&format!("t5/{name}/adapter"));
-    c.model.load_adapter(be, &adapter).unwrap();
-    let vh = ValueHead::load(be, &adapter.join("value_head.safetensors"), c.model.config.d_model).unwrap();
-    let cfg = GenConfig { max_new_tokens: 9, sample: true, seed: 5, ..GenConfig::default() };
-    let f = Fwd { lora: true };
-    let got = generate(be, &c.model, Some(&vh), &c.prompts, &cfg, f).unwrap();
-    let width = got.iter().map(|g| g.tokens.len()).max().unwrap();
-    let b = got.len();
-    let mut dec = vec![0u32; b * width];
-    for (r, g) in got.iter().enumerate() {
-        // decoder input = start token, then all but the last generated token
-        for (t, &tok) in g.tokens.iter().take(width - 1).enumerate() {
-            dec[r * width + t + 1] = tok;
-        }
-    }
-    let dec = be.upload_ids(&dec, &[b, width]).unwrap();
-    let (logits, hidden) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &dec, f).unwrap();
-    let logp = be.download(&be.log_softmax(&logits).unwrap()).unwrap();
-    let values = be.download(&vh.forward(be, &hidden).unwrap()).unwrap();
-    let v = c.model.config.vocab_size;
-    for (r, g) in got.iter().enumerate() {
-        for (t, &tok) in g.tokens.iter().enumerate() {
-            let want = logp[(r * width + t) * v + tok as usize];
-            assert!((g.logprobs[t] - want).abs() < 1e-4, "row {r} step {t}: {} vs {want}", g.logprobs[t]);
-            assert!((g.values[t] - values[r * width + t]).abs() < 1e-4, "row {r} step {t} value");
-        }
-    }
-}
 
 #[test]
 fn encoder_matches_cpu() {
-    encoder_matches(&Cpu);
+    t5::encoder_matches(&Cpu);
 }
 
 #[test]
 fn logits_match_cpu() {
-    logits_match(&Cpu);
+    t5::logits_match(&Cpu);
 }
 
 #[test]
 fn lora_logits_and_values_match_cpu() {
-    lora_logits_and_values_match(&Cpu);
+    t5::lora_logits_and_values_match(&Cpu);
 }
 
 #[test]
 fn greedy_generations_match_cpu() {
-    greedy_generations_match(&Cpu);
+    t5::greedy_generations_match(&Cpu);
 }
 
 #[test]
 fn generation_logprobs_and_values_match_teacher_forcing_cpu() {
-    generation_logprobs_and_values_match_teacher_forcing(&Cpu);
+    t5::generation_logprobs_and_values_match_teacher_forcing(&Cpu);
 }

@@ -4,7 +4,7 @@
 
 use super::relpos::relative_bucket;
 use super::rng::{dropout_keep, uniform};
-use super::{Activation, AttnSpec, Backend, LoraRef, SampleSpec, Selected, Shaped};
+use super::{Activation, AttnSpec, Backend, LoraRef, Position, Prec, SampleSpec, Shaped};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, bail, ensure};
 use rayon::prelude::*;
@@ -161,6 +161,13 @@ fn out_shape(x: &[usize], last: usize) -> Vec<usize> {
     s
 }
 
+fn at(p: Position<'_, Cpu>) -> usize {
+    match p {
+        Position::At(n) => n,
+        Position::Counter(c) => c.data[0] as usize,
+    }
+}
+
 impl Backend for Cpu {
     type Tensor = CpuTensor<f32>;
     type Weight = CpuTensor<f32>;
@@ -178,7 +185,21 @@ impl Backend for Cpu {
         Ok(t.data.clone())
     }
 
-    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn peak_memory(&self) -> Option<usize> {
+        None
+    }
+
+    fn reset_peak_memory(&self) {}
+
+    fn reserve(&self, _bytes: usize, _what: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn zeros_as(&self, shape: &[usize], _prec: Prec) -> Result<Self::Tensor> {
         CpuTensor::new(vec![0.0; shape.iter().product()], shape)
     }
 
@@ -207,7 +228,13 @@ impl Backend for Cpu {
         CpuTensor::new(out, &shape)
     }
 
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor> {
+    fn linear_to(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<&LoraRef<'_, Self>>,
+        _out: Prec,
+    ) -> Result<Self::Tensor> {
         let (m, k) = x.rows_cols();
         let (n, wk) = w.rows_cols();
         ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
@@ -336,7 +363,11 @@ impl Backend for Cpu {
             q.shape
         );
         let cap = k.shape[1];
-        let lk = spec.kv_len;
+        let q_offset = at(spec.q_offset);
+        let lk = match spec.q_offset {
+            Position::At(_) => spec.kv_len,
+            Position::Counter(_) => q_offset + lq,
+        };
         ensure!(lk <= cap, "attention: kv_len {lk} exceeds the {cap} rows of k");
         let key_len: Vec<usize> = match spec.key_lengths {
             Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
@@ -348,7 +379,7 @@ impl Backend for Cpu {
             let mut out = vec![0.0; h * lq * lk];
             for i in 0..lq {
                 for j in 0..lk {
-                    let rel = j as i64 - (spec.q_offset + i) as i64;
+                    let rel = j as i64 - (q_offset + i) as i64;
                     let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
                     for hh in 0..h {
                         out[(hh * lq + i) * lk + j] = rb.table.data[bucket * h + hh];
@@ -363,7 +394,7 @@ impl Backend for Cpu {
             for hh in 0..h {
                 for i in 0..lq {
                     let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
-                    let visible = if spec.causal { (spec.q_offset + i + 1).min(lk) } else { lk };
+                    let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk };
                     let mut max = f32::NEG_INFINITY;
                     for (j, s) in scores.iter_mut().enumerate() {
                         if j >= visible || j >= key_len[bi] {
@@ -402,23 +433,18 @@ impl Backend for Cpu {
         CpuTensor::new(out, &q.shape)
     }
 
-    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: usize) -> Result<()> {
-        ensure!(
-            dst.shape.len() == 3
-                && src.shape.len() == 3
-                && dst.shape[0] == src.shape[0]
-                && dst.shape[2] == src.shape[2],
-            "write_rows: {:?} into {:?}",
-            src.shape,
-            dst.shape
-        );
-        let (b, cap, d) = (dst.shape[0], dst.shape[1], dst.shape[2]);
-        let n = src.shape[1];
-        ensure!(pos + n <= cap, "write_rows: rows {pos}..{} past capacity {cap}", pos + n);
-        for bi in 0..b {
-            dst.data[(bi * cap + pos) * d..(bi * cap + pos + n) * d]
-                .copy_from_slice(&src.data[bi * n * d..(bi + 1) * n * d]);
-        }
+    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: Position<'_, Self>) -> Result<()> {
+        write_rows_of(&mut dst.data, &dst.shape, &src.data, &src.shape, at(pos))
+    }
+
+    fn write_ids(&self, dst: &mut Self::Ids, src: &Self::Ids, pos: Position<'_, Self>) -> Result<()> {
+        let dshape = [dst.shape[0], dst.shape.get(1).copied().unwrap_or(1), 1];
+        let sshape = [src.shape[0], src.shape.get(1).copied().unwrap_or(1), 1];
+        write_rows_of(&mut dst.data, &dshape, &src.data, &sshape, at(pos))
+    }
+
+    fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()> {
+        counter.data[0] += n;
         Ok(())
     }
 
@@ -440,34 +466,59 @@ impl Backend for Cpu {
         &self,
         logits: &Self::Tensor,
         spec: &SampleSpec,
-        step: usize,
+        step: Position<'_, Self>,
         streams: &Self::Ids,
         finished: &mut Self::Ids,
-    ) -> Result<Selected<Self>> {
+        tokens: &mut Self::Ids,
+        logprobs: &mut Self::Tensor,
+    ) -> Result<()> {
         let (b, v) = logits.rows_cols();
         ensure!(finished.data.len() == b, "select_tokens: {} flags for {b} rows", finished.data.len());
         ensure!(streams.data.len() == b, "select_tokens: {} streams for {b} rows", streams.data.len());
+        ensure!(tokens.data.len() == b && logprobs.data.len() == b, "select_tokens: outputs do not have {b} rows");
         if spec.eos as usize >= v {
             bail!("EOS id {} is outside the vocabulary of {v}", spec.eos);
         }
-        let mut tokens = vec![spec.pad; b];
-        let mut logprobs = vec![0.0f32; b];
+        let step = at(step);
         for row in 0..b {
             if finished.data[row] != 0 {
+                tokens.data[row] = spec.pad;
+                logprobs.data[row] = 0.0;
                 continue;
             }
             let raw = &logits.data[row * v..(row + 1) * v];
             let tok = choose_token(raw, spec, streams.data[row] as u64, step as u64);
             let mut lp = raw.to_vec();
             log_softmax_row(&mut lp);
-            tokens[row] = tok as u32;
-            logprobs[row] = lp[tok];
+            tokens.data[row] = tok as u32;
+            logprobs.data[row] = lp[tok];
             if tok as u32 == spec.eos {
                 finished.data[row] = 1;
             }
         }
-        Ok(Selected { tokens: CpuTensor::new(tokens, &[b, 1])?, logprobs: CpuTensor::new(logprobs, &[b])? })
+        Ok(())
     }
+
+    type Graph = ();
+
+    fn run_step(&self, _graph: &mut Option<()>, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        step()
+    }
+}
+
+/// `dst [b, cap, d]` rows `pos..pos + n` ← `src [b, n, d]`.
+fn write_rows_of<T: Copy>(dst: &mut [T], dshape: &[usize], src: &[T], sshape: &[usize], pos: usize) -> Result<()> {
+    ensure!(
+        dshape.len() == 3 && sshape.len() == 3 && dshape[0] == sshape[0] && dshape[2] == sshape[2],
+        "write_rows: {sshape:?} into {dshape:?}"
+    );
+    let (b, cap, d) = (dshape[0], dshape[1], dshape[2]);
+    let n = sshape[1];
+    ensure!(pos + n <= cap, "write_rows: rows {pos}..{} past capacity {cap}", pos + n);
+    for bi in 0..b {
+        dst[(bi * cap + pos) * d..(bi * cap + pos + n) * d].copy_from_slice(&src[bi * n * d..(bi + 1) * n * d]);
+    }
+    Ok(())
 }
 
 /// In-place log-softmax of one row, in f32 with the max subtracted first.
@@ -483,7 +534,7 @@ pub fn log_softmax_row(row: &mut [f32]) {
 /// the GPU reproduces with a prefix sum.
 pub fn choose_token(raw: &[f32], spec: &SampleSpec, row: u64, step: u64) -> usize {
     let mut z: Vec<f32> = raw.to_vec();
-    if spec.suppress_eos {
+    if (step as usize) < spec.min_new_tokens {
         z[spec.eos as usize] = f32::NEG_INFINITY;
     }
     if spec.greedy {
@@ -499,16 +550,18 @@ pub fn choose_token(raw: &[f32], spec: &SampleSpec, row: u64, step: u64) -> usiz
     }
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut p: Vec<f32> = z.iter().map(|x| (x - max).exp()).collect();
+    // Sums in f64: over 32k terms an f32 running sum drifts by a sizeable part of one token's
+    // probability, and the GPU, which sums in another order, would then draw other tokens.
     if spec.top_p < 1.0 {
         // Hugging Face drops the tokens whose ascending cumulative probability is ≤ 1 − top_p,
         // keeping at least the most likely one.
-        let total: f32 = p.iter().sum();
+        let total: f64 = p.iter().map(|&x| x as f64).sum();
         let mut order: Vec<usize> = (0..p.len()).collect();
         order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)));
-        let mut cum = 0.0;
-        let threshold = 1.0 - spec.top_p;
+        let mut cum = 0.0f64;
+        let threshold = 1.0 - spec.top_p as f64;
         for &i in &order[..order.len() - 1] {
-            cum += p[i] / total;
+            cum += p[i] as f64 / total;
             if cum <= threshold {
                 p[i] = 0.0;
             } else {
@@ -516,13 +569,13 @@ pub fn choose_token(raw: &[f32], spec: &SampleSpec, row: u64, step: u64) -> usiz
             }
         }
     }
-    let total: f32 = p.iter().sum();
-    let u = uniform(spec.seed, row, step) * total;
-    let mut cum = 0.0;
+    let total: f64 = p.iter().map(|&x| x as f64).sum();
+    let u = uniform(spec.seed, row, step) as f64 * total;
+    let mut cum = 0.0f64;
     let mut last_nonzero = 0;
     for (i, &pi) in p.iter().enumerate() {
         if pi > 0.0 {
-            cum += pi;
+            cum += pi as f64;
             last_nonzero = i;
             if cum > u {
                 return i;

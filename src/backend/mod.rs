@@ -2,6 +2,7 @@
 //! reference and CUDA. A backend owns its memory; model code only sees the associated types.
 
 pub mod cpu;
+pub mod cuda;
 pub mod relpos;
 pub mod rng;
 
@@ -52,6 +53,14 @@ pub struct RelBias<'a, B: Backend> {
     pub max_distance: usize,
 }
 
+/// The storage a backend may give a tensor whose only consumers are matrix products or attention:
+/// `Half` lets the GPU keep it in fp16 (DESIGN.md's precision policy); the CPU keeps f32 always.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prec {
+    F32,
+    Half,
+}
+
 /// Element-wise activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -62,19 +71,34 @@ pub enum Activation {
     Tanh,
 }
 
+/// Where a decoding loop stands. `Counter` is a one-element ids tensor that the loop moves with
+/// `advance`, so that a step captured once as a GPU graph replays at the current position.
+pub enum Position<'a, B: Backend> {
+    At(usize),
+    Counter(&'a B::Ids),
+}
+
+impl<B: Backend> Clone for Position<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Position<'_, B> {}
+
 /// What one attention call needs beyond q, k and v.
 pub struct AttnSpec<'a, B: Backend> {
     pub heads: usize,
     pub d_kv: usize,
     /// Multiplies q·k: 1 for T5 (unscaled), 1/√d_kv for BERT.
     pub scale: f32,
-    /// Keys `0..kv_len` of k and v take part; k and v may hold more rows (a KV cache).
+    /// Keys `0..kv_len` of k and v take part (k and v may hold more rows: a KV cache); with a
+    /// `Counter` offset, keys `0..counter + Lq` instead, the cache so far.
     pub kv_len: usize,
     /// Per batch row, how many leading keys are real (the rest is right padding).
     pub key_lengths: Option<&'a B::Ids>,
     /// Query `i` sits at position `q_offset + i` and, when causal, sees keys `0..=q_offset + i`.
     pub causal: bool,
-    pub q_offset: usize,
+    pub q_offset: Position<'a, B>,
     pub bias: Option<RelBias<'a, B>>,
 }
 
@@ -82,7 +106,7 @@ pub struct AttnSpec<'a, B: Backend> {
 /// top-p, then a draw).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleSpec {
-    /// Argmax instead of a draw; the other fields but `suppress_eos` are then unused.
+    /// Argmax instead of a draw; temperature, top-k, top-p and the seed are then unused.
     pub greedy: bool,
     pub temperature: f32,
     /// 0 keeps every token.
@@ -92,17 +116,8 @@ pub struct SampleSpec {
     pub seed: u64,
     pub eos: u32,
     pub pad: u32,
-    /// Forbid EOS at this step (fewer than `min_new_tokens` generated so far).
-    pub suppress_eos: bool,
-}
-
-/// One decoding step's choice for every batch row.
-pub struct Selected<B: Backend> {
-    /// `[B, 1]` the chosen ids (pad for rows already finished), ready to feed the decoder.
-    pub tokens: B::Ids,
-    /// `[B]` log-probability of each chosen id under the model's own distribution (the raw logits,
-    /// before any processor); 0 for rows already finished.
-    pub logprobs: B::Tensor,
+    /// EOS is forbidden while fewer than this many tokens have been generated.
+    pub min_new_tokens: usize,
 }
 
 pub trait Backend: Sized + Send + Sync {
@@ -111,21 +126,44 @@ pub trait Backend: Sized + Send + Sync {
     /// A frozen parameter in the backend's storage precision.
     type Weight: Shaped + Send + Sync;
     /// u32 indices: token ids, lengths, flags.
-    type Ids: Shaped + Send + Sync + Clone;
+    type Ids: Shaped + Send + Sync;
 
     fn name(&self) -> String;
 
+    /// Waits for all queued work (for timing; results are read with download, which waits itself).
+    fn sync(&self) -> Result<()>;
+    /// The most memory the backend has held since the last reset, where it can tell.
+    fn peak_memory(&self) -> Option<usize>;
+    fn reset_peak_memory(&self);
+    /// Per-kernel times gathered so far when profiling is on (DETOX_PROFILE), as a table.
+    fn profile_report(&self) -> Result<String> {
+        Ok(String::new())
+    }
+    /// Fails with a clear message when the device cannot hold `bytes` more for `what`.
+    fn reserve(&self, bytes: usize, what: &str) -> Result<()>;
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
-    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    fn zeros_as(&self, shape: &[usize], prec: Prec) -> Result<Self::Tensor>;
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
+        self.zeros_as(shape, Prec::F32)
+    }
     fn upload_weight(&self, w: &HostTensor<'_>) -> Result<Self::Weight>;
     fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
 
     /// `table[ids]`: `[..ids] → [..ids, d]`.
     fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
-    /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor>;
+    /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
+    fn linear_to(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<&LoraRef<'_, Self>>,
+        out: Prec,
+    ) -> Result<Self::Tensor>;
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor> {
+        self.linear_to(x, w, lora, Prec::F32)
+    }
     /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
     fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
     /// `x += bias` on every row (`bias` has the last dimension's size).
@@ -135,15 +173,17 @@ pub trait Backend: Sized + Send + Sync {
     fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     /// Rows `rows[i]` of `x [N, d]` (x viewed as rows of its last dimension) → `[M, d]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor>;
-    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension.
+    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
+    /// feeds matrix products, so a backend may store it in half.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
     /// `x *= s`.
     fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
     /// `x += y`, same shapes.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `gelu_new(gate) · up`.
+    /// `gelu_new(gate) · up`; it only feeds `wo`, so a backend may store it in half.
     fn gated_gelu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
-    /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]`.
+    /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
+    /// projection, so a backend may store it in half).
     fn attention(
         &self,
         q: &Self::Tensor,
@@ -152,20 +192,37 @@ pub trait Backend: Sized + Send + Sync {
         spec: &AttnSpec<'_, Self>,
     ) -> Result<Self::Tensor>;
     /// Writes `src [B, n, D]` into rows `pos..pos + n` of `dst [B, cap, D]` (KV-cache append).
-    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: usize) -> Result<()>;
+    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: Position<'_, Self>) -> Result<()>;
+    /// `write_rows` for ids: `src [B, n]` into columns `pos..pos + n` of `dst [B, cap]`.
+    fn write_ids(&self, dst: &mut Self::Ids, src: &Self::Ids, pos: Position<'_, Self>) -> Result<()>;
+    /// Adds `n` to a one-element counter.
+    fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()>;
     /// Copies `src` into `dst` starting at flat element `offset`.
     fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
     /// Log-softmax over the last dimension.
     fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Chooses the next token of every row from `logits [B, V]`; rows flagged in `finished [B]`
-    /// get pad, and rows that choose EOS are flagged. Row `i` draws from RNG stream `streams[i]`
-    /// (its prompt's index in the data set), so a sample does not depend on batch composition.
+    /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
+    /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
+    /// log-probability under the model's own distribution (the raw logits, before any processor).
+    /// Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are flagged. Row
+    /// `i` draws from RNG stream `streams[i]` (its prompt's index in the data set), so a sample
+    /// does not depend on batch composition.
+    #[allow(clippy::too_many_arguments)]
     fn select_tokens(
         &self,
         logits: &Self::Tensor,
         spec: &SampleSpec,
-        step: usize,
+        step: Position<'_, Self>,
         streams: &Self::Ids,
         finished: &mut Self::Ids,
-    ) -> Result<Selected<Self>>;
+        tokens: &mut Self::Ids,
+        logprobs: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// A recorded decoding step (a CUDA graph; nothing on the CPU).
+    type Graph;
+    /// Runs `step`, or replays it: the first call records it into `graph` (on backends that can),
+    /// later calls replay the recording. A recorded step may only touch buffers that outlive the
+    /// graph and must take every position from counters (`Position::Counter`).
+    fn run_step(&self, graph: &mut Option<Self::Graph>, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
 }

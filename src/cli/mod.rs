@@ -1,8 +1,10 @@
 //! The subcommands of `detox`, one file each.
 
+mod bench;
 mod convert;
 mod info;
 mod init;
+mod score;
 mod summarize;
 
 use anyhow::Result;
@@ -21,20 +23,26 @@ pub struct Cli {
 pub enum Command {
     /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
     Summarize(summarize::Args),
+    /// Score texts from JSON Lines with a toxicity classifier (BERT / RoBERTa, Detoxify's layout).
+    Score(score::Args),
     /// Write a T5 checkpoint of FLAN-T5's shapes with deterministic random weights.
     Init(init::Args),
     /// Copy a Hugging Face T5 checkpoint as fp16 safetensors (config and tokenizer included).
     Convert(convert::Args),
     /// Print a checkpoint's configuration and parameter counts.
     Info(info::Args),
+    /// Time whole phases on random weights of FLAN-T5's shapes, beside their roofline floors.
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Summarize(a) => summarize::run(a),
+        Command::Score(a) => score::run(a),
         Command::Init(a) => init::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::model::{Fwd, T5};
 use super::value_head::ValueHead;
-use crate::backend::{Backend, SampleSpec, Shaped};
+use crate::backend::{Backend, Position, SampleSpec, Shaped};
 use crate::text::Batch;
 use anyhow::{Result, ensure};
 
@@ -70,6 +70,9 @@ impl<B: Backend> Prompts<B> {
     }
 }
 
+/// How often the host looks at the finished flags to stop early: each look waits for the GPU.
+const CHECK_EVERY: usize = 4;
+
 pub fn generate<B: Backend>(
     be: &B,
     model: &T5<B>,
@@ -80,50 +83,74 @@ pub fn generate<B: Backend>(
 ) -> Result<Vec<Generation>> {
     cfg.validate()?;
     let c = &model.config;
-    let (ids, lengths) = (&prompts.ids, &prompts.lengths);
-    let b = ids.shape()[0];
-    let enc = model.encode(be, ids, lengths, f)?;
-    let mut cache = model.start_decoding(be, &enc, lengths.clone(), cfg.max_new_tokens, f)?;
-    let mut finished = be.upload_ids(&vec![0; b], &[b])?;
+    let b = prompts.ids.shape()[0];
+    let t = cfg.max_new_tokens;
+    let enc = model.encode(be, &prompts.ids, &prompts.lengths, f)?;
+    let mut cache = model.start_decoding(be, &enc, &prompts.lengths, t, f)?;
+    let spec = SampleSpec {
+        greedy: !cfg.sample,
+        temperature: cfg.temperature,
+        top_k: cfg.top_k,
+        top_p: cfg.top_p,
+        seed: cfg.seed,
+        eos: c.eos_token_id,
+        pad: c.pad_token_id,
+        min_new_tokens: cfg.min_new_tokens,
+    };
+    // Everything a step touches lives across steps, so the step can be recorded once and replayed.
+    // Shared between the recorded step, which sets the flags, and the loop, which reads them.
+    let finished = std::cell::RefCell::new(be.upload_ids(&vec![0; b], &[b])?);
     let mut next = be.upload_ids(&vec![c.decoder_start_token_id; b], &[b, 1])?;
-    let mut out = vec![Generation::default(); b];
-    let mut done = vec![false; b];
-    for step in 0..cfg.max_new_tokens {
+    let mut step_counter = be.upload_ids(&[0], &[1])?;
+    let mut logprob = be.zeros(&[b, 1, 1])?;
+    let mut tokens = be.upload_ids(&vec![c.pad_token_id; b * t], &[b, t])?;
+    let mut logprobs = be.zeros(&[b, t, 1])?;
+    let mut values = be.zeros(&[b, t, 1])?;
+    let mut step = || -> Result<()> {
         let hidden = model.decode(be, &next, &mut cache, f)?;
         let logits = model.lm_logits(be, &hidden)?;
-        let spec = SampleSpec {
-            greedy: !cfg.sample,
-            temperature: cfg.temperature,
-            top_k: cfg.top_k,
-            top_p: cfg.top_p,
-            seed: cfg.seed,
-            eos: c.eos_token_id,
-            pad: c.pad_token_id,
-            suppress_eos: step < cfg.min_new_tokens,
-        };
-        let sel = be.select_tokens(&logits, &spec, step, &prompts.streams, &mut finished)?;
-        let tokens = be.download_ids(&sel.tokens)?;
-        let logprobs = be.download(&sel.logprobs)?;
-        let values = match value_head {
-            Some(vh) => be.download(&vh.forward(be, &hidden)?)?,
-            None => Vec::new(),
-        };
-        for row in 0..b {
-            if done[row] {
-                continue;
-            }
-            let g = &mut out[row];
-            g.tokens.push(tokens[row]);
-            g.logprobs.push(logprobs[row]);
-            if let Some(v) = values.get(row) {
-                g.values.push(*v);
-            }
-            done[row] = tokens[row] == c.eos_token_id;
+        let at = Position::Counter(&step_counter);
+        be.select_tokens(&logits, &spec, at, &prompts.streams, &mut finished.borrow_mut(), &mut next, &mut logprob)?;
+        be.write_ids(&mut tokens, &next, at)?;
+        be.write_rows(&mut logprobs, &logprob, at)?;
+        if let Some(vh) = value_head {
+            be.write_rows(&mut values, &vh.forward(be, &hidden)?, at)?;
         }
-        if done.iter().all(|d| *d) {
+        be.advance(&mut step_counter, 1)
+    };
+    // The first step runs eagerly (it builds lookup tables and warms the libraries up); the
+    // second is recorded and every later one replays it.
+    let mut graph = None;
+    let mut steps = 0;
+    while steps < t {
+        if steps == 0 {
+            step()?;
+        } else {
+            be.run_step(&mut graph, &mut step)?;
+        }
+        steps += 1;
+        if (steps % CHECK_EVERY == 0 || steps == 1) && be.download_ids(&finished.borrow())?.iter().all(|&x| x != 0) {
             break;
         }
-        next = sel.tokens;
     }
-    Ok(out)
+    let tokens = be.download_ids(&tokens)?;
+    let logprobs = be.download(&logprobs)?;
+    let values = be.download(&values)?;
+    Ok((0..b)
+        .map(|row| {
+            let mut g = Generation::default();
+            for s in 0..steps {
+                let tok = tokens[row * t + s];
+                g.tokens.push(tok);
+                g.logprobs.push(logprobs[row * t + s]);
+                if value_head.is_some() {
+                    g.values.push(values[row * t + s]);
+                }
+                if tok == c.eos_token_id {
+                    break;
+                }
+            }
+            g
+        })
+        .collect())
 }

@@ -4,7 +4,7 @@
 
 use super::config::T5Config;
 use super::lora::{LoraPair, LoraSettings};
-use crate::backend::{AttnSpec, Backend, LoraRef, RelBias, Shaped};
+use crate::backend::{AttnSpec, Backend, LoraRef, Position, Prec, RelBias, Shaped};
 use crate::checkpoint::Checkpoint;
 use anyhow::{Context, Result, bail};
 
@@ -68,14 +68,15 @@ pub struct Fwd {
 
 /// Decoder state carried across calls: self-attention K/V of every position so far and the
 /// cross-attention K/V, computed once from the encoder output.
-pub struct DecodeCache<B: Backend> {
+pub struct DecodeCache<'a, B: Backend> {
     pub self_k: Vec<B::Tensor>,
     pub self_v: Vec<B::Tensor>,
     pub cross_k: Vec<B::Tensor>,
     pub cross_v: Vec<B::Tensor>,
-    pub enc_lengths: B::Ids,
-    /// Positions already in the cache.
-    pub len: usize,
+    pub enc_lengths: &'a B::Ids,
+    /// Positions already in the cache, as a device counter (`[1]`) so that a decoding step
+    /// recorded once as a GPU graph replays at the current position.
+    pub pos: B::Ids,
     pub capacity: usize,
 }
 
@@ -106,6 +107,8 @@ impl<B: Backend> T5<B> {
     pub fn from_checkpoint(be: &B, config: T5Config, ckpt: &Checkpoint) -> Result<Self> {
         let c = &config;
         let (d, inner, ff, v) = (c.d_model, c.inner_dim(), c.d_ff, c.vocab_size);
+        let params: usize = super::init::tensor_specs(c).iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+        be.reserve(params * 2, "the T5 weights in fp16")?;
         let get =
             |name: &str, shape: &[usize]| -> Result<B::Weight> { be.upload_weight(&ckpt.get_shaped(name, shape)?) };
         let linear = |name: &str, shape: &[usize]| -> Result<Linear<B>> {
@@ -175,19 +178,20 @@ impl<B: Backend> T5<B> {
         })
     }
 
-    fn lin(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd) -> Result<B::Tensor> {
+    fn lin(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
         let lora = match (&l.lora, &self.lora) {
             (Some(p), Some(s)) if f.lora => Some(LoraRef { a: &p.a, b: &p.b, scale: s.scale(), dropout: None }),
             _ => None,
         };
-        be.linear(x, &l.weight, lora.as_ref())
+        be.linear_to(x, &l.weight, lora.as_ref(), out)
     }
 
     fn feed_forward(&self, be: &B, x: &B::Tensor, ff: &DenseReluDense<B>, f: Fwd) -> Result<B::Tensor> {
-        let gate = self.lin(be, x, &ff.wi_0, f)?;
-        let up = self.lin(be, x, &ff.wi_1, f)?;
+        let gate = self.lin(be, x, &ff.wi_0, f, Prec::F32)?;
+        let up = self.lin(be, x, &ff.wi_1, f, Prec::F32)?;
         let h = be.gated_gelu(&gate, &up)?;
-        self.lin(be, &h, &ff.wo, f)
+        // wo's output joins the fp32 residual stream: producing it in fp16 is what overflows in T5 v1.1.
+        self.lin(be, &h, &ff.wo, f, Prec::F32)
     }
 
     fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
@@ -208,7 +212,9 @@ impl<B: Backend> T5<B> {
         for block in &self.encoder.blocks {
             let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
             let a = &block.self_attention;
-            let (q, k, v) = (self.lin(be, &x, &a.q, f)?, self.lin(be, &x, &a.k, f)?, self.lin(be, &x, &a.v, f)?);
+            let q = self.lin(be, &x, &a.q, f, Prec::Half)?;
+            let k = self.lin(be, &x, &a.k, f, Prec::Half)?;
+            let v = self.lin(be, &x, &a.v, f, Prec::Half)?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
@@ -216,11 +222,11 @@ impl<B: Backend> T5<B> {
                 kv_len: l,
                 key_lengths: Some(lengths),
                 causal: false,
-                q_offset: 0,
+                q_offset: Position::At(0),
                 bias: Some(self.rel_bias(table, true)),
             };
             let ctx = be.attention(&q, &k, &v, &spec)?;
-            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f)?)?;
+            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f, Prec::F32)?)?;
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
             be.add_assign(&mut h, &self.feed_forward(be, &x, &block.ff, f)?)?;
         }
@@ -229,14 +235,14 @@ impl<B: Backend> T5<B> {
 
     /// An empty cache for up to `capacity` decoder positions, with every layer's cross-attention
     /// K/V computed once from `enc [B, L, d]`.
-    pub fn start_decoding(
+    pub fn start_decoding<'a>(
         &self,
         be: &B,
         enc: &B::Tensor,
-        enc_lengths: B::Ids,
+        enc_lengths: &'a B::Ids,
         capacity: usize,
         f: Fwd,
-    ) -> Result<DecodeCache<B>> {
+    ) -> Result<DecodeCache<'a, B>> {
         let b = enc.shape()[0];
         let inner = self.config.inner_dim();
         let mut cache = DecodeCache {
@@ -245,27 +251,27 @@ impl<B: Backend> T5<B> {
             cross_k: Vec::new(),
             cross_v: Vec::new(),
             enc_lengths,
-            len: 0,
+            pos: be.upload_ids(&[0], &[1])?,
             capacity,
         };
         for block in &self.decoder.blocks {
             let (ca, _) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
-            cache.cross_k.push(self.lin(be, enc, &ca.k, f)?);
-            cache.cross_v.push(self.lin(be, enc, &ca.v, f)?);
-            cache.self_k.push(be.zeros(&[b, capacity, inner])?);
-            cache.self_v.push(be.zeros(&[b, capacity, inner])?);
+            cache.cross_k.push(self.lin(be, enc, &ca.k, f, Prec::Half)?);
+            cache.cross_v.push(self.lin(be, enc, &ca.v, f, Prec::Half)?);
+            cache.self_k.push(be.zeros_as(&[b, capacity, inner], Prec::Half)?);
+            cache.self_v.push(be.zeros_as(&[b, capacity, inner], Prec::Half)?);
         }
         Ok(cache)
     }
 
     /// Runs `ids [B, n]` as the next n decoder positions and returns their final states `[B, n, d]`
-    /// (after `final_layer_norm`: what the LM head and the value head read).
-    pub fn decode(&self, be: &B, ids: &B::Ids, cache: &mut DecodeCache<B>, f: Fwd) -> Result<B::Tensor> {
+    /// (after `final_layer_norm`: what the LM head and the value head read). The caller keeps the
+    /// total within the cache's capacity; positions come from the cache's counter.
+    pub fn decode(&self, be: &B, ids: &B::Ids, cache: &mut DecodeCache<'_, B>, f: Fwd) -> Result<B::Tensor> {
         let c = &self.config;
         let n = ids.shape()[1];
-        let pos = cache.len;
-        if pos + n > cache.capacity {
-            bail!("decoder cache holds {} positions; {} requested", cache.capacity, pos + n);
+        if n > cache.capacity {
+            bail!("decoder cache holds {} positions; {n} requested", cache.capacity);
         }
         let enc_len = cache.cross_k[0].shape()[1];
         let mut h = be.embedding(&self.shared, ids)?;
@@ -273,42 +279,50 @@ impl<B: Backend> T5<B> {
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
             let a = &block.self_attention;
-            let q = self.lin(be, &x, &a.q, f)?;
-            be.write_rows(&mut cache.self_k[i], &self.lin(be, &x, &a.k, f)?, pos)?;
-            be.write_rows(&mut cache.self_v[i], &self.lin(be, &x, &a.v, f)?, pos)?;
+            let q = self.lin(be, &x, &a.q, f, Prec::Half)?;
+            be.write_rows(
+                &mut cache.self_k[i],
+                &self.lin(be, &x, &a.k, f, Prec::Half)?,
+                Position::Counter(&cache.pos),
+            )?;
+            be.write_rows(
+                &mut cache.self_v[i],
+                &self.lin(be, &x, &a.v, f, Prec::Half)?,
+                Position::Counter(&cache.pos),
+            )?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
                 scale: 1.0,
-                kv_len: pos + n,
+                kv_len: cache.capacity,
                 key_lengths: None,
                 causal: true,
-                q_offset: pos,
+                q_offset: Position::Counter(&cache.pos),
                 bias: Some(self.rel_bias(table, false)),
             };
             let ctx = be.attention(&q, &cache.self_k[i], &cache.self_v[i], &spec)?;
-            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f)?)?;
+            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f, Prec::F32)?)?;
 
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
             let x = be.rms_norm(&h, ca_norm, c.layer_norm_epsilon)?;
-            let q = self.lin(be, &x, &ca.q, f)?;
+            let q = self.lin(be, &x, &ca.q, f, Prec::Half)?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
                 scale: 1.0,
                 kv_len: enc_len,
-                key_lengths: Some(&cache.enc_lengths),
+                key_lengths: Some(cache.enc_lengths),
                 causal: false,
-                q_offset: 0,
+                q_offset: Position::At(0),
                 bias: None,
             };
             let ctx = be.attention(&q, &cache.cross_k[i], &cache.cross_v[i], &spec)?;
-            be.add_assign(&mut h, &self.lin(be, &ctx, &ca.o, f)?)?;
+            be.add_assign(&mut h, &self.lin(be, &ctx, &ca.o, f, Prec::F32)?)?;
 
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
             be.add_assign(&mut h, &self.feed_forward(be, &x, &block.ff, f)?)?;
         }
-        cache.len += n;
+        be.advance(&mut cache.pos, n as u32)?;
         be.rms_norm(&h, &self.decoder.final_layer_norm, c.layer_norm_epsilon)
     }
 
@@ -333,7 +347,7 @@ impl<B: Backend> T5<B> {
     ) -> Result<(B::Tensor, B::Tensor)> {
         let enc = self.encode(be, ids, lengths, f)?;
         let t = dec_ids.shape()[1];
-        let mut cache = self.start_decoding(be, &enc, lengths.clone(), t, f)?;
+        let mut cache = self.start_decoding(be, &enc, lengths, t, f)?;
         let hidden = self.decode(be, dec_ids, &mut cache, f)?;
         Ok((self.lm_logits(be, &hidden)?, hidden))
     }

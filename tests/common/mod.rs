@@ -4,16 +4,18 @@
 use detox::checkpoint::Checkpoint;
 use std::path::PathBuf;
 
+/// The repository: DETOX_ROOT when the tests run from a copy elsewhere (the GPU machine).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("DETOX_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
     root().join("tests/fixtures").join(rel)
 }
 
+/// ../shared, or DETOX_SHARED where it lives elsewhere.
 pub fn shared(rel: &str) -> PathBuf {
-    root().join("../shared").join(rel)
+    std::env::var_os("DETOX_SHARED").map(PathBuf::from).unwrap_or_else(|| root().join("../shared")).join(rel)
 }
 
 /// Tensors of a fixture's expected.safetensors, as f32 with their shapes.
@@ -52,4 +54,17 @@ pub fn rel_l2_err(a: &[f32], b: &[f32]) -> f32 {
     let e = (num / den.max(1e-30)).sqrt() as f32;
     assert!(e.is_finite(), "non-finite values");
     e
+}
+
+/// The GPU if there is one; otherwise None after saying, past the test harness's capture, that the
+/// calling test skipped (a skip must never pass silently as a success).
+pub fn cuda(test: &str) -> Option<detox::backend::cuda::Cuda> {
+    match detox::backend::cuda::Cuda::new(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no usable GPU ({e:#})");
+            None
+        }
+    }
 }

@@ -1,0 +1,118 @@
+// Element-wise and data-movement kernels: casts, residual adds, bias, activations, gated-gelu,
+// embedding and row gathers, KV-cache appends.
+#include "common.cuh"
+
+extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = __float2half_rn(x[i]);
+}
+
+extern "C" __global__ void cast_f16_f32(const __half* x, float* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = __half2float(x[i]);
+}
+
+template <typename TX, typename TY>
+__device__ void add_assign(TX* x, const TY* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f<TX>(to_f(x[i]) + to_f(y[i]));
+}
+extern "C" __global__ void add_assign_f32_f32(float* x, const float* y, long n) { add_assign(x, y, n); }
+extern "C" __global__ void add_assign_f32_f16(float* x, const __half* y, long n) { add_assign(x, y, n); }
+extern "C" __global__ void add_assign_f16_f32(__half* x, const float* y, long n) { add_assign(x, y, n); }
+extern "C" __global__ void add_assign_f16_f16(__half* x, const __half* y, long n) { add_assign(x, y, n); }
+
+template <typename T>
+__device__ void scale(T* x, float s, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f<T>(to_f(x[i]) * s);
+}
+extern "C" __global__ void scale_f32(float* x, float s, long n) { scale(x, s, n); }
+extern "C" __global__ void scale_f16(__half* x, float s, long n) { scale(x, s, n); }
+
+template <typename T, typename TB>
+__device__ void bias_add(T* x, const TB* b, long rows, int d) {
+    long n = rows * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f<T>(to_f(x[i]) + to_f(b[i % d]));
+}
+extern "C" __global__ void bias_add_f32_f16(float* x, const __half* b, long rows, int d) { bias_add(x, b, rows, d); }
+extern "C" __global__ void bias_add_f16_f16(__half* x, const __half* b, long rows, int d) { bias_add(x, b, rows, d); }
+extern "C" __global__ void bias_add_f32_f32(float* x, const float* b, long rows, int d) { bias_add(x, b, rows, d); }
+
+__device__ __forceinline__ float gelu_new(float x) {
+    const float c = 0.7978845608028654f;
+    return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+}
+
+__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
+
+// act: 0 = GeluErf, 1 = GeluNew, 2 = Tanh (the order of backend::Activation).
+template <typename T>
+__device__ void activation(const T* x, float* y, long n, int act) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = to_f(x[i]);
+        y[i] = act == 0 ? gelu_erf(v) : act == 1 ? gelu_new(v) : tanhf(v);
+    }
+}
+extern "C" __global__ void activation_f32(const float* x, float* y, long n, int act) { activation(x, y, n, act); }
+extern "C" __global__ void activation_f16(const __half* x, float* y, long n, int act) { activation(x, y, n, act); }
+
+// The FFN's inner activation, written in half: it only feeds the `wo` product.
+template <typename T>
+__device__ void gated_gelu(const T* gate, const T* up, __half* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = __float2half_rn(gelu_new(to_f(gate[i])) * to_f(up[i]));
+}
+extern "C" __global__ void gated_gelu_f32(const float* g, const float* u, __half* y, long n) { gated_gelu(g, u, y, n); }
+extern "C" __global__ void gated_gelu_f16(const __half* g, const __half* u, __half* y, long n) { gated_gelu(g, u, y, n); }
+
+// Ids are validated on the host before upload and generated ones come from the vocabulary, so an
+// out-of-range id is clamped rather than read out of bounds.
+extern "C" __global__ void embedding(const __half* table, const uint32_t* ids, float* out, long n_ids, int d, int rows) {
+    long n = n_ids * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        uint32_t id = min(ids[i / d], (uint32_t)(rows - 1));
+        out[i] = __half2float(table[(long)id * d + i % d]);
+    }
+}
+
+template <typename T>
+__device__ void gather_rows(const T* x, const uint32_t* rows, T* y, long m, int d) {
+    long n = m * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = x[(long)rows[i / d] * d + i % d];
+}
+extern "C" __global__ void gather_rows_f32(const float* x, const uint32_t* r, float* y, long m, int d) { gather_rows(x, r, y, m, d); }
+extern "C" __global__ void gather_rows_f16(const __half* x, const uint32_t* r, __half* y, long m, int d) { gather_rows(x, r, y, m, d); }
+
+// dst [b, cap, d] rows pos..pos+n ← src [b, n, d], the position from `counter` when it is set (a
+// step replayed as a graph); the source may be f32 or half.
+template <typename TD, typename TS>
+__device__ void write_rows(TD* dst, const TS* src, int b, int cap, int n, int d, int pos, const uint32_t* counter) {
+    if (counter) pos = (int)*counter;
+    long total = (long)b * n * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        long bi = i / ((long)n * d), rem = i % ((long)n * d);
+        dst[(bi * cap + pos) * d + rem] = from_f<TD>(to_f(src[i]));
+    }
+}
+#define WRITE_ROWS(NAME, TD, TS) \
+    extern "C" __global__ void NAME(TD* dst, const TS* s, int b, int cap, int n, int d, int pos, const uint32_t* c) { \
+        write_rows(dst, s, b, cap, n, d, pos, c); \
+    }
+WRITE_ROWS(write_rows_f32_f32, float, float)
+WRITE_ROWS(write_rows_f16_f16, __half, __half)
+WRITE_ROWS(write_rows_f16_f32, __half, float)
+WRITE_ROWS(write_rows_f32_f16, float, __half)
+
+extern "C" __global__ void write_ids(uint32_t* dst, const uint32_t* src, int b, int cap, int n, int pos, const uint32_t* counter) {
+    if (counter) pos = (int)*counter;
+    long total = (long)b * n;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
+        dst[(i / n) * cap + pos + i % n] = src[i];
+}
+
+extern "C" __global__ void advance(uint32_t* counter, uint32_t n) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *counter += n;
+}

@@ -1,0 +1,96 @@
+//! Matrix products through cuBLAS: half inputs, fp32 accumulation, f32 or half output. Row-major
+//! `y[m, n] = x[m, k] · w[n, k]ᵀ` is cuBLAS's column-major `yᵀ = w · xᵀ`, so no data moves.
+
+use anyhow::{Result, anyhow};
+use cudarc::cublas::{CudaBlas, result::gemm_ex, sys};
+use std::ffi::c_void;
+
+pub struct Gemm {
+    blas: CudaBlas,
+    /// A fixed workspace, so cuBLAS never allocates inside a captured graph.
+    _workspace: cudarc::driver::CudaSlice<u8>,
+}
+
+/// Which element type a product reads or writes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Elem {
+    F32,
+    F16,
+}
+
+impl Elem {
+    fn cuda(self) -> sys::cudaDataType {
+        match self {
+            Elem::F32 => sys::cudaDataType::CUDA_R_32F,
+            Elem::F16 => sys::cudaDataType::CUDA_R_16F,
+        }
+    }
+}
+
+const WORKSPACE: usize = 32 << 20;
+
+impl Gemm {
+    pub fn new(gpu: &super::device::Gpu) -> Result<Self> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(anyhow!(
+                "libcublas could not be loaded: install CUDA's cuBLAS (13.x) or add it to LD_LIBRARY_PATH"
+            ));
+        }
+        let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| anyhow!("creating a cuBLAS handle: {e:?}"))?;
+        let workspace = gpu.alloc::<u8>(WORKSPACE)?;
+        let ptr = gpu.ptr(&workspace);
+        // SAFETY: the workspace outlives the handle (both live in this struct, dropped together).
+        let status = unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut c_void, WORKSPACE) };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(anyhow!("cublasSetWorkspace failed: {status:?}"));
+        }
+        Ok(Self { blas, _workspace: workspace })
+    }
+
+    /// `y[m, n] = alpha · x[m, k] · w[n, k]ᵀ + beta · y`; x and w in `xin`, y in `yout`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn nt(
+        &self,
+        gpu: &super::device::Gpu,
+        x: u64,
+        w: u64,
+        y: u64,
+        m: usize,
+        k: usize,
+        n: usize,
+        xin: Elem,
+        yout: Elem,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // SAFETY: x, w and y address at least m·k, n·k and m·n elements of the stated types.
+        gpu.timed(&format!("gemm {m}x{k}x{n}"), || unsafe {
+            gemm_ex(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                xin.cuda(),
+                k as i32,
+                x as *const c_void,
+                xin.cuda(),
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                yout.cuda(),
+                n as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(|e| anyhow!("cublasGemmEx ({m}×{k}·{n}×{k}ᵀ): {e:?}"))
+        })
+    }
+}

@@ -1,0 +1,206 @@
+//! `detox bench`: whole phases timed on random weights of FLAN-T5's shapes, each beside its
+//! roofline floor (FLOPs at the measured bf16 ceiling, bytes at the measured copy bandwidth).
+
+use crate::backend::Backend;
+use crate::checkpoint::DType;
+use crate::device::{Device, Job, run_on};
+use crate::t5::config::T5Config;
+use crate::t5::init::random_weights;
+use crate::t5::{Fwd, GenConfig, LoraSettings, Prompts, T5, ValueHead, generate};
+use crate::text::pad_batch;
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Ceilings measured on the H200 here (KINDS.md, BASELINE.md).
+const PEAK_FLOPS: f64 = 790e12;
+const PEAK_BYTES: f64 = 4.3e12;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum What {
+    /// Rollout generation: encoder, cached decoding with sampling, log-probs and values.
+    Generate(GenArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenArgs {
+    /// FLAN-T5 shape for random weights (tiny, small, base, large, xl).
+    #[arg(long, default_value = "base")]
+    pub size: String,
+    /// A model directory to use instead of random weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub src: usize,
+    /// Generated tokens per prompt (EOS is suppressed so every row runs them all).
+    #[arg(long = "gen", default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Timed runs after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// LoRA rank on q and v (0: no adapter), as the seed's policy.
+    #[arg(long, default_value_t = 32)]
+    pub lora_r: usize,
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.what {
+        What::Generate(g) => {
+            ensure!(
+                g.batch > 0 && g.src > 1 && g.gen_tokens > 0 && g.iters > 0,
+                "batch, src, gen and iters must be positive"
+            );
+            let report = run_on(g.device, BenchGenerate(g.clone()))?;
+            println!("{}", report.text);
+            if let Some(p) = &g.json {
+                crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+struct Report {
+    text: String,
+    json: serde_json::Value,
+}
+
+struct BenchGenerate(GenArgs);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+impl Job for BenchGenerate {
+    type Output = Report;
+
+    fn run<B: Backend>(self, be: &B) -> Result<Report> {
+        let a = self.0;
+        let tmp;
+        let dir = match &a.model {
+            Some(d) => d.clone(),
+            None => {
+                tmp = tempfile::tempdir().context("creating a temporary model directory")?;
+                let cfg = T5Config::preset(&a.size)?;
+                crate::checkpoint::write_safetensors(
+                    &tmp.path().join("model.safetensors"),
+                    &random_weights(&cfg, 0, DType::F16),
+                    None,
+                )?;
+                crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;
+                tmp.path().to_path_buf()
+            }
+        };
+        let mut model = T5::load(be, &dir)?;
+        if a.lora_r > 0 {
+            model.attach_lora(
+                be,
+                LoraSettings { r: a.lora_r, alpha: a.lora_r as f32, ..LoraSettings::seed_default() },
+                0,
+            )?;
+        }
+        let c = model.config.clone();
+        let vh = ValueHead::init(be, c.d_model, 0)?;
+        let f = Fwd { lora: a.lora_r > 0 };
+        let (b, l, g) = (a.batch, a.src, a.gen_tokens);
+        let seqs: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
+                s.push(c.eos_token_id);
+                s
+            })
+            .collect();
+        let streams: Vec<u32> = (0..b as u32).collect();
+        let prompts = Prompts::upload(be, &pad_batch(&seqs, c.pad_token_id), &streams)?;
+        let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
+
+        let mut rollout = Vec::new();
+        let mut prefill = Vec::new();
+        be.reset_peak_memory();
+        for it in 0..=a.iters {
+            be.sync()?;
+            let t0 = Instant::now();
+            let enc = model.encode(be, &prompts.ids, &prompts.lengths, f)?;
+            let cache = model.start_decoding(be, &enc, &prompts.lengths, g, f)?;
+            be.sync()?;
+            let t1 = Instant::now();
+            drop(cache);
+            drop(enc);
+            let out = generate(be, &model, Some(&vh), &prompts, &sampling, f)?;
+            let t2 = Instant::now();
+            ensure!(out.iter().all(|o| o.tokens.len() == g), "every row should run {g} steps");
+            if it > 0 {
+                prefill.push((t1 - t0).as_secs_f64());
+                rollout.push((t2 - t1).as_secs_f64());
+            }
+        }
+        let peak = be.peak_memory();
+        let profile = be.profile_report()?;
+        let (t_roll, t_pre) = (median(rollout), median(prefill));
+        let step_ms = (t_roll - t_pre).max(0.0) / g as f64 * 1e3;
+
+        // The floors. Prefill: the encoder's products and attention, and the decoder's cross K/V.
+        let (d, inner, ff, v) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64, c.vocab_size as f64);
+        let (le, ld) = (c.num_layers as f64, c.num_decoder_layers as f64);
+        let tokens = (b * l) as f64;
+        let enc_linear = le * (4.0 * d * inner + 3.0 * d * ff);
+        let prefill_flops = 2.0 * tokens * enc_linear
+            + le * 4.0 * (b as f64) * (l as f64).powi(2) * inner
+            + 2.0 * tokens * ld * 2.0 * d * inner;
+        // A decoding step reads the decoder's weights and the LM head once, both K/V caches, and
+        // writes and reads the logits.
+        let step_weights = 2.0 * (ld * (6.0 * d * inner + 3.0 * d * ff) + v * d);
+        let cross_kv = ld * 2.0 * tokens * inner * 2.0;
+        let self_kv = ld * 2.0 * (b as f64) * (g as f64 / 2.0) * inner * 2.0;
+        let logits = 2.0 * (b as f64) * v * 4.0;
+        let step_bytes = step_weights + cross_kv + self_kv + logits;
+        let step_floor_ms = step_bytes / PEAK_BYTES * 1e3;
+        let tok_s = (b * g) as f64 / t_roll;
+        let name =
+            a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random flan-t5-{}", a.size));
+        let text = format!(
+            "generate: batch {b}, src {l}, gen {g}, {name}, LoRA r {} on q,v, sampling, value head, {}\n\
+             rollout      {:9.2} ms median of {}  →  {:.0} generated tokens/s\n\
+             prefill      {:9.2} ms  {:6.1} TFLOP/s  (floor {:.2} ms at 790 TFLOP/s)\n\
+             decode step  {:9.3} ms  (floor {:.3} ms: {:.0} MB at 4.3 TB/s; {:.1}× the floor)\n\
+             peak memory  {}",
+            a.lora_r,
+            be.name(),
+            t_roll * 1e3,
+            a.iters,
+            tok_s,
+            t_pre * 1e3,
+            prefill_flops / t_pre / 1e12,
+            prefill_flops / PEAK_FLOPS * 1e3,
+            step_ms,
+            step_floor_ms,
+            step_bytes / 1e6,
+            step_ms / step_floor_ms,
+            peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+        );
+        let json = json!({
+            "phase": "generate", "device": be.name(), "model": name, "batch": b, "src": l, "gen": g, "lora_r": a.lora_r,
+            "iters": a.iters, "rollout_s": t_roll, "prefill_s": t_pre, "decode_step_ms": step_ms,
+            "gen_tokens_per_s": tok_s, "prefill_tflops": prefill_flops / t_pre / 1e12,
+            "prefill_floor_ms": prefill_flops / PEAK_FLOPS * 1e3, "decode_step_floor_ms": step_floor_ms,
+            "peak_bytes": peak,
+        });
+        Ok(Report { text: format!("{text}\n{profile}"), json })
+    }
+}

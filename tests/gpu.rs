@@ -1,0 +1,56 @@
+//! Every GPU test: each body of tests/suites run on the CUDA backend. Without a usable GPU each
+//! one is reported as ignored, with the reason, never as passed.
+
+mod common;
+#[path = "suites/ops.rs"]
+mod ops;
+#[path = "suites/t5.rs"]
+mod t5;
+
+use detox::backend::cuda::Cuda;
+use libtest_mimic::{Arguments, Trial};
+use std::sync::Arc;
+
+type Body = fn(&Cuda);
+
+const BODIES: &[(&str, Body)] = &[
+    ("ops::embedding_and_gather", ops::embedding_and_gather::<Cuda>),
+    ("ops::linear_with_and_without_lora", ops::linear_with_and_without_lora::<Cuda>),
+    ("ops::affine_and_elementwise", ops::affine_and_elementwise::<Cuda>),
+    ("ops::norms", ops::norms::<Cuda>),
+    ("ops::attention", ops::attention::<Cuda>),
+    ("ops::kv_writes_and_copies", ops::kv_writes_and_copies::<Cuda>),
+    ("ops::log_softmax_and_token_choice", ops::log_softmax_and_token_choice::<Cuda>),
+    ("t5::encoder_matches", t5::encoder_matches::<Cuda>),
+    ("t5::logits_match", t5::logits_match::<Cuda>),
+    ("t5::lora_logits_and_values_match", t5::lora_logits_and_values_match::<Cuda>),
+    ("t5::greedy_generations_match", t5::greedy_generations_match::<Cuda>),
+    (
+        "t5::generation_logprobs_and_values_match_teacher_forcing",
+        t5::generation_logprobs_and_values_match_teacher_forcing::<Cuda>,
+    ),
+];
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // One context, stream and cuBLAS handle serve every test, and a handle is not for concurrent use.
+    args.test_threads = Some(1);
+    let gpu = Cuda::new(0).map(Arc::new).map_err(|e| format!("{e:#}"));
+    if let Err(r) = &gpu {
+        eprintln!("GPU tests ignored: {r}");
+    }
+    let trials = BODIES
+        .iter()
+        .map(|&(name, body)| match &gpu {
+            Ok(be) => {
+                let be = be.clone();
+                Trial::test(format!("cuda::{name}"), move || {
+                    body(&be);
+                    Ok(())
+                })
+            }
+            Err(_) => Trial::test(format!("cuda::{name}"), || Ok(())).with_ignored_flag(true),
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}

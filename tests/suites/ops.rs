@@ -1,0 +1,470 @@
+//! Every backend operation against the CPU reference on random inputs (llama.cpp's
+//! test-backend-ops, here for the CUDA backend): fresh inputs each check, weights rounded to fp16
+//! first so both backends see the same values, errors as relative L2.
+
+use crate::common::rel_l2_err;
+use detox::backend::cpu::Cpu;
+use detox::backend::{Activation, AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
+use detox::checkpoint::{DType, HostTensor};
+use half::f16;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Inputs drawn once and uploaded to both backends.
+struct Rand(ChaCha8Rng);
+
+impl Rand {
+    fn new(seed: u64) -> Self {
+        Self(ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// Values in (−scale, scale), rounded to fp16 so a GPU weight holds them exactly.
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| f16::from_f32(self.0.random_range(-scale..scale)).to_f32()).collect()
+    }
+
+    fn ids(&mut self, n: usize, below: u32) -> Vec<u32> {
+        (0..n).map(|_| self.0.random_range(0..below)).collect()
+    }
+}
+
+fn weight<B: Backend>(be: &B, v: &[f32], shape: &[usize]) -> B::Weight {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    be.upload_weight(&HostTensor { name: "w", dtype: DType::F32, shape, bytes: &bytes }).unwrap()
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let err = rel_l2_err(got, want);
+    assert!(err <= tol, "{what}: relative L2 error {err} > {tol}");
+}
+
+/// Half-precision outputs (matrix inputs) round at 2⁻¹¹; f32 outputs should agree to rounding.
+const HALF: f32 = 2e-3;
+const F32: f32 = 1e-5;
+
+pub fn embedding_and_gather<B: Backend>(be: &B) {
+    let mut r = Rand::new(1);
+    let table = r.vec(50 * 24, 1.0);
+    let ids = r.ids(7 * 3, 50);
+    let (wc, wg) = (weight(&Cpu, &table, &[50, 24]), weight(be, &table, &[50, 24]));
+    let (ic, ig) = (Cpu.upload_ids(&ids, &[7, 3]).unwrap(), be.upload_ids(&ids, &[7, 3]).unwrap());
+    let want = Cpu.embedding(&wc, &ic).unwrap();
+    let got = be.embedding(&wg, &ig).unwrap();
+    assert_eq!(got.shape(), &[7, 3, 24]);
+    close(&be.download(&got).unwrap(), &want.data, F32, "embedding");
+    let rows = [4u32, 0, 20, 20, 9];
+    let g = be.gather_rows(&got, &be.upload_ids(&rows, &[5]).unwrap()).unwrap();
+    let c = Cpu.gather_rows(&want, &Cpu.upload_ids(&rows, &[5]).unwrap()).unwrap();
+    close(&be.download(&g).unwrap(), &c.data, F32, "gather_rows");
+}
+
+pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
+    let mut r = Rand::new(2);
+    let (m, k, n, rank) = (37, 96, 80, 8);
+    let x = r.vec(m * k, 1.0);
+    let w = r.vec(n * k, 0.2);
+    let a = r.vec(rank * k, 0.2);
+    let b = r.vec(n * rank, 0.2);
+    let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+    let (wc, wg) = (weight(&Cpu, &w, &[n, k]), weight(be, &w, &[n, k]));
+    let (ac, ag) = (Cpu.upload(&a, &[rank, k]).unwrap(), be.upload(&a, &[rank, k]).unwrap());
+    let (bc, bg) = (Cpu.upload(&b, &[n, rank]).unwrap(), be.upload(&b, &[n, rank]).unwrap());
+    for prec in [Prec::F32, Prec::Half] {
+        let want = Cpu.linear_to(&xc, &wc, None, prec).unwrap();
+        let got = be.linear_to(&xg, &wg, None, prec).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, HALF, &format!("linear {prec:?}"));
+        for dropout in [None, Some(Dropout { p: 0.1, seed: 9, stream: 4 })] {
+            let lc = LoraRef { a: &ac, b: &bc, scale: 1.5, dropout };
+            let lg = LoraRef { a: &ag, b: &bg, scale: 1.5, dropout };
+            let want = Cpu.linear_to(&xc, &wc, Some(&lc), prec).unwrap();
+            let got = be.linear_to(&xg, &wg, Some(&lg), prec).unwrap();
+            close(&be.download(&got).unwrap(), &want.data, HALF, &format!("LoRA linear {prec:?} {dropout:?}"));
+        }
+    }
+}
+
+pub fn affine_and_elementwise<B: Backend>(be: &B) {
+    let mut r = Rand::new(3);
+    let (m, k, n) = (19, 64, 3);
+    let x = r.vec(m * k, 1.0);
+    let w = r.vec(n * k, 0.5);
+    let bias = r.vec(n, 0.5);
+    let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+    let (wc, wg) = (Cpu.upload(&w, &[n, k]).unwrap(), be.upload(&w, &[n, k]).unwrap());
+    let (bc, bg) = (Cpu.upload(&bias, &[n]).unwrap(), be.upload(&bias, &[n]).unwrap());
+    let want = Cpu.affine(&xc, &wc, Some(&bc)).unwrap();
+    close(&be.download(&be.affine(&xg, &wg, Some(&bg)).unwrap()).unwrap(), &want.data, 1e-4, "affine");
+    let want = Cpu.affine(&xc, &wc, None).unwrap();
+    close(&be.download(&be.affine(&xg, &wg, None).unwrap()).unwrap(), &want.data, 1e-4, "affine without bias");
+
+    let y = r.vec(m * k, 1.0);
+    let (yc, yg) = (Cpu.upload(&y, &[m, k]).unwrap(), be.upload(&y, &[m, k]).unwrap());
+    let (mut ac, mut ag) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+    Cpu.add_assign(&mut ac, &yc).unwrap();
+    be.add_assign(&mut ag, &yg).unwrap();
+    Cpu.scale_assign(&mut ac, -0.75).unwrap();
+    be.scale_assign(&mut ag, -0.75).unwrap();
+    let bw = r.vec(k, 1.0);
+    Cpu.bias_add(&mut ac, &weight(&Cpu, &bw, &[k])).unwrap();
+    be.bias_add(&mut ag, &weight(be, &bw, &[k])).unwrap();
+    close(&be.download(&ag).unwrap(), &ac.data, F32, "add, scale, bias");
+    for act in [Activation::GeluErf, Activation::GeluNew, Activation::Tanh] {
+        let want = Cpu.activation(&xc, act).unwrap();
+        close(&be.download(&be.activation(&xg, act).unwrap()).unwrap(), &want.data, 1e-5, &format!("{act:?}"));
+    }
+    let want = Cpu.gated_gelu(&xc, &yc).unwrap();
+    close(&be.download(&be.gated_gelu(&xg, &yg).unwrap()).unwrap(), &want.data, HALF, "gated_gelu");
+}
+
+pub fn norms<B: Backend>(be: &B) {
+    let mut r = Rand::new(4);
+    for (rows, d) in [(5, 48), (33, 512), (2, 2048)] {
+        let x: Vec<f32> = r.vec(rows * d, 40.0);
+        let w = r.vec(d, 2.0);
+        let b = r.vec(d, 1.0);
+        let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
+        let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
+        let (bc, bg) = (weight(&Cpu, &b, &[d]), weight(be, &b, &[d]));
+        let want = Cpu.rms_norm(&xc, &wc, 1e-6).unwrap();
+        close(&be.download(&be.rms_norm(&xg, &wg, 1e-6).unwrap()).unwrap(), &want.data, HALF, "rms_norm");
+        let want = Cpu.layer_norm(&xc, &wc, &bc, 1e-12).unwrap();
+        close(&be.download(&be.layer_norm(&xg, &wg, &bg, 1e-12).unwrap()).unwrap(), &want.data, 1e-5, "layer_norm");
+    }
+}
+
+/// One attention configuration on both backends.
+struct AttnCase {
+    b: usize,
+    lq: usize,
+    cap: usize,
+    kv_len: usize,
+    h: usize,
+    dk: usize,
+    causal: bool,
+    q_offset: usize,
+    /// Take the offset from a device counter, as a replayed decoding step does.
+    counter: bool,
+    lengths: Option<Vec<u32>>,
+    bias: Option<bool>,
+    scale: f32,
+}
+
+fn attention_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
+    let inner = c.h * c.dk;
+    let q = r.vec(c.b * c.lq * inner, 1.0);
+    let k = r.vec(c.b * c.cap * inner, 1.0);
+    let v = r.vec(c.b * c.cap * inner, 1.0);
+    let table = r.vec(32 * c.h, 2.0);
+    let (tc, tg) = (weight(&Cpu, &table, &[32, c.h]), weight(be, &table, &[32, c.h]));
+    let (cc, cg) =
+        (Cpu.upload_ids(&[c.q_offset as u32], &[1]).unwrap(), be.upload_ids(&[c.q_offset as u32], &[1]).unwrap());
+    let (off_c, off_g) = if c.counter {
+        (Position::Counter(&cc), Position::Counter(&cg))
+    } else {
+        (Position::At(c.q_offset), Position::At(c.q_offset))
+    };
+    let lens_c = c.lengths.as_ref().map(|l| Cpu.upload_ids(l, &[c.b]).unwrap());
+    let lens_g = c.lengths.as_ref().map(|l| be.upload_ids(l, &[c.b]).unwrap());
+    let spec_c = AttnSpec::<Cpu> {
+        heads: c.h,
+        d_kv: c.dk,
+        scale: c.scale,
+        kv_len: c.kv_len,
+        key_lengths: lens_c.as_ref(),
+        causal: c.causal,
+        q_offset: off_c,
+        bias: c.bias.map(|bidirectional| RelBias { table: &tc, bidirectional, num_buckets: 32, max_distance: 128 }),
+    };
+    let spec_g = AttnSpec::<B> {
+        heads: c.h,
+        d_kv: c.dk,
+        scale: c.scale,
+        kv_len: c.kv_len,
+        key_lengths: lens_g.as_ref(),
+        causal: c.causal,
+        q_offset: off_g,
+        bias: c.bias.map(|bidirectional| RelBias { table: &tg, bidirectional, num_buckets: 32, max_distance: 128 }),
+    };
+    let qs = [c.b, c.lq, inner];
+    let ks = [c.b, c.cap, inner];
+    let want = Cpu
+        .attention(&Cpu.upload(&q, &qs).unwrap(), &Cpu.upload(&k, &ks).unwrap(), &Cpu.upload(&v, &ks).unwrap(), &spec_c)
+        .unwrap();
+    let got = be
+        .attention(&be.upload(&q, &qs).unwrap(), &be.upload(&k, &ks).unwrap(), &be.upload(&v, &ks).unwrap(), &spec_g)
+        .unwrap();
+    close(&be.download(&got).unwrap(), &want.data, 3e-3, what);
+}
+
+pub fn attention<B: Backend>(be: &B) {
+    let mut r = Rand::new(5);
+    let cases = [
+        // encoder: bidirectional bias, padded keys, more queries than one tile
+        (
+            "encoder",
+            AttnCase {
+                b: 3,
+                lq: 150,
+                cap: 150,
+                kv_len: 150,
+                h: 4,
+                dk: 64,
+                causal: false,
+                q_offset: 0,
+                counter: false,
+                lengths: Some(vec![150, 77, 1]),
+                bias: Some(true),
+                scale: 1.0,
+            },
+        ),
+        // teacher-forced decoder: causal bias
+        (
+            "decoder prefill",
+            AttnCase {
+                b: 2,
+                lq: 70,
+                cap: 70,
+                kv_len: 70,
+                h: 2,
+                dk: 64,
+                causal: true,
+                q_offset: 0,
+                counter: false,
+                lengths: None,
+                bias: Some(false),
+                scale: 1.0,
+            },
+        ),
+        // one decoding step against a cache with spare capacity
+        (
+            "decode step",
+            AttnCase {
+                b: 5,
+                lq: 1,
+                cap: 64,
+                kv_len: 40,
+                h: 12,
+                dk: 64,
+                causal: true,
+                q_offset: 39,
+                counter: false,
+                lengths: None,
+                bias: Some(false),
+                scale: 1.0,
+            },
+        ),
+        // the same step with its position in a device counter
+        (
+            "decode step, counter",
+            AttnCase {
+                b: 5,
+                lq: 1,
+                cap: 64,
+                kv_len: 64,
+                h: 12,
+                dk: 64,
+                causal: true,
+                q_offset: 39,
+                counter: true,
+                lengths: None,
+                bias: Some(false),
+                scale: 1.0,
+            },
+        ),
+        // cross-attention: no bias, padded encoder keys, many keys
+        (
+            "cross",
+            AttnCase {
+                b: 4,
+                lq: 1,
+                cap: 300,
+                kv_len: 300,
+                h: 6,
+                dk: 64,
+                causal: false,
+                q_offset: 0,
+                counter: false,
+                lengths: Some(vec![300, 200, 3, 150]),
+                bias: None,
+                scale: 1.0,
+            },
+        ),
+        // an odd head size and BERT's scaling
+        (
+            "odd d_kv, scaled",
+            AttnCase {
+                b: 2,
+                lq: 9,
+                cap: 9,
+                kv_len: 9,
+                h: 3,
+                dk: 20,
+                causal: false,
+                q_offset: 0,
+                counter: false,
+                lengths: Some(vec![9, 4]),
+                bias: None,
+                scale: 0.2236,
+            },
+        ),
+        (
+            "d_kv 128",
+            AttnCase {
+                b: 1,
+                lq: 66,
+                cap: 66,
+                kv_len: 66,
+                h: 2,
+                dk: 128,
+                causal: true,
+                q_offset: 0,
+                counter: false,
+                lengths: None,
+                bias: Some(false),
+                scale: 1.0,
+            },
+        ),
+    ];
+    for (what, c) in &cases {
+        attention_case(be, &mut r, c, what);
+    }
+}
+
+pub fn kv_writes_and_copies<B: Backend>(be: &B) {
+    let mut r = Rand::new(6);
+    let (b, cap, d, n) = (3, 10, 16, 4);
+    let src = r.vec(b * n * d, 1.0);
+    for prec in [Prec::F32, Prec::Half] {
+        let (mut dc, mut dg) = (Cpu.zeros_as(&[b, cap, d], prec).unwrap(), be.zeros_as(&[b, cap, d], prec).unwrap());
+        Cpu.write_rows(&mut dc, &Cpu.upload(&src, &[b, n, d]).unwrap(), Position::At(5)).unwrap();
+        be.write_rows(&mut dg, &be.upload(&src, &[b, n, d]).unwrap(), Position::At(5)).unwrap();
+        let mut counter = be.upload_ids(&[1], &[1]).unwrap();
+        be.advance(&mut counter, 1).unwrap();
+        let mut cc = Cpu.upload_ids(&[2], &[1]).unwrap();
+        Cpu.write_rows(&mut dc, &Cpu.upload(&src[..b * d], &[b, 1, d]).unwrap(), Position::Counter(&cc)).unwrap();
+        be.write_rows(&mut dg, &be.upload(&src[..b * d], &[b, 1, d]).unwrap(), Position::Counter(&counter)).unwrap();
+        close(&be.download(&dg).unwrap(), &dc.data, HALF, &format!("write_rows into {prec:?}"));
+        let ids: Vec<u32> = (0..b as u32 * 2).collect();
+        let (mut ic, mut ig) = (
+            Cpu.upload_ids(&vec![0; b * cap], &[b, cap]).unwrap(),
+            be.upload_ids(&vec![0; b * cap], &[b, cap]).unwrap(),
+        );
+        Cpu.advance(&mut cc, 3).unwrap();
+        be.advance(&mut counter, 3).unwrap();
+        Cpu.write_ids(&mut ic, &Cpu.upload_ids(&ids, &[b, 2]).unwrap(), Position::Counter(&cc)).unwrap();
+        be.write_ids(&mut ig, &be.upload_ids(&ids, &[b, 2]).unwrap(), Position::Counter(&counter)).unwrap();
+        assert_eq!(be.download_ids(&ig).unwrap(), ic.data, "write_ids at a counter");
+        assert_eq!(ic.data[5..7], [0, 1], "the counter moved to 5");
+    }
+    let (mut dc, mut dg) = (Cpu.zeros(&[50]).unwrap(), be.zeros(&[50]).unwrap());
+    let s = r.vec(7, 1.0);
+    Cpu.copy_into(&mut dc, 31, &Cpu.upload(&s, &[7]).unwrap()).unwrap();
+    be.copy_into(&mut dg, 31, &be.upload(&s, &[7]).unwrap()).unwrap();
+    close(&be.download(&dg).unwrap(), &dc.data, F32, "copy_into");
+}
+
+pub fn log_softmax_and_token_choice<B: Backend>(be: &B) {
+    let mut r = Rand::new(7);
+    let (rows, v) = (64, 32128);
+    let logits = r.vec(rows * v, 6.0);
+    let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+    close(
+        &be.download(&be.log_softmax(&lg).unwrap()).unwrap(),
+        &Cpu.log_softmax(&lc).unwrap().data,
+        1e-5,
+        "log_softmax",
+    );
+    let streams: Vec<u32> = (100..100 + rows as u32).collect();
+    let (sc, sg) = (Cpu.upload_ids(&streams, &[rows]).unwrap(), be.upload_ids(&streams, &[rows]).unwrap());
+    let specs = [
+        SampleSpec { greedy: true, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1, eos: 1, pad: 0, min_new_tokens: 0 },
+        SampleSpec {
+            greedy: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 2,
+            eos: 1,
+            pad: 0,
+            min_new_tokens: 0,
+        },
+        SampleSpec {
+            greedy: false,
+            temperature: 0.7,
+            top_k: 50,
+            top_p: 1.0,
+            seed: 3,
+            eos: 1,
+            pad: 0,
+            min_new_tokens: 5,
+        },
+        SampleSpec {
+            greedy: false,
+            temperature: 1.3,
+            top_k: 0,
+            top_p: 0.9,
+            seed: 4,
+            eos: 1,
+            pad: 0,
+            min_new_tokens: 0,
+        },
+        SampleSpec {
+            greedy: false,
+            temperature: 1.0,
+            top_k: 200,
+            top_p: 0.5,
+            seed: 5,
+            eos: 1,
+            pad: 0,
+            min_new_tokens: 0,
+        },
+    ];
+    for spec in &specs {
+        for step in [0, 7] {
+            let finished: Vec<u32> = (0..rows as u32).map(|i| (i % 9 == 4) as u32).collect();
+            let (mut fc, mut fg) =
+                (Cpu.upload_ids(&finished, &[rows]).unwrap(), be.upload_ids(&finished, &[rows]).unwrap());
+            let (mut tc, mut tg) = (
+                Cpu.upload_ids(&vec![9; rows], &[rows, 1]).unwrap(),
+                be.upload_ids(&vec![9; rows], &[rows, 1]).unwrap(),
+            );
+            let (mut pc, mut pg) = (Cpu.zeros(&[rows]).unwrap(), be.zeros(&[rows]).unwrap());
+            let counter = be.upload_ids(&[step as u32], &[1]).unwrap();
+            Cpu.select_tokens(&lc, spec, Position::At(step), &sc, &mut fc, &mut tc, &mut pc).unwrap();
+            be.select_tokens(&lg, spec, Position::Counter(&counter), &sg, &mut fg, &mut tg, &mut pg).unwrap();
+            let (tw, tgot) = (tc.data.clone(), be.download_ids(&tg).unwrap());
+            // The draw inverts a CDF summed in another order on each backend: a token at a
+            // boundary may flip, but almost all must agree, and greedy exactly.
+            let same = tw.iter().zip(&tgot).filter(|(a, b)| a == b).count();
+            let need = if spec.greedy { rows } else { rows - 1 };
+            if same < need {
+                // Say which side is off: is the GPU's token even in the CPU's candidate set?
+                for (i, (a, b)) in tw.iter().zip(&tgot).enumerate().filter(|(_, (a, b))| a != b) {
+                    let raw = &logits[i * v..(i + 1) * v];
+                    let greedy = SampleSpec { greedy: true, ..*spec };
+                    eprintln!(
+                        "row {i}: cpu {a} gpu {b}; logit cpu-token {} gpu-token {} argmax {}",
+                        raw[*a as usize],
+                        raw[*b as usize],
+                        detox::backend::cpu::choose_token(raw, &greedy, 0, step as u64)
+                    );
+                }
+            }
+            assert!(same >= need, "{spec:?} step {step}: {same}/{rows} tokens agree");
+            let lp = be.download(&pg).unwrap();
+            for (i, (&t, &l)) in tgot.iter().zip(&lp).enumerate() {
+                if tw[i] == t {
+                    assert!((l - pc.data[i]).abs() < 1e-4, "log-prob of row {i}");
+                }
+                if finished[i] != 0 {
+                    assert_eq!((t, l), (0, 0.0), "finished rows get pad");
+                }
+                if step < spec.min_new_tokens {
+                    assert_ne!(t, 1, "EOS is suppressed before min_new_tokens");
+                }
+            }
+            assert_eq!(be.download_ids(&fg).unwrap(), fc.data, "finished flags");
+        }
+    }
+}

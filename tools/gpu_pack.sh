@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Packs what one GPU-machine run needs into .carry/ (git-ignored; name it in the device tool's
+# `carry`): the release `detox` binary, the GPU test binary, and the parts of ../shared the run
+# reads. The GPU machine has no Rust and no network, and ../shared does not travel.
+#   tools/gpu_pack.sh [shared paths…]   e.g. tools/gpu_pack.sh tokenizers/t5 data/samsum/test.jsonl
+# There: DETOX_ROOT=$PWD DETOX_SHARED=$PWD/.carry/shared .carry/bin/gpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .carry && mkdir -p .carry/bin .carry/shared
+cargo build --release --quiet
+cargo test --release --no-run --quiet --test gpu 2>/dev/null
+gpu_test=$(cargo test --release --no-run --test gpu 2>&1 | sed -n 's/.*Executable tests\/gpu.rs (\(.*\))/\1/p')
+cp target/release/detox .carry/bin/detox
+cp "$gpu_test" .carry/bin/gpu
+strip .carry/bin/*
+for p in "$@"; do
+  mkdir -p ".carry/shared/$(dirname "$p")"
+  cp -r "../shared/$p" ".carry/shared/$p"
+done
+du -sh .carry
