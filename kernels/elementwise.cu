@@ -116,3 +116,28 @@ extern "C" __global__ void write_ids(uint32_t* dst, const uint32_t* src, int b, 
 extern "C" __global__ void advance(uint32_t* counter, uint32_t n) {
     if (threadIdx.x == 0 && blockIdx.x == 0) *counter += n;
 }
+
+// Inverted dropout of a half tensor with the shared counter RNG (the mask the CPU draws for the same
+// flat element index).
+extern "C" __global__ void dropout_f16(const __half* x, __half* y, long n, float p, u64 seed, u64 stream) {
+    float keep_scale = 1.f / (1.f - p);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = dropout_keep(p, seed, stream, (u64)i) ? __float2half_rn(__half2float(x[i]) * keep_scale) : __float2half_rn(0.f);
+}
+
+// y[m, n] = x[m, k] · w[n, k]ᵀ (+ b) for a handful of outputs (the value head), one warp per
+// output element: a library product for n = 1 would waste almost all of its tile.
+template <typename T>
+__device__ void affine_narrow(const T* x, const float* w, const float* b, float* y, int m, int k, int n) {
+    long warps = (long)gridDim.x * blockDim.x / 32;
+    for (long o = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32; o < (long)m * n; o += warps) {
+        long row = o / n;
+        int col = o % n, lane = threadIdx.x % 32;
+        float s = 0.f;
+        for (int i = lane; i < k; i += 32) s += to_f(x[row * k + i]) * w[(long)col * k + i];
+        s = warp_sum(s);
+        if (lane == 0) y[o] = s + (b ? b[col] : 0.f);
+    }
+}
+extern "C" __global__ void affine_narrow_f32(const float* x, const float* w, const float* b, float* y, int m, int k, int n) { affine_narrow(x, w, b, y, m, k, n); }
+extern "C" __global__ void affine_narrow_f16(const __half* x, const float* w, const float* b, float* y, int m, int k, int n) { affine_narrow(x, w, b, y, m, k, n); }

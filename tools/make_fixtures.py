@@ -235,7 +235,7 @@ def main():
                          relative_attention_max_distance=24),
                     style="tf5", dtype=torch.bfloat16, shards=1,
                     lora_targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"], lora_r=3, lora_alpha=6,
-                    enc_lengths=[30, 12, 5, 19], dec_len=9, gen_tokens=12)
+                    enc_lengths=[30, 12, 5, 19], dec_len=9, gen_tokens=12, lora_b_std=0.2)
     make_t5_fixture("sharded_f16", 3,
                     dict(vocab_size=256, d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=2,
                          num_decoder_layers=3, relative_attention_num_buckets=32,

@@ -259,6 +259,17 @@ impl Backend for Cpu {
         CpuTensor::new(y, &out_shape(&x.shape, n))
     }
 
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<&LoraRef<'_, Self>>,
+        acc: &mut Self::Tensor,
+    ) -> Result<()> {
+        let y = self.linear_to(x, w, lora, Prec::F32)?;
+        self.add_assign(acc, &y)
+    }
+
     fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
         let (m, k) = x.rows_cols();
         let (n, wk) = w.rows_cols();
@@ -553,21 +564,22 @@ pub fn choose_token(raw: &[f32], spec: &SampleSpec, row: u64, step: u64) -> usiz
     // Sums in f64: over 32k terms an f32 running sum drifts by a sizeable part of one token's
     // probability, and the GPU, which sums in another order, would then draw other tokens.
     if spec.top_p < 1.0 {
-        // Hugging Face drops the tokens whose ascending cumulative probability is ≤ 1 − top_p,
-        // keeping at least the most likely one.
+        // Keep the most likely tokens until their mass reaches top_p, as Hugging Face does, and
+        // every token tied with the last one kept (a sort would break ties arbitrarily).
         let total: f64 = p.iter().map(|&x| x as f64).sum();
-        let mut order: Vec<usize> = (0..p.len()).collect();
-        order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)));
+        let mut sorted = p.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let need = spec.top_p as f64 * total;
         let mut cum = 0.0f64;
-        let threshold = 1.0 - spec.top_p as f64;
-        for &i in &order[..order.len() - 1] {
-            cum += p[i] as f64 / total;
-            if cum <= threshold {
-                p[i] = 0.0;
-            } else {
+        let mut threshold = sorted[0];
+        for &v in &sorted {
+            cum += v as f64;
+            threshold = v;
+            if cum >= need {
                 break;
             }
         }
+        p.iter_mut().filter(|x| **x < threshold).for_each(|x| *x = 0.0);
     }
     let total: f64 = p.iter().map(|&x| x as f64).sum();
     let u = uniform(spec.seed, row, step) as f64 * total;

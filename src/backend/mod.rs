@@ -164,6 +164,14 @@ pub trait Backend: Sized + Send + Sync {
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor> {
         self.linear_to(x, w, lora, Prec::F32)
     }
+    /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<&LoraRef<'_, Self>>,
+        acc: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
     fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
     /// `x += bias` on every row (`bias` has the last dimension's size).

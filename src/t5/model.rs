@@ -178,20 +178,31 @@ impl<B: Backend> T5<B> {
         })
     }
 
-    fn lin(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
-        let lora = match (&l.lora, &self.lora) {
+    fn lora_of<'a>(&'a self, l: &'a Linear<B>, f: Fwd) -> Option<LoraRef<'a, B>> {
+        match (&l.lora, &self.lora) {
             (Some(p), Some(s)) if f.lora => Some(LoraRef { a: &p.a, b: &p.b, scale: s.scale(), dropout: None }),
             _ => None,
-        };
+        }
+    }
+
+    fn lin(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
+        let lora = self.lora_of(l, f);
         be.linear_to(x, &l.weight, lora.as_ref(), out)
     }
 
-    fn feed_forward(&self, be: &B, x: &B::Tensor, ff: &DenseReluDense<B>, f: Fwd) -> Result<B::Tensor> {
+    /// `acc += lin(x)`: the output projections add straight into the fp32 residual stream.
+    fn lin_add(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd, acc: &mut B::Tensor) -> Result<()> {
+        let lora = self.lora_of(l, f);
+        be.linear_add(x, &l.weight, lora.as_ref(), acc)
+    }
+
+    /// `h += wo(gelu_new(wi_0 x) · wi_1 x)`. wo's output joins the fp32 residual stream directly:
+    /// producing it in fp16 is what overflows in T5 v1.1.
+    fn feed_forward(&self, be: &B, x: &B::Tensor, ff: &DenseReluDense<B>, f: Fwd, h: &mut B::Tensor) -> Result<()> {
         let gate = self.lin(be, x, &ff.wi_0, f, Prec::F32)?;
         let up = self.lin(be, x, &ff.wi_1, f, Prec::F32)?;
-        let h = be.gated_gelu(&gate, &up)?;
-        // wo's output joins the fp32 residual stream: producing it in fp16 is what overflows in T5 v1.1.
-        self.lin(be, &h, &ff.wo, f, Prec::F32)
+        let inner = be.gated_gelu(&gate, &up)?;
+        self.lin_add(be, &inner, &ff.wo, f, h)
     }
 
     fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
@@ -226,9 +237,9 @@ impl<B: Backend> T5<B> {
                 bias: Some(self.rel_bias(table, true)),
             };
             let ctx = be.attention(&q, &k, &v, &spec)?;
-            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f, Prec::F32)?)?;
+            self.lin_add(be, &ctx, &a.o, f, &mut h)?;
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
-            be.add_assign(&mut h, &self.feed_forward(be, &x, &block.ff, f)?)?;
+            self.feed_forward(be, &x, &block.ff, f, &mut h)?;
         }
         be.rms_norm(&h, &self.encoder.final_layer_norm, c.layer_norm_epsilon)
     }
@@ -301,7 +312,7 @@ impl<B: Backend> T5<B> {
                 bias: Some(self.rel_bias(table, false)),
             };
             let ctx = be.attention(&q, &cache.self_k[i], &cache.self_v[i], &spec)?;
-            be.add_assign(&mut h, &self.lin(be, &ctx, &a.o, f, Prec::F32)?)?;
+            self.lin_add(be, &ctx, &a.o, f, &mut h)?;
 
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
             let x = be.rms_norm(&h, ca_norm, c.layer_norm_epsilon)?;
@@ -317,10 +328,10 @@ impl<B: Backend> T5<B> {
                 bias: None,
             };
             let ctx = be.attention(&q, &cache.cross_k[i], &cache.cross_v[i], &spec)?;
-            be.add_assign(&mut h, &self.lin(be, &ctx, &ca.o, f, Prec::F32)?)?;
+            self.lin_add(be, &ctx, &ca.o, f, &mut h)?;
 
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
-            be.add_assign(&mut h, &self.feed_forward(be, &x, &block.ff, f)?)?;
+            self.feed_forward(be, &x, &block.ff, f, &mut h)?;
         }
         be.advance(&mut cache.pos, n as u32)?;
         be.rms_norm(&h, &self.decoder.final_layer_norm, c.layer_norm_epsilon)

@@ -82,6 +82,16 @@ pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
             close(&be.download(&got).unwrap(), &want.data, HALF, &format!("LoRA linear {prec:?} {dropout:?}"));
         }
     }
+    // Accumulating into an f32 residual, with and without the adapter.
+    let acc0 = r.vec(m * n, 1.0);
+    for with_lora in [false, true] {
+        let (mut acc_c, mut acc_g) = (Cpu.upload(&acc0, &[m, n]).unwrap(), be.upload(&acc0, &[m, n]).unwrap());
+        let lc = LoraRef { a: &ac, b: &bc, scale: 0.5, dropout: None };
+        let lg = LoraRef { a: &ag, b: &bg, scale: 0.5, dropout: None };
+        Cpu.linear_add(&xc, &wc, with_lora.then_some(&lc), &mut acc_c).unwrap();
+        be.linear_add(&xg, &wg, with_lora.then_some(&lg), &mut acc_g).unwrap();
+        close(&be.download(&acc_g).unwrap(), &acc_c.data, HALF, &format!("linear_add, LoRA {with_lora}"));
+    }
 }
 
 pub fn affine_and_elementwise<B: Backend>(be: &B) {
@@ -289,6 +299,11 @@ pub fn attention<B: Backend>(be: &B) {
                 bias: None,
                 scale: 1.0,
             },
+        ),
+        // teacher-forced decoding continued after a prefix, head size 32 (the tensor-core kernel)
+        (
+            "causal continuation, d_kv 32",
+            AttnCase { b: 2, lq: 80, cap: 100, kv_len: 100, h: 3, dk: 32, causal: true, q_offset: 20, counter: false, lengths: None, bias: Some(false), scale: 0.5 },
         ),
         // an odd head size and BERT's scaling
         (

@@ -167,6 +167,57 @@ impl Cuda {
         }
     }
 
+    /// A fresh half copy of f32 values (LoRA matrices are f32 masters; the products read half).
+    fn half_copy(&self, t: &CudaTensor) -> Result<CudaSlice<f16>> {
+        let Buf::F32(src) = &t.buf else { bail!("expected an f32 tensor") };
+        let n = t.numel();
+        let out = self.gpu.alloc::<f16>(n)?;
+        self.gpu.launch("cast_f32_f16", elementwise(n), &[&self.gpu.ptr(src), &self.gpu.ptr(&out), &(n as i64)])?;
+        Ok(out)
+    }
+
+    /// `y (+)= x · wᵀ + scale · dropout(x) · Aᵀ · Bᵀ`, every product on the tensor cores: the
+    /// low-rank branch as two thin products, the second accumulating into y.
+    fn product(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        lora: Option<&LoraRef<'_, Self>>,
+        y: &mut CudaTensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (m, k) = x.rows_cols();
+        let (n, wk) = w.rows_cols();
+        ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
+        ensure!(y.rows_cols() == (m, n), "linear: output {:?} does not fit {m}×{n}", y.shape);
+        let xh = self.as_half(x)?;
+        let yout = if matches!(y.buf, Buf::F32(_)) { Elem::F32 } else { Elem::F16 };
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let yp = self.ptr_t(y);
+        self.gemm.nt(&self.gpu, self.gpu.ptr(&xh), self.gpu.ptr(&w.buf), yp, m, k, n, Elem::F16, yout, 1.0, beta)?;
+        let Some(l) = lora else { return Ok(()) };
+        let r = l.a.shape[0];
+        ensure!(l.a.shape == [r, k] && l.b.shape == [n, r], "LoRA shapes {:?} / {:?}", l.a.shape, l.b.shape);
+        let (a16, b16) = (self.half_copy(l.a)?, self.half_copy(l.b)?);
+        let dropped;
+        let xin = match l.dropout {
+            Some(d) if d.p > 0.0 => {
+                let out = self.gpu.alloc::<f16>(m * k)?;
+                self.gpu.launch(
+                    "dropout_f16",
+                    elementwise(m * k),
+                    &[&self.gpu.ptr(&xh), &self.gpu.ptr(&out), &((m * k) as i64), &d.p, &d.seed, &d.stream],
+                )?;
+                dropped = out;
+                &dropped
+            }
+            _ => xh.as_ref(),
+        };
+        let h = self.gpu.alloc::<f16>(m * r)?;
+        self.gemm.nt(&self.gpu, self.gpu.ptr(xin), self.gpu.ptr(&a16), self.gpu.ptr(&h), m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
+        self.gemm.nt(&self.gpu, self.gpu.ptr(&h), self.gpu.ptr(&b16), yp, m, r, n, Elem::F16, yout, 1.0, 1.0)
+    }
+
     fn bucket_lut(&self, bidirectional: bool, buckets: usize, max_distance: usize) -> Result<u64> {
         let mut luts = self.bucket_luts.lock().expect("bucket table lock");
         let key = (bidirectional, buckets, max_distance);
@@ -278,93 +329,50 @@ impl Backend for Cuda {
         lora: Option<&LoraRef<'_, Self>>,
         out: Prec,
     ) -> Result<Self::Tensor> {
-        let (m, k) = x.rows_cols();
-        let (n, wk) = w.rows_cols();
-        ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
-        let xh = self.as_half(x)?;
+        let (n, _) = w.rows_cols();
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rank ≥ 1") = n;
-        let y = self.empty(&shape, out)?;
-        let yout = if out == Prec::F32 { Elem::F32 } else { Elem::F16 };
-        self.gemm.nt(
-            &self.gpu,
-            self.gpu.ptr(&xh),
-            self.gpu.ptr(&w.buf),
-            self.ptr_t(&y),
-            m,
-            k,
-            n,
-            Elem::F16,
-            yout,
-            1.0,
-            0.0,
-        )?;
-        if let Some(l) = lora {
-            let r = l.a.shape[0];
-            ensure!(l.a.shape == [r, k] && l.b.shape == [n, r], "LoRA shapes {:?} / {:?}", l.a.shape, l.b.shape);
-            let (Buf::F32(a), Buf::F32(b)) = (&l.a.buf, &l.b.buf) else { bail!("LoRA matrices must be f32") };
-            let h = self.gpu.alloc::<f32>(m * r)?;
-            let (p, seed, stream) = l.dropout.map(|d| (d.p, d.seed, d.stream)).unwrap_or((0.0, 0, 0));
-            let cfg =
-                LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (k * 4) as u32 };
-            self.gpu.launch(
-                &format!("lora_down_{}", Self::suffix(x)),
-                cfg,
-                &[
-                    &self.ptr_t(x),
-                    &self.gpu.ptr(a),
-                    &self.gpu.ptr(&h),
-                    &(k as i32),
-                    &(r as i32),
-                    &l.scale,
-                    &p,
-                    &seed,
-                    &stream,
-                ],
-            )?;
-            let cfg = LaunchConfig {
-                grid_dim: (m as u32, n.div_ceil(128) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: (r * 4) as u32,
-            };
-            self.gpu.launch(
-                &format!("lora_up_{}", Self::suffix(&y)),
-                cfg,
-                &[&self.gpu.ptr(&h), &self.gpu.ptr(b), &self.ptr_t(&y), &(r as i32), &(n as i32)],
-            )?;
-        }
+        let mut y = self.empty(&shape, out)?;
+        self.product(x, w, lora, &mut y, false)?;
         Ok(y)
     }
 
-    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: Option<&LoraRef<'_, Self>>,
+        acc: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.product(x, w, lora, acc, true)
+    }
+
+    fn affine(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
         let (m, k) = x.rows_cols();
         let (n, wk) = w.rows_cols();
         ensure!(k == wk, "affine: input has {k} features, weight {:?} expects {wk}", w.shape);
-        let x32 = match &x.buf {
-            Buf::F32(_) => None,
-            Buf::F16(s) => {
-                let out = self.gpu.alloc::<f32>(m * k)?;
-                self.gpu.launch(
-                    "cast_f16_f32",
-                    elementwise(m * k),
-                    &[&self.gpu.ptr(s), &self.gpu.ptr(&out), &((m * k) as i64)],
-                )?;
-                Some(out)
-            }
+        if let Some(b) = bias {
+            ensure!(b.numel() == n, "affine: bias has {} values for {n} outputs", b.numel());
+        }
+        let (Buf::F32(wb), Some(Buf::F32(_)) | None) = (&w.buf, bias.map(|b| &b.buf)) else {
+            bail!("affine expects f32 weights and bias")
         };
-        let xp = x32.as_ref().map(|s| self.gpu.ptr(s)).unwrap_or_else(|| self.ptr_t(x));
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rank ≥ 1") = n;
         let y = self.empty(&shape, Prec::F32)?;
-        self.gemm.nt(&self.gpu, xp, self.ptr_t(w), self.ptr_t(&y), m, k, n, Elem::F32, Elem::F32, 1.0, 0.0)?;
-        if let Some(b) = bias {
-            ensure!(b.numel() == n, "affine: bias has {} values for {n} outputs", b.numel());
-            self.gpu.launch(
-                &format!("bias_add_f32_{}", Self::suffix(b)),
-                elementwise(m * n),
-                &[&self.ptr_t(&y), &self.ptr_t(b), &(m as i64), &(n as i32)],
-            )?;
-        }
+        let warps = m * n;
+        let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8).clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let bp = bias.map(|b| self.ptr_t(b)).unwrap_or(0);
+        self.gpu.launch(
+            &format!("affine_narrow_{}", Self::suffix(x)),
+            cfg,
+            &[&self.ptr_t(x), &self.gpu.ptr(wb), &bp, &self.ptr_t(&y), &(m as i32), &(k as i32), &(n as i32)],
+        )?;
         Ok(y)
     }
 
@@ -513,24 +521,19 @@ impl Backend for Cuda {
         let out = self.empty(&q.shape, Prec::Half)?;
         let (qp, kp, vp, op) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.ptr_t(&out));
         if lq <= 4 {
-            let threads = 128.max(dk.next_power_of_two()).min(1024);
-            let parts = threads / dk;
-            let smem = (dk + k.shape[1] + parts * dk) * 4;
+            let vec = dk % 8 == 0;
+            let width = if vec { dk / 8 } else { dk };
+            let groups = 128 / width;
+            let smem = (dk + k.shape[1] + groups * dk) * 4;
             ensure!(smem <= 48 * 1024, "attention: {} keys exceed the decode kernel's shared memory", k.shape[1]);
-            let cfg = LaunchConfig {
-                grid_dim: (h as u32, b as u32, lq as u32),
-                block_dim: (threads as u32, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            self.gpu.launch("attention_decode_f16", cfg, &[&qp, &kp, &vp, &op, &params])?;
+            let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, lq as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+            let name = if vec { "attention_decode_vec" } else { "attention_decode_scalar" };
+            self.gpu.launch(name, cfg, &[&qp, &kp, &vp, &op, &params])?;
+        } else if dk == 64 || dk == 32 {
+            let cfg = LaunchConfig { grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
         } else {
-            let dk_tile = if dk <= 32 {
-                32
-            } else if dk <= 64 {
-                64
-            } else {
-                128
-            };
+            let dk_tile = if dk <= 32 { 32 } else if dk <= 64 { 64 } else { 128 };
             let cfg = LaunchConfig {
                 grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
                 block_dim: (64, 1, 1),
