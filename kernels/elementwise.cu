@@ -58,15 +58,6 @@ __device__ void activation(const T* x, float* y, long n, int act) {
 extern "C" __global__ void activation_f32(const float* x, float* y, long n, int act) { activation(x, y, n, act); }
 extern "C" __global__ void activation_f16(const __half* x, float* y, long n, int act) { activation(x, y, n, act); }
 
-// The FFN's inner activation, written in half: it only feeds the `wo` product.
-template <typename T>
-__device__ void gated_gelu(const T* gate, const T* up, __half* y, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        y[i] = __float2half_rn(gelu_new(to_f(gate[i])) * to_f(up[i]));
-}
-extern "C" __global__ void gated_gelu_f32(const float* g, const float* u, __half* y, long n) { gated_gelu(g, u, y, n); }
-extern "C" __global__ void gated_gelu_f16(const __half* g, const __half* u, __half* y, long n) { gated_gelu(g, u, y, n); }
-
 // Ids are validated on the host before upload and generated ones come from the vocabulary, so an
 // out-of-range id is clamped rather than read out of bounds.
 extern "C" __global__ void embedding(const __half* table, const uint32_t* ids, float* out, long n_ids, int d, int rows) {
@@ -141,3 +132,36 @@ __device__ void affine_narrow(const T* x, const float* w, const float* b, float*
 }
 extern "C" __global__ void affine_narrow_f32(const float* x, const float* w, const float* b, float* y, int m, int k, int n) { affine_narrow(x, w, b, y, m, k, n); }
 extern "C" __global__ void affine_narrow_f16(const __half* x, const float* w, const float* b, float* y, int m, int k, int n) { affine_narrow(x, w, b, y, m, k, n); }
+
+// Up to four consecutive column ranges of x [rows, d] into separate tensors, one pass: the pieces
+// of a stacked projection (q, k, v), without one launch per piece.
+struct SplitParams {
+    void* out[4];
+    int width[4];
+    int pieces;
+};
+template <typename T>
+__device__ void split_last(const T* x, SplitParams p, long rows, int d) {
+    long n = rows * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / d;
+        int c = i % d, piece = 0;
+        while (piece + 1 < p.pieces && c >= p.width[piece]) c -= p.width[piece++];
+        static_cast<T*>(p.out[piece])[r * p.width[piece] + c] = x[i];
+    }
+}
+extern "C" __global__ void split_last_f32(const float* x, SplitParams p, long rows, int d) { split_last(x, p, rows, d); }
+extern "C" __global__ void split_last_f16(const __half* x, SplitParams p, long rows, int d) { split_last(x, p, rows, d); }
+
+// gate_up [rows, 2f] (gate then up, from the stacked wi_0/wi_1 product) → gelu_new(gate)·up [rows, f].
+template <typename T>
+__device__ void gated_gelu_split(const T* gu, __half* y, long rows, int f) {
+    long n = rows * f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / f;
+        int c = i % f;
+        y[i] = __float2half_rn(gelu_new(to_f(gu[r * 2 * f + c])) * to_f(gu[r * 2 * f + f + c]));
+    }
+}
+extern "C" __global__ void gated_gelu_split_f32(const float* gu, __half* y, long rows, int f) { gated_gelu_split(gu, y, rows, f); }
+extern "C" __global__ void gated_gelu_split_f16(const __half* gu, __half* y, long rows, int f) { gated_gelu_split(gu, y, rows, f); }

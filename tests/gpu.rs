@@ -17,6 +17,7 @@ const BODIES: &[(&str, Body)] = &[
     ("ops::embedding_and_gather", ops::embedding_and_gather::<Cuda>),
     ("ops::linear_with_and_without_lora", ops::linear_with_and_without_lora::<Cuda>),
     ("ops::affine_and_elementwise", ops::affine_and_elementwise::<Cuda>),
+    ("ops::split_and_gated_gelu", ops::split_and_gated_gelu::<Cuda>),
     ("ops::norms", ops::norms::<Cuda>),
     ("ops::attention", ops::attention::<Cuda>),
     ("ops::kv_writes_and_copies", ops::kv_writes_and_copies::<Cuda>),

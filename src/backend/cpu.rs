@@ -228,21 +228,36 @@ impl Backend for Cpu {
         CpuTensor::new(out, &shape)
     }
 
-    fn linear_to(
+    fn linear_to(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>], _out: Prec) -> Result<Self::Tensor> {
+        let (m, _) = x.rows_cols();
+        let (n, _) = w.rows_cols();
+        let mut y = CpuTensor::new(vec![0.0; m * n], &out_shape(&x.shape, n))?;
+        self.linear_add(x, w, lora, &mut y)?;
+        Ok(y)
+    }
+
+    fn linear_add(
         &self,
         x: &Self::Tensor,
         w: &Self::Weight,
-        lora: Option<&LoraRef<'_, Self>>,
-        _out: Prec,
-    ) -> Result<Self::Tensor> {
+        lora: &[LoraRef<'_, Self>],
+        acc: &mut Self::Tensor,
+    ) -> Result<()> {
         let (m, k) = x.rows_cols();
         let (n, wk) = w.rows_cols();
         ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
-        let mut y = vec![0.0; m * n];
-        matmul_nt(&x.data, &w.data, &mut y, m, k, n, false);
-        if let Some(l) = lora {
+        ensure!(acc.rows_cols() == (m, n), "linear: output {:?} does not fit {m}×{n}", acc.shape);
+        matmul_nt(&x.data, &w.data, &mut acc.data, m, k, n, true);
+        for l in lora {
             let r = l.a.shape[0];
-            ensure!(l.a.shape == [r, k] && l.b.shape == [n, r], "LoRA shapes {:?} / {:?}", l.a.shape, l.b.shape);
+            let out = l.b.shape[0];
+            ensure!(
+                l.a.shape == [r, k] && l.b.shape == [out, r] && l.col + out <= n,
+                "LoRA shapes {:?} / {:?} at column {} do not fit {n} outputs",
+                l.a.shape,
+                l.b.shape,
+                l.col
+            );
             let xd;
             let xin = match &l.dropout {
                 Some(d) if d.p > 0.0 => {
@@ -254,20 +269,31 @@ impl Backend for Cpu {
             let mut h = vec![0.0; m * r];
             matmul_nt(xin, &l.a.data, &mut h, m, k, r, false);
             h.iter_mut().for_each(|v| *v *= l.scale);
-            matmul_nt(&h, &l.b.data, &mut y, m, r, n, true);
+            let mut delta = vec![0.0; m * out];
+            matmul_nt(&h, &l.b.data, &mut delta, m, r, out, false);
+            for (row, d) in acc.data.chunks_mut(n).zip(delta.chunks(out)) {
+                row[l.col..l.col + out].iter_mut().zip(d).for_each(|(y, d)| *y += d);
+            }
         }
-        CpuTensor::new(y, &out_shape(&x.shape, n))
+        Ok(())
     }
 
-    fn linear_add(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: Option<&LoraRef<'_, Self>>,
-        acc: &mut Self::Tensor,
-    ) -> Result<()> {
-        let y = self.linear_to(x, w, lora, Prec::F32)?;
-        self.add_assign(acc, &y)
+    fn matmul_copy(&self, _t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+
+    fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>> {
+        let (rows, d) = x.rows_cols();
+        ensure!(widths.iter().sum::<usize>() == d, "split_last: widths {widths:?} do not add up to {d}");
+        let mut col = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let data: Vec<f32> = (0..rows).flat_map(|r| x.data[r * d + col..r * d + col + w].iter().copied()).collect();
+                col += w;
+                CpuTensor::new(data, &out_shape(&x.shape, w))
+            })
+            .collect()
     }
 
     fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
@@ -349,10 +375,12 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn gated_gelu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
-        ensure!(gate.shape == up.shape, "gated_gelu: shapes {:?} and {:?} differ", gate.shape, up.shape);
-        let y = gate.data.iter().zip(&up.data).map(|(g, u)| gelu_new(*g) * u).collect();
-        CpuTensor::new(y, &gate.shape)
+    fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+        let (_, d2) = gate_up.rows_cols();
+        ensure!(d2 % 2 == 0, "gated_gelu: last dimension {d2} is not gate and up halves");
+        let f = d2 / 2;
+        let y = gate_up.data.chunks(d2.max(1)).flat_map(|r| (0..f).map(move |i| gelu_new(r[i]) * r[f + i])).collect();
+        CpuTensor::new(y, &out_shape(&gate_up.shape, f))
     }
 
     fn attention(

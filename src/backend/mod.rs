@@ -34,13 +34,18 @@ pub struct Dropout {
     pub stream: u64,
 }
 
-/// The low-rank branch of a LoRA linear layer: `y += scale · B(A(dropout(x)))`.
+/// The low-rank branch of one LoRA module: `y[:, col..col + out] += scale · B(A(dropout(x)))`. A
+/// product may carry several, one per module whose rows its weight stacks.
 pub struct LoraRef<'a, B: Backend> {
     /// `[r, in]`
     pub a: &'a B::Tensor,
     /// `[out, r]`
     pub b: &'a B::Tensor,
+    /// a and b as `Backend::matmul_copy` made them, if it did.
+    pub shadow: Option<(&'a B::Tensor, &'a B::Tensor)>,
     pub scale: f32,
+    /// First output column of this module.
+    pub col: usize,
     pub dropout: Option<Dropout>,
 }
 
@@ -154,14 +159,9 @@ pub trait Backend: Sized + Send + Sync {
     /// `table[ids]`: `[..ids] → [..ids, d]`.
     fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
     /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
-    fn linear_to(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: Option<&LoraRef<'_, Self>>,
-        out: Prec,
-    ) -> Result<Self::Tensor>;
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: Option<&LoraRef<'_, Self>>) -> Result<Self::Tensor> {
+    fn linear_to(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>], out: Prec)
+    -> Result<Self::Tensor>;
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Tensor> {
         self.linear_to(x, w, lora, Prec::F32)
     }
     /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
@@ -169,9 +169,15 @@ pub trait Backend: Sized + Send + Sync {
         &self,
         x: &Self::Tensor,
         w: &Self::Weight,
-        lora: Option<&LoraRef<'_, Self>>,
+        lora: &[LoraRef<'_, Self>],
         acc: &mut Self::Tensor,
     ) -> Result<()>;
+    /// A copy of trainable values in the precision this backend's products read, or None when
+    /// they read the f32 values themselves (made once per update, not once per product).
+    fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>>;
+    /// Splits the last dimension into consecutive pieces of the given widths (the outputs of a
+    /// stacked projection), each keeping the input's precision.
+    fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
     /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
     fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
     /// `x += bias` on every row (`bias` has the last dimension's size).
@@ -188,8 +194,9 @@ pub trait Backend: Sized + Send + Sync {
     fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
     /// `x += y`, same shapes.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `gelu_new(gate) · up`; it only feeds `wo`, so a backend may store it in half.
-    fn gated_gelu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
+    /// `wo`, so a backend may store it in half.
+    fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
     /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
     /// projection, so a backend may store it in half).
     fn attention(

@@ -172,7 +172,7 @@ impl<B: Backend> SequenceClassifier<B> {
 }
 
 fn dense<B: Backend>(be: &B, x: &B::Tensor, d: &Dense<B>) -> Result<B::Tensor> {
-    let mut y = be.linear(x, &d.weight, None)?;
+    let mut y = be.linear(x, &d.weight, &[])?;
     be.bias_add(&mut y, &d.bias)?;
     Ok(y)
 }

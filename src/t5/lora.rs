@@ -11,12 +11,15 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The trainable low-rank pair of one linear layer.
+/// The trainable low-rank pair of one linear module.
 pub struct LoraPair<B: Backend> {
     /// `lora_A.weight [r, in]`
     pub a: B::Tensor,
     /// `lora_B.weight [out, r]`
     pub b: B::Tensor,
+    /// a and b in the precision the backend's products read (`Backend::matmul_copy`), remade
+    /// whenever they change (`T5::refresh_lora`); None where the backend reads the f32 masters.
+    pub shadow: Option<(B::Tensor, B::Tensor)>,
 }
 
 /// Which modules a LoRA adapter covers: PEFT's suffix list, or one regular expression that must
@@ -153,18 +156,18 @@ impl<B: Backend> T5<B> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let r = settings.r;
         let mut count = 0;
-        for (path, lin) in self.linears_mut() {
-            if !settings.targets.matches(&path)? {
+        for (inp, part) in self.modules_mut() {
+            if !settings.targets.matches(&part.path)? {
                 continue;
             }
-            let (out, inp) = (lin.weight.shape()[0], lin.weight.shape()[1]);
             let bound = 1.0 / (inp as f32).sqrt();
             let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect();
-            lin.lora = Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.zeros(&[out, r])? });
+            part.lora = Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.zeros(&[part.out, r])?, shadow: None });
             count += 1;
         }
         ensure!(count > 0, "LoRA target_modules {:?} match no module of this T5", settings.targets);
         self.lora = Some(settings);
+        self.refresh_lora(be)?;
         Ok(count)
     }
 
@@ -182,18 +185,30 @@ impl<B: Backend> T5<B> {
         let ckpt = Checkpoint::open_file(&weights)?;
         let r = settings.r;
         let mut count = 0;
-        for (path, lin) in self.linears_mut() {
-            if !settings.targets.matches(&path)? {
+        for (inp, part) in self.modules_mut() {
+            if !settings.targets.matches(&part.path)? {
                 continue;
             }
-            let (out, inp) = (lin.weight.shape()[0], lin.weight.shape()[1]);
-            let a = ckpt.get_shaped(&peft_key(&path, "A"), &[r, inp])?.to_f32();
-            let b = ckpt.get_shaped(&peft_key(&path, "B"), &[out, r])?.to_f32();
-            lin.lora = Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.upload(&b, &[out, r])? });
+            let a = ckpt.get_shaped(&peft_key(&part.path, "A"), &[r, inp])?.to_f32();
+            let b = ckpt.get_shaped(&peft_key(&part.path, "B"), &[part.out, r])?.to_f32();
+            part.lora = Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.upload(&b, &[part.out, r])?, shadow: None });
             count += 1;
         }
         ensure!(count > 0, "{}: target_modules match no module of this T5", cfg_path.display());
         self.lora = Some(settings);
+        self.refresh_lora(be)
+    }
+
+    /// Remakes the adapters' product-precision copies after their f32 masters changed.
+    pub fn refresh_lora(&mut self, be: &B) -> Result<()> {
+        for (_, part) in self.modules_mut() {
+            if let Some(l) = part.lora.as_mut() {
+                l.shadow = match (be.matmul_copy(&l.a)?, be.matmul_copy(&l.b)?) {
+                    (Some(a), Some(b)) => Some((a, b)),
+                    _ => None,
+                };
+            }
+        }
         Ok(())
     }
 
@@ -201,12 +216,11 @@ impl<B: Backend> T5<B> {
     pub fn save_adapter(&mut self, be: &B, dir: &Path, base_model: Option<&str>) -> Result<()> {
         let settings = self.lora.clone().ok_or_else(|| anyhow!("this model has no LoRA adapter to save"))?;
         let mut tensors = BTreeMap::new();
-        for (path, lin) in self.linears_mut() {
-            if let Some(p) = &lin.lora {
-                tensors
-                    .insert(peft_key(&path, "A"), OwnedTensor::from_f32(&be.download(&p.a)?, p.a.shape(), DType::F32));
-                tensors
-                    .insert(peft_key(&path, "B"), OwnedTensor::from_f32(&be.download(&p.b)?, p.b.shape(), DType::F32));
+        for (_, part) in self.modules_mut() {
+            if let Some(p) = &part.lora {
+                let path = &part.path;
+                tensors.insert(peft_key(path, "A"), OwnedTensor::from_f32(&be.download(&p.a)?, p.a.shape(), DType::F32));
+                tensors.insert(peft_key(path, "B"), OwnedTensor::from_f32(&be.download(&p.b)?, p.b.shape(), DType::F32));
             }
         }
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();

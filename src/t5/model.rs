@@ -5,35 +5,55 @@
 use super::config::T5Config;
 use super::lora::{LoraPair, LoraSettings};
 use crate::backend::{AttnSpec, Backend, LoraRef, Position, Prec, RelBias, Shaped};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, DType, HostTensor};
 use anyhow::{Context, Result, bail};
 
-/// A bias-free linear layer `[out, in]`, optionally carrying a LoRA branch.
-pub struct Linear<B: Backend> {
-    pub weight: B::Weight,
+/// One Hugging Face linear module inside a projection: where its rows sit in the projection's
+/// output, and its LoRA adapter.
+pub struct Part<B: Backend> {
+    /// The module's Hugging Face path, e.g. `decoder.block.3.layer.0.SelfAttention.v`.
+    pub path: String,
+    /// First output column of this module in the projection's product.
+    pub col: usize,
+    pub out: usize,
     pub lora: Option<LoraPair<B>>,
 }
 
-pub struct Attention<B: Backend> {
-    pub q: Linear<B>,
-    pub k: Linear<B>,
-    pub v: Linear<B>,
-    pub o: Linear<B>,
-    /// Only block 0's self-attention owns the table; every block of the stack reuses it.
+/// A bias-free linear projection whose weight stacks the rows of one or more modules (q, k and v;
+/// wi_0 and wi_1), so that one matrix product serves them all.
+pub struct Proj<B: Backend> {
+    /// `[Σ out, in]`
+    pub weight: B::Weight,
+    pub inp: usize,
+    pub parts: Vec<Part<B>>,
+}
+
+/// `layer.0.SelfAttention`: q, k and v in one product.
+pub struct SelfAttention<B: Backend> {
+    pub qkv: Proj<B>,
+    pub o: Proj<B>,
+    /// Only block 0 owns the table; every block of the stack reuses it.
     pub relative_attention_bias: Option<B::Weight>,
 }
 
+/// `layer.1.EncDecAttention`: k and v (of the encoder output, once per sequence) in one product.
+pub struct CrossAttention<B: Backend> {
+    pub q: Proj<B>,
+    pub kv: Proj<B>,
+    pub o: Proj<B>,
+}
+
+/// The gated FFN, wi_0 and wi_1 in one product.
 pub struct DenseReluDense<B: Backend> {
-    pub wi_0: Linear<B>,
-    pub wi_1: Linear<B>,
-    pub wo: Linear<B>,
+    pub wi: Proj<B>,
+    pub wo: Proj<B>,
 }
 
 /// One block: `layer.0` self-attention, in the decoder `layer.1` cross-attention, then the FFN.
 pub struct Block<B: Backend> {
-    pub self_attention: Attention<B>,
+    pub self_attention: SelfAttention<B>,
     pub self_attention_norm: B::Weight,
-    pub cross_attention: Option<(Attention<B>, B::Weight)>,
+    pub cross_attention: Option<(CrossAttention<B>, B::Weight)>,
     pub ff: DenseReluDense<B>,
     pub ff_norm: B::Weight,
 }
@@ -96,6 +116,36 @@ impl StackKind {
     }
 }
 
+/// Reads modules `paths` (each `[out, inp]`) and stacks their rows into one projection.
+fn load_proj<B: Backend>(be: &B, ckpt: &Checkpoint, paths: &[String], out: usize, inp: usize) -> Result<Proj<B>> {
+    let parts: Vec<HostTensor<'_>> =
+        paths.iter().map(|p| ckpt.get_shaped(&format!("{p}.weight"), &[out, inp])).collect::<Result<_>>()?;
+    let weight = if parts.len() == 1 {
+        be.upload_weight(&parts[0])?
+    } else {
+        // Keep the stored bytes when the modules agree on a dtype; otherwise meet in f32.
+        let same = parts.iter().all(|t| t.dtype == parts[0].dtype);
+        let dtype = if same { parts[0].dtype } else { DType::F32 };
+        let bytes: Vec<u8> = if same {
+            parts.iter().flat_map(|t| t.bytes.iter().copied()).collect()
+        } else {
+            parts.iter().flat_map(|t| t.to_f32()).flat_map(|v| v.to_le_bytes()).collect()
+        };
+        let name = paths.join("+");
+        let shape = [out * parts.len(), inp];
+        be.upload_weight(&HostTensor { name: &name, dtype, shape: &shape, bytes: &bytes })?
+    };
+    Ok(Proj {
+        weight,
+        inp,
+        parts: paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Part { path: p.clone(), col: i * out, out, lora: None })
+            .collect(),
+    })
+}
+
 impl<B: Backend> T5<B> {
     /// Loads `config.json` and the weights of a Hugging Face T5 directory onto `be`.
     pub fn load(be: &B, dir: &std::path::Path) -> Result<Self> {
@@ -111,48 +161,48 @@ impl<B: Backend> T5<B> {
         be.reserve(params * 2, "the T5 weights in fp16")?;
         let get =
             |name: &str, shape: &[usize]| -> Result<B::Weight> { be.upload_weight(&ckpt.get_shaped(name, shape)?) };
-        let linear = |name: &str, shape: &[usize]| -> Result<Linear<B>> {
-            Ok(Linear { weight: get(&format!("{name}.weight"), shape)?, lora: None })
-        };
-        let attention = |p: &str, with_bias: bool| -> Result<Attention<B>> {
-            Ok(Attention {
-                q: linear(&format!("{p}.q"), &[inner, d])?,
-                k: linear(&format!("{p}.k"), &[inner, d])?,
-                v: linear(&format!("{p}.v"), &[inner, d])?,
-                o: linear(&format!("{p}.o"), &[d, inner])?,
-                relative_attention_bias: if with_bias {
-                    Some(get(
-                        &format!("{p}.relative_attention_bias.weight"),
-                        &[c.relative_attention_num_buckets, c.num_heads],
-                    )?)
-                } else {
-                    None
-                },
-            })
+        let proj = |prefix: &str, names: &[&str], out: usize, inp: usize| -> Result<Proj<B>> {
+            let paths: Vec<String> = names.iter().map(|n| format!("{prefix}.{n}")).collect();
+            load_proj(be, ckpt, &paths, out, inp)
         };
         let stack = |kind: StackKind, layers: usize| -> Result<Stack<B>> {
             let s = kind.prefix();
             let mut blocks = Vec::with_capacity(layers);
             for i in 0..layers {
                 let p = format!("{s}.block.{i}.layer");
+                let sa = format!("{p}.0.SelfAttention");
+                let self_attention = SelfAttention {
+                    qkv: proj(&sa, &["q", "k", "v"], inner, d)?,
+                    o: proj(&sa, &["o"], d, inner)?,
+                    relative_attention_bias: if i == 0 {
+                        Some(get(
+                            &format!("{sa}.relative_attention_bias.weight"),
+                            &[c.relative_attention_num_buckets, c.num_heads],
+                        )?)
+                    } else {
+                        None
+                    },
+                };
                 let ff_layer = if kind == StackKind::Decoder { 2 } else { 1 };
                 let cross_attention = if kind == StackKind::Decoder {
+                    let ca = format!("{p}.1.EncDecAttention");
                     Some((
-                        attention(&format!("{p}.1.EncDecAttention"), false)?,
+                        CrossAttention {
+                            q: proj(&ca, &["q"], inner, d)?,
+                            kv: proj(&ca, &["k", "v"], inner, d)?,
+                            o: proj(&ca, &["o"], d, inner)?,
+                        },
                         get(&format!("{p}.1.layer_norm.weight"), &[d])?,
                     ))
                 } else {
                     None
                 };
+                let dr = format!("{p}.{ff_layer}.DenseReluDense");
                 blocks.push(Block {
-                    self_attention: attention(&format!("{p}.0.SelfAttention"), i == 0)?,
+                    self_attention,
                     self_attention_norm: get(&format!("{p}.0.layer_norm.weight"), &[d])?,
                     cross_attention,
-                    ff: DenseReluDense {
-                        wi_0: linear(&format!("{p}.{ff_layer}.DenseReluDense.wi_0"), &[ff, d])?,
-                        wi_1: linear(&format!("{p}.{ff_layer}.DenseReluDense.wi_1"), &[ff, d])?,
-                        wo: linear(&format!("{p}.{ff_layer}.DenseReluDense.wo"), &[d, ff])?,
-                    },
+                    ff: DenseReluDense { wi: proj(&dr, &["wi_0", "wi_1"], ff, d)?, wo: proj(&dr, &["wo"], d, ff)? },
                     ff_norm: get(&format!("{p}.{ff_layer}.layer_norm.weight"), &[d])?,
                 });
             }
@@ -166,7 +216,10 @@ impl<B: Backend> T5<B> {
         } else if c.tie_word_embeddings {
             None
         } else {
-            bail!("lm_head.weight is missing from {} and config.json says tie_word_embeddings: false", ckpt.describe());
+            bail!(
+                "lm_head.weight is missing from {} and config.json says tie_word_embeddings: false",
+                ckpt.describe()
+            );
         };
         Ok(T5 {
             encoder: stack(StackKind::Encoder, c.num_layers)?,
@@ -178,31 +231,49 @@ impl<B: Backend> T5<B> {
         })
     }
 
-    fn lora_of<'a>(&'a self, l: &'a Linear<B>, f: Fwd) -> Option<LoraRef<'a, B>> {
-        match (&l.lora, &self.lora) {
-            (Some(p), Some(s)) if f.lora => Some(LoraRef { a: &p.a, b: &p.b, scale: s.scale(), dropout: None }),
-            _ => None,
-        }
+    /// The LoRA branches of a projection's modules, when adapters are on.
+    fn loras<'a>(&'a self, p: &'a Proj<B>, f: Fwd) -> Vec<LoraRef<'a, B>> {
+        let Some(s) = self.lora.as_ref().filter(|_| f.lora) else { return Vec::new() };
+        p.parts
+            .iter()
+            .filter_map(|part| {
+                part.lora.as_ref().map(|l| LoraRef {
+                    a: &l.a,
+                    b: &l.b,
+                    shadow: l.shadow.as_ref().map(|(a, b)| (a, b)),
+                    scale: s.scale(),
+                    col: part.col,
+                    dropout: None,
+                })
+            })
+            .collect()
     }
 
-    fn lin(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
-        let lora = self.lora_of(l, f);
-        be.linear_to(x, &l.weight, lora.as_ref(), out)
+    fn project(&self, be: &B, x: &B::Tensor, p: &Proj<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
+        be.linear_to(x, &p.weight, &self.loras(p, f), out)
     }
 
-    /// `acc += lin(x)`: the output projections add straight into the fp32 residual stream.
-    fn lin_add(&self, be: &B, x: &B::Tensor, l: &Linear<B>, f: Fwd, acc: &mut B::Tensor) -> Result<()> {
-        let lora = self.lora_of(l, f);
-        be.linear_add(x, &l.weight, lora.as_ref(), acc)
+    /// `acc += project(x)`: the output projections add straight into the fp32 residual stream.
+    fn project_add(&self, be: &B, x: &B::Tensor, p: &Proj<B>, f: Fwd, acc: &mut B::Tensor) -> Result<()> {
+        be.linear_add(x, &p.weight, &self.loras(p, f), acc)
     }
 
     /// `h += wo(gelu_new(wi_0 x) · wi_1 x)`. wo's output joins the fp32 residual stream directly:
     /// producing it in fp16 is what overflows in T5 v1.1.
     fn feed_forward(&self, be: &B, x: &B::Tensor, ff: &DenseReluDense<B>, f: Fwd, h: &mut B::Tensor) -> Result<()> {
-        let gate = self.lin(be, x, &ff.wi_0, f, Prec::F32)?;
-        let up = self.lin(be, x, &ff.wi_1, f, Prec::F32)?;
-        let inner = be.gated_gelu(&gate, &up)?;
-        self.lin_add(be, &inner, &ff.wo, f, h)
+        let gate_up = self.project(be, x, &ff.wi, f, Prec::F32)?;
+        let inner = be.gated_gelu(&gate_up)?;
+        self.project_add(be, &inner, &ff.wo, f, h)
+    }
+
+    /// q, k and v of `x` through one fused product.
+    fn qkv(&self, be: &B, x: &B::Tensor, a: &SelfAttention<B>, f: Fwd) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        let inner = self.config.inner_dim();
+        let mut parts = be.split_last(&self.project(be, x, &a.qkv, f, Prec::Half)?, &[inner, inner, inner])?;
+        let v = parts.pop().expect("three parts");
+        let k = parts.pop().expect("three parts");
+        let q = parts.pop().expect("three parts");
+        Ok((q, k, v))
     }
 
     fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
@@ -223,9 +294,7 @@ impl<B: Backend> T5<B> {
         for block in &self.encoder.blocks {
             let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
             let a = &block.self_attention;
-            let q = self.lin(be, &x, &a.q, f, Prec::Half)?;
-            let k = self.lin(be, &x, &a.k, f, Prec::Half)?;
-            let v = self.lin(be, &x, &a.v, f, Prec::Half)?;
+            let (q, k, v) = self.qkv(be, &x, a, f)?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
@@ -237,7 +306,7 @@ impl<B: Backend> T5<B> {
                 bias: Some(self.rel_bias(table, true)),
             };
             let ctx = be.attention(&q, &k, &v, &spec)?;
-            self.lin_add(be, &ctx, &a.o, f, &mut h)?;
+            self.project_add(be, &ctx, &a.o, f, &mut h)?;
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
             self.feed_forward(be, &x, &block.ff, f, &mut h)?;
         }
@@ -267,8 +336,9 @@ impl<B: Backend> T5<B> {
         };
         for block in &self.decoder.blocks {
             let (ca, _) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
-            cache.cross_k.push(self.lin(be, enc, &ca.k, f, Prec::Half)?);
-            cache.cross_v.push(self.lin(be, enc, &ca.v, f, Prec::Half)?);
+            let mut kv = be.split_last(&self.project(be, enc, &ca.kv, f, Prec::Half)?, &[inner, inner])?;
+            cache.cross_v.push(kv.pop().expect("two parts"));
+            cache.cross_k.push(kv.pop().expect("two parts"));
             cache.self_k.push(be.zeros_as(&[b, capacity, inner], Prec::Half)?);
             cache.self_v.push(be.zeros_as(&[b, capacity, inner], Prec::Half)?);
         }
@@ -290,17 +360,9 @@ impl<B: Backend> T5<B> {
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
             let a = &block.self_attention;
-            let q = self.lin(be, &x, &a.q, f, Prec::Half)?;
-            be.write_rows(
-                &mut cache.self_k[i],
-                &self.lin(be, &x, &a.k, f, Prec::Half)?,
-                Position::Counter(&cache.pos),
-            )?;
-            be.write_rows(
-                &mut cache.self_v[i],
-                &self.lin(be, &x, &a.v, f, Prec::Half)?,
-                Position::Counter(&cache.pos),
-            )?;
+            let (q, k, v) = self.qkv(be, &x, a, f)?;
+            be.write_rows(&mut cache.self_k[i], &k, Position::Counter(&cache.pos))?;
+            be.write_rows(&mut cache.self_v[i], &v, Position::Counter(&cache.pos))?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
@@ -312,11 +374,11 @@ impl<B: Backend> T5<B> {
                 bias: Some(self.rel_bias(table, false)),
             };
             let ctx = be.attention(&q, &cache.self_k[i], &cache.self_v[i], &spec)?;
-            self.lin_add(be, &ctx, &a.o, f, &mut h)?;
+            self.project_add(be, &ctx, &a.o, f, &mut h)?;
 
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
             let x = be.rms_norm(&h, ca_norm, c.layer_norm_epsilon)?;
-            let q = self.lin(be, &x, &ca.q, f, Prec::Half)?;
+            let q = self.project(be, &x, &ca.q, f, Prec::Half)?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
@@ -328,7 +390,7 @@ impl<B: Backend> T5<B> {
                 bias: None,
             };
             let ctx = be.attention(&q, &cache.cross_k[i], &cache.cross_v[i], &spec)?;
-            self.lin_add(be, &ctx, &ca.o, f, &mut h)?;
+            self.project_add(be, &ctx, &ca.o, f, &mut h)?;
 
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
             self.feed_forward(be, &x, &block.ff, f, &mut h)?;
@@ -340,14 +402,15 @@ impl<B: Backend> T5<B> {
     /// Vocabulary logits of decoder states `[.., d] → [.., V]`.
     pub fn lm_logits(&self, be: &B, hidden: &B::Tensor) -> Result<B::Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.shared);
-        let mut logits = be.linear(hidden, head, None)?;
+        let mut logits = be.linear(hidden, head, &[])?;
         if let Some(s) = self.config.lm_head_scale() {
             be.scale_assign(&mut logits, s)?;
         }
         Ok(logits)
     }
 
-    /// Teacher-forced logits for whole target sequences: `dec_ids [B, T]` → `[B, T, V]`.
+    /// Teacher-forced logits for whole target sequences: `dec_ids [B, T]` → (`[B, T, V]` logits,
+    /// `[B, T, d]` final decoder states).
     pub fn forward(
         &self,
         be: &B,
@@ -363,27 +426,21 @@ impl<B: Backend> T5<B> {
         Ok((self.lm_logits(be, &hidden)?, hidden))
     }
 
-    /// Every linear layer with its Hugging Face module path, in checkpoint order.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+    /// Every linear module with its input width, in checkpoint order: the slots LoRA adapters
+    /// attach to, load into and save from.
+    pub fn modules_mut(&mut self) -> Vec<(usize, &mut Part<B>)> {
         let mut out = Vec::new();
-        for (kind, stack) in [(StackKind::Encoder, &mut self.encoder), (StackKind::Decoder, &mut self.decoder)] {
-            for (i, block) in stack.blocks.iter_mut().enumerate() {
-                let p = format!("{}.block.{i}.layer", kind.prefix());
-                let a = &mut block.self_attention;
-                for (n, l) in [("q", &mut a.q), ("k", &mut a.k), ("v", &mut a.v), ("o", &mut a.o)] {
-                    out.push((format!("{p}.0.SelfAttention.{n}"), l));
+        for stack in [&mut self.encoder, &mut self.decoder] {
+            for block in stack.blocks.iter_mut() {
+                let sa = &mut block.self_attention;
+                let mut projs: Vec<&mut Proj<B>> = vec![&mut sa.qkv, &mut sa.o];
+                if let Some((ca, _)) = block.cross_attention.as_mut() {
+                    projs.extend([&mut ca.q, &mut ca.kv, &mut ca.o]);
                 }
-                let ff_layer = if let Some((ca, _)) = block.cross_attention.as_mut() {
-                    for (n, l) in [("q", &mut ca.q), ("k", &mut ca.k), ("v", &mut ca.v), ("o", &mut ca.o)] {
-                        out.push((format!("{p}.1.EncDecAttention.{n}"), l));
-                    }
-                    2
-                } else {
-                    1
-                };
-                let ff = &mut block.ff;
-                for (n, l) in [("wi_0", &mut ff.wi_0), ("wi_1", &mut ff.wi_1), ("wo", &mut ff.wo)] {
-                    out.push((format!("{p}.{ff_layer}.DenseReluDense.{n}"), l));
+                projs.extend([&mut block.ff.wi, &mut block.ff.wo]);
+                for p in projs {
+                    let inp = p.inp;
+                    out.extend(p.parts.iter_mut().map(|part| (inp, part)));
                 }
             }
         }

@@ -61,36 +61,100 @@ pub fn embedding_and_gather<B: Backend>(be: &B) {
 
 pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
     let mut r = Rand::new(2);
-    let (m, k, n, rank) = (37, 96, 80, 8);
+    // A stacked projection of three 32-wide modules, with adapters on the first and the last.
+    let (m, k, n, rank) = (37, 96, 96, 8);
     let x = r.vec(m * k, 1.0);
     let w = r.vec(n * k, 0.2);
-    let a = r.vec(rank * k, 0.2);
-    let b = r.vec(n * rank, 0.2);
     let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
     let (wc, wg) = (weight(&Cpu, &w, &[n, k]), weight(be, &w, &[n, k]));
-    let (ac, ag) = (Cpu.upload(&a, &[rank, k]).unwrap(), be.upload(&a, &[rank, k]).unwrap());
-    let (bc, bg) = (Cpu.upload(&b, &[n, rank]).unwrap(), be.upload(&b, &[n, rank]).unwrap());
+    let mut adapters = Vec::new();
+    for _ in 0..2 {
+        let a = r.vec(rank * k, 0.2);
+        let b = r.vec(32 * rank, 0.2);
+        adapters.push((
+            Cpu.upload(&a, &[rank, k]).unwrap(),
+            Cpu.upload(&b, &[32, rank]).unwrap(),
+            be.upload(&a, &[rank, k]).unwrap(),
+            be.upload(&b, &[32, rank]).unwrap(),
+        ));
+    }
+    let shadows: Vec<_> = adapters.iter().map(|(_, _, a, b)| (be.matmul_copy(a).unwrap(), be.matmul_copy(b).unwrap())).collect();
     for prec in [Prec::F32, Prec::Half] {
-        let want = Cpu.linear_to(&xc, &wc, None, prec).unwrap();
-        let got = be.linear_to(&xg, &wg, None, prec).unwrap();
+        let want = Cpu.linear_to(&xc, &wc, &[], prec).unwrap();
+        let got = be.linear_to(&xg, &wg, &[], prec).unwrap();
         close(&be.download(&got).unwrap(), &want.data, HALF, &format!("linear {prec:?}"));
         for dropout in [None, Some(Dropout { p: 0.1, seed: 9, stream: 4 })] {
-            let lc = LoraRef { a: &ac, b: &bc, scale: 1.5, dropout };
-            let lg = LoraRef { a: &ag, b: &bg, scale: 1.5, dropout };
-            let want = Cpu.linear_to(&xc, &wc, Some(&lc), prec).unwrap();
-            let got = be.linear_to(&xg, &wg, Some(&lg), prec).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, HALF, &format!("LoRA linear {prec:?} {dropout:?}"));
+            for use_shadow in [false, true] {
+                let cols = [0, 64];
+                let lc: Vec<LoraRef<Cpu>> = adapters
+                    .iter()
+                    .zip(cols)
+                    .map(|((a, b, _, _), col)| LoraRef { a, b, shadow: None, scale: 1.5, col, dropout })
+                    .collect();
+                let lg: Vec<LoraRef<B>> = adapters
+                    .iter()
+                    .zip(&shadows)
+                    .zip(cols)
+                    .map(|(((_, _, a, b), (sa, sb)), col)| LoraRef {
+                        a,
+                        b,
+                        shadow: match (sa, sb) {
+                            (Some(sa), Some(sb)) if use_shadow => Some((sa, sb)),
+                            _ => None,
+                        },
+                        scale: 1.5,
+                        col,
+                        dropout,
+                    })
+                    .collect();
+                let want = Cpu.linear_to(&xc, &wc, &lc, prec).unwrap();
+                let got = be.linear_to(&xg, &wg, &lg, prec).unwrap();
+                let what = format!("LoRA linear {prec:?} {dropout:?} shadow {use_shadow}");
+                close(&be.download(&got).unwrap(), &want.data, HALF, &what);
+                // The middle module has no adapter: its columns equal the plain product's.
+                let plain = Cpu.linear_to(&xc, &wc, &[], prec).unwrap();
+                let mid: Vec<(f32, f32)> =
+                    (0..m).flat_map(|row| (32..64).map(move |c| row * n + c)).map(|i| (want.data[i], plain.data[i])).collect();
+                assert!(mid.iter().all(|(a, b)| a == b), "{what}: an adapter leaked into another module's columns");
+            }
+        }
+        // Accumulating into an f32 residual, with and without the adapters.
+        let acc0 = r.vec(m * n, 1.0);
+        for with_lora in [false, true] {
+            let (mut acc_c, mut acc_g) = (Cpu.upload(&acc0, &[m, n]).unwrap(), be.upload(&acc0, &[m, n]).unwrap());
+            let (a, b, ag, bg) = &adapters[0];
+            let lc = [LoraRef { a, b, shadow: None, scale: 0.5, col: 32, dropout: None }];
+            let lg = [LoraRef { a: ag, b: bg, shadow: None, scale: 0.5, col: 32, dropout: None }];
+            let (lc, lg): (&[LoraRef<Cpu>], &[LoraRef<B>]) = if with_lora { (&lc, &lg) } else { (&[], &[]) };
+            Cpu.linear_add(&xc, &wc, lc, &mut acc_c).unwrap();
+            be.linear_add(&xg, &wg, lg, &mut acc_g).unwrap();
+            close(&be.download(&acc_g).unwrap(), &acc_c.data, HALF, &format!("linear_add, LoRA {with_lora}"));
         }
     }
-    // Accumulating into an f32 residual, with and without the adapter.
-    let acc0 = r.vec(m * n, 1.0);
-    for with_lora in [false, true] {
-        let (mut acc_c, mut acc_g) = (Cpu.upload(&acc0, &[m, n]).unwrap(), be.upload(&acc0, &[m, n]).unwrap());
-        let lc = LoraRef { a: &ac, b: &bc, scale: 0.5, dropout: None };
-        let lg = LoraRef { a: &ag, b: &bg, scale: 0.5, dropout: None };
-        Cpu.linear_add(&xc, &wc, with_lora.then_some(&lc), &mut acc_c).unwrap();
-        be.linear_add(&xg, &wg, with_lora.then_some(&lg), &mut acc_g).unwrap();
-        close(&be.download(&acc_g).unwrap(), &acc_c.data, HALF, &format!("linear_add, LoRA {with_lora}"));
+}
+
+pub fn split_and_gated_gelu<B: Backend>(be: &B) {
+    let mut r = Rand::new(8);
+    let (rows, f) = (23, 48);
+    let gu = r.vec(rows * 2 * f, 3.0);
+    let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
+    let want = Cpu.gated_gelu(&gc).unwrap();
+    close(&be.download(&be.gated_gelu(&gg).unwrap()).unwrap(), &want.data, HALF, "gated_gelu");
+    for prec in [Prec::F32, Prec::Half] {
+        let w: Vec<f32> = r.vec(2 * f * 16, 0.3);
+        let x = r.vec(rows * 16, 1.0);
+        let y = be.linear_to(&be.upload(&x, &[rows, 16]).unwrap(), &weight(be, &w, &[2 * f, 16]), &[], prec).unwrap();
+        let whole = be.download(&y).unwrap();
+        let pieces = be.split_last(&y, &[10, f, f - 10]).unwrap();
+        let mut col = 0;
+        for p in &pieces {
+            let width = p.shape()[1];
+            let got = be.download(p).unwrap();
+            for row in 0..rows {
+                assert_eq!(&got[row * width..(row + 1) * width], &whole[row * 2 * f + col..row * 2 * f + col + width]);
+            }
+            col += width;
+        }
     }
 }
 
@@ -123,8 +187,6 @@ pub fn affine_and_elementwise<B: Backend>(be: &B) {
         let want = Cpu.activation(&xc, act).unwrap();
         close(&be.download(&be.activation(&xg, act).unwrap()).unwrap(), &want.data, 1e-5, &format!("{act:?}"));
     }
-    let want = Cpu.gated_gelu(&xc, &yc).unwrap();
-    close(&be.download(&be.gated_gelu(&xg, &yg).unwrap()).unwrap(), &want.data, HALF, "gated_gelu");
 }
 
 pub fn norms<B: Backend>(be: &B) {

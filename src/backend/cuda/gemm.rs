@@ -48,7 +48,8 @@ impl Gemm {
         Ok(Self { blas, _workspace: workspace })
     }
 
-    /// `y[m, n] = alpha · x[m, k] · w[n, k]ᵀ + beta · y`; x and w in `xin`, y in `yout`.
+    /// `y[m, n] = alpha · x[m, k] · w[n, k]ᵀ + beta · y`; x and w in `xin`, y in `yout`; y's rows are
+    /// `ldy` elements apart (n for a whole tensor; more for a column range of a wider one).
     #[allow(clippy::too_many_arguments)]
     pub fn nt(
         &self,
@@ -56,6 +57,7 @@ impl Gemm {
         x: u64,
         w: u64,
         y: u64,
+        ldy: usize,
         m: usize,
         k: usize,
         n: usize,
@@ -86,7 +88,7 @@ impl Gemm {
                 &beta as *const f32 as *const c_void,
                 y as *mut c_void,
                 yout.cuda(),
-                n as i32,
+                ldy as i32,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

@@ -79,6 +79,17 @@ struct AttnParams {
 // SAFETY: plain old data with the kernel's layout.
 unsafe impl DeviceRepr for AttnParams {}
 
+/// Mirrors `SplitParams` in kernels/elementwise.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SplitParams {
+    out: [u64; 4],
+    width: [i32; 4],
+    pieces: i32,
+}
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl DeviceRepr for SplitParams {}
+
 /// Mirrors `SampleParams` in kernels/sampling.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -167,22 +178,23 @@ impl Cuda {
         }
     }
 
-    /// A fresh half copy of f32 values (LoRA matrices are f32 masters; the products read half).
-    fn half_copy(&self, t: &CudaTensor) -> Result<CudaSlice<f16>> {
+    /// A half copy of f32 values (LoRA matrices are f32 masters; the products read half).
+    fn half_copy(&self, t: &CudaTensor) -> Result<CudaTensor> {
         let Buf::F32(src) = &t.buf else { bail!("expected an f32 tensor") };
         let n = t.numel();
         let out = self.gpu.alloc::<f16>(n)?;
         self.gpu.launch("cast_f32_f16", elementwise(n), &[&self.gpu.ptr(src), &self.gpu.ptr(&out), &(n as i64)])?;
-        Ok(out)
+        Ok(CudaTensor { buf: Buf::F16(out), shape: t.shape.clone() })
     }
 
-    /// `y (+)= x · wᵀ + scale · dropout(x) · Aᵀ · Bᵀ`, every product on the tensor cores: the
-    /// low-rank branch as two thin products, the second accumulating into y.
+    /// `y (+)= x · wᵀ`, then each LoRA branch `y[:, col..] += scale · dropout(x) · Aᵀ · Bᵀ`, every
+    /// product on the tensor cores: a branch is two thin products, the second accumulating into
+    /// its columns of y.
     fn product(
         &self,
         x: &CudaTensor,
         w: &CudaWeight,
-        lora: Option<&LoraRef<'_, Self>>,
+        lora: &[LoraRef<'_, Self>],
         y: &mut CudaTensor,
         accumulate: bool,
     ) -> Result<()> {
@@ -191,31 +203,49 @@ impl Cuda {
         ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
         ensure!(y.rows_cols() == (m, n), "linear: output {:?} does not fit {m}×{n}", y.shape);
         let xh = self.as_half(x)?;
-        let yout = if matches!(y.buf, Buf::F32(_)) { Elem::F32 } else { Elem::F16 };
+        let (yout, ysize) = if matches!(y.buf, Buf::F32(_)) { (Elem::F32, 4) } else { (Elem::F16, 2) };
         let beta = if accumulate { 1.0 } else { 0.0 };
         let yp = self.ptr_t(y);
-        self.gemm.nt(&self.gpu, self.gpu.ptr(&xh), self.gpu.ptr(&w.buf), yp, m, k, n, Elem::F16, yout, 1.0, beta)?;
-        let Some(l) = lora else { return Ok(()) };
-        let r = l.a.shape[0];
-        ensure!(l.a.shape == [r, k] && l.b.shape == [n, r], "LoRA shapes {:?} / {:?}", l.a.shape, l.b.shape);
-        let (a16, b16) = (self.half_copy(l.a)?, self.half_copy(l.b)?);
-        let dropped;
-        let xin = match l.dropout {
-            Some(d) if d.p > 0.0 => {
-                let out = self.gpu.alloc::<f16>(m * k)?;
-                self.gpu.launch(
-                    "dropout_f16",
-                    elementwise(m * k),
-                    &[&self.gpu.ptr(&xh), &self.gpu.ptr(&out), &((m * k) as i64), &d.p, &d.seed, &d.stream],
-                )?;
-                dropped = out;
-                &dropped
-            }
-            _ => xh.as_ref(),
-        };
-        let h = self.gpu.alloc::<f16>(m * r)?;
-        self.gemm.nt(&self.gpu, self.gpu.ptr(xin), self.gpu.ptr(&a16), self.gpu.ptr(&h), m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
-        self.gemm.nt(&self.gpu, self.gpu.ptr(&h), self.gpu.ptr(&b16), yp, m, r, n, Elem::F16, yout, 1.0, 1.0)
+        self.gemm.nt(&self.gpu, self.gpu.ptr(&xh), self.gpu.ptr(&w.buf), yp, n, m, k, n, Elem::F16, yout, 1.0, beta)?;
+        for l in lora {
+            let r = l.a.shape[0];
+            let out = l.b.shape[0];
+            ensure!(
+                l.a.shape == [r, k] && l.b.shape == [out, r] && l.col + out <= n,
+                "LoRA shapes {:?} / {:?} at column {} do not fit {n} outputs",
+                l.a.shape,
+                l.b.shape,
+                l.col
+            );
+            let made;
+            let (a16, b16) = match l.shadow {
+                Some((a, b)) => (a, b),
+                None => {
+                    made = (self.half_copy(l.a)?, self.half_copy(l.b)?);
+                    (&made.0, &made.1)
+                }
+            };
+            let dropped;
+            let xin = match l.dropout {
+                Some(d) if d.p > 0.0 => {
+                    let out = self.gpu.alloc::<f16>(m * k)?;
+                    self.gpu.launch(
+                        "dropout_f16",
+                        elementwise(m * k),
+                        &[&self.gpu.ptr(&xh), &self.gpu.ptr(&out), &((m * k) as i64), &d.p, &d.seed, &d.stream],
+                    )?;
+                    dropped = out;
+                    &dropped
+                }
+                _ => xh.as_ref(),
+            };
+            let h = self.gpu.alloc::<f16>(m * r)?;
+            let hp = self.gpu.ptr(&h);
+            self.gemm.nt(&self.gpu, self.gpu.ptr(xin), self.ptr_t(a16), hp, r, m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
+            let ycol = yp + (l.col * ysize) as u64;
+            self.gemm.nt(&self.gpu, hp, self.ptr_t(b16), ycol, n, m, r, out, Elem::F16, yout, 1.0, 1.0)?;
+        }
+        Ok(())
     }
 
     fn bucket_lut(&self, bidirectional: bool, buckets: usize, max_distance: usize) -> Result<u64> {
@@ -322,13 +352,7 @@ impl Backend for Cuda {
         Ok(out)
     }
 
-    fn linear_to(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: Option<&LoraRef<'_, Self>>,
-        out: Prec,
-    ) -> Result<Self::Tensor> {
+    fn linear_to(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>], out: Prec) -> Result<Self::Tensor> {
         let (n, _) = w.rows_cols();
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rank ≥ 1") = n;
@@ -341,10 +365,40 @@ impl Backend for Cuda {
         &self,
         x: &Self::Tensor,
         w: &Self::Weight,
-        lora: Option<&LoraRef<'_, Self>>,
+        lora: &[LoraRef<'_, Self>],
         acc: &mut Self::Tensor,
     ) -> Result<()> {
         self.product(x, w, lora, acc, true)
+    }
+
+    fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+        self.half_copy(t).map(Some)
+    }
+
+    fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>> {
+        let (rows, d) = x.rows_cols();
+        ensure!(widths.iter().sum::<usize>() == d, "split_last: widths {widths:?} do not add up to {d}");
+        ensure!((1..=4).contains(&widths.len()), "split_last: 1 to 4 pieces, not {}", widths.len());
+        let prec = if matches!(x.buf, Buf::F16(_)) { Prec::Half } else { Prec::F32 };
+        let pieces: Vec<CudaTensor> = widths
+            .iter()
+            .map(|&w| {
+                let mut shape = x.shape.clone();
+                *shape.last_mut().expect("rank ≥ 1") = w;
+                self.empty(&shape, prec)
+            })
+            .collect::<Result<_>>()?;
+        let mut params = SplitParams { out: [0; 4], width: [0; 4], pieces: widths.len() as i32 };
+        for (i, (p, &w)) in pieces.iter().zip(widths).enumerate() {
+            params.out[i] = self.ptr_t(p);
+            params.width[i] = w as i32;
+        }
+        self.gpu.launch(
+            &format!("split_last_{}", Self::suffix(x)),
+            elementwise(rows * d),
+            &[&self.ptr_t(x), &params, &(rows as i64), &(d as i32)],
+        )?;
+        Ok(pieces)
     }
 
     fn affine(
@@ -456,15 +510,17 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn gated_gelu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
-        ensure!(gate.shape == up.shape, "gated_gelu: shapes {:?} and {:?} differ", gate.shape, up.shape);
-        ensure!(Self::suffix(gate) == Self::suffix(up), "gated_gelu: gate and up differ in precision");
-        let n = gate.numel();
-        let y = self.empty(&gate.shape, Prec::Half)?;
+    fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+        let (rows, d2) = gate_up.rows_cols();
+        ensure!(d2 % 2 == 0, "gated_gelu: last dimension {d2} is not gate and up halves");
+        let f = d2 / 2;
+        let mut shape = gate_up.shape.clone();
+        *shape.last_mut().expect("rank ≥ 1") = f;
+        let y = self.empty(&shape, Prec::Half)?;
         self.gpu.launch(
-            &format!("gated_gelu_{}", Self::suffix(gate)),
-            elementwise(n),
-            &[&self.ptr_t(gate), &self.ptr_t(up), &self.ptr_t(&y), &(n as i64)],
+            &format!("gated_gelu_split_{}", Self::suffix(gate_up)),
+            elementwise(rows * f),
+            &[&self.ptr_t(gate_up), &self.ptr_t(&y), &(rows as i64), &(f as i32)],
         )?;
         Ok(y)
     }
