@@ -2,6 +2,8 @@
 //! bodies run on CUDA in tests/gpu.rs).
 
 mod common;
+// The full-size check needs a GPU-machine oracle and runs only in tests/gpu.rs.
+#[allow(dead_code)]
 #[path = "suites/t5.rs"]
 mod t5;
 

@@ -3,15 +3,17 @@
 # `carry`): the release `detox` binary, the GPU test binary, and the parts of ../shared the run
 # reads. The GPU machine has no Rust and no network, and ../shared does not travel.
 #   tools/gpu_pack.sh [shared paths…]   e.g. tools/gpu_pack.sh tokenizers/t5 data/samsum/test.jsonl
-# There: DETOX_ROOT=$PWD DETOX_SHARED=$PWD/.carry/shared .carry/bin/gpu
+# There: DETOX_ROOT=$PWD DETOX_SHARED=$PWD/.carry/shared .carry/bin/gpu; .carry/bin/kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir -p .carry/bin .carry/shared
 cargo build --release --quiet
 cargo test --release --no-run --quiet --test gpu 2>/dev/null
 gpu_test=$(cargo test --release --no-run --test gpu 2>&1 | sed -n 's/.*Executable tests\/gpu.rs (\(.*\))/\1/p')
+bench=$(cargo bench --no-run 2>&1 | sed -n 's/.*Executable benches\/kernels.rs (\(.*\))/\1/p')
 cp target/release/detox .carry/bin/detox
 cp "$gpu_test" .carry/bin/gpu
+cp "$bench" .carry/bin/kernels
 strip .carry/bin/*
 for p in "$@"; do
   mkdir -p ".carry/shared/$(dirname "$p")"
