@@ -6,5 +6,6 @@ pub mod classifier;
 pub mod cli;
 pub mod device;
 pub mod fsutil;
+pub mod ppo;
 pub mod t5;
 pub mod text;
