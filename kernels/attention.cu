@@ -106,9 +106,12 @@ PREFILL(__half, attention_prefill_f16_128, 128)
 // Grid (H, B, Lq), 128 threads. Shared memory: q [dk], scores [cap], partial outputs [16][dk].
 // Scores: one thread per key, its row read in 16-byte pieces. Output: dk/8 threads cover one value
 // row in 16-byte pieces and the block's groups of them split the keys, then sum their partials.
-// VEC needs dk % 8 == 0; the scalar form serves odd head sizes.
-template <bool VEC>
+// DK > 0 fixes the head size at compile time (every load of a row in flight at once); DK == 0
+// serves any head size one element at a time.
+template <int DK>
 __device__ void attention_decode(const __half* q, const __half* k, const __half* v, __half* out, AttnParams p) {
+    constexpr bool VEC = DK > 0;
+    if (VEC) p.dk = DK;
     extern __shared__ float smem[];
     __shared__ float scratch[32];
     resolve(p);
@@ -128,8 +131,12 @@ __device__ void attention_decode(const __half* q, const __half* k, const __half*
         const __half* kr = k + ((long)b * p.cap + j) * inner + h * p.dk;
         float s = 0.f;
         if (VEC) {
-            for (int c = 0; c < p.dk / 8; c++) {
-                uint4 u = reinterpret_cast<const uint4*>(kr)[c];
+            uint4 row[DK > 0 ? DK / 8 : 1];
+#pragma unroll
+            for (int c = 0; c < DK / 8; c++) row[c] = reinterpret_cast<const uint4*>(kr)[c];
+#pragma unroll
+            for (int c = 0; c < DK / 8; c++) {
+                uint4 u = row[c];
                 const __half2* hp = reinterpret_cast<const __half2*>(&u);
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -159,6 +166,7 @@ __device__ void attention_decode(const __half* q, const __half* k, const __half*
     if (g < groups) {
         if (VEC) {
             float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
             for (int j = g; j < visible; j += groups) {
                 uint4 u = reinterpret_cast<const uint4*>(v + ((long)b * p.cap + j) * inner + h * p.dk)[c];
                 const __half2* hp = reinterpret_cast<const __half2*>(&u);
@@ -186,8 +194,9 @@ __device__ void attention_decode(const __half* q, const __half* k, const __half*
         out[((long)b * p.Lq + i) * inner + h * p.dk + d] = __float2half_rn(sum > 0.f ? o / sum : 0.f);
     }
 }
-extern "C" __global__ void attention_decode_vec(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<true>(q, k, v, o, p); }
-extern "C" __global__ void attention_decode_scalar(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<false>(q, k, v, o, p); }
+extern "C" __global__ void attention_decode_64(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<64>(q, k, v, o, p); }
+extern "C" __global__ void attention_decode_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<32>(q, k, v, o, p); }
+extern "C" __global__ void attention_decode_any(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<0>(q, k, v, o, p); }
 
 __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
     __half2 h = __floats2half2_rn(a, b);

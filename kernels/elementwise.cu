@@ -153,6 +153,18 @@ __device__ void split_last(const T* x, SplitParams p, long rows, int d) {
 extern "C" __global__ void split_last_f32(const float* x, SplitParams p, long rows, int d) { split_last(x, p, rows, d); }
 extern "C" __global__ void split_last_f16(const __half* x, SplitParams p, long rows, int d) { split_last(x, p, rows, d); }
 
+// The same in 16-byte units, when every width is a multiple of one (the usual case: 64-wide heads).
+// `units` are 16-byte units per row and widths are given in units.
+extern "C" __global__ void split_last_vec(const uint4* x, SplitParams p, long rows, int units) {
+    long n = rows * units;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / units;
+        int c = i % units, piece = 0;
+        while (piece + 1 < p.pieces && c >= p.width[piece]) c -= p.width[piece++];
+        static_cast<uint4*>(p.out[piece])[r * p.width[piece] + c] = x[i];
+    }
+}
+
 // gate_up [rows, 2f] (gate then up, from the stacked wi_0/wi_1 product) → gelu_new(gate)·up [rows, f].
 template <typename T>
 __device__ void gated_gelu_split(const T* gu, __half* y, long rows, int f) {

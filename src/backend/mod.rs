@@ -140,10 +140,6 @@ pub trait Backend: Sized + Send + Sync {
     /// The most memory the backend has held since the last reset, where it can tell.
     fn peak_memory(&self) -> Option<usize>;
     fn reset_peak_memory(&self);
-    /// Per-kernel times gathered so far when profiling is on (DETOX_PROFILE), as a table.
-    fn profile_report(&self) -> Result<String> {
-        Ok(String::new())
-    }
     /// Fails with a clear message when the device cannot hold `bytes` more for `what`.
     fn reserve(&self, bytes: usize, what: &str) -> Result<()>;
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;

@@ -151,7 +151,6 @@ impl Job for BenchGenerate {
             }
         }
         let peak = be.peak_memory();
-        let profile = be.profile_report()?;
         let (t_roll, t_pre) = (median(rollout), median(prefill));
         let step_ms = (t_roll - t_pre).max(0.0) / g as f64 * 1e3;
 
@@ -201,6 +200,6 @@ impl Job for BenchGenerate {
             "prefill_floor_ms": prefill_flops / PEAK_FLOPS * 1e3, "decode_step_floor_ms": step_floor_ms,
             "peak_bytes": peak,
         });
-        Ok(Report { text: format!("{text}\n{profile}"), json })
+        Ok(Report { text, json })
     }
 }

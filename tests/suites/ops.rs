@@ -145,15 +145,18 @@ pub fn split_and_gated_gelu<B: Backend>(be: &B) {
         let x = r.vec(rows * 16, 1.0);
         let y = be.linear_to(&be.upload(&x, &[rows, 16]).unwrap(), &weight(be, &w, &[2 * f, 16]), &[], prec).unwrap();
         let whole = be.download(&y).unwrap();
-        let pieces = be.split_last(&y, &[10, f, f - 10]).unwrap();
-        let mut col = 0;
-        for p in &pieces {
-            let width = p.shape()[1];
-            let got = be.download(p).unwrap();
-            for row in 0..rows {
-                assert_eq!(&got[row * width..(row + 1) * width], &whole[row * 2 * f + col..row * 2 * f + col + width]);
+        // Widths of whole 16-byte units take the vectorised path; 10 does not.
+        for widths in [[10, f, f - 10], [16, 32, 2 * f - 48]] {
+            let pieces = be.split_last(&y, &widths).unwrap();
+            let mut col = 0;
+            for p in &pieces {
+                let width = p.shape()[1];
+                let got = be.download(p).unwrap();
+                for row in 0..rows {
+                    assert_eq!(&got[row * width..(row + 1) * width], &whole[row * 2 * f + col..row * 2 * f + col + width]);
+                }
+                col += width;
             }
-            col += width;
         }
     }
 }

@@ -25,14 +25,6 @@ impl<T: DeviceRepr> Arg for T {
     }
 }
 
-/// Per-kernel GPU time, kept when DETOX_PROFILE is set: events around every launch and product,
-/// summed by name. Profiling runs every step eagerly (events cannot sit inside a replayed graph).
-#[derive(Default)]
-pub struct Profile {
-    pending: Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
-    totals: HashMap<String, (f64, usize)>,
-}
-
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -40,7 +32,6 @@ pub struct Gpu {
     _modules: Vec<Arc<CudaModule>>,
     pub ordinal: usize,
     pub name: String,
-    pub profile: Option<std::sync::Mutex<Profile>>,
 }
 
 /// The kernel names a PTX module defines (`.entry NAME(`).
@@ -103,8 +94,7 @@ impl Gpu {
             modules.push(m);
         }
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let profile = std::env::var_os("DETOX_PROFILE").map(|_| std::sync::Mutex::new(Profile::default()));
-        let gpu = Self { ctx, stream, functions, _modules: modules, ordinal, name, profile };
+        let gpu = Self { ctx, stream, functions, _modules: modules, ordinal, name };
         // Keep freed memory in the stream-ordered pool instead of returning it to the driver at
         // every synchronisation: the pool then serves as the arena, and steady-state steps
         // allocate nothing from the driver.
@@ -154,44 +144,13 @@ impl Gpu {
     /// Launches `name` with `args` on the stream.
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[&dyn Arg]) -> Result<()> {
         let f = self.function(name)?;
-        self.timed(name, || {
-            let mut b = self.stream.launch_builder(f);
-            for a in args {
-                a.push(&mut b);
-            }
-            // SAFETY: every kernel's parameter list is mirrored by its caller in backend/cuda, which
-            // passes pointers to live allocations of the sizes the kernel indexes.
-            unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| anyhow!("launching {name}: {e:?}"))
-        })
-    }
-
-    /// Runs `f`, which queues GPU work, between two timing events when profiling.
-    pub fn timed(&self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        let Some(prof) = &self.profile else { return f() };
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.ctx.new_event(flags).map_err(|e| anyhow!("{e:?}"))?;
-        let end = self.ctx.new_event(flags).map_err(|e| anyhow!("{e:?}"))?;
-        start.record(&self.stream).map_err(|e| anyhow!("{e:?}"))?;
-        f()?;
-        end.record(&self.stream).map_err(|e| anyhow!("{e:?}"))?;
-        prof.lock().expect("profile lock").pending.push((name.to_string(), start, end));
-        Ok(())
-    }
-
-    /// The profile so far, slowest first: (name, total ms, calls).
-    pub fn profile_report(&self) -> Result<Vec<(String, f64, usize)>> {
-        let Some(prof) = &self.profile else { return Ok(Vec::new()) };
-        self.sync()?;
-        let mut p = prof.lock().expect("profile lock");
-        for (name, start, end) in std::mem::take(&mut p.pending) {
-            let ms = start.elapsed_ms(&end).map_err(|e| anyhow!("{e:?}"))? as f64;
-            let e = p.totals.entry(name).or_insert((0.0, 0));
-            e.0 += ms;
-            e.1 += 1;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
         }
-        let mut rows: Vec<(String, f64, usize)> = p.totals.iter().map(|(k, v)| (k.clone(), v.0, v.1)).collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Ok(rows)
+        // SAFETY: every kernel's parameter list is mirrored by its caller in backend/cuda, which
+        // passes pointers to live allocations of the sizes the kernel indexes.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| anyhow!("launching {name}: {e:?}"))
     }
 
     /// Free and total device memory in bytes.

@@ -53,7 +53,6 @@ impl Gemm {
     #[allow(clippy::too_many_arguments)]
     pub fn nt(
         &self,
-        gpu: &super::device::Gpu,
         x: u64,
         w: u64,
         y: u64,
@@ -70,7 +69,7 @@ impl Gemm {
             return Ok(());
         }
         // SAFETY: x, w and y address at least m·k, n·k and m·n elements of the stated types.
-        gpu.timed(&format!("gemm {m}x{k}x{n}"), || unsafe {
+        unsafe {
             gemm_ex(
                 *self.blas.handle(),
                 sys::cublasOperation_t::CUBLAS_OP_T,
@@ -92,7 +91,7 @@ impl Gemm {
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-            .map_err(|e| anyhow!("cublasGemmEx ({m}×{k}·{n}×{k}ᵀ): {e:?}"))
-        })
+        }
+        .map_err(|e| anyhow!("cublasGemmEx ({m}×{k}·{n}×{k}ᵀ): {e:?}"))
     }
 }

@@ -206,7 +206,7 @@ impl Cuda {
         let (yout, ysize) = if matches!(y.buf, Buf::F32(_)) { (Elem::F32, 4) } else { (Elem::F16, 2) };
         let beta = if accumulate { 1.0 } else { 0.0 };
         let yp = self.ptr_t(y);
-        self.gemm.nt(&self.gpu, self.gpu.ptr(&xh), self.gpu.ptr(&w.buf), yp, n, m, k, n, Elem::F16, yout, 1.0, beta)?;
+        self.gemm.nt(self.gpu.ptr(&xh), self.gpu.ptr(&w.buf), yp, n, m, k, n, Elem::F16, yout, 1.0, beta)?;
         for l in lora {
             let r = l.a.shape[0];
             let out = l.b.shape[0];
@@ -241,9 +241,9 @@ impl Cuda {
             };
             let h = self.gpu.alloc::<f16>(m * r)?;
             let hp = self.gpu.ptr(&h);
-            self.gemm.nt(&self.gpu, self.gpu.ptr(xin), self.ptr_t(a16), hp, r, m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
+            self.gemm.nt(self.gpu.ptr(xin), self.ptr_t(a16), hp, r, m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
             let ycol = yp + (l.col * ysize) as u64;
-            self.gemm.nt(&self.gpu, hp, self.ptr_t(b16), ycol, n, m, r, out, Elem::F16, yout, 1.0, 1.0)?;
+            self.gemm.nt(hp, self.ptr_t(b16), ycol, n, m, r, out, Elem::F16, yout, 1.0, 1.0)?;
         }
         Ok(())
     }
@@ -272,16 +272,6 @@ impl Backend for Cuda {
 
     fn sync(&self) -> Result<()> {
         self.gpu.sync()
-    }
-
-    fn profile_report(&self) -> Result<String> {
-        let rows = self.gpu.profile_report()?;
-        let total: f64 = rows.iter().map(|r| r.1).sum();
-        let mut out = format!("GPU time by kernel ({total:.2} ms in all):\n");
-        for (name, ms, calls) in rows {
-            out.push_str(&format!("{ms:10.3} ms {:5.1}% {calls:7} × {name}\n", 100.0 * ms / total));
-        }
-        Ok(out)
     }
 
     fn peak_memory(&self) -> Option<usize> {
@@ -388,15 +378,20 @@ impl Backend for Cuda {
                 self.empty(&shape, prec)
             })
             .collect::<Result<_>>()?;
+        let elem = if prec == Prec::Half { 2 } else { 4 };
+        let per_unit = 16 / elem;
+        let vec = widths.iter().all(|w| w % per_unit == 0);
+        let unit = if vec { per_unit } else { 1 };
         let mut params = SplitParams { out: [0; 4], width: [0; 4], pieces: widths.len() as i32 };
         for (i, (p, &w)) in pieces.iter().zip(widths).enumerate() {
             params.out[i] = self.ptr_t(p);
-            params.width[i] = w as i32;
+            params.width[i] = (w / unit) as i32;
         }
+        let name = if vec { "split_last_vec".to_string() } else { format!("split_last_{}", Self::suffix(x)) };
         self.gpu.launch(
-            &format!("split_last_{}", Self::suffix(x)),
-            elementwise(rows * d),
-            &[&self.ptr_t(x), &params, &(rows as i64), &(d as i32)],
+            &name,
+            elementwise(rows * d / unit),
+            &[&self.ptr_t(x), &params, &(rows as i64), &((d / unit) as i32)],
         )?;
         Ok(pieces)
     }
@@ -577,14 +572,14 @@ impl Backend for Cuda {
         let out = self.empty(&q.shape, Prec::Half)?;
         let (qp, kp, vp, op) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.ptr_t(&out));
         if lq <= 4 {
-            let vec = dk % 8 == 0;
+            let vec = dk == 64 || dk == 32;
             let width = if vec { dk / 8 } else { dk };
             let groups = 128 / width;
             let smem = (dk + k.shape[1] + groups * dk) * 4;
             ensure!(smem <= 48 * 1024, "attention: {} keys exceed the decode kernel's shared memory", k.shape[1]);
             let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, lq as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-            let name = if vec { "attention_decode_vec" } else { "attention_decode_scalar" };
-            self.gpu.launch(name, cfg, &[&qp, &kp, &vp, &op, &params])?;
+            let name = if vec { format!("attention_decode_{dk}") } else { "attention_decode_any".to_string() };
+            self.gpu.launch(&name, cfg, &[&qp, &kp, &vp, &op, &params])?;
         } else if dk == 64 || dk == 32 {
             let cfg = LaunchConfig { grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
@@ -717,9 +712,6 @@ impl Backend for Cuda {
     type Graph = cudarc::driver::CudaGraph;
 
     fn run_step(&self, graph: &mut Option<Self::Graph>, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        if self.gpu.profile.is_some() {
-            return step();
-        }
         if graph.is_none() {
             *graph = Some(self.gpu.capture(step)?);
         }
