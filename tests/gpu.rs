@@ -2,6 +2,10 @@
 //! one is reported as ignored, with the reason, never as passed.
 
 mod common;
+// The model card's four-decimal values are checked on the CPU only.
+#[allow(dead_code)]
+#[path = "suites/classifier.rs"]
+mod classifier;
 #[path = "suites/ops.rs"]
 mod ops;
 #[path = "suites/t5.rs"]
@@ -30,7 +34,13 @@ const BODIES: &[(&str, Body)] = &[
         "t5::generation_logprobs_and_values_match_teacher_forcing",
         t5::generation_logprobs_and_values_match_teacher_forcing::<Cuda>,
     ),
+    ("t5::merged_lora_matches_unmerged", t5::merged_lora_matches_unmerged::<Cuda>),
     ("t5::full_size_matches_transformers", t5::full_size_matches_transformers::<Cuda>),
+    ("classifier::minilm_matches_transformers", classifier::minilm_matches_transformers::<Cuda>),
+    ("classifier::truncation_keeps_the_closing_token", classifier::truncation_keeps_the_closing_token::<Cuda>),
+    ("classifier::roberta_matches_transformers", classifier::roberta_matches_transformers::<Cuda>),
+    ("classifier::converted_detoxify_matches_transformers", classifier::converted_detoxify_matches_transformers::<Cuda>),
+    ("classifier::loader_errors_name_the_problem", classifier::loader_errors_name_the_problem::<Cuda>),
 ];
 
 /// Bodies that need more than a GPU: the environment variables that name their inputs.

@@ -33,3 +33,8 @@ fn greedy_generations_match_cpu() {
 fn generation_logprobs_and_values_match_teacher_forcing_cpu() {
     t5::generation_logprobs_and_values_match_teacher_forcing(&Cpu);
 }
+
+#[test]
+fn merged_lora_matches_unmerged_cpu() {
+    t5::merged_lora_matches_unmerged(&Cpu);
+}

@@ -3,7 +3,7 @@
 # `carry`): the release `detox` binary, the GPU test binary, and the parts of ../shared the run
 # reads. The GPU machine has no Rust and no network, and ../shared does not travel.
 #   tools/gpu_pack.sh [shared paths…]   e.g. tools/gpu_pack.sh tokenizers/t5 data/samsum/test.jsonl
-# There: DETOX_ROOT=$PWD DETOX_SHARED=$PWD/.carry/shared .carry/bin/gpu; .carry/bin/kernels
+# There: tar -xJf .carry/bin.tar.xz -C .carry; DETOX_ROOT=$PWD DETOX_SHARED=$PWD/.carry/shared .carry/bin/gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir -p .carry/bin .carry/shared
@@ -15,6 +15,8 @@ cp target/release/detox .carry/bin/detox
 cp "$gpu_test" .carry/bin/gpu
 cp "$bench" .carry/bin/kernels
 strip .carry/bin/*
+# Compressed, the binaries leave room under the 64 MiB a run may carry for models and data.
+tar -C .carry -cJf .carry/bin.tar.xz bin && rm -r .carry/bin
 for p in "$@"; do
   mkdir -p ".carry/shared/$(dirname "$p")"
   cp -r "../shared/$p" ".carry/shared/$p"

@@ -278,6 +278,19 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> {
+        let (n, k) = w.rows_cols();
+        let mut merged = w.clone();
+        for l in lora {
+            let (r, out) = (l.a.shape[0], l.b.shape[0]);
+            ensure!(l.a.shape == [r, k] && l.col + out <= n, "merge_lora: shapes do not fit {:?}", w.shape);
+            let mut delta = vec![0.0; out * k];
+            matmul_nn(&l.b.data, &l.a.data, &mut delta, out, r, k, false);
+            merged.data[l.col * k..(l.col + out) * k].iter_mut().zip(&delta).for_each(|(w, d)| *w += l.scale * d);
+        }
+        Ok(merged)
+    }
+
     fn matmul_copy(&self, _t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }

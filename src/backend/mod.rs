@@ -168,6 +168,9 @@ pub trait Backend: Sized + Send + Sync {
         lora: &[LoraRef<'_, Self>],
         acc: &mut Self::Tensor,
     ) -> Result<()>;
+    /// `w + Σ scale · B · A` over each branch's rows (PEFT's merge): one product per projection
+    /// instead of three while an adapter stays fixed, as it does through a rollout.
+    fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight>;
     /// A copy of trainable values in the precision this backend's products read, or None when
     /// they read the f32 values themselves (made once per update, not once per product).
     fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>>;

@@ -27,6 +27,30 @@ pub struct Args {
 pub enum What {
     /// Rollout generation: encoder, cached decoding with sampling, log-probs and values.
     Generate(GenArgs),
+    /// Reward scoring: tokenization and the classifier over a JSON Lines field.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScoreArgs {
+    /// Classifier directory (Hugging Face layout).
+    #[arg(long)]
+    pub classifier: PathBuf,
+    /// JSON Lines file whose `--field` holds the texts.
+    #[arg(long)]
+    pub input: String,
+    #[arg(long, default_value = "summary")]
+    pub field: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Timed passes after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -60,6 +84,21 @@ pub struct GenArgs {
 
 pub fn run(a: Args) -> Result<()> {
     match a.what {
+        What::Score(s) => {
+            ensure!(s.batch_size > 0 && s.iters > 0, "batch size and iters must be positive");
+            let rows = crate::text::read_jsonl(&s.input)?;
+            let texts: Vec<String> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| crate::text::string_field(r, &s.field, i, &s.input).map(str::to_owned))
+                .collect::<Result<_>>()?;
+            let report = run_on(s.device, BenchScore { args: s.clone(), texts })?;
+            println!("{}", report.text);
+            if let Some(p) = &s.json {
+                crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+            }
+            Ok(())
+        }
         What::Generate(g) => {
             ensure!(
                 g.batch > 0 && g.src > 1 && g.gen_tokens > 0 && g.iters > 0,
@@ -199,6 +238,53 @@ impl Job for BenchGenerate {
             "gen_tokens_per_s": tok_s, "prefill_tflops": prefill_flops / t_pre / 1e12,
             "prefill_floor_ms": prefill_flops / PEAK_FLOPS * 1e3, "decode_step_floor_ms": step_floor_ms,
             "peak_bytes": peak,
+        });
+        Ok(Report { text, json })
+    }
+}
+
+struct BenchScore {
+    args: ScoreArgs,
+    texts: Vec<String>,
+}
+
+impl Job for BenchScore {
+    type Output = Report;
+
+    fn run<B: Backend>(self, be: &B) -> Result<Report> {
+        let a = self.args;
+        let clf = crate::classifier::Classifier::load(be, &a.classifier, None)?;
+        let texts: Vec<&str> = self.texts.iter().map(String::as_str).collect();
+        let label = clf.config().labels.iter().position(|l| l == "toxicity").unwrap_or(0);
+        let mut times = Vec::new();
+        let mut mean = 0.0;
+        for it in 0..=a.iters {
+            be.sync()?;
+            let t0 = Instant::now();
+            let scores = clf.score(be, &texts, a.batch_size, |_| {})?;
+            let dt = t0.elapsed().as_secs_f64();
+            mean = scores.iter().map(|s| s[label] as f64).sum::<f64>() / scores.len().max(1) as f64;
+            if it > 0 {
+                times.push(dt);
+            }
+        }
+        let t = median(times);
+        let n = texts.len();
+        let text = format!(
+            "score: {n} texts from {}, batch {}, {}, tokenization included\n\
+             pass         {:9.2} ms median of {}  →  {:.0} texts/s\n\
+             mean {:<8} {mean:.6}",
+            a.input,
+            a.batch_size,
+            be.name(),
+            t * 1e3,
+            a.iters,
+            n as f64 / t,
+            clf.config().labels[label],
+        );
+        let json = json!({
+            "phase": "score", "device": be.name(), "classifier": a.classifier.display().to_string(), "texts": n,
+            "batch": a.batch_size, "iters": a.iters, "seconds": t, "texts_per_s": n as f64 / t, "mean": mean,
         });
         Ok(Report { text, json })
     }

@@ -103,6 +103,7 @@ impl Job for Summarize<'_> {
         let mut model = T5::load(be, &a.model)?;
         if let Some(dir) = &a.adapter {
             model.load_adapter(be, dir)?;
+            model.merge_lora(be)?;
         }
         let c = &model.config;
         let prompter = Prompter::new(

@@ -199,7 +199,8 @@ impl<B: Backend> T5<B> {
         self.refresh_lora(be)
     }
 
-    /// Remakes the adapters' product-precision copies after their f32 masters changed.
+    /// Remakes the adapters' product-precision copies, and their merged weights if merged, after
+    /// their f32 masters changed.
     pub fn refresh_lora(&mut self, be: &B) -> Result<()> {
         for (_, part) in self.modules_mut() {
             if let Some(l) = part.lora.as_mut() {
@@ -209,7 +210,7 @@ impl<B: Backend> T5<B> {
                 };
             }
         }
-        Ok(())
+        if self.lora_merged { self.merge_lora(be) } else { Ok(()) }
     }
 
     /// Writes the adapter as PEFT does, atomically file by file.

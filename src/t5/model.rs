@@ -24,6 +24,8 @@ pub struct Part<B: Backend> {
 pub struct Proj<B: Backend> {
     /// `[Σ out, in]`
     pub weight: B::Weight,
+    /// The weight with the parts' adapters merged in (`T5::merge_lora`), while they stay fixed.
+    pub merged: Option<B::Weight>,
     pub inp: usize,
     pub parts: Vec<Part<B>>,
 }
@@ -77,6 +79,8 @@ pub struct T5<B: Backend> {
     /// `None` when the head is tied to `shared`.
     pub lm_head: Option<B::Weight>,
     pub lora: Option<LoraSettings>,
+    /// The adapters are merged into copies of their weights (`merge_lora`).
+    pub lora_merged: bool,
 }
 
 /// Per-call switches of the forward pass.
@@ -137,6 +141,7 @@ fn load_proj<B: Backend>(be: &B, ckpt: &Checkpoint, paths: &[String], out: usize
     };
     Ok(Proj {
         weight,
+        merged: None,
         inp,
         parts: paths
             .iter()
@@ -227,6 +232,7 @@ impl<B: Backend> T5<B> {
             shared,
             lm_head,
             lora: None,
+            lora_merged: false,
             config,
         })
     }
@@ -249,14 +255,68 @@ impl<B: Backend> T5<B> {
             .collect()
     }
 
+    /// The weight and LoRA branches one product of `p` takes: the merged weight alone while the
+    /// adapters are on and merged.
+    fn operands<'a>(&'a self, p: &'a Proj<B>, f: Fwd) -> (&'a B::Weight, Vec<LoraRef<'a, B>>) {
+        match &p.merged {
+            Some(m) if f.lora => (m, Vec::new()),
+            _ => (&p.weight, self.loras(p, f)),
+        }
+    }
+
     fn project(&self, be: &B, x: &B::Tensor, p: &Proj<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
-        be.linear_to(x, &p.weight, &self.loras(p, f), out)
+        let (w, loras) = self.operands(p, f);
+        be.linear_to(x, w, &loras, out)
     }
 
     /// `acc += project(x)`: the output projections add straight into the fp32 residual stream.
     fn project_add(&self, be: &B, x: &B::Tensor, p: &Proj<B>, f: Fwd, acc: &mut B::Tensor) -> Result<()> {
-        be.linear_add(x, &p.weight, &self.loras(p, f), acc)
+        let (w, loras) = self.operands(p, f);
+        be.linear_add(x, w, &loras, acc)
     }
+
+    /// Every projection, mutable, in checkpoint order.
+    fn projections_mut(&mut self) -> Vec<&mut Proj<B>> {
+        let mut out = Vec::new();
+        for stack in [&mut self.encoder, &mut self.decoder] {
+            for block in stack.blocks.iter_mut() {
+                let sa = &mut block.self_attention;
+                out.extend([&mut sa.qkv, &mut sa.o]);
+                if let Some((ca, _)) = block.cross_attention.as_mut() {
+                    out.extend([&mut ca.q, &mut ca.kv, &mut ca.o]);
+                }
+                out.extend([&mut block.ff.wi, &mut block.ff.wo]);
+            }
+        }
+        out
+    }
+
+    /// Merges the adapters into copies of their projections' weights, so that generation runs one
+    /// product per projection; `refresh_lora` re-merges after the adapters change.
+    pub fn merge_lora(&mut self, be: &B) -> Result<()> {
+        let Some(scale) = self.lora.as_ref().map(LoraSettings::scale) else { return Ok(()) };
+        for p in self.projections_mut() {
+            let loras: Vec<LoraRef<'_, B>> = p
+                .parts
+                .iter()
+                .filter_map(|part| {
+                    part.lora.as_ref().map(|l| LoraRef {
+                        a: &l.a,
+                        b: &l.b,
+                        shadow: l.shadow.as_ref().map(|(a, b)| (a, b)),
+                        scale,
+                        col: part.col,
+                        dropout: None,
+                    })
+                })
+                .collect();
+            let merged = if loras.is_empty() { None } else { Some(be.merge_lora(&p.weight, &loras)?) };
+            p.merged = merged;
+        }
+        self.lora_merged = true;
+        Ok(())
+    }
+
 
     /// `h += wo(gelu_new(wi_0 x) · wi_1 x)`. wo's output joins the fp32 residual stream directly:
     /// producing it in fp16 is what overflows in T5 v1.1.
@@ -430,19 +490,9 @@ impl<B: Backend> T5<B> {
     /// attach to, load into and save from.
     pub fn modules_mut(&mut self) -> Vec<(usize, &mut Part<B>)> {
         let mut out = Vec::new();
-        for stack in [&mut self.encoder, &mut self.decoder] {
-            for block in stack.blocks.iter_mut() {
-                let sa = &mut block.self_attention;
-                let mut projs: Vec<&mut Proj<B>> = vec![&mut sa.qkv, &mut sa.o];
-                if let Some((ca, _)) = block.cross_attention.as_mut() {
-                    projs.extend([&mut ca.q, &mut ca.kv, &mut ca.o]);
-                }
-                projs.extend([&mut block.ff.wi, &mut block.ff.wo]);
-                for p in projs {
-                    let inp = p.inp;
-                    out.extend(p.parts.iter_mut().map(|part| (inp, part)));
-                }
-            }
+        for p in self.projections_mut() {
+            let inp = p.inp;
+            out.extend(p.parts.iter_mut().map(|part| (inp, part)));
         }
         out
     }

@@ -94,6 +94,30 @@ pub fn lora_logits_and_values_match<B: Backend>(be: &B) {
     }
 }
 
+/// Adapters merged into the weights give the logits of the unmerged product, and greedy generation
+/// the same tokens.
+pub fn merged_lora_matches_unmerged<B: Backend>(be: &B) {
+    for name in FIXTURES {
+        let mut c = case(be, name);
+        c.model.load_adapter(be, &fixture(&format!("t5/{name}/adapter"))).unwrap();
+        let f = Fwd { lora: true };
+        let (before, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, f).unwrap();
+        c.model.merge_lora(be).unwrap();
+        let (after, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, f).unwrap();
+        check(be, &be.download(&after).unwrap(), &be.download(&before).unwrap(), &format!("{name}: merged LoRA"));
+        let (ids, shape) = c.exp.ids("greedy_lora");
+        let want = hf_rows(&ids, &shape, c.model.config.eos_token_id);
+        let cfg = GenConfig { max_new_tokens: shape[1] - 1, ..GenConfig::default() };
+        let got = generate(be, &c.model, None, &c.prompts, &cfg, f).unwrap();
+        for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.tokens, w, "{name} merged greedy row {row}");
+        }
+        // The reference model (adapter off) still ignores the merged copies.
+        let (off, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd { lora: false }).unwrap();
+        check(be, &be.download(&off).unwrap(), &c.exp.get("logits").0, &format!("{name}: adapter off after merging"));
+    }
+}
+
 /// Hugging Face's generate output `[B, 1 + n]` → each row's tokens after the start token, up to and
 /// including the first EOS.
 fn hf_rows(ids: &[u32], shape: &[usize], eos: u32) -> Vec<Vec<u32>> {

@@ -30,6 +30,37 @@ impl Elem {
 const WORKSPACE: usize = 32 << 20;
 
 impl Gemm {
+    /// `y[m, n] = alpha · a[m, k] · b[k, n] + beta · y`, all row-major half (cuBLAS's `yᵀ = bᵀ·aᵀ`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn nn_half(&self, a: u64, b: u64, y: u64, m: usize, k: usize, n: usize, alpha: f32, beta: f32) -> Result<()> {
+        let h = sys::cudaDataType::CUDA_R_16F;
+        // SAFETY: a, b and y address m·k, k·n and m·n half elements.
+        unsafe {
+            gemm_ex(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                h,
+                n as i32,
+                a as *const c_void,
+                h,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                h,
+                n as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| anyhow!("cublasGemmEx ({m}×{k}·{k}×{n}): {e:?}"))
+    }
+
     pub fn new(gpu: &super::device::Gpu) -> Result<Self> {
         // SAFETY: only probes whether the shared library can be loaded.
         if !unsafe { sys::is_culib_present() } {

@@ -361,6 +361,28 @@ impl Backend for Cuda {
         self.product(x, w, lora, acc, true)
     }
 
+    fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> {
+        let (n, k) = w.rows_cols();
+        let mut buf = self.gpu.alloc::<f16>(n * k)?;
+        self.gpu.stream.memcpy_dtod(&w.buf, &mut buf).map_err(|e| anyhow::anyhow!("merge_lora: {e:?}"))?;
+        let merged = CudaWeight { buf, shape: w.shape.clone() };
+        for l in lora {
+            let (r, out) = (l.a.shape[0], l.b.shape[0]);
+            ensure!(l.a.shape == [r, k] && l.col + out <= n, "merge_lora: shapes do not fit {:?}", w.shape);
+            let made;
+            let (a16, b16) = match l.shadow {
+                Some((a, b)) => (a, b),
+                None => {
+                    made = (self.half_copy(l.a)?, self.half_copy(l.b)?);
+                    (&made.0, &made.1)
+                }
+            };
+            let rows = self.gpu.ptr(&merged.buf) + (l.col * k * 2) as u64;
+            self.gemm.nn_half(self.ptr_t(b16), self.ptr_t(a16), rows, out, r, k, l.scale, 1.0)?;
+        }
+        Ok(merged)
+    }
+
     fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
         self.half_copy(t).map(Some)
     }
