@@ -1,9 +1,9 @@
 //! The reward model on the CPU (bodies in tests/suites/classifier.rs, which tests/gpu.rs also runs on
 //! CUDA), and `detox score` end to end on SAMSum with clear errors for bad inputs.
 
-mod common;
 #[path = "suites/classifier.rs"]
 mod classifier;
+mod common;
 
 use common::{fixture, shared};
 use detox::backend::cpu::Cpu;
@@ -79,8 +79,10 @@ fn samsum_mean_toxicity_matches_the_model_card() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("scores.jsonl");
     let input = shared("data/samsum/test.jsonl");
-    let o =
-        detox(&["score", "--classifier", path(&shared(classifier::MINILM)), "--input", path(&input), "--output", path(&out)], None);
+    let o = detox(
+        &["score", "--classifier", path(&shared(classifier::MINILM)), "--input", path(&input), "--output", path(&out)],
+        None,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let src: Vec<Value> =
         std::fs::read_to_string(&input).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -39,7 +39,10 @@ const BODIES: &[(&str, Body)] = &[
     ("classifier::minilm_matches_transformers", classifier::minilm_matches_transformers::<Cuda>),
     ("classifier::truncation_keeps_the_closing_token", classifier::truncation_keeps_the_closing_token::<Cuda>),
     ("classifier::roberta_matches_transformers", classifier::roberta_matches_transformers::<Cuda>),
-    ("classifier::converted_detoxify_matches_transformers", classifier::converted_detoxify_matches_transformers::<Cuda>),
+    (
+        "classifier::converted_detoxify_matches_transformers",
+        classifier::converted_detoxify_matches_transformers::<Cuda>,
+    ),
     ("classifier::loader_errors_name_the_problem", classifier::loader_errors_name_the_problem::<Cuda>),
 ];
 

@@ -228,7 +228,13 @@ impl Backend for Cpu {
         CpuTensor::new(out, &shape)
     }
 
-    fn linear_to(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>], _out: Prec) -> Result<Self::Tensor> {
+    fn linear_to(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        _out: Prec,
+    ) -> Result<Self::Tensor> {
         let (m, _) = x.rows_cols();
         let (n, _) = w.rows_cols();
         let mut y = CpuTensor::new(vec![0.0; m * n], &out_shape(&x.shape, n))?;
@@ -302,7 +308,8 @@ impl Backend for Cpu {
         widths
             .iter()
             .map(|&w| {
-                let data: Vec<f32> = (0..rows).flat_map(|r| x.data[r * d + col..r * d + col + w].iter().copied()).collect();
+                let data: Vec<f32> =
+                    (0..rows).flat_map(|r| x.data[r * d + col..r * d + col + w].iter().copied()).collect();
                 col += w;
                 CpuTensor::new(data, &out_shape(&x.shape, w))
             })

@@ -155,8 +155,13 @@ pub trait Backend: Sized + Send + Sync {
     /// `table[ids]`: `[..ids] → [..ids, d]`.
     fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
     /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
-    fn linear_to(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>], out: Prec)
-    -> Result<Self::Tensor>;
+    fn linear_to(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        out: Prec,
+    ) -> Result<Self::Tensor>;
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Tensor> {
         self.linear_to(x, w, lora, Prec::F32)
     }

@@ -191,7 +191,8 @@ impl<B: Backend> T5<B> {
             }
             let a = ckpt.get_shaped(&peft_key(&part.path, "A"), &[r, inp])?.to_f32();
             let b = ckpt.get_shaped(&peft_key(&part.path, "B"), &[part.out, r])?.to_f32();
-            part.lora = Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.upload(&b, &[part.out, r])?, shadow: None });
+            part.lora =
+                Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.upload(&b, &[part.out, r])?, shadow: None });
             count += 1;
         }
         ensure!(count > 0, "{}: target_modules match no module of this T5", cfg_path.display());
@@ -220,8 +221,10 @@ impl<B: Backend> T5<B> {
         for (_, part) in self.modules_mut() {
             if let Some(p) = &part.lora {
                 let path = &part.path;
-                tensors.insert(peft_key(path, "A"), OwnedTensor::from_f32(&be.download(&p.a)?, p.a.shape(), DType::F32));
-                tensors.insert(peft_key(path, "B"), OwnedTensor::from_f32(&be.download(&p.b)?, p.b.shape(), DType::F32));
+                tensors
+                    .insert(peft_key(path, "A"), OwnedTensor::from_f32(&be.download(&p.a)?, p.a.shape(), DType::F32));
+                tensors
+                    .insert(peft_key(path, "B"), OwnedTensor::from_f32(&be.download(&p.b)?, p.b.shape(), DType::F32));
             }
         }
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();

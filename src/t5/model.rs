@@ -143,11 +143,7 @@ fn load_proj<B: Backend>(be: &B, ckpt: &Checkpoint, paths: &[String], out: usize
         weight,
         merged: None,
         inp,
-        parts: paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Part { path: p.clone(), col: i * out, out, lora: None })
-            .collect(),
+        parts: paths.iter().enumerate().map(|(i, p)| Part { path: p.clone(), col: i * out, out, lora: None }).collect(),
     })
 }
 
@@ -221,10 +217,7 @@ impl<B: Backend> T5<B> {
         } else if c.tie_word_embeddings {
             None
         } else {
-            bail!(
-                "lm_head.weight is missing from {} and config.json says tie_word_embeddings: false",
-                ckpt.describe()
-            );
+            bail!("lm_head.weight is missing from {} and config.json says tie_word_embeddings: false", ckpt.describe());
         };
         Ok(T5 {
             encoder: stack(StackKind::Encoder, c.num_layers)?,
@@ -316,7 +309,6 @@ impl<B: Backend> T5<B> {
         self.lora_merged = true;
         Ok(())
     }
-
 
     /// `h += wo(gelu_new(wi_0 x) · wi_1 x)`. wo's output joins the fp32 residual stream directly:
     /// producing it in fp16 is what overflows in T5 v1.1.

@@ -241,4 +241,3 @@ pub fn loader_errors_name_the_problem<B: Backend>(be: &B) {
     let e = load_err(be, &fixture("classifier/detoxify_original_tiny"), None);
     assert!(e.contains("tokenizer.json") && e.contains("does not exist"), "{e}");
 }
-

@@ -78,7 +78,8 @@ pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
             be.upload(&b, &[32, rank]).unwrap(),
         ));
     }
-    let shadows: Vec<_> = adapters.iter().map(|(_, _, a, b)| (be.matmul_copy(a).unwrap(), be.matmul_copy(b).unwrap())).collect();
+    let shadows: Vec<_> =
+        adapters.iter().map(|(_, _, a, b)| (be.matmul_copy(a).unwrap(), be.matmul_copy(b).unwrap())).collect();
     for prec in [Prec::F32, Prec::Half] {
         let want = Cpu.linear_to(&xc, &wc, &[], prec).unwrap();
         let got = be.linear_to(&xg, &wg, &[], prec).unwrap();
@@ -113,8 +114,10 @@ pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
                 close(&be.download(&got).unwrap(), &want.data, HALF, &what);
                 // The middle module has no adapter: its columns equal the plain product's.
                 let plain = Cpu.linear_to(&xc, &wc, &[], prec).unwrap();
-                let mid: Vec<(f32, f32)> =
-                    (0..m).flat_map(|row| (32..64).map(move |c| row * n + c)).map(|i| (want.data[i], plain.data[i])).collect();
+                let mid: Vec<(f32, f32)> = (0..m)
+                    .flat_map(|row| (32..64).map(move |c| row * n + c))
+                    .map(|i| (want.data[i], plain.data[i]))
+                    .collect();
                 assert!(mid.iter().all(|(a, b)| a == b), "{what}: an adapter leaked into another module's columns");
             }
         }
@@ -153,7 +156,10 @@ pub fn split_and_gated_gelu<B: Backend>(be: &B) {
                 let width = p.shape()[1];
                 let got = be.download(p).unwrap();
                 for row in 0..rows {
-                    assert_eq!(&got[row * width..(row + 1) * width], &whole[row * 2 * f + col..row * 2 * f + col + width]);
+                    assert_eq!(
+                        &got[row * width..(row + 1) * width],
+                        &whole[row * 2 * f + col..row * 2 * f + col + width]
+                    );
                 }
                 col += width;
             }
@@ -368,7 +374,20 @@ pub fn attention<B: Backend>(be: &B) {
         // teacher-forced decoding continued after a prefix, head size 32 (the tensor-core kernel)
         (
             "causal continuation, d_kv 32",
-            AttnCase { b: 2, lq: 80, cap: 100, kv_len: 100, h: 3, dk: 32, causal: true, q_offset: 20, counter: false, lengths: None, bias: Some(false), scale: 0.5 },
+            AttnCase {
+                b: 2,
+                lq: 80,
+                cap: 100,
+                kv_len: 100,
+                h: 3,
+                dk: 32,
+                causal: true,
+                q_offset: 20,
+                counter: false,
+                lengths: None,
+                bias: Some(false),
+                scale: 0.5,
+            },
         ),
         // an odd head size and BERT's scaling
         (

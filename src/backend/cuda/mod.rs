@@ -342,7 +342,13 @@ impl Backend for Cuda {
         Ok(out)
     }
 
-    fn linear_to(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>], out: Prec) -> Result<Self::Tensor> {
+    fn linear_to(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        out: Prec,
+    ) -> Result<Self::Tensor> {
         let (n, _) = w.rows_cols();
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rank ≥ 1") = n;
@@ -418,12 +424,7 @@ impl Backend for Cuda {
         Ok(pieces)
     }
 
-    fn affine(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        bias: Option<&Self::Tensor>,
-    ) -> Result<Self::Tensor> {
+    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
         let (m, k) = x.rows_cols();
         let (n, wk) = w.rows_cols();
         ensure!(k == wk, "affine: input has {k} features, weight {:?} expects {wk}", w.shape);
@@ -437,7 +438,11 @@ impl Backend for Cuda {
         *shape.last_mut().expect("rank ≥ 1") = n;
         let y = self.empty(&shape, Prec::F32)?;
         let warps = m * n;
-        let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8).clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(8).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let bp = bias.map(|b| self.ptr_t(b)).unwrap_or(0);
         self.gpu.launch(
             &format!("affine_narrow_{}", Self::suffix(x)),
@@ -599,14 +604,28 @@ impl Backend for Cuda {
             let groups = 128 / width;
             let smem = (dk + k.shape[1] + groups * dk) * 4;
             ensure!(smem <= 48 * 1024, "attention: {} keys exceed the decode kernel's shared memory", k.shape[1]);
-            let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, lq as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+            let cfg = LaunchConfig {
+                grid_dim: (h as u32, b as u32, lq as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
             let name = if vec { format!("attention_decode_{dk}") } else { "attention_decode_any".to_string() };
             self.gpu.launch(&name, cfg, &[&qp, &kp, &vp, &op, &params])?;
         } else if dk == 64 || dk == 32 {
-            let cfg = LaunchConfig { grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
             self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
         } else {
-            let dk_tile = if dk <= 32 { 32 } else if dk <= 64 { 64 } else { 128 };
+            let dk_tile = if dk <= 32 {
+                32
+            } else if dk <= 64 {
+                64
+            } else {
+                128
+            };
             let cfg = LaunchConfig {
                 grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
                 block_dim: (64, 1, 1),
