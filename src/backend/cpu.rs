@@ -4,7 +4,7 @@
 
 use super::relpos::relative_bucket;
 use super::rng::{dropout_keep, uniform};
-use super::{Activation, AttnSpec, Backend, LoraRef, Position, Prec, SampleSpec, Shaped};
+use super::{Activation, AdamStep, AttnSpec, Backend, LoraGrad, LoraRef, Position, Prec, SampleSpec, Shaped};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, bail, ensure};
 use rayon::prelude::*;
@@ -139,6 +139,13 @@ pub fn gelu_new(x: f32) -> f32 {
     0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
 }
 
+/// d gelu_new / dx.
+pub fn gelu_new_grad(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6;
+    let t = (C * (x + 0.044_715 * x * x * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044_715 * x * x)
+}
+
 /// BERT's exact GELU.
 pub fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
@@ -209,6 +216,10 @@ impl Backend for Cpu {
 
     fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids> {
         CpuTensor::new(ids.to_vec(), shape)
+    }
+
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        CpuTensor::new(t.data, shape)
     }
 
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>> {
@@ -558,6 +569,267 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn dropout(&self, x: &Self::Tensor, d: &super::Dropout) -> Result<Self::Tensor> {
+        CpuTensor::new(apply_dropout(&x.data, d), &x.shape)
+    }
+
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        grads: &mut [LoraGrad<'_, Self>],
+    ) -> Result<()> {
+        let (m, k) = x.rows_cols();
+        let (n, wk) = w.rows_cols();
+        ensure!(
+            k == wk && dy.rows_cols() == (m, n),
+            "linear_backward: x {:?}, w {:?}, dy {:?}",
+            x.shape,
+            w.shape,
+            dy.shape
+        );
+        ensure!(grads.len() == lora.len(), "linear_backward: {} gradients for {} branches", grads.len(), lora.len());
+        let mut dx_acc = vec![0.0f32; if dx.is_some() { m * k } else { 0 }];
+        if dx.is_some() {
+            matmul_nn(&dy.data, &w.data, &mut dx_acc, m, n, k, false);
+        }
+        for (l, g) in lora.iter().zip(grads.iter_mut()) {
+            let (r, out) = (l.a.shape[0], l.b.shape[0]);
+            let xd = match &l.dropout {
+                Some(d) if d.p > 0.0 => apply_dropout(&x.data, d),
+                _ => x.data.clone(),
+            };
+            let mut h = vec![0.0; m * r];
+            matmul_nt(&xd, &l.a.data, &mut h, m, k, r, false);
+            h.iter_mut().for_each(|v| *v *= l.scale);
+            let dyp: Vec<f32> = dy.data.chunks(n).flat_map(|row| row[l.col..l.col + out].iter().copied()).collect();
+            matmul_tn(&dyp, &h, &mut g.b.data, out, m, r, true);
+            let mut dh = vec![0.0; m * r];
+            matmul_nn(&dyp, &l.b.data, &mut dh, m, out, r, false);
+            dh.iter_mut().for_each(|v| *v *= l.scale);
+            matmul_tn(&dh, &xd, &mut g.a.data, r, m, k, true);
+            if dx.is_some() {
+                let mut dxl = vec![0.0; m * k];
+                matmul_nn(&dh, &l.a.data, &mut dxl, m, r, k, false);
+                if let Some(d) = l.dropout.filter(|d| d.p > 0.0) {
+                    dxl = apply_dropout(&dxl, &d);
+                }
+                dx_acc.iter_mut().zip(&dxl).for_each(|(a, b)| *a += b);
+            }
+        }
+        if let Some(dx) = dx {
+            ensure!(dx.rows_cols() == (m, k), "linear_backward: dx {:?} for input {:?}", dx.shape, x.shape);
+            dx.data.iter_mut().zip(&dx_acc).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn affine_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        dw: &mut Self::Tensor,
+        db: Option<&mut Self::Tensor>,
+    ) -> Result<()> {
+        let (m, k) = x.rows_cols();
+        let (n, _) = w.rows_cols();
+        ensure!(dy.rows_cols() == (m, n) && dw.shape == w.shape, "affine_backward: shapes do not agree");
+        if let Some(dx) = dx {
+            matmul_nn(&dy.data, &w.data, &mut dx.data, m, n, k, true);
+        }
+        matmul_tn(&dy.data, &x.data, &mut dw.data, n, m, k, true);
+        if let Some(db) = db {
+            for row in dy.data.chunks(n) {
+                db.data.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    ) -> Result<()> {
+        let (_, d) = x.rows_cols();
+        ensure!(dy.shape == x.shape && dx.shape == x.shape, "rms_norm_backward: shapes do not agree");
+        for ((xr, gr), dr) in x.data.chunks(d).zip(dy.data.chunks(d)).zip(dx.data.chunks_mut(d)) {
+            let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+            let dot: f32 = xr.iter().zip(gr).zip(&w.data).map(|((x, g), w)| x * g * w).sum();
+            let c = r * r * r * dot / d as f32;
+            for (((o, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(&w.data) {
+                *o += r * g * w - c * x;
+            }
+        }
+        Ok(())
+    }
+
+    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
+        let (rows, d2) = gate_up.rows_cols();
+        let f = d2 / 2;
+        ensure!(dy.rows_cols() == (rows, f), "gated_gelu_backward: dy {:?} for {:?}", dy.shape, gate_up.shape);
+        let mut out = vec![0.0; rows * d2];
+        for ((o, gu), g) in out.chunks_mut(d2).zip(gate_up.data.chunks(d2)).zip(dy.data.chunks(f)) {
+            for i in 0..f {
+                o[i] = g[i] * gu[f + i] * gelu_new_grad(gu[i]);
+                o[f + i] = g[i] * gelu_new(gu[i]);
+            }
+        }
+        CpuTensor::new(out, &gate_up.shape)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let inner = h * dk;
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        let cap = k.shape[1];
+        ensure!(dout.shape == q.shape && k.shape == v.shape, "attention_backward: shapes do not agree");
+        let q_offset = at(spec.q_offset);
+        let lk = match spec.q_offset {
+            Position::At(_) => spec.kv_len,
+            Position::Counter(_) => q_offset + lq,
+        };
+        let key_len: Vec<usize> = match spec.key_lengths {
+            Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
+            None => vec![lk; b],
+        };
+        let mut dq = vec![0.0f32; q.data.len()];
+        let mut dkk = vec![0.0f32; k.data.len()];
+        let mut dv = vec![0.0f32; v.data.len()];
+        let mut p = vec![0.0f32; lk];
+        for bi in 0..b {
+            for hh in 0..h {
+                for i in 0..lq {
+                    let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                    let di = &dout.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                    let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk }.min(key_len[bi]);
+                    if visible == 0 {
+                        continue;
+                    }
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, pj) in p.iter_mut().enumerate().take(visible) {
+                        let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        let mut s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+                        if let Some(rb) = &spec.bias {
+                            let rel = j as i64 - (q_offset + i) as i64;
+                            let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+                            s += rb.table.data[bucket * h + hh];
+                        }
+                        *pj = s;
+                        max = max.max(s);
+                    }
+                    let sum: f32 = p[..visible]
+                        .iter_mut()
+                        .map(|s| {
+                            *s = (*s - max).exp();
+                            *s
+                        })
+                        .sum();
+                    p[..visible].iter_mut().for_each(|s| *s /= sum);
+                    // dp_j = dout_i · v_j; ds_j = p_j (dp_j − Σ p dp)
+                    let dp: Vec<f32> = (0..visible)
+                        .map(|j| {
+                            di.iter().zip(&v.data[(bi * cap + j) * inner + hh * dk..][..dk]).map(|(a, b)| a * b).sum()
+                        })
+                        .collect();
+                    let avg: f32 = p[..visible].iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for j in 0..visible {
+                        let ds = p[j] * (dp[j] - avg) * spec.scale;
+                        let base = (bi * cap + j) * inner + hh * dk;
+                        for t in 0..dk {
+                            dv[base + t] += p[j] * di[t];
+                            dq[(bi * lq + i) * inner + hh * dk + t] += ds * k.data[base + t];
+                            dkk[base + t] += ds * qi[t];
+                        }
+                    }
+                }
+            }
+        }
+        Ok((CpuTensor::new(dq, &q.shape)?, CpuTensor::new(dkk, &k.shape)?, CpuTensor::new(dv, &v.shape)?))
+    }
+
+    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor> {
+        ensure!(!pieces.is_empty(), "concat_last: no pieces");
+        let rows = pieces[0].rows_cols().0;
+        ensure!(pieces.iter().all(|p| p.rows_cols().0 == rows), "concat_last: pieces differ in rows");
+        let width: usize = pieces.iter().map(|p| p.rows_cols().1).sum();
+        let mut out = Vec::with_capacity(rows * width);
+        for r in 0..rows {
+            for p in pieces {
+                let w = p.rows_cols().1;
+                out.extend_from_slice(&p.data[r * w..(r + 1) * w]);
+            }
+        }
+        CpuTensor::new(out, &out_shape(&pieces[0].shape, width))
+    }
+
+    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (n, v) = logits.rows_cols();
+        ensure!(tokens.data.len() == n, "token_logprobs: {} tokens for {n} rows", tokens.data.len());
+        let mut lp = Vec::with_capacity(n);
+        let mut ent = Vec::with_capacity(n);
+        for (row, &t) in logits.data.chunks(v).zip(&tokens.data) {
+            ensure!((t as usize) < v, "token {t} is outside the vocabulary of {v}");
+            let mut l = row.to_vec();
+            log_softmax_row(&mut l);
+            lp.push(l[t as usize]);
+            ent.push(-l.iter().map(|x| x.exp() * x).sum::<f32>());
+        }
+        Ok((CpuTensor::new(lp, &[n])?, CpuTensor::new(ent, &[n])?))
+    }
+
+    fn token_logprobs_backward(
+        &self,
+        logits: &Self::Tensor,
+        tokens: &Self::Ids,
+        dlogp: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (n, v) = logits.rows_cols();
+        ensure!(tokens.data.len() == n && dlogp.data.len() == n, "token_logprobs_backward: shapes do not agree");
+        let mut out = logits.data.clone();
+        for ((row, &t), &g) in out.chunks_mut(v).zip(&tokens.data).zip(&dlogp.data) {
+            log_softmax_row(row);
+            row.iter_mut().for_each(|x| *x = -g * x.exp());
+            row[t as usize] += g;
+        }
+        CpuTensor::new(out, &logits.shape)
+    }
+
+    fn adam(
+        &self,
+        p: &mut Self::Tensor,
+        g: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        h: &AdamStep,
+    ) -> Result<()> {
+        ensure!(p.shape == g.shape && m.shape == g.shape && v.shape == g.shape, "adam: shapes do not agree");
+        let f = h.factors();
+        for i in 0..p.data.len() {
+            adam_element(&mut p.data[i], g.data[i], &mut m.data[i], &mut v.data[i], &f);
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64> {
+        Ok(x.data.iter().map(|&v| (v as f64) * (v as f64)).sum())
+    }
+
     type Graph = ();
 
     fn run_step(&self, _graph: &mut Option<()>, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
@@ -578,6 +850,15 @@ fn write_rows_of<T: Copy>(dst: &mut [T], dshape: &[usize], src: &[T], sshape: &[
         dst[(bi * cap + pos) * d..(bi * cap + pos + n) * d].copy_from_slice(&src[bi * n * d..(bi + 1) * n * d]);
     }
     Ok(())
+}
+
+/// One element of torch.optim.Adam's update (no weight decay), in torch's order of operations.
+pub fn adam_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, f: &super::AdamFactors) {
+    // torch's lerp(m, g, 1 − β₁) takes this branch for weights below one half.
+    *m += f.w1 * (g - *m);
+    *v = *v * f.beta2 + f.w2 * g * g;
+    let denom = v.sqrt() / f.bc2_sqrt + f.eps;
+    *p += f.neg_step * *m / denom;
 }
 
 /// In-place log-softmax of one row, in f32 with the max subtracted first.

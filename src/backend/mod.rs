@@ -49,6 +49,54 @@ pub struct LoraRef<'a, B: Backend> {
     pub dropout: Option<Dropout>,
 }
 
+/// Where one LoRA branch's gradients accumulate (`Backend::linear_backward`).
+pub struct LoraGrad<'a, B: Backend> {
+    /// `[r, in]`
+    pub a: &'a mut B::Tensor,
+    /// `[out, r]`
+    pub b: &'a mut B::Tensor,
+}
+
+/// Adam's hyper-parameters for one update (torch.optim.Adam: no weight decay, bias-corrected).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// 1 for the first update.
+    pub step: u64,
+}
+
+/// The f32 constants of one Adam update, derived in f64 as torch derives them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamFactors {
+    /// 1 − β₁ (the weight of torch's lerp of the first moment)
+    pub w1: f32,
+    pub beta2: f32,
+    /// 1 − β₂
+    pub w2: f32,
+    /// −lr / (1 − β₁ᵗ)
+    pub neg_step: f32,
+    /// √(1 − β₂ᵗ)
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+
+impl AdamStep {
+    pub fn factors(&self) -> AdamFactors {
+        let t = self.step as f64;
+        AdamFactors {
+            w1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            w2: (1.0 - self.beta2) as f32,
+            neg_step: (-self.lr / (1.0 - self.beta1.powf(t))) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powf(t)).sqrt() as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
 /// T5's learned relative position bias, looked up inside attention.
 pub struct RelBias<'a, B: Backend> {
     /// `relative_attention_bias.weight`, `[num_buckets, heads]`
@@ -150,6 +198,8 @@ pub trait Backend: Sized + Send + Sync {
     }
     fn upload_weight(&self, w: &HostTensor<'_>) -> Result<Self::Weight>;
     fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids>;
+    /// The same values under another shape of as many elements (row-major: no data moves).
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
 
     /// `table[ids]`: `[..ids] → [..ids, d]`.
@@ -237,6 +287,74 @@ pub trait Backend: Sized + Send + Sync {
         tokens: &mut Self::Ids,
         logprobs: &mut Self::Tensor,
     ) -> Result<()>;
+
+    // ---- training: the backward forms, written to accumulate where gradients meet ----
+
+    /// Inverted dropout `y = x · mask / (1 − p)`; the same call on a gradient is its backward.
+    fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
+    /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
+    /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        grads: &mut [LoraGrad<'_, Self>],
+    ) -> Result<()>;
+    /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
+    fn affine_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        dw: &mut Self::Tensor,
+        db: Option<&mut Self::Tensor>,
+    ) -> Result<()>;
+    /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
+    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
+    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor>;
+    /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
+    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
+    fn token_logprobs_backward(
+        &self,
+        logits: &Self::Tensor,
+        tokens: &Self::Ids,
+        dlogp: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// One Adam update of `p` with gradient `g` and moments `m`, `v` (all f32, same shape).
+    fn adam(
+        &self,
+        p: &mut Self::Tensor,
+        g: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        h: &AdamStep,
+    ) -> Result<()>;
+    /// Σ x², for gradient norms.
+    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
 
     /// A recorded decoding step (a CUDA graph; nothing on the CPU).
     type Graph;

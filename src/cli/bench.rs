@@ -156,7 +156,7 @@ impl Job for BenchGenerate {
         }
         let c = model.config.clone();
         let vh = ValueHead::init(be, c.d_model, 0)?;
-        let f = Fwd { lora: a.lora_r > 0 };
+        let f = Fwd::eval(a.lora_r > 0);
         let (b, l, g) = (a.batch, a.src, a.gen_tokens);
         let seqs: Vec<Vec<u32>> = (0..b)
             .map(|r| {

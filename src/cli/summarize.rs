@@ -119,7 +119,7 @@ impl Job for Summarize<'_> {
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
         let pb = super::progress(encoded.len(), "summarizing");
         let mut results = vec![(String::new(), Vec::new()); encoded.len()];
-        let f = Fwd { lora: model.lora.is_some() };
+        let f = Fwd::eval(model.lora.is_some());
         for chunk in order.chunks(a.batch_size) {
             let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
             let batch = pad_batch(&seqs, c.pad_token_id);

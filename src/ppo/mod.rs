@@ -21,6 +21,7 @@ pub mod kl;
 pub mod loss;
 pub mod mask;
 pub mod optim;
+pub mod policy;
 pub mod stats;
 pub mod trl_core;
 

@@ -4,7 +4,7 @@
 
 use super::config::T5Config;
 use super::lora::{LoraPair, LoraSettings};
-use crate::backend::{AttnSpec, Backend, LoraRef, Position, Prec, RelBias, Shaped};
+use crate::backend::{AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, Shaped};
 use crate::checkpoint::{Checkpoint, DType, HostTensor};
 use anyhow::{Context, Result, bail};
 
@@ -16,6 +16,9 @@ pub struct Part<B: Backend> {
     /// First output column of this module in the projection's product.
     pub col: usize,
     pub out: usize,
+    /// This module's index among all of the model's modules, in checkpoint order: its dropout
+    /// stream and its place among the gradients.
+    pub slot: usize,
     pub lora: Option<LoraPair<B>>,
 }
 
@@ -66,7 +69,7 @@ pub struct Stack<B: Backend> {
 }
 
 impl<B: Backend> Stack<B> {
-    fn bias_table(&self) -> &B::Weight {
+    pub(crate) fn bias_table(&self) -> &B::Weight {
         self.blocks[0].self_attention.relative_attention_bias.as_ref().expect("block 0 owns the bias")
     }
 }
@@ -88,6 +91,21 @@ pub struct T5<B: Backend> {
 pub struct Fwd {
     /// Run the LoRA branches (off gives the frozen reference model).
     pub lora: bool,
+    /// Apply the adapters' dropout with masks drawn from this seed (training passes); None is
+    /// evaluation mode.
+    pub dropout_seed: Option<u64>,
+}
+
+impl Fwd {
+    /// Evaluation mode, with the adapters on or off.
+    pub fn eval(lora: bool) -> Self {
+        Self { lora, dropout_seed: None }
+    }
+
+    /// A training pass: adapters on, their dropout drawn from `seed`.
+    pub fn train(seed: u64) -> Self {
+        Self { lora: true, dropout_seed: Some(seed) }
+    }
 }
 
 /// Decoder state carried across calls: self-attention K/V of every position so far and the
@@ -143,7 +161,11 @@ fn load_proj<B: Backend>(be: &B, ckpt: &Checkpoint, paths: &[String], out: usize
         weight,
         merged: None,
         inp,
-        parts: paths.iter().enumerate().map(|(i, p)| Part { path: p.clone(), col: i * out, out, lora: None }).collect(),
+        parts: paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Part { path: p.clone(), col: i * out, out, slot: 0, lora: None })
+            .collect(),
     })
 }
 
@@ -219,7 +241,7 @@ impl<B: Backend> T5<B> {
         } else {
             bail!("lm_head.weight is missing from {} and config.json says tie_word_embeddings: false", ckpt.describe());
         };
-        Ok(T5 {
+        let mut model = T5 {
             encoder: stack(StackKind::Encoder, c.num_layers)?,
             decoder: stack(StackKind::Decoder, c.num_decoder_layers)?,
             shared,
@@ -227,11 +249,15 @@ impl<B: Backend> T5<B> {
             lora: None,
             lora_merged: false,
             config,
-        })
+        };
+        for (slot, (_, part)) in model.modules_mut().into_iter().enumerate() {
+            part.slot = slot;
+        }
+        Ok(model)
     }
 
     /// The LoRA branches of a projection's modules, when adapters are on.
-    fn loras<'a>(&'a self, p: &'a Proj<B>, f: Fwd) -> Vec<LoraRef<'a, B>> {
+    pub(crate) fn loras<'a>(&'a self, p: &'a Proj<B>, f: Fwd) -> Vec<LoraRef<'a, B>> {
         let Some(s) = self.lora.as_ref().filter(|_| f.lora) else { return Vec::new() };
         p.parts
             .iter()
@@ -242,7 +268,11 @@ impl<B: Backend> T5<B> {
                     shadow: l.shadow.as_ref().map(|(a, b)| (a, b)),
                     scale: s.scale(),
                     col: part.col,
-                    dropout: None,
+                    dropout: f.dropout_seed.filter(|_| s.dropout > 0.0).map(|seed| Dropout {
+                        p: s.dropout,
+                        seed,
+                        stream: part.slot as u64,
+                    }),
                 })
             })
             .collect()
@@ -250,9 +280,9 @@ impl<B: Backend> T5<B> {
 
     /// The weight and LoRA branches one product of `p` takes: the merged weight alone while the
     /// adapters are on and merged.
-    fn operands<'a>(&'a self, p: &'a Proj<B>, f: Fwd) -> (&'a B::Weight, Vec<LoraRef<'a, B>>) {
+    pub(crate) fn operands<'a>(&'a self, p: &'a Proj<B>, f: Fwd) -> (&'a B::Weight, Vec<LoraRef<'a, B>>) {
         match &p.merged {
-            Some(m) if f.lora => (m, Vec::new()),
+            Some(m) if f.lora && f.dropout_seed.is_none() => (m, Vec::new()),
             _ => (&p.weight, self.loras(p, f)),
         }
     }
@@ -269,7 +299,7 @@ impl<B: Backend> T5<B> {
     }
 
     /// Every projection, mutable, in checkpoint order.
-    fn projections_mut(&mut self) -> Vec<&mut Proj<B>> {
+    pub(crate) fn projections_mut(&mut self) -> Vec<&mut Proj<B>> {
         let mut out = Vec::new();
         for stack in [&mut self.encoder, &mut self.decoder] {
             for block in stack.blocks.iter_mut() {
@@ -328,7 +358,7 @@ impl<B: Backend> T5<B> {
         Ok((q, k, v))
     }
 
-    fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
+    pub(crate) fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
         RelBias {
             table,
             bidirectional,

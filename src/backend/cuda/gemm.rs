@@ -27,6 +27,15 @@ impl Elem {
     }
 }
 
+/// A row-major matrix operand: its device address, the elements between the starts of consecutive
+/// rows, and its element type.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat {
+    pub ptr: u64,
+    pub ld: usize,
+    pub elem: Elem,
+}
+
 const WORKSPACE: usize = 32 << 20;
 
 impl Gemm {
@@ -59,6 +68,74 @@ impl Gemm {
             )
         }
         .map_err(|e| anyhow!("cublasGemmEx ({m}×{k}·{k}×{n}): {e:?}"))
+    }
+
+    /// `y[m, n] = alpha · a[m, k] · b[k, n] + beta · y`, row-major operands with their own leading
+    /// dimensions (a column range of a wider tensor is a pointer and the wider row length): the
+    /// input gradient `dy · w` of a product. cuBLAS computes `yᵀ = bᵀ · aᵀ` on the stored data.
+    #[allow(clippy::too_many_arguments)]
+    pub fn nn(&self, a: Mat, b: Mat, y: Mat, m: usize, k: usize, n: usize, alpha: f32, beta: f32) -> Result<()> {
+        use sys::cublasOperation_t::CUBLAS_OP_N;
+        self.row_major(CUBLAS_OP_N, CUBLAS_OP_N, b, a, y, (n, m, k), alpha, beta)
+            .map_err(|e| anyhow!("cublasGemmEx ({m}×{k}·{k}×{n}): {e}"))
+    }
+
+    /// `y[m, n] = alpha · a[k, m]ᵀ · b[k, n] + beta · y`, row-major as in `nn`: the weight gradient
+    /// `dyᵀ · x`, summed over the k rows. cuBLAS computes `yᵀ = bᵀ · a`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tn(&self, a: Mat, b: Mat, y: Mat, m: usize, k: usize, n: usize, alpha: f32, beta: f32) -> Result<()> {
+        use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        self.row_major(CUBLAS_OP_N, CUBLAS_OP_T, b, a, y, (n, m, k), alpha, beta)
+            .map_err(|e| anyhow!("cublasGemmEx ({k}×{m}ᵀ·{k}×{n}): {e}"))
+    }
+
+    /// One column-major cuBLAS product `c = op(a) · op(b)` of dimensions `(m, n, k)` (cuBLAS's
+    /// names), where a row-major matrix is its column-major transpose with the same leading
+    /// dimension.
+    #[allow(clippy::too_many_arguments)]
+    fn row_major(
+        &self,
+        opa: sys::cublasOperation_t,
+        opb: sys::cublasOperation_t,
+        a: Mat,
+        b: Mat,
+        c: Mat,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
+        if a.elem != b.elem {
+            return Err(format!("operands of different types ({:?}, {:?})", a.elem, b.elem));
+        }
+        if m == 0 || n == 0 || (k == 0 && beta == 1.0) {
+            return Ok(());
+        }
+        // SAFETY: the callers pass operands that address the extents their leading dimensions and
+        // the product's dimensions describe, in the stated element types.
+        unsafe {
+            gemm_ex(
+                *self.blas.handle(),
+                opa,
+                opb,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                a.ptr as *const c_void,
+                a.elem.cuda(),
+                a.ld.max(1) as i32,
+                b.ptr as *const c_void,
+                b.elem.cuda(),
+                b.ld.max(1) as i32,
+                &beta as *const f32 as *const c_void,
+                c.ptr as *mut c_void,
+                c.elem.cuda(),
+                c.ld.max(1) as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("{e:?}"))
     }
 
     pub fn new(gpu: &super::device::Gpu) -> Result<Self> {

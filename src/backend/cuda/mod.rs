@@ -2,6 +2,7 @@
 //! Weights live in fp16; activations in f32, or in half where their only consumer is a matrix
 //! product or attention (DESIGN.md's precision policy).
 
+mod backward;
 mod device;
 mod gemm;
 
@@ -315,6 +316,17 @@ impl Backend for Cuda {
     fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids> {
         ensure!(ids.len() == shape.iter().product::<usize>(), "upload_ids: {} ids for shape {shape:?}", ids.len());
         Ok(CudaIds { buf: self.gpu.upload(ids)?, shape: shape.to_vec() })
+    }
+
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        ensure!(
+            t.numel() == shape.iter().product::<usize>(),
+            "reshape: {:?} has {} elements, {shape:?} needs {}",
+            t.shape,
+            t.numel(),
+            shape.iter().product::<usize>()
+        );
+        Ok(CudaTensor { buf: t.buf, shape: shape.to_vec() })
     }
 
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>> {
@@ -748,6 +760,92 @@ impl Backend for Cuda {
         };
         let cfg = LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch("select_tokens", cfg, &[&self.ptr_t(logits), &params])
+    }
+
+    fn dropout(&self, x: &Self::Tensor, d: &super::Dropout) -> Result<Self::Tensor> {
+        self.dropout_impl(x, d)
+    }
+
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        grads: &mut [super::LoraGrad<'_, Self>],
+    ) -> Result<()> {
+        self.linear_backward_impl(x, w, lora, dy, dx, grads)
+    }
+
+    fn affine_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        dw: &mut Self::Tensor,
+        db: Option<&mut Self::Tensor>,
+    ) -> Result<()> {
+        self.affine_backward_impl(x, w, dy, dx, dw, db)
+    }
+
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.rms_norm_backward_impl(x, w, eps, dy, dx)
+    }
+
+    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
+        self.gated_gelu_backward_impl(gate_up, dy)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        self.attention_backward_impl(q, k, v, dout, spec)
+    }
+
+    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor> {
+        self.concat_last_impl(pieces)
+    }
+
+    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> {
+        self.token_logprobs_impl(logits, tokens)
+    }
+
+    fn token_logprobs_backward(
+        &self,
+        logits: &Self::Tensor,
+        tokens: &Self::Ids,
+        dlogp: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.token_logprobs_backward_impl(logits, tokens, dlogp)
+    }
+
+    fn adam(
+        &self,
+        p: &mut Self::Tensor,
+        g: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        h: &super::AdamStep,
+    ) -> Result<()> {
+        self.adam_impl(p, g, m, v, h)
+    }
+
+    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64> {
+        self.sum_squares_impl(x)
     }
 
     type Graph = cudarc::driver::CudaGraph;
