@@ -8,6 +8,8 @@ mod common;
 mod classifier;
 #[path = "suites/ops.rs"]
 mod ops;
+#[path = "suites/backward_ops.rs"]
+mod backward;
 #[path = "suites/t5.rs"]
 mod t5;
 
@@ -26,6 +28,16 @@ const BODIES: &[(&str, Body)] = &[
     ("ops::attention", ops::attention::<Cuda>),
     ("ops::kv_writes_and_copies", ops::kv_writes_and_copies::<Cuda>),
     ("ops::log_softmax_and_token_choice", ops::log_softmax_and_token_choice::<Cuda>),
+    ("backward::dropout_matches_cpu", backward::dropout_matches_cpu::<Cuda>),
+    ("backward::linear_backward_matches_cpu", backward::linear_backward_matches_cpu::<Cuda>),
+    ("backward::affine_backward_matches_cpu", backward::affine_backward_matches_cpu::<Cuda>),
+    ("backward::rms_norm_backward_matches_cpu", backward::rms_norm_backward_matches_cpu::<Cuda>),
+    ("backward::gated_gelu_backward_matches_cpu", backward::gated_gelu_backward_matches_cpu::<Cuda>),
+    ("backward::attention_backward_matches_cpu", backward::attention_backward_matches_cpu::<Cuda>),
+    ("backward::concat_last_matches_cpu", backward::concat_last_matches_cpu::<Cuda>),
+    ("backward::token_logprobs_matches_cpu", backward::token_logprobs_matches_cpu::<Cuda>),
+    ("backward::adam_matches_cpu", backward::adam_matches_cpu::<Cuda>),
+    ("backward::sum_squares_matches_cpu", backward::sum_squares_matches_cpu::<Cuda>),
     ("t5::encoder_matches", t5::encoder_matches::<Cuda>),
     ("t5::logits_match", t5::logits_match::<Cuda>),
     ("t5::lora_logits_and_values_match", t5::lora_logits_and_values_match::<Cuda>),

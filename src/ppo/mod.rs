@@ -22,6 +22,7 @@ pub mod loss;
 pub mod mask;
 pub mod optim;
 pub mod policy;
+pub mod step;
 pub mod stats;
 pub mod trl_core;
 

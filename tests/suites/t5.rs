@@ -81,7 +81,7 @@ pub fn lora_logits_and_values_match<B: Backend>(be: &B) {
         c.model.load_adapter(be, &adapter).unwrap();
         let vh = ValueHead::load(be, &adapter.join("value_head.safetensors"), c.model.config.d_model).unwrap();
         let (logits, hidden) =
-            c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd { lora: true }).unwrap();
+            c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd::eval(true)).unwrap();
         let want = c.exp.get("logits_lora").0;
         check(be, &be.download(&logits).unwrap(), &want, &format!("{name}: LoRA logits"));
         // The adapter must matter, or this test would pass on a model that ignores it.
@@ -89,7 +89,7 @@ pub fn lora_logits_and_values_match<B: Backend>(be: &B) {
         let values = be.download(&vh.forward(be, &hidden).unwrap()).unwrap();
         check(be, &values, &c.exp.get("values_lora").0, &format!("{name}: value head"));
         // Switched off, the adapter gives back the base model: the KL reference.
-        let (base, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd { lora: false }).unwrap();
+        let (base, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd::eval(false)).unwrap();
         check(be, &be.download(&base).unwrap(), &c.exp.get("logits").0, &format!("{name}: adapter-off logits"));
     }
 }
@@ -100,7 +100,7 @@ pub fn merged_lora_matches_unmerged<B: Backend>(be: &B) {
     for name in FIXTURES {
         let mut c = case(be, name);
         c.model.load_adapter(be, &fixture(&format!("t5/{name}/adapter"))).unwrap();
-        let f = Fwd { lora: true };
+        let f = Fwd::eval(true);
         let (before, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, f).unwrap();
         c.model.merge_lora(be).unwrap();
         let (after, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, f).unwrap();
@@ -113,7 +113,7 @@ pub fn merged_lora_matches_unmerged<B: Backend>(be: &B) {
             assert_eq!(&g.tokens, w, "{name} merged greedy row {row}");
         }
         // The reference model (adapter off) still ignores the merged copies.
-        let (off, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd { lora: false }).unwrap();
+        let (off, _) = c.model.forward(be, &c.prompts.ids, &c.prompts.lengths, &c.dec, Fwd::eval(false)).unwrap();
         check(be, &be.download(&off).unwrap(), &c.exp.get("logits").0, &format!("{name}: adapter off after merging"));
     }
 }
@@ -146,7 +146,7 @@ pub fn greedy_generations_match<B: Backend>(be: &B) {
             let (ids, shape) = c.exp.ids(key);
             let want = hf_rows(&ids, &shape, c.model.config.eos_token_id);
             let cfg = GenConfig { max_new_tokens: shape[1] - 1, ..GenConfig::default() };
-            let got = generate(be, &c.model, None, &c.prompts, &cfg, Fwd { lora: with_lora }).unwrap();
+            let got = generate(be, &c.model, None, &c.prompts, &cfg, Fwd::eval(with_lora)).unwrap();
             for (row, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(&g.tokens, w, "{name} {key} row {row}");
                 assert_eq!(g.logprobs.len(), g.tokens.len());
@@ -164,7 +164,7 @@ pub fn generation_logprobs_and_values_match_teacher_forcing<B: Backend>(be: &B) 
     c.model.load_adapter(be, &adapter).unwrap();
     let vh = ValueHead::load(be, &adapter.join("value_head.safetensors"), c.model.config.d_model).unwrap();
     let cfg = GenConfig { max_new_tokens: 9, sample: true, seed: 5, ..GenConfig::default() };
-    let f = Fwd { lora: true };
+    let f = Fwd::eval(true);
     let got = generate(be, &c.model, Some(&vh), &c.prompts, &cfg, f).unwrap();
     let width = got.iter().map(|g| g.tokens.len()).max().unwrap();
     let b = got.len();

@@ -1,0 +1,289 @@
+//! The optimisation half of one PPO step, as TRL 0.4.7's `PPOTrainer.step` does it for a seq2seq
+//! policy: given prompts, sampled responses and their scores — the rollout pass (old log-probs and
+//! values, adapters on) and the reference pass (adapters off), KL-shaped rewards, then epochs of
+//! minibatches (GAE and whitening on the minibatch, a training pass, the clipped losses, the
+//! backward, clipping, Adam), then the statistics and the KL controller's update.
+
+use super::policy::{Policy, PolicyGrads, Responses};
+use super::{
+    Dims, KlController, LossOutput, MinibatchInputs, PpoConfig, StepStats, compute_advantages, compute_rewards,
+    early_stop, ppo_loss, record_step_stats, response_mask_from_lengths,
+};
+use crate::backend::rng::mix64;
+use crate::backend::{AdamStep, Backend, Shaped};
+use crate::t5::Prompts;
+use crate::t5::model::Fwd;
+use crate::text::pad_batch;
+use anyhow::{Result, bail, ensure};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+/// One batch of the rollout, on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// Prompt ids, each ending with EOS.
+    pub prompts: Vec<Vec<u32>>,
+    /// Generated ids (no decoder start token; EOS last when generated).
+    pub responses: Vec<Vec<u32>>,
+    pub scores: Vec<f32>,
+    /// Each prompt's index in the data set (keys its sampling RNG in generation).
+    pub streams: Vec<u32>,
+}
+
+/// Adam over the policy's trainable tensors: every adapter's A and B in module order, then the value
+/// head's weight and bias (torch.optim.Adam's parameter order for TRL's model).
+pub struct Optimizer<B: Backend> {
+    pub moments: Vec<(B::Tensor, B::Tensor)>,
+    pub steps: u64,
+    pub lr: f64,
+}
+
+impl<B: Backend> Optimizer<B> {
+    pub fn new(be: &B, policy: &mut Policy<B>, lr: f64) -> Result<Self> {
+        let mut moments = Vec::new();
+        for t in trainables(policy) {
+            moments.push((be.zeros(t.shape())?, be.zeros(t.shape())?));
+        }
+        Ok(Self { moments, steps: 0, lr })
+    }
+
+    /// One Adam step of every trainable tensor with `grads`, then the adapters' copies refreshed.
+    pub fn step(&mut self, be: &B, policy: &mut Policy<B>, grads: &PolicyGrads<B>) -> Result<()> {
+        self.steps += 1;
+        let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps };
+        let gs = grad_tensors(grads);
+        let params = trainables(policy);
+        ensure!(params.len() == gs.len() && gs.len() == self.moments.len(), "optimizer state does not match the policy");
+        for ((p, g), (m, v)) in params.into_iter().zip(gs).zip(self.moments.iter_mut()) {
+            be.adam(p, g, m, v, &h)?;
+        }
+        policy.model.refresh_lora(be)
+    }
+}
+
+/// The trainable tensors in the optimiser's order.
+pub fn trainables<B: Backend>(policy: &mut Policy<B>) -> Vec<&mut B::Tensor> {
+    let mut out = Vec::new();
+    for (_, part) in policy.model.modules_mut() {
+        if let Some(l) = part.lora.as_mut() {
+            out.push(&mut l.a);
+            out.push(&mut l.b);
+        }
+    }
+    out.push(&mut policy.value_head.weight);
+    out.push(&mut policy.value_head.bias);
+    out
+}
+
+/// The gradients in the optimiser's order.
+pub fn grad_tensors<B: Backend>(grads: &PolicyGrads<B>) -> Vec<&B::Tensor> {
+    let mut out = Vec::new();
+    for (a, b) in grads.lora.tensors() {
+        out.push(a);
+        out.push(b);
+    }
+    out.push(&grads.value_weight);
+    out.push(&grads.value_bias);
+    out
+}
+
+/// How a step draws its randomness and scales its loss.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// Shuffle each epoch's minibatches (TRL does); off for parity with a fixed order.
+    pub shuffle: bool,
+    /// Seeds the shuffles and the dropout masks of this step.
+    pub seed: u64,
+    /// Gradients are computed for `loss_scale · loss` and divided back before clipping and Adam,
+    /// so that half-precision products on the GPU keep small gradients.
+    pub loss_scale: f32,
+}
+
+/// What one minibatch did.
+pub struct MinibatchReport {
+    pub epoch: usize,
+    pub rows: Vec<usize>,
+    pub advantages: Vec<f32>,
+    pub returns: Vec<f32>,
+    pub logprobs: Vec<f32>,
+    pub vpreds: Vec<f32>,
+    pub loss: LossOutput,
+    /// The gradients' global L2 norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// What the whole step did, `[rows, cols]` tensors row-major.
+pub struct StepReport {
+    pub dims: Dims,
+    pub mask: Vec<f32>,
+    pub old_logprobs: Vec<f32>,
+    pub ref_logprobs: Vec<f32>,
+    pub values: Vec<f32>,
+    pub rewards: Vec<f32>,
+    pub non_score_reward: Vec<f32>,
+    pub minibatches: Vec<MinibatchReport>,
+    pub stats: StepStats,
+}
+
+/// The rows `rows` of a row-major `[_, cols]` tensor.
+fn take_rows(x: &[f32], rows: &[usize], cols: usize) -> Vec<f32> {
+    rows.iter().flat_map(|&r| x[r * cols..(r + 1) * cols].iter().copied()).collect()
+}
+
+fn upload_rows<B: Backend>(be: &B, r: &Rollout, rows: &[usize], cols: usize, start: u32, pad: u32) -> Result<(Prompts<B>, Responses<B>)> {
+    let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| r.prompts[i].clone()).collect();
+    let responses: Vec<Vec<u32>> = rows.iter().map(|&i| r.responses[i].clone()).collect();
+    let streams: Vec<u32> = rows.iter().map(|&i| r.streams[i]).collect();
+    Ok((Prompts::upload(be, &pad_batch(&prompts, pad), &streams)?, Responses::upload(be, &responses, cols, start, pad)?))
+}
+
+/// Scores every row in chunks of `chunk` rows (TRL's `batched_forward_pass` uses the minibatch size).
+fn score_all<B: Backend>(be: &B, policy: &Policy<B>, r: &Rollout, cols: usize, chunk: usize, f: Fwd) -> Result<(Vec<f32>, Vec<f32>)> {
+    let c = &policy.model.config;
+    let (mut lp, mut values) = (Vec::new(), Vec::new());
+    let all: Vec<usize> = (0..r.prompts.len()).collect();
+    for rows in all.chunks(chunk) {
+        let (p, resp) = upload_rows(be, r, rows, cols, c.decoder_start_token_id, c.pad_token_id)?;
+        let s = policy.score(be, &p, &resp, f, false)?;
+        lp.extend(s.logprobs);
+        values.extend(s.values);
+    }
+    Ok((lp, values))
+}
+
+/// One PPO step on `rollout`. `on_grads(epoch, minibatch, grads)` sees each minibatch's unscaled
+/// gradients before clipping and the optimiser (tests compare them with PyTorch's).
+#[allow(clippy::too_many_arguments)]
+pub fn ppo_step<B: Backend>(
+    be: &B,
+    policy: &mut Policy<B>,
+    opt: &mut Optimizer<B>,
+    kl: &mut KlController,
+    cfg: &PpoConfig,
+    rollout: &Rollout,
+    opts: &StepOptions,
+    mut on_grads: impl FnMut(usize, usize, &PolicyGrads<B>) -> Result<()>,
+) -> Result<StepReport> {
+    let rows = rollout.prompts.len();
+    ensure!(rows == cfg.batch_size, "a PPO step takes batch_size = {} rollouts, got {rows}", cfg.batch_size);
+    ensure!(rollout.responses.len() == rows && rollout.scores.len() == rows, "rollout rows disagree");
+    let c = policy.model.config.clone();
+    let cols = rollout.responses.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let dims = Dims::new(rows, cols);
+    let lengths: Vec<usize> = rollout.responses.iter().map(Vec::len).collect();
+    let mask = response_mask_from_lengths(&lengths, cols, cfg.first_token)?;
+
+    // Rollout and reference passes: evaluation mode, adapters on then off.
+    let (old_logprobs, values) = score_all(be, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(true))?;
+    let (ref_logprobs, _) = score_all(be, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(false))?;
+    let kl_coef = kl.value();
+    let rewards = compute_rewards(&rollout.scores, &old_logprobs, &ref_logprobs, &mask, dims, kl_coef)?;
+
+    let mut minibatches = Vec::new();
+    let mut stopped = false;
+    for epoch in 0..cfg.ppo_epochs {
+        let mut order: Vec<usize> = (0..rows).collect();
+        if opts.shuffle {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix64(opts.seed ^ mix64(epoch as u64))));
+        }
+        for (m, mb_rows) in order.chunks(cfg.mini_batch_size).enumerate() {
+            let mdims = Dims::new(mb_rows.len(), cols);
+            let pick = |x: &[f32]| take_rows(x, mb_rows, cols);
+            let (mb_old, mb_values, mb_rewards, mb_mask) = (pick(&old_logprobs), pick(&values), pick(&rewards.rewards), pick(&mask));
+            let adv = compute_advantages(&mb_values, &mb_rewards, &mb_mask, mdims, cfg.gamma, cfg.lam)?;
+            let (p, resp) = upload_rows(be, rollout, mb_rows, cols, c.decoder_start_token_id, c.pad_token_id)?;
+            let f = Fwd::train(mix64(opts.seed ^ mix64((epoch * 1_000_003 + m) as u64 + 1)));
+            let scored = policy.score(be, &p, &resp, f, true)?;
+            let inputs = MinibatchInputs {
+                old_logprobs: &mb_old,
+                values: &mb_values,
+                advantages: &adv.advantages,
+                returns: &adv.returns,
+                logprobs: &scored.logprobs,
+                vpreds: &scored.values,
+                mask: &mb_mask,
+                entropy: Some(&scored.entropy),
+            };
+            let loss = ppo_loss(&inputs, mdims, cfg)?;
+            if !loss.loss.is_finite() {
+                bail!(
+                    "the PPO loss became {} (epoch {epoch}, minibatch {m}: policy loss {}, value loss {}): \
+                     stopping before the parameters are updated",
+                    loss.loss,
+                    loss.pg_loss,
+                    loss.vf_loss
+                );
+            }
+            let (logprobs, vpreds) = (scored.logprobs.clone(), scored.values.clone());
+            let mut grads = PolicyGrads::zeros(be, policy)?;
+            policy.backward(be, &p, &resp, scored, &loss.d_logprobs, &loss.d_vpreds, opts.loss_scale, &mut grads)?;
+            let mut sq = 0.0f64;
+            for g in grad_tensors(&grads) {
+                sq += be.sum_squares(g)?;
+            }
+            let unscale = 1.0 / opts.loss_scale as f64;
+            let grad_norm = sq.sqrt() * unscale;
+            if !grad_norm.is_finite() {
+                bail!("the gradients became non-finite (epoch {epoch}, minibatch {m}): stopping before the update");
+            }
+            let mut factor = unscale;
+            if let Some(max) = cfg.max_grad_norm
+                && grad_norm > max
+            {
+                factor *= max / (grad_norm + 1e-6);
+            }
+            if factor != 1.0 {
+                for t in grads.lora.tensors_mut() {
+                    be.scale_assign(&mut t.0, factor as f32)?;
+                    be.scale_assign(&mut t.1, factor as f32)?;
+                }
+                be.scale_assign(&mut grads.value_weight, factor as f32)?;
+                be.scale_assign(&mut grads.value_bias, factor as f32)?;
+            }
+            on_grads(epoch, m, &grads)?;
+            opt.step(be, policy, &grads)?;
+            let trip = early_stop(cfg, loss.stats.policykl);
+            minibatches.push(MinibatchReport {
+                epoch,
+                rows: mb_rows.to_vec(),
+                advantages: adv.advantages,
+                returns: adv.returns,
+                logprobs,
+                vpreds,
+                loss,
+                grad_norm,
+            });
+            if trip {
+                stopped = true;
+                break;
+            }
+        }
+        if stopped {
+            break;
+        }
+    }
+    let losses: Vec<_> = minibatches.iter().map(|m| m.loss.stats.clone()).collect();
+    let stats = record_step_stats(
+        &rollout.scores,
+        &old_logprobs,
+        &ref_logprobs,
+        &rewards.non_score_reward,
+        &mask,
+        dims,
+        kl_coef,
+        &losses,
+    )?;
+    kl.update(stats.kl as f64, cfg.batch_size);
+    Ok(StepReport {
+        dims,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        values,
+        rewards: rewards.rewards,
+        non_score_reward: rewards.non_score_reward,
+        minibatches,
+        stats,
+    })
+}

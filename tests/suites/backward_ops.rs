@@ -1,0 +1,547 @@
+//! The training operations (backward forms, dropout, token log-probabilities, Adam, Σx²) of a
+//! backend against the CPU reference on fresh random inputs, every branch of the CUDA forms: LoRA
+//! branches at column offsets with and without dropout and half shadows, attention with and without
+//! bias, padding and causality on the tensor-core and the plain head sizes, f32 and half inputs.
+//! Inputs are rounded to fp16 first so that both backends read the same values; errors are
+//! relative L2.
+
+use crate::common::rel_l2_err;
+use detox::backend::cpu::Cpu;
+use detox::backend::{AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
+use detox::checkpoint::{DType, HostTensor};
+use half::f16;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Inputs drawn once and uploaded to both backends.
+struct Rand(ChaCha8Rng);
+
+impl Rand {
+    fn new(seed: u64) -> Self {
+        Self(ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// Values in (−scale, scale), rounded to fp16 so a half copy holds them exactly.
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| f16::from_f32(self.0.random_range(-scale..scale)).to_f32()).collect()
+    }
+
+    fn ids(&mut self, n: usize, below: u32) -> Vec<u32> {
+        (0..n).map(|_| self.0.random_range(0..below)).collect()
+    }
+}
+
+fn weight<B: Backend>(be: &B, v: &[f32], shape: &[usize]) -> B::Weight {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    be.upload_weight(&HostTensor { name: "w", dtype: DType::F32, shape, bytes: &bytes }).unwrap()
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let err = rel_l2_err(got, want);
+    assert!(err <= tol, "{what}: relative L2 error {err} > {tol}");
+}
+
+/// Products read half inputs (gradients rounded on the way in); f32 kernels agree to rounding.
+const HALF: f32 = 2e-3;
+const F32: f32 = 1e-5;
+
+/// `t` as the half activation a GPU forward pass would hand over (the backend's half copy), when
+/// the backend keeps one; the values are the same, since inputs are fp16-exact.
+fn half_copy<B: Backend>(be: &B, t: &B::Tensor) -> Option<B::Tensor> {
+    be.matmul_copy(t).unwrap()
+}
+
+pub fn dropout_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(101);
+    for (shape, p, seed, stream) in
+        [(vec![1], 0.1, 1, 0), (vec![4099], 0.1, 7, 3), (vec![40, 501], 0.5, 8, 11), (vec![300], 0.0, 2, 2)]
+    {
+        let n = shape.iter().product();
+        let x = r.vec(n, 2.0);
+        let d = Dropout { p, seed, stream };
+        let want = Cpu.dropout(&Cpu.upload(&x, &shape).unwrap(), &d).unwrap().data;
+        let xg = be.upload(&x, &shape).unwrap();
+        // One f32 multiply by the same scale: the f32 form equals the CPU bit for bit.
+        assert_eq!(be.download(&be.dropout(&xg, &d).unwrap()).unwrap(), want, "dropout {shape:?} p {p}");
+        if let Some(xh) = half_copy(be, &xg) {
+            let got = be.download(&be.dropout(&xh, &d).unwrap()).unwrap();
+            let same_mask = got.iter().zip(&want).all(|(g, w)| (*g == 0.0) == (*w == 0.0));
+            assert!(same_mask, "half dropout {shape:?} p {p}: the mask differs from the CPU's");
+            close(&got, &want, HALF, "half dropout");
+        }
+    }
+}
+
+pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(102);
+    // A stacked projection of three 32-wide modules, adapters on the first (rank 8) and the last
+    // (rank 4); the middle module's columns of dy reach no branch.
+    let (m, k, n) = (37, 96, 96);
+    let x = r.vec(m * k, 1.0);
+    let w = r.vec(n * k, 0.2);
+    let dy = r.vec(m * n, 1.0);
+    let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+    let xh = half_copy(be, &xg);
+    let (wc, wg) = (weight(&Cpu, &w, &[n, k]), weight(be, &w, &[n, k]));
+    let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
+    let ranks = [8, 4];
+    let cols = [0, 64];
+    let scales = [1.5, 0.5];
+    let adapters: Vec<_> = ranks
+        .iter()
+        .map(|&rank| {
+            let a = r.vec(rank * k, 0.2);
+            let b = r.vec(32 * rank, 0.2);
+            (
+                Cpu.upload(&a, &[rank, k]).unwrap(),
+                Cpu.upload(&b, &[32, rank]).unwrap(),
+                be.upload(&a, &[rank, k]).unwrap(),
+                be.upload(&b, &[32, rank]).unwrap(),
+            )
+        })
+        .collect();
+    let shadows: Vec<_> =
+        adapters.iter().map(|(_, _, a, b)| (be.matmul_copy(a).unwrap(), be.matmul_copy(b).unwrap())).collect();
+    for half_x in [false, true] {
+        let xin = match (half_x, &xh) {
+            (false, _) => &xg,
+            (true, Some(h)) => h,
+            (true, None) => continue,
+        };
+        for branches in 0..=2 {
+            for dropout in [None, Some(Dropout { p: 0.1, seed: 9, stream: 4 })] {
+                for use_shadow in [false, true] {
+                    for with_dx in [false, true] {
+                        let what = format!(
+                            "linear_backward: half x {half_x}, {branches} branches, {dropout:?}, shadow {use_shadow}, dx {with_dx}"
+                        );
+                        let lc: Vec<LoraRef<Cpu>> = (0..branches)
+                            .map(|i| LoraRef {
+                                a: &adapters[i].0,
+                                b: &adapters[i].1,
+                                shadow: None,
+                                scale: scales[i],
+                                col: cols[i],
+                                dropout,
+                            })
+                            .collect();
+                        let lg: Vec<LoraRef<B>> = (0..branches)
+                            .map(|i| LoraRef {
+                                a: &adapters[i].2,
+                                b: &adapters[i].3,
+                                shadow: match &shadows[i] {
+                                    (Some(sa), Some(sb)) if use_shadow => Some((sa, sb)),
+                                    _ => None,
+                                },
+                                scale: scales[i],
+                                col: cols[i],
+                                dropout,
+                            })
+                            .collect();
+                        // Gradients accumulate: start them from random values.
+                        let init: Vec<(Vec<f32>, Vec<f32>)> =
+                            (0..branches).map(|i| (r.vec(ranks[i] * k, 0.1), r.vec(32 * ranks[i], 0.1))).collect();
+                        let mut gc: Vec<_> = init
+                            .iter()
+                            .zip(ranks)
+                            .map(|((a, b), rank)| {
+                                (Cpu.upload(a, &[rank, k]).unwrap(), Cpu.upload(b, &[32, rank]).unwrap())
+                            })
+                            .collect();
+                        let mut gg: Vec<_> = init
+                            .iter()
+                            .zip(ranks)
+                            .map(|((a, b), rank)| {
+                                (be.upload(a, &[rank, k]).unwrap(), be.upload(b, &[32, rank]).unwrap())
+                            })
+                            .collect();
+                        let dx0 = r.vec(m * k, 1.0);
+                        let mut dxc = Cpu.upload(&dx0, &[m, k]).unwrap();
+                        let mut dxg = be.upload(&dx0, &[m, k]).unwrap();
+                        {
+                            let mut grads_c: Vec<LoraGrad<Cpu>> =
+                                gc.iter_mut().map(|(a, b)| LoraGrad { a, b }).collect();
+                            let mut grads_g: Vec<LoraGrad<B>> = gg.iter_mut().map(|(a, b)| LoraGrad { a, b }).collect();
+                            Cpu.linear_backward(&xc, &wc, &lc, &dyc, with_dx.then_some(&mut dxc), &mut grads_c)
+                                .unwrap();
+                            be.linear_backward(xin, &wg, &lg, &dyg, with_dx.then_some(&mut dxg), &mut grads_g).unwrap();
+                        }
+                        let dx_got = be.download(&dxg).unwrap();
+                        if with_dx {
+                            close(&dx_got, &dxc.data, HALF, &format!("{what}: dx"));
+                        } else {
+                            assert_eq!(dx_got, dx0, "{what}: dx changed without being asked for");
+                        }
+                        for (i, ((ac, bc), (ag, bg))) in gc.iter().zip(&gg).enumerate() {
+                            close(&be.download(ag).unwrap(), &ac.data, HALF, &format!("{what}: A{i} gradient"));
+                            close(&be.download(bg).unwrap(), &bc.data, HALF, &format!("{what}: B{i} gradient"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn affine_backward_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(103);
+    // The value head (one output) and a few outputs.
+    for (m, k, n) in [(45, 64, 1), (19, 96, 3)] {
+        let x = r.vec(m * k, 1.0);
+        let w = r.vec(n * k, 0.5);
+        let dy = r.vec(m * n, 1.0);
+        let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+        let xh = half_copy(be, &xg);
+        let (wc, wg) = (Cpu.upload(&w, &[n, k]).unwrap(), be.upload(&w, &[n, k]).unwrap());
+        let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
+        for half_x in [false, true] {
+            let xin = match (half_x, &xh) {
+                (false, _) => &xg,
+                (true, Some(h)) => h,
+                (true, None) => continue,
+            };
+            for (with_dx, with_db) in [(false, false), (true, false), (false, true), (true, true)] {
+                let what = format!("affine_backward {m}×{k}→{n}: half x {half_x}, dx {with_dx}, db {with_db}");
+                let (dx0, dw0, db0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0));
+                let (mut dxc, mut dxg) = (Cpu.upload(&dx0, &[m, k]).unwrap(), be.upload(&dx0, &[m, k]).unwrap());
+                let (mut dwc, mut dwg) = (Cpu.upload(&dw0, &[n, k]).unwrap(), be.upload(&dw0, &[n, k]).unwrap());
+                let (mut dbc, mut dbg) = (Cpu.upload(&db0, &[n]).unwrap(), be.upload(&db0, &[n]).unwrap());
+                Cpu.affine_backward(&xc, &wc, &dyc, with_dx.then_some(&mut dxc), &mut dwc, with_db.then_some(&mut dbc))
+                    .unwrap();
+                be.affine_backward(xin, &wg, &dyg, with_dx.then_some(&mut dxg), &mut dwg, with_db.then_some(&mut dbg))
+                    .unwrap();
+                close(&be.download(&dxg).unwrap(), &dxc.data, HALF, &format!("{what}: dx"));
+                close(&be.download(&dwg).unwrap(), &dwc.data, HALF, &format!("{what}: dw"));
+                // The bias gradient sums f32 dy in f32.
+                close(&be.download(&dbg).unwrap(), &dbc.data, F32, &format!("{what}: db"));
+            }
+        }
+    }
+}
+
+pub fn rms_norm_backward_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(104);
+    for (rows, d) in [(5, 48), (33, 512), (3, 768)] {
+        let x = r.vec(rows * d, 3.0);
+        let w = r.vec(d, 2.0);
+        let dy = r.vec(rows * d, 1.0);
+        let dx0 = r.vec(rows * d, 1.0);
+        let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
+        let xh = half_copy(be, &xg);
+        let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
+        let (dyc, dyg) = (Cpu.upload(&dy, &[rows, d]).unwrap(), be.upload(&dy, &[rows, d]).unwrap());
+        let mut dxc = Cpu.upload(&dx0, &[rows, d]).unwrap();
+        Cpu.rms_norm_backward(&xc, &wc, 1e-6, &dyc, &mut dxc).unwrap();
+        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+            let mut dxg = be.upload(&dx0, &[rows, d]).unwrap();
+            be.rms_norm_backward(xin, &wg, 1e-6, &dyg, &mut dxg).unwrap();
+            // A half x holds the same values, and the kernel computes in f32 either way.
+            close(&be.download(&dxg).unwrap(), &dxc.data, F32, &format!("rms_norm_backward {rows}×{d}"));
+        }
+    }
+}
+
+pub fn gated_gelu_backward_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(105);
+    for (rows, f) in [(23, 48), (4, 2048)] {
+        let gu = r.vec(rows * 2 * f, 3.0);
+        let dy = r.vec(rows * f, 1.0);
+        let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
+        let gh = half_copy(be, &gg);
+        let (dyc, dyg) = (Cpu.upload(&dy, &[rows, f]).unwrap(), be.upload(&dy, &[rows, f]).unwrap());
+        let want = Cpu.gated_gelu_backward(&gc, &dyc).unwrap();
+        for gin in std::iter::once(&gg).chain(gh.as_ref()) {
+            let got = be.gated_gelu_backward(gin, &dyg).unwrap();
+            close(&be.download(&got).unwrap(), &want.data, F32, &format!("gated_gelu_backward {rows}×{f}"));
+        }
+    }
+}
+
+/// One attention configuration for the backward on both backends.
+#[derive(Clone)]
+struct AttnCase {
+    b: usize,
+    lq: usize,
+    cap: usize,
+    kv_len: usize,
+    h: usize,
+    dk: usize,
+    causal: bool,
+    q_offset: usize,
+    /// Take the offset from a device counter (keys `0..q_offset + lq` then take part).
+    counter: bool,
+    lengths: Option<Vec<u32>>,
+    /// Some(bidirectional) for a position bias.
+    bias: Option<bool>,
+    scale: f32,
+    /// Hand q, k and v over as half copies, as the forward's projections make them.
+    half_inputs: bool,
+}
+
+fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
+    let inner = c.h * c.dk;
+    let qs = [c.b, c.lq, inner];
+    let ks = [c.b, c.cap, inner];
+    let q = r.vec(c.b * c.lq * inner, 1.0);
+    let k = r.vec(c.b * c.cap * inner, 1.0);
+    let v = r.vec(c.b * c.cap * inner, 1.0);
+    let dout = r.vec(c.b * c.lq * inner, 1.0);
+    let table = r.vec(32 * c.h, 2.0);
+    let (tc, tg) = (weight(&Cpu, &table, &[32, c.h]), weight(be, &table, &[32, c.h]));
+    let (cc, cg) =
+        (Cpu.upload_ids(&[c.q_offset as u32], &[1]).unwrap(), be.upload_ids(&[c.q_offset as u32], &[1]).unwrap());
+    let (off_c, off_g) = if c.counter {
+        (Position::Counter(&cc), Position::Counter(&cg))
+    } else {
+        (Position::At(c.q_offset), Position::At(c.q_offset))
+    };
+    let lens_c = c.lengths.as_ref().map(|l| Cpu.upload_ids(l, &[c.b]).unwrap());
+    let lens_g = c.lengths.as_ref().map(|l| be.upload_ids(l, &[c.b]).unwrap());
+    let bias_c = c.bias.map(|bidirectional| RelBias { table: &tc, bidirectional, num_buckets: 32, max_distance: 128 });
+    let bias_g = c.bias.map(|bidirectional| RelBias { table: &tg, bidirectional, num_buckets: 32, max_distance: 128 });
+    let spec_c = AttnSpec::<Cpu> {
+        heads: c.h,
+        d_kv: c.dk,
+        scale: c.scale,
+        kv_len: c.kv_len,
+        key_lengths: lens_c.as_ref(),
+        causal: c.causal,
+        q_offset: off_c,
+        bias: bias_c,
+    };
+    let spec_g = AttnSpec::<B> {
+        heads: c.h,
+        d_kv: c.dk,
+        scale: c.scale,
+        kv_len: c.kv_len,
+        key_lengths: lens_g.as_ref(),
+        causal: c.causal,
+        q_offset: off_g,
+        bias: bias_g,
+    };
+    let (dq_c, dk_c, dv_c) = Cpu
+        .attention_backward(
+            &Cpu.upload(&q, &qs).unwrap(),
+            &Cpu.upload(&k, &ks).unwrap(),
+            &Cpu.upload(&v, &ks).unwrap(),
+            &Cpu.upload(&dout, &qs).unwrap(),
+            &spec_c,
+        )
+        .unwrap();
+    let (qg, kg, vg) = (be.upload(&q, &qs).unwrap(), be.upload(&k, &ks).unwrap(), be.upload(&v, &ks).unwrap());
+    let halves = if c.half_inputs { [&qg, &kg, &vg].map(|t| half_copy(be, t)) } else { [None, None, None] };
+    let [qin, kin, vin] =
+        [(&halves[0], &qg), (&halves[1], &kg), (&halves[2], &vg)].map(|(h, f)| h.as_ref().unwrap_or(f));
+    let (dq_g, dk_g, dv_g) = be.attention_backward(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g).unwrap();
+    assert_eq!(dq_g.shape(), qs, "{what}: dq shape");
+    assert_eq!(dk_g.shape(), ks, "{what}: dk shape");
+    assert_eq!(dv_g.shape(), ks, "{what}: dv shape");
+    close(&be.download(&dq_g).unwrap(), &dq_c.data, HALF, &format!("{what}: dq"));
+    close(&be.download(&dk_g).unwrap(), &dk_c.data, HALF, &format!("{what}: dk"));
+    close(&be.download(&dv_g).unwrap(), &dv_c.data, HALF, &format!("{what}: dv"));
+}
+
+pub fn attention_backward_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(106);
+    let base = AttnCase {
+        b: 2,
+        lq: 70,
+        cap: 70,
+        kv_len: 70,
+        h: 2,
+        dk: 64,
+        causal: false,
+        q_offset: 0,
+        counter: false,
+        lengths: None,
+        bias: None,
+        scale: 1.0,
+        half_inputs: false,
+    };
+    let cases = [
+        // encoder: bidirectional bias, padded keys (one row with a single key), several query and
+        // key tiles
+        (
+            "encoder, d_kv 64",
+            AttnCase {
+                b: 3,
+                lq: 150,
+                cap: 150,
+                kv_len: 150,
+                h: 4,
+                lengths: Some(vec![150, 77, 1]),
+                bias: Some(true),
+                ..base.clone()
+            },
+        ),
+        // teacher-forced decoder: causal with the unidirectional bias, half inputs
+        ("decoder, d_kv 64", AttnCase { causal: true, bias: Some(false), half_inputs: true, ..base.clone() }),
+        // cross-attention: no bias, padded encoder keys, one row with none at all
+        (
+            "cross, d_kv 64",
+            AttnCase { b: 3, lq: 40, cap: 130, kv_len: 130, lengths: Some(vec![130, 60, 0]), ..base.clone() },
+        ),
+        (
+            "encoder, d_kv 20",
+            AttnCase {
+                lq: 70,
+                h: 3,
+                dk: 20,
+                lengths: Some(vec![70, 33]),
+                bias: Some(true),
+                half_inputs: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "decoder, d_kv 20",
+            AttnCase { lq: 45, cap: 45, kv_len: 45, dk: 20, causal: true, bias: Some(false), ..base.clone() },
+        ),
+        (
+            "cross, d_kv 20, scaled",
+            AttnCase {
+                lq: 9,
+                cap: 80,
+                kv_len: 80,
+                h: 3,
+                dk: 20,
+                lengths: Some(vec![80, 17]),
+                scale: 0.2236,
+                ..base.clone()
+            },
+        ),
+        // the fixtures' head size, on the tensor cores
+        (
+            "decoder, d_kv 16",
+            AttnCase { lq: 33, cap: 33, kv_len: 33, h: 3, dk: 16, causal: true, bias: Some(false), ..base.clone() },
+        ),
+        // continued after a prefix with spare cache capacity: keys past kv_len get zero gradients
+        (
+            "causal continuation, d_kv 32",
+            AttnCase {
+                lq: 80,
+                cap: 110,
+                kv_len: 100,
+                h: 3,
+                dk: 32,
+                causal: true,
+                q_offset: 20,
+                bias: Some(false),
+                scale: 0.5,
+                ..base.clone()
+            },
+        ),
+        // the same with the offset in a device counter (keys 0..q_offset + lq)
+        (
+            "causal continuation, counter",
+            AttnCase {
+                lq: 30,
+                cap: 64,
+                kv_len: 64,
+                causal: true,
+                q_offset: 20,
+                counter: true,
+                bias: Some(false),
+                ..base.clone()
+            },
+        ),
+        // plain forms of other row sizes
+        ("d_kv 48", AttnCase { lq: 66, cap: 66, kv_len: 66, dk: 48, lengths: Some(vec![66, 40]), ..base.clone() }),
+        (
+            "d_kv 128",
+            AttnCase { b: 1, lq: 40, cap: 40, kv_len: 40, dk: 128, causal: true, bias: Some(false), ..base.clone() },
+        ),
+    ];
+    for (what, c) in &cases {
+        attention_backward_case(be, &mut r, c, what);
+    }
+}
+
+pub fn concat_last_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(107);
+    for shape in [vec![13], vec![2, 5]] {
+        let widths = [10, 32, 7];
+        let pieces: Vec<(Vec<f32>, Vec<usize>)> = widths
+            .iter()
+            .map(|&w| {
+                let mut s = shape.clone();
+                s.push(w);
+                (r.vec(s.iter().product(), 1.0), s)
+            })
+            .collect();
+        let pc: Vec<_> = pieces.iter().map(|(v, s)| Cpu.upload(v, s).unwrap()).collect();
+        let pg: Vec<_> = pieces.iter().map(|(v, s)| be.upload(v, s).unwrap()).collect();
+        let want = Cpu.concat_last(&pc.iter().collect::<Vec<_>>()).unwrap();
+        let got = be.concat_last(&pg.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(got.shape(), want.shape.as_slice(), "concat_last shape");
+        assert_eq!(be.download(&got).unwrap(), want.data, "concat_last of f32 pieces");
+        // The middle piece in half (the values are fp16-exact, so the copy is exact too).
+        if let Some(mid) = half_copy(be, &pg[1]) {
+            let got = be.concat_last(&[&pg[0], &mid, &pg[2]]).unwrap();
+            assert_eq!(be.download(&got).unwrap(), want.data, "concat_last of mixed pieces");
+        }
+    }
+}
+
+pub fn token_logprobs_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(108);
+    // The vocabulary in 16-byte pieces, and an odd size that is not.
+    for (rows, v) in [(33, 32128), (7, 1001)] {
+        let mut logits = r.vec(rows * v, 6.0);
+        let mut tokens = r.ids(rows, v as u32);
+        // A peaked row, its token the likely one (entropy near 0), and the first and last ids.
+        logits[5] = 40.0;
+        tokens[0] = 5;
+        tokens[1] = 0;
+        tokens[2] = v as u32 - 1;
+        let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+        let (tc, tg) = (Cpu.upload_ids(&tokens, &[rows]).unwrap(), be.upload_ids(&tokens, &[rows]).unwrap());
+        let (lp_c, ent_c) = Cpu.token_logprobs(&lc, &tc).unwrap();
+        let (lp_g, ent_g) = be.token_logprobs(&lg, &tg).unwrap();
+        // The CPU sums the row sequentially in f32: about 4e-6 from the exact entropy at this size.
+        close(&be.download(&lp_g).unwrap(), &lp_c.data, F32, &format!("token log-probs, V {v}"));
+        close(&be.download(&ent_g).unwrap(), &ent_c.data, F32, &format!("entropy, V {v}"));
+        let dlogp = r.vec(rows, 1.0);
+        let (dc, dg) = (Cpu.upload(&dlogp, &[rows]).unwrap(), be.upload(&dlogp, &[rows]).unwrap());
+        let want = Cpu.token_logprobs_backward(&lc, &tc, &dc).unwrap();
+        let got = be.token_logprobs_backward(&lg, &tg, &dg).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, F32, &format!("token log-prob backward, V {v}"));
+    }
+}
+
+pub fn adam_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(109);
+    for (shape, lr) in [(vec![1003], 1e-3), (vec![7, 13], 3e-2)] {
+        let n: usize = shape.iter().product();
+        let p0 = r.vec(n, 1.0);
+        let (mut pc, mut pg) = (Cpu.upload(&p0, &shape).unwrap(), be.upload(&p0, &shape).unwrap());
+        let (mut mc, mut mg) = (Cpu.zeros(&shape).unwrap(), be.zeros(&shape).unwrap());
+        let (mut vc, mut vg) = (Cpu.zeros(&shape).unwrap(), be.zeros(&shape).unwrap());
+        for step in 1..=5 {
+            let g = r.vec(n, 0.01 * step as f32);
+            let (gc, gg) = (Cpu.upload(&g, &shape).unwrap(), be.upload(&g, &shape).unwrap());
+            let h = AdamStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step };
+            Cpu.adam(&mut pc, &gc, &mut mc, &mut vc, &h).unwrap();
+            be.adam(&mut pg, &gg, &mut mg, &mut vg, &h).unwrap();
+            close(&be.download(&pg).unwrap(), &pc.data, F32, &format!("adam step {step}: p"));
+            close(&be.download(&mg).unwrap(), &mc.data, F32, &format!("adam step {step}: m"));
+            close(&be.download(&vg).unwrap(), &vc.data, F32, &format!("adam step {step}: v"));
+        }
+    }
+}
+
+pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(110);
+    for n in [0, 1, 1000, 300_001] {
+        let x = r.vec(n, 3.0);
+        let want = Cpu.sum_squares(&Cpu.upload(&x, &[n]).unwrap()).unwrap();
+        let xg = be.upload(&x, &[n]).unwrap();
+        let xh = half_copy(be, &xg);
+        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+            let got = be.sum_squares(xin).unwrap();
+            // Both sum exact f64 squares; only the order differs.
+            assert!((got - want).abs() <= 1e-12 * want, "sum_squares of {n}: {got} vs {want}");
+        }
+    }
+}
