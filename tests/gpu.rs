@@ -3,13 +3,13 @@
 
 mod common;
 // The model card's four-decimal values are checked on the CPU only.
+#[path = "suites/backward_ops.rs"]
+mod backward;
 #[allow(dead_code)]
 #[path = "suites/classifier.rs"]
 mod classifier;
 #[path = "suites/ops.rs"]
 mod ops;
-#[path = "suites/backward_ops.rs"]
-mod backward;
 #[path = "suites/t5.rs"]
 mod t5;
 

@@ -6,6 +6,7 @@ mod info;
 mod init;
 mod score;
 mod summarize;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Fine-tune the summarizer's LoRA adapters with PPO against a toxicity classifier.
+    Train(train::Args),
     /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
     Summarize(summarize::Args),
     /// Score texts from JSON Lines with a toxicity classifier (BERT / RoBERTa, Detoxify's layout).
@@ -37,6 +40,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => train::run(a),
         Command::Summarize(a) => summarize::run(a),
         Command::Score(a) => score::run(a),
         Command::Init(a) => init::run(a),

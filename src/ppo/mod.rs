@@ -16,14 +16,18 @@
 //! 3. `record_step_stats`, then `KlController::update` with its `kl` and `batch_size`.
 
 pub mod advantages;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod kl;
 pub mod loss;
 pub mod mask;
 pub mod optim;
 pub mod policy;
-pub mod step;
+pub mod settings;
 pub mod stats;
+pub mod step;
+pub mod trainer;
 pub mod trl_core;
 
 pub use advantages::{Advantages, Rewards, compute_advantages, compute_rewards};

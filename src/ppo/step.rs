@@ -54,7 +54,10 @@ impl<B: Backend> Optimizer<B> {
         let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps };
         let gs = grad_tensors(grads);
         let params = trainables(policy);
-        ensure!(params.len() == gs.len() && gs.len() == self.moments.len(), "optimizer state does not match the policy");
+        ensure!(
+            params.len() == gs.len() && gs.len() == self.moments.len(),
+            "optimizer state does not match the policy"
+        );
         for ((p, g), (m, v)) in params.into_iter().zip(gs).zip(self.moments.iter_mut()) {
             be.adam(p, g, m, v, &h)?;
         }
@@ -131,15 +134,32 @@ fn take_rows(x: &[f32], rows: &[usize], cols: usize) -> Vec<f32> {
     rows.iter().flat_map(|&r| x[r * cols..(r + 1) * cols].iter().copied()).collect()
 }
 
-fn upload_rows<B: Backend>(be: &B, r: &Rollout, rows: &[usize], cols: usize, start: u32, pad: u32) -> Result<(Prompts<B>, Responses<B>)> {
+fn upload_rows<B: Backend>(
+    be: &B,
+    r: &Rollout,
+    rows: &[usize],
+    cols: usize,
+    start: u32,
+    pad: u32,
+) -> Result<(Prompts<B>, Responses<B>)> {
     let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| r.prompts[i].clone()).collect();
     let responses: Vec<Vec<u32>> = rows.iter().map(|&i| r.responses[i].clone()).collect();
     let streams: Vec<u32> = rows.iter().map(|&i| r.streams[i]).collect();
-    Ok((Prompts::upload(be, &pad_batch(&prompts, pad), &streams)?, Responses::upload(be, &responses, cols, start, pad)?))
+    Ok((
+        Prompts::upload(be, &pad_batch(&prompts, pad), &streams)?,
+        Responses::upload(be, &responses, cols, start, pad)?,
+    ))
 }
 
 /// Scores every row in chunks of `chunk` rows (TRL's `batched_forward_pass` uses the minibatch size).
-fn score_all<B: Backend>(be: &B, policy: &Policy<B>, r: &Rollout, cols: usize, chunk: usize, f: Fwd) -> Result<(Vec<f32>, Vec<f32>)> {
+fn score_all<B: Backend>(
+    be: &B,
+    policy: &Policy<B>,
+    r: &Rollout,
+    cols: usize,
+    chunk: usize,
+    f: Fwd,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let c = &policy.model.config;
     let (mut lp, mut values) = (Vec::new(), Vec::new());
     let all: Vec<usize> = (0..r.prompts.len()).collect();
@@ -190,7 +210,8 @@ pub fn ppo_step<B: Backend>(
         for (m, mb_rows) in order.chunks(cfg.mini_batch_size).enumerate() {
             let mdims = Dims::new(mb_rows.len(), cols);
             let pick = |x: &[f32]| take_rows(x, mb_rows, cols);
-            let (mb_old, mb_values, mb_rewards, mb_mask) = (pick(&old_logprobs), pick(&values), pick(&rewards.rewards), pick(&mask));
+            let (mb_old, mb_values, mb_rewards, mb_mask) =
+                (pick(&old_logprobs), pick(&values), pick(&rewards.rewards), pick(&mask));
             let adv = compute_advantages(&mb_values, &mb_rewards, &mb_mask, mdims, cfg.gamma, cfg.lam)?;
             let (p, resp) = upload_rows(be, rollout, mb_rows, cols, c.decoder_start_token_id, c.pad_token_id)?;
             let f = Fwd::train(mix64(opts.seed ^ mix64((epoch * 1_000_003 + m) as u64 + 1)));

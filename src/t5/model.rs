@@ -508,6 +508,14 @@ impl<B: Backend> T5<B> {
         Ok((self.lm_logits(be, &hidden)?, hidden))
     }
 
+    /// Drops the merged copies (`merge_lora`), so the adapters run as separate branches again.
+    pub fn unmerge_lora(&mut self) {
+        for p in self.projections_mut() {
+            p.merged = None;
+        }
+        self.lora_merged = false;
+    }
+
     /// Every linear module with its input width, in checkpoint order: the slots LoRA adapters
     /// attach to, load into and save from.
     pub fn modules_mut(&mut self) -> Vec<(usize, &mut Part<B>)> {

@@ -98,9 +98,20 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
     check(be, &masked(&report.rewards, &mask), &masked(&exp.get("rewards").0, &mask), "rewards");
     for (i, mb) in report.minibatches.iter().enumerate() {
         let key = format!("e{}m{}", mb.epoch, i % 2);
-        let mmask: Vec<f32> = mb.rows.iter().flat_map(|&r| mask[r * report.dims.cols..(r + 1) * report.dims.cols].to_vec()).collect();
-        for (name, got) in [("advantages", &mb.advantages), ("returns", &mb.returns), ("logprobs", &mb.logprobs), ("vpreds", &mb.vpreds)] {
-            check(be, &masked(got, &mmask), &masked(&exp.get(&format!("{key}.{name}")).0, &mmask), &format!("{key} {name}"));
+        let mmask: Vec<f32> =
+            mb.rows.iter().flat_map(|&r| mask[r * report.dims.cols..(r + 1) * report.dims.cols].to_vec()).collect();
+        for (name, got) in [
+            ("advantages", &mb.advantages),
+            ("returns", &mb.returns),
+            ("logprobs", &mb.logprobs),
+            ("vpreds", &mb.vpreds),
+        ] {
+            check(
+                be,
+                &masked(got, &mmask),
+                &masked(&exp.get(&format!("{key}.{name}")).0, &mmask),
+                &format!("{key} {name}"),
+            );
         }
         let want = &meta["minibatches"][i];
         // e0m0's policy loss is −mean(whitened advantages) ≈ 0: compare losses on an absolute scale.

@@ -6,7 +6,7 @@
 use super::device::elementwise;
 use super::gemm::{Elem, Mat};
 use super::{AttnParams, Buf, Cuda, CudaIds, CudaTensor, CudaWeight};
-use crate::backend::{AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Prec, Shaped};
+use crate::backend::{AdamFactors, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Prec, Shaped};
 use anyhow::{Result, bail, ensure};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::f16;
@@ -432,14 +432,13 @@ impl Cuda {
         ensure!(p.shape == g.shape && m.shape == g.shape && v.shape == g.shape, "adam: shapes do not agree");
         let (pp, mp, vp) = (self.grad_ptr(p, "adam p")?, self.grad_ptr(m, "adam m")?, self.grad_ptr(v, "adam v")?);
         let gp = self.grad_ptr(g, "adam g")?;
-        // As the CPU reference computes them, in f32, so both backends round alike.
-        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        // The f32 factors the CPU reference uses, so both backends round alike.
+        let f: AdamFactors = h.factors();
         let n = g.numel();
         self.gpu.launch(
             "adam_f32",
             elementwise(n),
-            &[&pp, &gp, &mp, &vp, &(n as i64), &h.beta1, &h.beta2, &(h.lr / bc1), &bc2.sqrt(), &h.eps],
+            &[&pp, &gp, &mp, &vp, &(n as i64), &f.w1, &f.beta2, &f.w2, &f.neg_step, &f.bc2_sqrt, &f.eps],
         )
     }
 

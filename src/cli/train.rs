@@ -1,0 +1,67 @@
+//! `detox train`: PPO on dialogue summaries with a toxicity classifier as the reward.
+
+use crate::backend::Backend;
+use crate::device::{Job, run_on};
+use crate::ppo::settings::TrainSettings;
+use crate::ppo::trainer::Trainer;
+use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A TOML file of settings (every section and field optional; the defaults are the seed's
+    /// setting: see examples/seed.toml). Without it, the defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue from a checkpoint directory, or from a run directory's latest checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Print the effective settings as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let settings = match &a.config {
+        Some(p) => TrainSettings::load(p)?,
+        None => {
+            let s = TrainSettings::default();
+            s.validate()?;
+            s
+        }
+    };
+    if a.print_config {
+        print!("{}", settings.to_toml()?);
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // The first Ctrl-C asks the loop to finish its step and checkpoint; a second one kills.
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to abort)");
+    })?;
+    let device = settings.device()?;
+    let dir = run_on(device, Train { settings, resume: a.resume, stop })?;
+    eprintln!("checkpoint: {}", dir.display());
+    Ok(())
+}
+
+struct Train {
+    settings: TrainSettings,
+    resume: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Job for Train {
+    type Output = PathBuf;
+
+    fn run<B: Backend>(self, be: &B) -> Result<PathBuf> {
+        let mut trainer = Trainer::new(be, self.settings, self.resume.as_deref())?;
+        trainer.run(&self.stop)
+    }
+}

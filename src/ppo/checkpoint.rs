@@ -1,0 +1,115 @@
+//! Training checkpoints, each a directory written whole before it gets its name: the adapter in
+//! PEFT's format (so peft and `detox summarize --adapter` load it), the value head, Adam's moments,
+//! and the trainer's state (step, KL controller, settings). `latest` names the newest.
+
+use super::KlController;
+use super::policy::Policy;
+use super::settings::TrainSettings;
+use super::step::{Optimizer, trainables};
+use crate::backend::{Backend, Shaped};
+use crate::checkpoint::{Checkpoint, DType, OwnedTensor, write_safetensors};
+use crate::t5::lora::peft_key;
+use crate::t5::{ValueHead, value_head};
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const LATEST: &str = "latest";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// PPO steps completed.
+    pub step: usize,
+    pub kl: KlController,
+    pub optimizer_steps: u64,
+    pub settings: TrainSettings,
+}
+
+/// Every trainable tensor's name, in the optimiser's order.
+fn names<B: Backend>(policy: &mut Policy<B>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, part) in policy.model.modules_mut() {
+        if part.lora.is_some() {
+            out.push(peft_key(&part.path, "A"));
+            out.push(peft_key(&part.path, "B"));
+        }
+    }
+    out.push("v_head.summary.weight".into());
+    out.push("v_head.summary.bias".into());
+    out
+}
+
+/// Writes `out/checkpoint-{step}` and points `out/latest` at it; returns the directory.
+pub fn save<B: Backend>(
+    be: &B,
+    out: &Path,
+    policy: &mut Policy<B>,
+    opt: &Optimizer<B>,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let name = format!("checkpoint-{:05}", state.step);
+    let dest = out.join(&name);
+    let partial = out.join(format!(".{name}.partial"));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let base = state.settings.model.path.display().to_string();
+    policy.model.save_adapter(be, &partial, Some(&base))?;
+    policy.value_head.save(be, &partial.join(value_head::FILE))?;
+    let mut tensors = BTreeMap::new();
+    for (name, (m, v)) in names(policy).into_iter().zip(&opt.moments) {
+        tensors.insert(format!("exp_avg.{name}"), OwnedTensor::from_f32(&be.download(m)?, m.shape(), DType::F32));
+        tensors.insert(format!("exp_avg_sq.{name}"), OwnedTensor::from_f32(&be.download(v)?, v.shape(), DType::F32));
+    }
+    write_safetensors(&partial.join(OPTIMIZER), &tensors, None)?;
+    crate::fsutil::write_atomic(&partial.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+    }
+    std::fs::rename(&partial, &dest)
+        .with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
+    crate::fsutil::write_atomic(&out.join(LATEST), name.as_bytes())?;
+    Ok(dest)
+}
+
+/// A checkpoint directory, or a run directory whose `latest` names one.
+pub fn resolve(dir: &Path) -> Result<PathBuf> {
+    if dir.join(STATE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let latest = dir.join(LATEST);
+    if latest.is_file() {
+        let name = crate::fsutil::read_text(&latest)?;
+        let d = dir.join(name.trim());
+        ensure!(d.join(STATE).is_file(), "{} names {}, which holds no {STATE}", latest.display(), d.display());
+        return Ok(d);
+    }
+    bail!("{} is neither a checkpoint (no {STATE}) nor a run directory (no {LATEST})", dir.display())
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE);
+    let text = crate::fsutil::read_text(&p)?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a detox trainer state", p.display()))
+}
+
+/// Loads a checkpoint's adapter, value head and optimiser moments into `policy` and `opt`.
+pub fn load<B: Backend>(be: &B, dir: &Path, policy: &mut Policy<B>, opt: &mut Optimizer<B>) -> Result<TrainerState> {
+    let state = read_state(dir)?;
+    policy.model.load_adapter(be, dir)?;
+    policy.value_head = ValueHead::load(be, &dir.join(value_head::FILE), policy.model.config.d_model)?;
+    let file = Checkpoint::open_file(&dir.join(OPTIMIZER))?;
+    let order = names(policy);
+    let shapes: Vec<Vec<usize>> = trainables(policy).iter().map(|t| t.shape().to_vec()).collect();
+    ensure!(order.len() == opt.moments.len(), "{}: the optimiser state does not match the adapter", dir.display());
+    for ((name, shape), (m, v)) in order.iter().zip(&shapes).zip(opt.moments.iter_mut()) {
+        *m = be.upload(&file.get_shaped(&format!("exp_avg.{name}"), shape)?.to_f32(), shape)?;
+        *v = be.upload(&file.get_shaped(&format!("exp_avg_sq.{name}"), shape)?.to_f32(), shape)?;
+    }
+    opt.steps = state.optimizer_steps;
+    Ok(state)
+}

@@ -1,0 +1,309 @@
+//! `detox train`: the PPO loop. One iteration reads top-down as DESIGN.md lists it — batch, rollout,
+//! reward, then advantages and optimisation (`ppo_step`) — and the loop around it logs every step as
+//! JSON Lines, shows progress, checkpoints, and stops cleanly on Ctrl-C or a non-finite loss.
+
+use super::checkpoint::{self, TrainerState};
+use super::data::Dialogues;
+use super::policy::Policy;
+use super::settings::{RewardKind, TrainSettings};
+use super::step::{Optimizer, Rollout, StepOptions, ppo_step};
+use super::{KlController, StepStats};
+use crate::backend::Backend;
+use crate::backend::rng::mix64;
+use crate::classifier::Classifier;
+use crate::t5::model::Fwd;
+use crate::t5::{GenConfig, Prompts, T5, ValueHead, generate};
+use crate::text::{Prompter, pad_batch, tokenizer_path};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// One line of the training log.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub reward_mean: f32,
+    /// The classifier's probability of the reward label (toxicity), averaged over the batch.
+    pub toxicity_mean: f32,
+    pub kl: f32,
+    pub kl_coef: f64,
+    pub entropy: Option<f32>,
+    pub policy_loss: f32,
+    pub value_loss: f32,
+    pub clipfrac: f32,
+    pub val_clipfrac: f32,
+    pub approxkl: f32,
+    pub response_length_mean: f32,
+    pub grad_norm_mean: f64,
+    pub time_rollout_s: f64,
+    pub time_reward_s: f64,
+    pub time_optimise_s: f64,
+    pub time_step_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_utilization_percent: Option<u32>,
+    /// Every statistic TRL 0.4.7 logs, under its key.
+    pub trl: StepStats,
+}
+
+pub struct Trainer<'a, B: Backend> {
+    be: &'a B,
+    pub settings: TrainSettings,
+    pub policy: Policy<B>,
+    optimizer: Optimizer<B>,
+    kl: KlController,
+    /// The reward model and the index of its reward label (None for the toy reward).
+    classifier: Option<(Classifier<B>, usize)>,
+    prompter: Prompter,
+    data: Dialogues,
+    /// PPO steps completed.
+    pub step: usize,
+    gpu: Option<GpuStats>,
+}
+
+/// GPU memory and utilisation through NVML, when the driver offers it.
+struct GpuStats {
+    nvml: nvml_wrapper::Nvml,
+    index: u32,
+}
+
+impl GpuStats {
+    fn open(device: crate::device::Device) -> Option<Self> {
+        match device {
+            crate::device::Device::Cuda(i) => {
+                nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml, index: i as u32 })
+            }
+            crate::device::Device::Cpu => None,
+        }
+    }
+
+    fn read(&self) -> (Option<u64>, Option<u32>) {
+        let Ok(d) = self.nvml.device_by_index(self.index) else { return (None, None) };
+        (d.memory_info().ok().map(|m| m.used), d.utilization_rates().ok().map(|u| u.gpu))
+    }
+}
+
+impl<'a, B: Backend> Trainer<'a, B> {
+    /// Loads the model, the adapter (fresh, from `[model] adapter`, or from a checkpoint when
+    /// resuming), the classifier and the data.
+    pub fn new(be: &'a B, settings: TrainSettings, resume: Option<&Path>) -> Result<Self> {
+        let s = &settings;
+        let mut model = T5::load(be, &s.model.path)?;
+        match &s.model.adapter {
+            Some(dir) => model.load_adapter(be, dir)?,
+            None => {
+                model.attach_lora(be, s.lora_settings(), s.lora.init_seed)?;
+            }
+        }
+        let value_head = ValueHead::init(be, model.config.d_model, mix64(s.lora.init_seed ^ 0x76))?;
+        let c = model.config.clone();
+        let mut policy = Policy { model, value_head, value_dropout: s.lora.value_dropout };
+        let mut optimizer = Optimizer::new(be, &mut policy, s.ppo.learning_rate)?;
+        let mut kl = KlController::from_config(&s.ppo);
+        let mut step = 0;
+        if let Some(dir) = resume {
+            let dir = checkpoint::resolve(dir)?;
+            let state = checkpoint::load(be, &dir, &mut policy, &mut optimizer)?;
+            if state.settings != settings {
+                eprintln!("warning: the settings differ from those {} was trained with", dir.display());
+            }
+            kl = state.kl;
+            step = state.step;
+            eprintln!("resuming from {} (step {step})", dir.display());
+        }
+        let classifier = match s.reward.kind {
+            RewardKind::Classifier => {
+                let c = Classifier::load(be, &s.reward.classifier, None)?;
+                let label = c.label_index(&s.reward.label)?;
+                Some((c, label))
+            }
+            RewardKind::TokenShare => None,
+        };
+        let prompter = Prompter::new(
+            &tokenizer_path(&s.model.path, s.model.tokenizer.as_deref()),
+            &s.data.prompt,
+            s.data.max_source_len,
+            c.eos_token_id,
+            c.vocab_size,
+        )?;
+        let data = Dialogues::load(&s.data)?;
+        let gpu = GpuStats::open(s.device()?);
+        Ok(Self { be, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu })
+    }
+
+    /// One PPO iteration.
+    pub fn iteration(&mut self) -> Result<StepLog> {
+        let be = self.be;
+        let s = self.settings.clone();
+        let started = Instant::now();
+
+        // 1. Batch: dialogues → prompts → token ids.
+        let rows = self.data.batch(self.step, s.ppo.batch_size, s.run.seed);
+        let prompts: Vec<Vec<u32>> =
+            rows.iter().map(|&i| self.prompter.encode(&self.data.texts[i])).collect::<Result<_>>()?;
+        let streams: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
+
+        // 2. Rollout: the current policy samples a summary of each; its adapters stay fixed for it.
+        let responses = self.rollout(&prompts, &streams)?;
+        let rolled = Instant::now();
+
+        // 3. Reward: the classifier's verdict on each decoded summary.
+        let (scores, toxicity) = self.reward(&responses)?;
+        let rewarded = Instant::now();
+
+        // 4–5. Advantages and optimisation: the reference and rollout passes, KL-shaped rewards,
+        // minibatch epochs of the clipped losses with the backward and Adam, the KL controller.
+        let rollout = Rollout { prompts, responses, scores, streams };
+        let loss_scale = match s.run.loss_scale {
+            x if x > 0.0 => x,
+            _ if be.name() == "cpu" => 1.0,
+            _ => 1024.0,
+        };
+        let opts =
+            StepOptions { shuffle: true, seed: mix64(s.run.seed ^ mix64(self.step as u64 + 0x5eed)), loss_scale };
+        let report =
+            ppo_step(be, &mut self.policy, &mut self.optimizer, &mut self.kl, &s.ppo, &rollout, &opts, |_, _, _| {
+                Ok(())
+            })?;
+        self.step += 1;
+        let done = Instant::now();
+
+        let (gpu_memory_bytes, gpu_utilization_percent) = self.gpu.as_ref().map(GpuStats::read).unwrap_or((None, None));
+        let st = report.stats;
+        let n = rollout.scores.len() as f32;
+        Ok(StepLog {
+            step: self.step,
+            reward_mean: rollout.scores.iter().sum::<f32>() / n,
+            toxicity_mean: toxicity.iter().sum::<f32>() / n,
+            kl: st.kl,
+            kl_coef: st.kl_coef,
+            entropy: st.train.entropy,
+            policy_loss: st.train.policy_loss,
+            value_loss: st.train.value_loss,
+            clipfrac: st.train.clipfrac,
+            val_clipfrac: st.train.val_clipfrac,
+            approxkl: st.train.approxkl,
+            response_length_mean: rollout.responses.iter().map(|r| r.len() as f32).sum::<f32>() / n,
+            grad_norm_mean: report.minibatches.iter().map(|m| m.grad_norm).sum::<f64>()
+                / report.minibatches.len() as f64,
+            time_rollout_s: (rolled - started).as_secs_f64(),
+            time_reward_s: (rewarded - rolled).as_secs_f64(),
+            time_optimise_s: (done - rewarded).as_secs_f64(),
+            time_step_s: (done - started).as_secs_f64(),
+            gpu_memory_bytes,
+            gpu_utilization_percent,
+            trl: st,
+        })
+    }
+
+    /// Each response's reward, and the classifier's probability of the reward label (0 for the toy
+    /// reward).
+    fn reward(&self, responses: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let r = &self.settings.reward;
+        match &self.classifier {
+            Some((clf, label)) => {
+                let texts: Vec<String> = responses.iter().map(|t| self.prompter.decode(t)).collect::<Result<_>>()?;
+                let logits = clf.logits(self.be, &texts, r.batch_size, |_| {})?;
+                Ok((
+                    logits.iter().map(|l| r.transform.apply(l[*label])).collect(),
+                    logits.iter().map(|l| crate::classifier::sigmoid(l[*label])).collect(),
+                ))
+            }
+            None => Ok((
+                responses
+                    .iter()
+                    .map(|t| t.iter().filter(|&&x| x < r.token_below).count() as f32 / t.len().max(1) as f32)
+                    .collect(),
+                vec![0.0; responses.len()],
+            )),
+        }
+    }
+
+    /// Samples one response per prompt with the policy's adapters merged (they are fixed until the
+    /// optimisation), seeded by (run seed, step) and each prompt's data-set index.
+    fn rollout(&mut self, prompts: &[Vec<u32>], streams: &[u32]) -> Result<Vec<Vec<u32>>> {
+        let be = self.be;
+        let g = &self.settings.generation;
+        let cfg = GenConfig {
+            max_new_tokens: g.max_new_tokens,
+            min_new_tokens: g.min_new_tokens,
+            sample: true,
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            seed: mix64(self.settings.run.seed ^ mix64(self.step as u64)),
+        };
+        let model = &mut self.policy.model;
+        model.merge_lora(be)?;
+        let batch = Prompts::upload(be, &pad_batch(prompts, model.config.pad_token_id), streams)?;
+        let out = generate(be, model, None, &batch, &cfg, Fwd::eval(true));
+        model.unmerge_lora();
+        Ok(out?.into_iter().map(|g| g.tokens).collect())
+    }
+
+    /// Runs the remaining steps: a JSON Lines log in `run.out`, a progress bar, checkpoints every
+    /// `checkpoint_every` steps and at the end. When `stop` turns true (Ctrl-C) the current step
+    /// finishes, a checkpoint is written and the loop returns.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<PathBuf> {
+        let out = self.settings.run.out.clone();
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let log_path = out.join("log.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let total = self.settings.run.steps;
+        let pb = crate::cli::progress(total, "training");
+        pb.set_position(self.step as u64);
+        let mut last = None;
+        while self.step < total {
+            let entry = match self.iteration() {
+                Ok(e) => e,
+                Err(e) => {
+                    pb.abandon();
+                    let kept = checkpoint::resolve(&out).map(|d| d.display().to_string());
+                    return Err(e.context(format!(
+                        "training stopped at step {}; the last good checkpoint is {}",
+                        self.step + 1,
+                        kept.unwrap_or_else(|_| "none (no checkpoint was written yet)".into())
+                    )));
+                }
+            };
+            writeln!(log, "{}", serde_json::to_string(&entry)?)
+                .with_context(|| format!("writing {}", log_path.display()))?;
+            pb.set_message(format!(
+                "reward {:.3} toxicity {:.4} kl {:.3}",
+                entry.reward_mean, entry.toxicity_mean, entry.kl
+            ));
+            pb.inc(1);
+            let stopping = stop.load(Ordering::SeqCst);
+            if self.step % self.settings.run.checkpoint_every == 0 || self.step == total || stopping {
+                last = Some(self.checkpoint()?);
+            }
+            if stopping {
+                pb.abandon_with_message(format!("interrupted after step {}", self.step));
+                break;
+            }
+        }
+        pb.finish();
+        match last {
+            Some(dir) => Ok(dir),
+            None => self.checkpoint(),
+        }
+    }
+
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let state = TrainerState {
+            step: self.step,
+            kl: self.kl.clone(),
+            optimizer_steps: self.optimizer.steps,
+            settings: self.settings.clone(),
+        };
+        checkpoint::save(self.be, &self.settings.run.out.clone(), &mut self.policy, &self.optimizer, &state)
+    }
+}
