@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSettings {
     pub model: ModelSettings,
@@ -137,20 +137,6 @@ pub struct RunSettings {
     /// Loss scale for the GPU's half-precision gradient products; 0 picks one per device
     /// (1 on the CPU, 1024 on CUDA).
     pub loss_scale: f32,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self {
-            model: ModelSettings::default(),
-            lora: LoraToml::default(),
-            data: DataSettings::default(),
-            generation: GenerationSettings::default(),
-            reward: RewardSettings::default(),
-            ppo: PpoConfig::default(),
-            run: RunSettings::default(),
-        }
-    }
 }
 
 impl Default for ModelSettings {

@@ -282,7 +282,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             ));
             pb.inc(1);
             let stopping = stop.load(Ordering::SeqCst);
-            if self.step % self.settings.run.checkpoint_every == 0 || self.step == total || stopping {
+            if self.step.is_multiple_of(self.settings.run.checkpoint_every) || self.step == total || stopping {
                 last = Some(self.checkpoint()?);
             }
             if stopping {
