@@ -123,7 +123,7 @@ fn ctrl_c_finishes_the_step_checkpoints_and_exits() {
         serde_json::from_str(&std::fs::read_to_string(out.join(latest.trim()).join("trainer_state.json")).unwrap())
             .unwrap();
     let step = state["step"].as_u64().unwrap();
-    assert!(step >= 1 && step < 100000, "checkpoint at step {step}");
+    assert!((1..100000).contains(&step), "checkpoint at step {step}");
     assert_eq!(log(&out).len() as u64, step, "the checkpoint holds every logged step");
 }
 
