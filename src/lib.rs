@@ -8,4 +8,6 @@ pub mod device;
 pub mod fsutil;
 pub mod ppo;
 pub mod t5;
+pub mod rouge;
+pub mod summaries;
 pub mod text;

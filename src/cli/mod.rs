@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod eval;
 mod info;
 mod init;
 mod score;
@@ -24,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune the summarizer's LoRA adapters with PPO against a toxicity classifier.
     Train(train::Args),
+    /// The seed's results table: toxicity of reference and model summaries, ROUGE against the references.
+    Eval(eval::Args),
     /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
     Summarize(summarize::Args),
     /// Score texts from JSON Lines with a toxicity classifier (BERT / RoBERTa, Detoxify's layout).
@@ -41,6 +44,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Summarize(a) => summarize::run(a),
         Command::Score(a) => score::run(a),
         Command::Init(a) => init::run(a),

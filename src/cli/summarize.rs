@@ -2,8 +2,8 @@
 
 use crate::backend::Backend;
 use crate::device::{Device, Job, run_on};
-use crate::t5::{Fwd, GenConfig, Prompts, T5, generate};
-use crate::text::{self, Prompter, pad_batch};
+use crate::t5::{Fwd, GenConfig, T5};
+use crate::text::{self, Prompter};
 use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -113,24 +113,11 @@ impl Job for Summarize<'_> {
             c.eos_token_id,
             c.vocab_size,
         )?;
-        let encoded: Vec<Vec<u32>> = self.dialogues.iter().map(|d| prompter.encode(d)).collect::<Result<_>>()?;
-        // Longest first, so each batch pads little and the slowest batch shows up early.
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
-        let pb = super::progress(encoded.len(), "summarizing");
-        let mut results = vec![(String::new(), Vec::new()); encoded.len()];
+        let pb = super::progress(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
-        for chunk in order.chunks(a.batch_size) {
-            let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-            let batch = pad_batch(&seqs, c.pad_token_id);
-            let streams: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
-            let prompts = Prompts::upload(be, &batch, &streams)?;
-            let out = generate(be, &model, None, &prompts, &self.generation, f)?;
-            for (&i, g) in chunk.iter().zip(out) {
-                results[i] = (prompter.decode(&g.tokens)?, g.tokens);
-            }
-            pb.inc(chunk.len() as u64);
-        }
+        let results = crate::summaries::summarize(be, &model, &prompter, self.dialogues, &self.generation, a.batch_size, f, |n| {
+            pb.inc(n as u64)
+        })?;
         pb.finish_and_clear();
         Ok(results)
     }

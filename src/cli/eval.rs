@@ -1,0 +1,179 @@
+//! `detox eval`: the seed's results table. Summaries from a model (optionally with its adapter) for
+//! dialogues with reference summaries; the classifier's scores of both; ROUGE against the references.
+
+use crate::backend::Backend;
+use crate::classifier::Classifier;
+use crate::device::{Device, Job, run_on};
+use crate::t5::{Fwd, GenConfig, T5};
+use crate::text::{self, Prompter};
+use anyhow::{Result, ensure};
+use serde::Serialize;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Model directory (Hugging Face layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (e.g. a training checkpoint).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The toxicity classifier (Hugging Face layout).
+    #[arg(long)]
+    pub classifier: PathBuf,
+    /// JSON Lines with "dialogue" and "summary" fields.
+    #[arg(long)]
+    pub data: String,
+    /// Evaluate the first N rows (all when absent).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Where to write the results as JSON (with every row's summary and scores).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Sample instead of greedy decoding (seeded; see `detox summarize`).
+    #[arg(long)]
+    pub sample: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The classifier label the table leads with.
+    #[arg(long, default_value = "toxicity")]
+    pub label: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+/// One group of texts' scores.
+#[derive(Clone, Debug, Serialize)]
+pub struct Group {
+    /// Mean probability per label.
+    pub label_means: Vec<(String, f64)>,
+    /// Share of texts whose lead label's probability exceeds 0.5.
+    pub share_above_half: f64,
+    pub lead_mean: f64,
+}
+
+fn group(labels: &[String], scores: &[Vec<f32>], lead: usize) -> Group {
+    let n = scores.len().max(1) as f64;
+    let label_means =
+        labels.iter().enumerate().map(|(j, l)| (l.clone(), scores.iter().map(|s| s[j] as f64).sum::<f64>() / n)).collect();
+    Group {
+        label_means,
+        share_above_half: scores.iter().filter(|s| s[lead] > 0.5).count() as f64 / n,
+        lead_mean: scores.iter().map(|s| s[lead] as f64).sum::<f64>() / n,
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let rows = text::read_jsonl(&a.data)?;
+    let rows = &rows[..a.limit.unwrap_or(rows.len()).min(rows.len())];
+    ensure!(!rows.is_empty(), "{} holds no rows to evaluate", a.data);
+    let dialogues: Vec<String> =
+        rows.iter().enumerate().map(|(i, r)| text::string_field(r, "dialogue", i, &a.data).map(str::to_owned)).collect::<Result<_>>()?;
+    let references: Vec<String> =
+        rows.iter().enumerate().map(|(i, r)| text::string_field(r, "summary", i, &a.data).map(str::to_owned)).collect::<Result<_>>()?;
+    let report = run_on(a.device, Eval { args: a.clone(), dialogues, references })?;
+    println!("{}", report.0);
+    if let Some(p) = &a.output {
+        crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.1)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+struct Eval {
+    args: Args,
+    dialogues: Vec<String>,
+    references: Vec<String>,
+}
+
+impl Job for Eval {
+    type Output = (String, serde_json::Value);
+
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
+        let a = &self.args;
+        let mut model = T5::load(be, &a.model)?;
+        if let Some(dir) = &a.adapter {
+            model.load_adapter(be, dir)?;
+            model.merge_lora(be)?;
+        }
+        let c = &model.config;
+        let prompter = Prompter::new(
+            &text::tokenizer_path(&a.model, None),
+            text::DEFAULT_TEMPLATE,
+            text::DEFAULT_MAX_SOURCE_LEN,
+            c.eos_token_id,
+            c.vocab_size,
+        )?;
+        let generation = GenConfig { max_new_tokens: a.max_new_tokens, sample: a.sample, seed: a.seed, ..GenConfig::default() };
+        let pb = super::progress(self.dialogues.len(), "summarizing");
+        let f = Fwd::eval(model.lora.is_some());
+        let summaries: Vec<String> =
+            crate::summaries::summarize(be, &model, &prompter, &self.dialogues, &generation, a.batch_size, f, |n| {
+                pb.inc(n as u64)
+            })?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        pb.finish_and_clear();
+        drop(model);
+        let clf = Classifier::load(be, &a.classifier, None)?;
+        let labels = clf.config().labels.clone();
+        let lead = clf.label_index(&a.label)?;
+        let ref_scores = clf.score(be, &self.references, 64, |_| {})?;
+        let model_scores = clf.score(be, &summaries, 64, |_| {})?;
+        let pairs: Vec<(String, String)> = summaries.iter().cloned().zip(self.references.iter().cloned()).collect();
+        let (r1, r2, rl) = crate::rouge::mean_f(&pairs);
+        let (gr, gm) = (group(&labels, &ref_scores, lead), group(&labels, &model_scores, lead));
+        let n = self.dialogues.len();
+        let mut table = format!(
+            "{n} dialogues from {}\n{:<22} {:>10} {:>12} {:>8} {:>8} {:>8}\n",
+            a.data,
+            "",
+            format!("{} mean", a.label),
+            "share > 0.5",
+            "ROUGE-1",
+            "ROUGE-2",
+            "ROUGE-L"
+        );
+        table.push_str(&format!(
+            "{:<22} {:>10.4} {:>11.2}% {:>8} {:>8} {:>8}\n",
+            "reference summaries",
+            gr.lead_mean,
+            100.0 * gr.share_above_half,
+            "-",
+            "-",
+            "-"
+        ));
+        table.push_str(&format!(
+            "{:<22} {:>10.4} {:>11.2}% {:>8.4} {:>8.4} {:>8.4}",
+            "model summaries",
+            gm.lead_mean,
+            100.0 * gm.share_above_half,
+            r1,
+            r2,
+            rl
+        ));
+        if labels.len() > 1 {
+            table.push_str("\nlabel means (reference / model):");
+            for ((l, x), (_, y)) in gr.label_means.iter().zip(&gm.label_means) {
+                table.push_str(&format!("\n  {l:<18} {x:.4} / {y:.4}"));
+            }
+        }
+        let rows: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                json!({ "summary": summaries[i], "reference": self.references[i],
+                        "scores": model_scores[i], "reference_scores": ref_scores[i] })
+            })
+            .collect();
+        let value = json!({
+            "data": a.data, "model": a.model, "adapter": a.adapter, "classifier": a.classifier, "dialogues": n,
+            "labels": labels, "reference": gr, "model_summaries": gm,
+            "rouge": { "rouge1": r1, "rouge2": r2, "rougeL": rl }, "rows": rows,
+        });
+        Ok((table, value))
+    }
+}
