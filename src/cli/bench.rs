@@ -29,6 +29,38 @@ pub enum What {
     Generate(GenArgs),
     /// Reward scoring: tokenization and the classifier over a JSON Lines field.
     Score(ScoreArgs),
+    /// One whole PPO iteration: rollout, reward, reference and rollout passes, minibatch epochs.
+    Ppo(PpoArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PpoArgs {
+    /// FLAN-T5 shape for random weights.
+    #[arg(long, default_value = "base")]
+    pub size: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Rows per minibatch.
+    #[arg(long, default_value_t = 16)]
+    pub mini: usize,
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    pub src: usize,
+    #[arg(long = "gen", default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Timed iterations after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// A classifier for the reward (with `--tokenizer` to decode); without it, the toy reward.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -84,6 +116,15 @@ pub struct GenArgs {
 
 pub fn run(a: Args) -> Result<()> {
     match a.what {
+        What::Ppo(p) => {
+            ensure!(p.batch > 0 && p.mini > 0 && p.batch % p.mini == 0, "--mini must divide --batch");
+            let report = run_on(p.device, BenchPpo(p.clone()))?;
+            println!("{}", report.text);
+            if let Some(path) = &p.json {
+                crate::fsutil::write_atomic(path, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+            }
+            Ok(())
+        }
         What::Score(s) => {
             ensure!(s.batch_size > 0 && s.iters > 0, "batch size and iters must be positive");
             let rows = crate::text::read_jsonl(&s.input)?;
@@ -285,6 +326,136 @@ impl Job for BenchScore {
         let json = json!({
             "phase": "score", "device": be.name(), "classifier": a.classifier.display().to_string(), "texts": n,
             "batch": a.batch_size, "iters": a.iters, "seconds": t, "texts_per_s": n as f64 / t, "mean": mean,
+        });
+        Ok(Report { text, json })
+    }
+}
+
+/// A random model of `size` written to a temporary directory (kept alive by the returned guard).
+fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir().context("creating a temporary model directory")?;
+    let cfg = T5Config::preset(size)?;
+    crate::checkpoint::write_safetensors(&tmp.path().join("model.safetensors"), &random_weights(&cfg, 0, DType::F16), None)?;
+    crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;
+    Ok(tmp)
+}
+
+struct BenchPpo(PpoArgs);
+
+impl Job for BenchPpo {
+    type Output = Report;
+
+    fn run<B: Backend>(self, be: &B) -> Result<Report> {
+        use crate::ppo::policy::Policy;
+        use crate::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
+        use crate::ppo::{KlController, PpoConfig};
+        let a = self.0;
+        let tmp = random_model_dir(&a.size)?;
+        let mut model = T5::load(be, tmp.path())?;
+        model.attach_lora(be, LoraSettings::seed_default(), 0)?;
+        let c = model.config.clone();
+        let value_head = ValueHead::init(be, c.d_model, 0)?;
+        let mut policy = Policy { model, value_head, value_dropout: 0.1 };
+        let cfg = PpoConfig { batch_size: a.batch, mini_batch_size: a.mini, ppo_epochs: a.epochs, ..PpoConfig::default() };
+        let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate)?;
+        let mut kl = KlController::from_config(&cfg);
+        let reward = match (&a.classifier, &a.tokenizer) {
+            (Some(dir), Some(tok)) => {
+                let clf = crate::classifier::Classifier::load(be, dir, None)?;
+                let label = clf.label_index("toxicity")?;
+                let decoder = crate::text::load_tokenizer(tok)?;
+                Some((clf, label, decoder))
+            }
+            _ => None,
+        };
+        let (b, l, g) = (a.batch, a.src, a.gen_tokens);
+        let prompts: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
+                s.push(c.eos_token_id);
+                s
+            })
+            .collect();
+        let streams: Vec<u32> = (0..b as u32).collect();
+        let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
+        let mut phases: Vec<[f64; 5]> = Vec::new();
+        be.reset_peak_memory();
+        for it in 0..=a.iters {
+            be.sync()?;
+            let t0 = Instant::now();
+            policy.model.merge_lora(be)?;
+            let batch = Prompts::upload(be, &pad_batch(&prompts, c.pad_token_id), &streams)?;
+            let gens = generate(be, &policy.model, None, &batch, &sampling, Fwd::eval(true))?;
+            policy.model.unmerge_lora();
+            let responses: Vec<Vec<u32>> = gens.into_iter().map(|g| g.tokens).collect();
+            let t1 = Instant::now();
+            let scores: Vec<f32> = match &reward {
+                Some((clf, label, tok)) => {
+                    let texts: Vec<String> = responses
+                        .iter()
+                        .map(|r| tok.decode(r, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
+                        .collect::<Result<_>>()?;
+                    clf.logits(be, &texts, 64, |_| {})?.iter().map(|z| -z[*label]).collect()
+                }
+                None => responses.iter().map(|r| r.iter().filter(|&&t| t < 16064).count() as f32 / r.len() as f32).collect(),
+            };
+            be.sync()?;
+            let t2 = Instant::now();
+            let rollout = Rollout { prompts: prompts.clone(), responses, scores, streams: streams.clone() };
+            let opts = StepOptions { shuffle: true, seed: it as u64, loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 } };
+            let report = ppo_step(be, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
+            let t3 = Instant::now();
+            if it > 0 {
+                phases.push([
+                    (t1 - t0).as_secs_f64(),
+                    (t2 - t1).as_secs_f64(),
+                    report.time_passes_s,
+                    report.time_epochs_s,
+                    (t3 - t0).as_secs_f64(),
+                ]);
+            }
+        }
+        let peak = be.peak_memory();
+        let med = |k: usize| median(phases.iter().map(|p| p[k]).collect());
+        let (gen_s, reward_s, passes_s, epochs_s, total_s) = (med(0), med(1), med(2), med(3), med(4));
+        // The epochs' products: each minibatch runs a forward and a backward (about twice the
+        // forward's FLOPs) over the encoder and the decoder, once per epoch for every row.
+        let (d, inner, ff, v) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64, c.vocab_size as f64);
+        let enc_tokens = (b * l) as f64;
+        let dec_tokens = (b * g) as f64;
+        let enc_params = c.num_layers as f64 * (4.0 * d * inner + 3.0 * d * ff);
+        let dec_params = c.num_decoder_layers as f64 * (6.0 * d * inner + 3.0 * d * ff) + v * d;
+        let cross_kv = c.num_decoder_layers as f64 * 2.0 * d * inner;
+        let fwd = 2.0 * (enc_tokens * (enc_params + cross_kv) + dec_tokens * dec_params);
+        let epochs_flops = 3.0 * fwd * a.epochs as f64;
+        let text = format!(
+            "ppo iteration: batch {b}, minibatch {}, {} epochs, src {l}, gen {g}, random flan-t5-{}, LoRA r 32 on q,v, {}\n\
+             generate        {:8.3} s\n\
+             reward          {:8.3} s  ({})\n\
+             ref + old       {:8.3} s\n\
+             ppo epochs      {:8.3} s  ({:.1} TFLOP of products ≈ {:.0} TFLOP/s; floor {:.3} s at 790 TFLOP/s)\n\
+             iteration       {:8.3} s  →  {:.1} samples/s\n\
+             peak memory     {}",
+            a.mini,
+            a.epochs,
+            a.size,
+            be.name(),
+            gen_s,
+            reward_s,
+            if reward.is_some() { "classifier" } else { "toy reward" },
+            passes_s,
+            epochs_s,
+            epochs_flops / 1e12,
+            epochs_flops / epochs_s / 1e12,
+            epochs_flops / PEAK_FLOPS,
+            total_s,
+            b as f64 / total_s,
+            peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+        );
+        let json = json!({
+            "phase": "ppo", "device": be.name(), "size": a.size, "batch": b, "mini": a.mini, "epochs": a.epochs, "src": l, "gen": g,
+            "seconds": { "generate": gen_s, "reward": reward_s, "ref_and_old": passes_s, "ppo_epochs": epochs_s, "total": total_s },
+            "samples_per_s": b as f64 / total_s, "epochs_tflop": epochs_flops / 1e12, "peak_bytes": peak,
         });
         Ok(Report { text, json })
     }

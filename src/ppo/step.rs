@@ -127,6 +127,9 @@ pub struct StepReport {
     pub non_score_reward: Vec<f32>,
     pub minibatches: Vec<MinibatchReport>,
     pub stats: StepStats,
+    /// Seconds in the rollout and reference passes, and in the minibatch epochs.
+    pub time_passes_s: f64,
+    pub time_epochs_s: f64,
 }
 
 /// The rows `rows` of a row-major `[_, cols]` tensor.
@@ -194,12 +197,15 @@ pub fn ppo_step<B: Backend>(
     let lengths: Vec<usize> = rollout.responses.iter().map(Vec::len).collect();
     let mask = response_mask_from_lengths(&lengths, cols, cfg.first_token)?;
 
+    let started = std::time::Instant::now();
     // Rollout and reference passes: evaluation mode, adapters on then off.
     let (old_logprobs, values) = score_all(be, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(true))?;
     let (ref_logprobs, _) = score_all(be, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(false))?;
     let kl_coef = kl.value();
     let rewards = compute_rewards(&rollout.scores, &old_logprobs, &ref_logprobs, &mask, dims, kl_coef)?;
 
+    be.sync()?;
+    let passed = std::time::Instant::now();
     let mut minibatches = Vec::new();
     let mut stopped = false;
     for epoch in 0..cfg.ppo_epochs {
@@ -284,6 +290,8 @@ pub fn ppo_step<B: Backend>(
             break;
         }
     }
+    be.sync()?;
+    let optimised = std::time::Instant::now();
     let losses: Vec<_> = minibatches.iter().map(|m| m.loss.stats.clone()).collect();
     let stats = record_step_stats(
         &rollout.scores,
@@ -306,5 +314,7 @@ pub fn ppo_step<B: Backend>(
         non_score_reward: rewards.non_score_reward,
         minibatches,
         stats,
+        time_passes_s: (passed - started).as_secs_f64(),
+        time_epochs_s: (optimised - passed).as_secs_f64(),
     })
 }
