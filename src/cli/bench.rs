@@ -418,16 +418,17 @@ impl Job for BenchPpo {
         let peak = be.peak_memory();
         let med = |k: usize| median(phases.iter().map(|p| p[k]).collect());
         let (gen_s, reward_s, passes_s, epochs_s, total_s) = (med(0), med(1), med(2), med(3), med(4));
-        // The epochs' products: each minibatch runs a forward and a backward (about twice the
-        // forward's FLOPs) over the encoder and the decoder, once per epoch for every row.
+        // The epochs' products: every row runs one forward and one backward per epoch. The weights
+        // are frozen, so the backward's products are the input gradients, as many FLOPs as the
+        // forward's (the adapters' own gradients are thin); attention counted as 4·Lq·Lk·inner.
         let (d, inner, ff, v) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64, c.vocab_size as f64);
-        let enc_tokens = (b * l) as f64;
-        let dec_tokens = (b * g) as f64;
-        let enc_params = c.num_layers as f64 * (4.0 * d * inner + 3.0 * d * ff);
-        let dec_params = c.num_decoder_layers as f64 * (6.0 * d * inner + 3.0 * d * ff) + v * d;
-        let cross_kv = c.num_decoder_layers as f64 * 2.0 * d * inner;
-        let fwd = 2.0 * (enc_tokens * (enc_params + cross_kv) + dec_tokens * dec_params);
-        let epochs_flops = 3.0 * fwd * a.epochs as f64;
+        let (le, ld) = (c.num_layers as f64, c.num_decoder_layers as f64);
+        let (bf, lf, gf) = (b as f64, l as f64, g as f64);
+        let linear = 2.0
+            * (bf * lf * (le * (4.0 * d * inner + 3.0 * d * ff) + ld * 2.0 * d * inner)
+                + bf * gf * (ld * (6.0 * d * inner + 3.0 * d * ff) + v * d));
+        let attention = 4.0 * bf * inner * (le * lf * lf + ld * (gf * gf + gf * lf));
+        let epochs_flops = 2.0 * (linear + attention) * a.epochs as f64;
         let text = format!(
             "ppo iteration: batch {b}, minibatch {}, {} epochs, src {l}, gen {g}, random flan-t5-{}, LoRA r 32 on q,v, {}\n\
              generate        {:8.3} s\n\
