@@ -7,6 +7,8 @@ use std::str::FromStr;
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// The first GPU when one is usable, otherwise the CPU.
+    Auto,
 }
 
 impl FromStr for Device {
@@ -15,13 +17,14 @@ impl FromStr for Device {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
             _ => match s.strip_prefix("cuda:") {
                 Some(n) => match n.parse() {
                     Ok(i) => Ok(Device::Cuda(i)),
                     Err(_) => bail!("device '{s}': expected cuda:N with N a GPU index"),
                 },
-                None => bail!("unknown device '{s}' (expected cpu, cuda or cuda:N)"),
+                None => bail!("unknown device '{s}' (expected auto, cpu, cuda or cuda:N)"),
             },
         }
     }
@@ -37,5 +40,12 @@ pub fn run_on<J: Job>(device: Device, job: J) -> Result<J::Output> {
     match device {
         Device::Cpu => job.run(&crate::backend::cpu::Cpu),
         Device::Cuda(n) => job.run(&crate::backend::cuda::Cuda::new(n)?),
+        Device::Auto => match crate::backend::cuda::Cuda::new(0) {
+            Ok(gpu) => job.run(&gpu),
+            Err(e) => {
+                eprintln!("device auto: running on the CPU ({e:#})");
+                job.run(&crate::backend::cpu::Cpu)
+            }
+        },
     }
 }

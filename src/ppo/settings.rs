@@ -128,7 +128,7 @@ pub struct RunSettings {
     pub steps: usize,
     /// Seeds data order, sampling and dropout.
     pub seed: u64,
-    /// cpu, cuda or cuda:N.
+    /// auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
     pub device: String,
     /// Checkpoints and the log go here.
     pub out: PathBuf,
@@ -189,7 +189,7 @@ impl Default for RunSettings {
         Self {
             steps: 50,
             seed: 0,
-            device: "cpu".into(),
+            device: "auto".into(),
             out: PathBuf::from("runs/detox"),
             checkpoint_every: 10,
             loss_scale: 0.0,

@@ -72,13 +72,10 @@ struct GpuStats {
 }
 
 impl GpuStats {
-    fn open(device: crate::device::Device) -> Option<Self> {
-        match device {
-            crate::device::Device::Cuda(i) => {
-                nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml, index: i as u32 })
-            }
-            crate::device::Device::Cpu => None,
-        }
+    /// For a backend named `cuda:N (…)`.
+    fn open(backend: &str) -> Option<Self> {
+        let index = backend.strip_prefix("cuda:")?.split(' ').next()?.parse().ok()?;
+        nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml, index })
     }
 
     fn read(&self) -> (Option<u64>, Option<u32>) {
@@ -131,7 +128,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             c.vocab_size,
         )?;
         let data = Dialogues::load(&s.data)?;
-        let gpu = GpuStats::open(s.device()?);
+        let gpu = GpuStats::open(&be.name());
         Ok(Self { be, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu })
     }
 
