@@ -7,7 +7,7 @@ pub mod cli;
 pub mod device;
 pub mod fsutil;
 pub mod ppo;
-pub mod t5;
 pub mod rouge;
 pub mod summaries;
+pub mod t5;
 pub mod text;

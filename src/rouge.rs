@@ -21,8 +21,11 @@ pub struct Rouge {
 }
 
 pub fn tokenize(text: &str) -> Vec<String> {
-    let lowered: String =
-        text.to_lowercase().chars().map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { ' ' }).collect();
+    let lowered: String = text
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { ' ' })
+        .collect();
     lowered.split_whitespace().map(str::to_owned).collect()
 }
 

@@ -335,7 +335,11 @@ impl Job for BenchScore {
 fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir().context("creating a temporary model directory")?;
     let cfg = T5Config::preset(size)?;
-    crate::checkpoint::write_safetensors(&tmp.path().join("model.safetensors"), &random_weights(&cfg, 0, DType::F16), None)?;
+    crate::checkpoint::write_safetensors(
+        &tmp.path().join("model.safetensors"),
+        &random_weights(&cfg, 0, DType::F16),
+        None,
+    )?;
     crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;
     Ok(tmp)
 }
@@ -356,7 +360,8 @@ impl Job for BenchPpo {
         let c = model.config.clone();
         let value_head = ValueHead::init(be, c.d_model, 0)?;
         let mut policy = Policy { model, value_head, value_dropout: 0.1 };
-        let cfg = PpoConfig { batch_size: a.batch, mini_batch_size: a.mini, ppo_epochs: a.epochs, ..PpoConfig::default() };
+        let cfg =
+            PpoConfig { batch_size: a.batch, mini_batch_size: a.mini, ppo_epochs: a.epochs, ..PpoConfig::default() };
         let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate)?;
         let mut kl = KlController::from_config(&cfg);
         let reward = match (&a.classifier, &a.tokenizer) {
@@ -397,12 +402,18 @@ impl Job for BenchPpo {
                         .collect::<Result<_>>()?;
                     clf.logits(be, &texts, 64, |_| {})?.iter().map(|z| -z[*label]).collect()
                 }
-                None => responses.iter().map(|r| r.iter().filter(|&&t| t < 16064).count() as f32 / r.len() as f32).collect(),
+                None => {
+                    responses.iter().map(|r| r.iter().filter(|&&t| t < 16064).count() as f32 / r.len() as f32).collect()
+                }
             };
             be.sync()?;
             let t2 = Instant::now();
             let rollout = Rollout { prompts: prompts.clone(), responses, scores, streams: streams.clone() };
-            let opts = StepOptions { shuffle: true, seed: it as u64, loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 } };
+            let opts = StepOptions {
+                shuffle: true,
+                seed: it as u64,
+                loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 },
+            };
             let report = ppo_step(be, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
             let t3 = Instant::now();
             if it > 0 {

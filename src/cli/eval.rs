@@ -59,8 +59,11 @@ pub struct Group {
 
 fn group(labels: &[String], scores: &[Vec<f32>], lead: usize) -> Group {
     let n = scores.len().max(1) as f64;
-    let label_means =
-        labels.iter().enumerate().map(|(j, l)| (l.clone(), scores.iter().map(|s| s[j] as f64).sum::<f64>() / n)).collect();
+    let label_means = labels
+        .iter()
+        .enumerate()
+        .map(|(j, l)| (l.clone(), scores.iter().map(|s| s[j] as f64).sum::<f64>() / n))
+        .collect();
     Group {
         label_means,
         share_above_half: scores.iter().filter(|s| s[lead] > 0.5).count() as f64 / n,
@@ -72,10 +75,16 @@ pub fn run(a: Args) -> Result<()> {
     let rows = text::read_jsonl(&a.data)?;
     let rows = &rows[..a.limit.unwrap_or(rows.len()).min(rows.len())];
     ensure!(!rows.is_empty(), "{} holds no rows to evaluate", a.data);
-    let dialogues: Vec<String> =
-        rows.iter().enumerate().map(|(i, r)| text::string_field(r, "dialogue", i, &a.data).map(str::to_owned)).collect::<Result<_>>()?;
-    let references: Vec<String> =
-        rows.iter().enumerate().map(|(i, r)| text::string_field(r, "summary", i, &a.data).map(str::to_owned)).collect::<Result<_>>()?;
+    let dialogues: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| text::string_field(r, "dialogue", i, &a.data).map(str::to_owned))
+        .collect::<Result<_>>()?;
+    let references: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| text::string_field(r, "summary", i, &a.data).map(str::to_owned))
+        .collect::<Result<_>>()?;
     let report = run_on(a.device, Eval { args: a.clone(), dialogues, references })?;
     println!("{}", report.0);
     if let Some(p) = &a.output {
@@ -108,7 +117,8 @@ impl Job for Eval {
             c.eos_token_id,
             c.vocab_size,
         )?;
-        let generation = GenConfig { max_new_tokens: a.max_new_tokens, sample: a.sample, seed: a.seed, ..GenConfig::default() };
+        let generation =
+            GenConfig { max_new_tokens: a.max_new_tokens, sample: a.sample, seed: a.seed, ..GenConfig::default() };
         let pb = super::progress(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
         let summaries: Vec<String> =

@@ -115,9 +115,16 @@ impl Job for Summarize<'_> {
         )?;
         let pb = super::progress(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
-        let results = crate::summaries::summarize(be, &model, &prompter, self.dialogues, &self.generation, a.batch_size, f, |n| {
-            pb.inc(n as u64)
-        })?;
+        let results = crate::summaries::summarize(
+            be,
+            &model,
+            &prompter,
+            self.dialogues,
+            &self.generation,
+            a.batch_size,
+            f,
+            |n| pb.inc(n as u64),
+        )?;
         pb.finish_and_clear();
         Ok(results)
     }
