@@ -112,19 +112,20 @@ extern "C" __global__ void column_sum_add_f16(const __half* dy, float* db, long 
 
 // ---- optimiser and norms ----
 
-// torch.optim.Adam's element update in the CPU reference's order of operations (`adam_element`:
-// torch's lerp for the first moment), each operation rounded on its own (no fused multiply-add), so
+// torch.optim.Adam's (AdamW's, with `decay` = 1 − lr·weight_decay) element update in the CPU
+// reference's order of operations (`adam_element`: the decay first, torch's lerp for the first moment), each operation rounded on its own (no fused multiply-add), so
 // both backends produce the same bits. The f32 factors are `AdamStep::factors`, derived on the host.
 extern "C" __global__ void adam_f32(float* p, const float* g, float* m, float* v, long n, float w1, float beta2,
-                                    float w2, float neg_step, float bc2_sqrt, float eps) {
+                                    float w2, float neg_step, float bc2_sqrt, float eps, float decay) {
     GRID_STRIDE(i, n) {
         float gi = g[i];
+        float pi = __fmul_rn(p[i], decay);
         float mi = __fadd_rn(m[i], __fmul_rn(w1, __fsub_rn(gi, m[i])));
         float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(w2, gi), gi));
         float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
         m[i] = mi;
         v[i] = vi;
-        p[i] = __fadd_rn(p[i], __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+        p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
     }
 }
 

@@ -216,10 +216,98 @@ fn adam_matches_the_ppo_reference() {
             &t(&g, &[n]),
             &mut m,
             &mut v,
-            &AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, step },
+            &AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, weight_decay: 0.0 },
         )
         .unwrap();
         reference.step(&mut pr, &g, &mut state).unwrap();
     }
     assert_eq!(p.data, pr, "the backend's Adam and the PPO reference agree bit for bit");
+}
+
+#[test]
+fn weight_gradients_match_finite_differences() {
+    let mut r = Rand::new(31);
+    let (m, k, n) = (6, 10, 7);
+    let x = r.vec(m * k, 1.0);
+    let w = r.vec(n * k, 1.0);
+    let dy = r.vec(m * n, 1.0);
+    let mut dw = t(&vec![0.0; n * k], &[n, k]);
+    Cpu.weight_grad(&t(&x, &[m, k]), &t(&dy, &[m, n]), &mut dw).unwrap();
+    let lin = |w: &[f32]| Cpu.linear(&t(&x, &[m, k]), &weight(w, &[n, k]), &[]).unwrap().data;
+    check("linear weight", &w, &dw.data, &dy, lin, 32);
+
+    let (rows, d) = (5, 12);
+    let x = r.vec(rows * d, 2.0);
+    let g = r.vec(d, 1.5);
+    let dy = r.vec(rows * d, 1.0);
+    let mut dg = t(&vec![0.0; d], &[d]);
+    Cpu.rms_norm_weight_grad(&t(&x, &[rows, d]), 1e-6, &t(&dy, &[rows, d]), &mut dg).unwrap();
+    check(
+        "rms_norm weight",
+        &g,
+        &dg.data,
+        &dy,
+        |g| Cpu.rms_norm(&t(&x, &[rows, d]), &weight(g, &[d]), 1e-6).unwrap().data,
+        33,
+    );
+
+    let (vocab, d) = (9, 4);
+    let table = r.vec(vocab * d, 1.0);
+    let ids = Cpu.upload_ids(&[3, 0, 3, 8, 1], &[5]).unwrap();
+    let dy = r.vec(5 * d, 1.0);
+    let mut dt = t(&vec![0.0; vocab * d], &[vocab, d]);
+    Cpu.embedding_backward(&ids, &t(&dy, &[5, d]), &mut dt).unwrap();
+    check("embedding", &table, &dt.data, &dy, |tb| Cpu.embedding(&weight(tb, &[vocab, d]), &ids).unwrap().data, 34);
+}
+
+#[test]
+fn attention_bias_gradient_matches_finite_differences() {
+    let mut r = Rand::new(35);
+    let (b, l, h, dk, buckets) = (2, 9, 3, 4, 8);
+    let inner = h * dk;
+    let shape = [b, l, inner];
+    let (q, k, v) = (r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0));
+    let dout = r.vec(b * l * inner, 1.0);
+    let table = r.vec(buckets * h, 1.0);
+    let lengths = Cpu.upload_ids(&[9, 5], &[2]).unwrap();
+    for (causal, bidirectional, lens) in [(false, true, true), (true, false, false)] {
+        let run = |tb: &[f32]| {
+            let w = weight(tb, &[buckets, h]);
+            let spec = AttnSpec::<Cpu> {
+                heads: h,
+                d_kv: dk,
+                scale: 1.0,
+                kv_len: l,
+                key_lengths: if lens { Some(&lengths) } else { None },
+                causal,
+                q_offset: Position::At(0),
+                bias: Some(RelBias { table: &w, bidirectional, num_buckets: buckets, max_distance: 7 }),
+            };
+            Cpu.attention(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &spec).unwrap().data
+        };
+        let w = weight(&table, &[buckets, h]);
+        let spec = AttnSpec::<Cpu> {
+            heads: h,
+            d_kv: dk,
+            scale: 1.0,
+            kv_len: l,
+            key_lengths: if lens { Some(&lengths) } else { None },
+            causal,
+            q_offset: Position::At(0),
+            bias: Some(RelBias { table: &w, bidirectional, num_buckets: buckets, max_distance: 7 }),
+        };
+        let mut dt = t(&vec![0.0; buckets * h], &[buckets, h]);
+        Cpu.attention_bias_grad(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &t(&dout, &shape), &spec, &mut dt)
+            .unwrap();
+        check(&format!("attention bias causal {causal}"), &table, &dt.data, &dout, run, 36);
+    }
+}
+
+#[test]
+fn adamw_decays_before_the_update() {
+    let (mut p, mut m, mut v) = (t(&[1.0, -2.0], &[2]), t(&[0.0, 0.0], &[2]), t(&[0.0, 0.0], &[2]));
+    let h = AdamStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1, weight_decay: 0.5 };
+    Cpu.adam(&mut p, &t(&[0.0, 0.0], &[2]), &mut m, &mut v, &h).unwrap();
+    // torch.optim.AdamW with a zero gradient: only the decay moves p.
+    assert_eq!(p.data, vec![0.95, -1.9]);
 }

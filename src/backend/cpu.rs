@@ -826,6 +826,117 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
+        let (m, k) = x.rows_cols();
+        let (dm, n) = dy.rows_cols();
+        ensure!(dm == m && dw.shape == [n, k], "weight_grad: x {:?}, dy {:?}, dw {:?}", x.shape, dy.shape, dw.shape);
+        matmul_tn(&dy.data, &x.data, &mut dw.data, n, m, k, true);
+        Ok(())
+    }
+
+    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
+        let (_, d) = x.rows_cols();
+        ensure!(dy.shape == x.shape && dw.data.len() == d, "rms_norm_weight_grad: shapes do not agree");
+        for (xr, gr) in x.data.chunks(d).zip(dy.data.chunks(d)) {
+            let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+            dw.data.iter_mut().zip(xr).zip(gr).for_each(|((w, x), g)| *w += g * x * r);
+        }
+        Ok(())
+    }
+
+    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()> {
+        let (rows, d) = d_table.rows_cols();
+        ensure!(
+            dy.data.len() == ids.data.len() * d,
+            "embedding_backward: dy {:?} for {} ids",
+            dy.shape,
+            ids.data.len()
+        );
+        for (&id, g) in ids.data.iter().zip(dy.data.chunks(d)) {
+            ensure!((id as usize) < rows, "token id {id} is outside the embedding table of {rows} rows");
+            d_table.data[id as usize * d..(id as usize + 1) * d].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn attention_bias_grad(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+        d_table: &mut Self::Tensor,
+    ) -> Result<()> {
+        let rb = spec.bias.as_ref().ok_or_else(|| anyhow::anyhow!("attention_bias_grad: the call has no bias"))?;
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let inner = h * dk;
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        let cap = k.shape[1];
+        ensure!(d_table.shape == [rb.num_buckets, h], "attention_bias_grad: d_table {:?}", d_table.shape);
+        let q_offset = at(spec.q_offset);
+        let lk = match spec.q_offset {
+            Position::At(_) => spec.kv_len,
+            Position::Counter(_) => q_offset + lq,
+        };
+        let key_len: Vec<usize> = match spec.key_lengths {
+            Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
+            None => vec![lk; b],
+        };
+        let mut p = vec![0.0f32; lk];
+        for (bi, &len) in key_len.iter().enumerate() {
+            for hh in 0..h {
+                for i in 0..lq {
+                    let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk }.min(len);
+                    if visible == 0 {
+                        continue;
+                    }
+                    let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                    let di = &dout.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                    let bucket = |j: usize| {
+                        relative_bucket(
+                            j as i64 - (q_offset + i) as i64,
+                            rb.bidirectional,
+                            rb.num_buckets,
+                            rb.max_distance,
+                        )
+                    };
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, pj) in p.iter_mut().enumerate().take(visible) {
+                        let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        *pj = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale
+                            + rb.table.data[bucket(j) * h + hh];
+                        max = max.max(*pj);
+                    }
+                    let sum: f32 = p[..visible]
+                        .iter_mut()
+                        .map(|s| {
+                            *s = (*s - max).exp();
+                            *s
+                        })
+                        .sum();
+                    p[..visible].iter_mut().for_each(|s| *s /= sum);
+                    let dp: Vec<f32> = (0..visible)
+                        .map(|j| {
+                            di.iter().zip(&v.data[(bi * cap + j) * inner + hh * dk..][..dk]).map(|(a, b)| a * b).sum()
+                        })
+                        .collect();
+                    let avg: f32 = p[..visible].iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for j in 0..visible {
+                        d_table.data[bucket(j) * h + hh] += p[j] * (dp[j] - avg);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> {
+        ensure!(w.shape == values.shape, "set_weight: {:?} for a weight of {:?}", values.shape, w.shape);
+        w.data.copy_from_slice(&values.data);
+        Ok(())
+    }
+
     fn sum_squares(&self, x: &Self::Tensor) -> Result<f64> {
         Ok(x.data.iter().map(|&v| (v as f64) * (v as f64)).sum())
     }
@@ -854,6 +965,7 @@ fn write_rows_of<T: Copy>(dst: &mut [T], dshape: &[usize], src: &[T], sshape: &[
 
 /// One element of torch.optim.Adam's update (no weight decay), in torch's order of operations.
 pub fn adam_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, f: &super::AdamFactors) {
+    *p *= f.decay;
     // torch's lerp(m, g, 1 − β₁) takes this branch for weights below one half.
     *m += f.w1 * (g - *m);
     *v = *v * f.beta2 + f.w2 * g * g;

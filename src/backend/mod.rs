@@ -66,6 +66,8 @@ pub struct AdamStep {
     pub eps: f64,
     /// 1 for the first update.
     pub step: u64,
+    /// AdamW's decoupled weight decay: `p ← p · (1 − lr · weight_decay)` before the update (0: Adam).
+    pub weight_decay: f64,
 }
 
 /// The f32 constants of one Adam update, derived in f64 as torch derives them.
@@ -81,6 +83,8 @@ pub struct AdamFactors {
     /// √(1 − β₂ᵗ)
     pub bc2_sqrt: f32,
     pub eps: f32,
+    /// 1 − lr · weight_decay
+    pub decay: f32,
 }
 
 impl AdamStep {
@@ -93,6 +97,7 @@ impl AdamStep {
             neg_step: (-self.lr / (1.0 - self.beta1.powf(t))) as f32,
             bc2_sqrt: (1.0 - self.beta2.powf(t)).sqrt() as f32,
             eps: self.eps as f32,
+            decay: (1.0 - self.lr * self.weight_decay) as f32,
         }
     }
 }
@@ -353,6 +358,25 @@ pub trait Backend: Sized + Send + Sync {
         v: &mut Self::Tensor,
         h: &AdamStep,
     ) -> Result<()>;
+    /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
+    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
+    /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
+    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
+    /// Backward of `embedding`: `d_table[ids[i]] += dy[i]`.
+    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()>;
+    /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
+    /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
+    fn attention_bias_grad(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+        d_table: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
+    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
     /// Σ x², for gradient norms.
     fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
 

@@ -51,7 +51,7 @@ impl<B: Backend> Optimizer<B> {
     /// One Adam step of every trainable tensor with `grads`, then the adapters' copies refreshed.
     pub fn step(&mut self, be: &B, policy: &mut Policy<B>, grads: &PolicyGrads<B>) -> Result<()> {
         self.steps += 1;
-        let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps };
+        let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps, weight_decay: 0.0 };
         let gs = grad_tensors(grads);
         let params = trainables(policy);
         ensure!(

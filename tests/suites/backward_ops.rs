@@ -521,7 +521,7 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
         for step in 1..=5 {
             let g = r.vec(n, 0.01 * step as f32);
             let (gc, gg) = (Cpu.upload(&g, &shape).unwrap(), be.upload(&g, &shape).unwrap());
-            let h = AdamStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step };
+            let h = AdamStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, weight_decay: 0.01 };
             Cpu.adam(&mut pc, &gc, &mut mc, &mut vc, &h).unwrap();
             be.adam(&mut pg, &gg, &mut mg, &mut vg, &h).unwrap();
             close(&be.download(&pg).unwrap(), &pc.data, F32, &format!("adam step {step}: p"));

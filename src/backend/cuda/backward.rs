@@ -438,7 +438,7 @@ impl Cuda {
         self.gpu.launch(
             "adam_f32",
             elementwise(n),
-            &[&pp, &gp, &mp, &vp, &(n as i64), &f.w1, &f.beta2, &f.w2, &f.neg_step, &f.bc2_sqrt, &f.eps],
+            &[&pp, &gp, &mp, &vp, &(n as i64), &f.w1, &f.beta2, &f.w2, &f.neg_step, &f.bc2_sqrt, &f.eps, &f.decay],
         )
     }
 

@@ -4,6 +4,7 @@
 
 mod backward;
 mod device;
+mod full;
 mod gemm;
 
 use super::relpos::relative_bucket;
@@ -842,6 +843,34 @@ impl Backend for Cuda {
         h: &super::AdamStep,
     ) -> Result<()> {
         self.adam_impl(p, g, m, v, h)
+    }
+
+    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
+        self.weight_grad_impl(x, dy, dw)
+    }
+
+    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
+        self.rms_norm_weight_grad_impl(x, eps, dy, dw)
+    }
+
+    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()> {
+        self.embedding_backward_impl(ids, dy, d_table)
+    }
+
+    fn attention_bias_grad(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+        d_table: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.attention_bias_grad_impl(q, k, v, dout, spec, d_table)
+    }
+
+    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> {
+        self.set_weight_impl(w, values)
     }
 
     fn sum_squares(&self, x: &Self::Tensor) -> Result<f64> {
