@@ -765,3 +765,143 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
 MMA(16)
 MMA(32)
 MMA(64)
+
+// ---- full-parameter training ----
+
+// r[row] = rsqrt(mean(x²) + eps), one block per row, computed as rms_norm_backward computes it.
+template <typename T>
+__device__ void rms_inverse(const T* x, float* r, int d, float eps) {
+    __shared__ float scratch[32];
+    const T* xr = x + (long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = to_f(xr[i]);
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    if (threadIdx.x == 0) r[blockIdx.x] = 1.f / sqrtf(ss / d + eps);
+}
+extern "C" __global__ void rms_inverse_f32(const float* x, float* r, int d, float eps) { rms_inverse(x, r, d, eps); }
+extern "C" __global__ void rms_inverse_f16(const __half* x, float* r, int d, float eps) { rms_inverse(x, r, d, eps); }
+
+// dw[c] += Σ_rows dy·x·r over a chunk of RMS_ROWS rows per block (grid: column blocks × row
+// chunks), so that tall inputs spread over the machine; one atomic per column and chunk.
+#define RMS_ROWS 64
+template <typename TX, typename TG>
+__device__ void rms_weight_grad(const TX* x, const TG* dy, const float* r, float* dw, long rows, int d) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    long r0 = (long)blockIdx.y * RMS_ROWS, r1 = min(rows, r0 + RMS_ROWS);
+    float acc = 0.f;
+    for (long row = r0; row < r1; row++) acc += to_f(dy[row * d + c]) * to_f(x[row * d + c]) * r[row];
+    atomicAdd(dw + c, acc);
+}
+#define RMS_WG(NAME, TX, TG) \
+    extern "C" __global__ void NAME(const TX* x, const TG* dy, const float* r, float* dw, long rows, int d) { \
+        rms_weight_grad(x, dy, r, dw, rows, d); \
+    }
+RMS_WG(rms_weight_grad_f32_f32, float, float)
+RMS_WG(rms_weight_grad_f32_f16, float, __half)
+RMS_WG(rms_weight_grad_f16_f32, __half, float)
+RMS_WG(rms_weight_grad_f16_f16, __half, __half)
+
+// d_table[ids[i]] += dy[i]: repeated ids meet through atomics. Ids are clamped as the forward's
+// embedding clamps them.
+template <typename T>
+__device__ void embedding_backward(const uint32_t* ids, const T* dy, float* table, long n_ids, int d, int rows) {
+    long n = n_ids * d;
+    GRID_STRIDE(i, n) {
+        uint32_t id = min(ids[i / d], (uint32_t)(rows - 1));
+        atomicAdd(table + (long)id * d + i % d, to_f(dy[i]));
+    }
+}
+extern "C" __global__ void embedding_backward_f32(const uint32_t* ids, const float* dy, float* t, long n, int d, int rows) {
+    embedding_backward(ids, dy, t, n, d, rows);
+}
+extern "C" __global__ void embedding_backward_f16(const uint32_t* ids, const __half* dy, float* t, long n, int d, int rows) {
+    embedding_backward(ids, dy, t, n, d, rows);
+}
+
+// The relative-position bias table's gradient: d_table[bucket, h] += Σ_j ds_ij over the keys j of
+// query i in that bucket, ds = p·(dp − D). One block per (query, head, row) recomputes the row's
+// scores and dp = dout·v in f32 (dynamic shared memory: 2·cap floats), then gathers ds per bucket
+// in shared memory first, so that global atomics number buckets rather than keys.
+extern "C" __global__ void attention_bias_grad(const __half* q, const __half* k, const __half* v, const __half* dout,
+                                               float* d_table, int buckets, AttnParams p) {
+    extern __shared__ float smem[];
+    __shared__ float scratch[32];
+    __shared__ float qs[128], gs[128];
+    resolve(p);
+    int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    float* s = smem;
+    float* dp = smem + p.cap;
+    float* hist = dp + p.cap;
+    int inner = p.H * p.dk;
+    long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
+    for (int d = threadIdx.x; d < p.dk; d += blockDim.x) {
+        qs[d] = __half2float(q[qoff + d]);
+        gs[d] = __half2float(dout[qoff + d]);
+    }
+    for (int t = threadIdx.x; t < buckets; t += blockDim.x) hist[t] = 0.f;
+    int qpos = p.q_offset + i, klen = key_count(p, b);
+    int visible = p.causal ? min(qpos + 1, klen) : klen;
+    __syncthreads();
+    if (visible <= 0) return;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        long koff = ((long)b * p.cap + j) * inner + h * p.dk;
+        float sj = 0.f, dj = 0.f;
+        for (int d = 0; d < p.dk; d++) {
+            sj += qs[d] * __half2float(k[koff + d]);
+            dj += gs[d] * __half2float(v[koff + d]);
+        }
+        sj = sj * p.scale + rel_bias(p, h, j - qpos);
+        s[j] = sj;
+        dp[j] = dj;
+        mx = fmaxf(mx, sj);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    sum = block_sum(sum, scratch);
+    float dsum = 0.f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        s[j] /= sum;
+        dsum += s[j] * dp[j];
+    }
+    dsum = block_sum(dsum, scratch);
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        int rel = max(-p.max_distance, min(p.max_distance, j - qpos));
+        atomicAdd(hist + p.bucket_lut[rel + p.max_distance], s[j] * (dp[j] - dsum));
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < buckets; t += blockDim.x)
+        if (hist[t] != 0.f) atomicAdd(d_table + (long)t * p.H + h, hist[t]);
+}
+
+// Cross-entropy with label smoothing ε, one block per row of V logits: loss = (1−ε)·(lse − x_t) +
+// ε·(lse − mean x) (torch's CrossEntropyLoss(label_smoothing=ε) for one token), and
+// dlogits = w·(softmax − (1−ε)·onehot(t) − ε/V), the row's weight w folded in.
+extern "C" __global__ void __launch_bounds__(LP_THREADS)
+    cross_entropy_f32(const float* logits, const uint32_t* targets, const float* weights, float* loss,
+                      float* dlogits, int V, float eps) {
+    __shared__ float scratch[96];
+    long row = blockIdx.x;
+    const float* xr = logits + row * V;
+    float* yr = dlogits + row * V;
+    RowStats st = row_stats(xr, V, scratch);
+    float total = 0.f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) total += xr[i];
+    total = block_sum(total, scratch);
+    float lse = st.m + logf(st.s), w = weights[row];
+    int t = (int)min(targets[row], (uint32_t)(V - 1));
+    if (threadIdx.x == 0) loss[row] = (1.f - eps) * (lse - xr[t]) + eps * (lse - total / V);
+    float floor_ = eps / V;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float g = expf(xr[i] - lse) - floor_;
+        yr[i] = w * (i == t ? g - (1.f - eps) : g);
+    }
+}

@@ -2,7 +2,7 @@
 //! forward: for a random direction u and output weights r, ⟨backward(r), u⟩ must equal
 //! (⟨r, f(x + εu)⟩ − ⟨r, f(x − εu)⟩) / 2ε. Adam against the independent `ppo::optim` reference.
 
-use detox::backend::cpu::{Cpu, CpuTensor};
+use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
 use detox::backend::{AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias};
 use detox::checkpoint::{DType, HostTensor};
 use rand::{RngExt, SeedableRng};
@@ -310,4 +310,32 @@ fn adamw_decays_before_the_update() {
     Cpu.adam(&mut p, &t(&[0.0, 0.0], &[2]), &mut m, &mut v, &h).unwrap();
     // torch.optim.AdamW with a zero gradient: only the decay moves p.
     assert_eq!(p.data, vec![0.95, -1.9]);
+}
+
+#[test]
+fn cross_entropy_matches_finite_differences_and_its_definition() {
+    let mut r = Rand::new(60);
+    let (n, v) = (4, 30);
+    let logits = r.vec(n * v, 4.0);
+    let targets = Cpu.upload_ids(&[3, 0, 29, 17], &[n]).unwrap();
+    let weights = [0.7f32, 1.0, 0.0, 2.0];
+    let wt = t(&weights, &[n]);
+    for smoothing in [0.0f32, 0.1] {
+        let (loss, g) = Cpu.cross_entropy(&t(&logits, &[n, v]), &targets, &wt, smoothing).unwrap();
+        check(
+            &format!("cross-entropy, smoothing {smoothing}"),
+            &logits,
+            &g.data,
+            &weights,
+            |x| Cpu.cross_entropy(&t(x, &[n, v]), &targets, &wt, smoothing).unwrap().0.data,
+            61,
+        );
+        // torch's definition: (1 − ε)·NLL + ε · (mean over the vocabulary of −log p).
+        for (row, (&tok, &got)) in targets.data.iter().zip(&loss.data).enumerate() {
+            let mut lp = logits[row * v..(row + 1) * v].to_vec();
+            log_softmax_row(&mut lp);
+            let want = -(1.0 - smoothing) * lp[tok as usize] - smoothing * lp.iter().sum::<f32>() / v as f32;
+            assert!((got - want).abs() < 1e-5, "row {row}: loss {got} vs {want}");
+        }
+    }
 }

@@ -931,6 +931,35 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Ids,
+        weights: &Self::Tensor,
+        smoothing: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (n, v) = logits.rows_cols();
+        ensure!(
+            targets.data.len() == n && weights.data.len() == n,
+            "cross_entropy: {} targets and {} weights for {n} rows",
+            targets.data.len(),
+            weights.data.len()
+        );
+        let mut loss = Vec::with_capacity(n);
+        let mut grad = logits.data.clone();
+        for ((row, &t), &w) in grad.chunks_mut(v).zip(&targets.data).zip(&weights.data) {
+            ensure!((t as usize) < v, "target {t} is outside the vocabulary of {v}");
+            let mean = row.iter().sum::<f32>() / v as f32;
+            let (x_t, max) = (row[t as usize], row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+            loss.push((1.0 - smoothing) * (lse - x_t) + smoothing * (lse - mean));
+            let floor = smoothing / v as f32;
+            row.iter_mut().for_each(|x| *x = w * ((*x - lse).exp() - floor));
+            row[t as usize] -= w * (1.0 - smoothing);
+        }
+        Ok((CpuTensor::new(loss, &[n])?, CpuTensor::new(grad, &logits.shape)?))
+    }
+
     fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> {
         ensure!(w.shape == values.shape, "set_weight: {:?} for a weight of {:?}", values.shape, w.shape);
         w.data.copy_from_slice(&values.data);

@@ -375,6 +375,16 @@ pub trait Backend: Sized + Send + Sync {
         spec: &AttnSpec<'_, Self>,
         d_table: &mut Self::Tensor,
     ) -> Result<()>;
+    /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
+    /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
+    /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Ids,
+        weights: &Self::Tensor,
+        smoothing: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
     fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
     /// Σ x², for gradient norms.

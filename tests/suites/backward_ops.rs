@@ -340,6 +340,16 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     close(&be.download(&dq_g).unwrap(), &dq_c.data, HALF, &format!("{what}: dq"));
     close(&be.download(&dk_g).unwrap(), &dk_c.data, HALF, &format!("{what}: dk"));
     close(&be.download(&dv_g).unwrap(), &dv_c.data, HALF, &format!("{what}: dv"));
+    if c.bias.is_some() {
+        let start = r.vec(32 * c.h, 1.0);
+        let mut want = Cpu.upload(&start, &[32, c.h]).unwrap();
+        let qc = Cpu.upload(&q, &qs).unwrap();
+        let (kc, vc) = (Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
+        Cpu.attention_bias_grad(&qc, &kc, &vc, &Cpu.upload(&dout, &qs).unwrap(), &spec_c, &mut want).unwrap();
+        let mut got = be.upload(&start, &[32, c.h]).unwrap();
+        be.attention_bias_grad(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g, &mut got).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, HALF, &format!("{what}: bias table gradient"));
+    }
 }
 
 pub fn attention_backward_matches_cpu<B: Backend>(be: &B) {
@@ -529,6 +539,87 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
             close(&be.download(&vg).unwrap(), &vc.data, F32, &format!("adam step {step}: v"));
         }
     }
+}
+
+pub fn weight_grad_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(111);
+    for (m, k, n) in [(37, 96, 64), (300, 48, 200), (1, 5, 3)] {
+        let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
+        let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
+        Cpu.weight_grad(&Cpu.upload(&x, &[m, k]).unwrap(), &Cpu.upload(&dy, &[m, n]).unwrap(), &mut want).unwrap();
+        let xg = be.upload(&x, &[m, k]).unwrap();
+        let xh = half_copy(be, &xg);
+        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+            let mut got = be.upload(&dw0, &[n, k]).unwrap();
+            be.weight_grad(xin, &be.upload(&dy, &[m, n]).unwrap(), &mut got).unwrap();
+            close(&be.download(&got).unwrap(), &want.data, HALF, &format!("weight_grad {m}×{k}→{n}"));
+        }
+    }
+}
+
+pub fn rms_norm_weight_grad_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(112);
+    // Row counts below, at and past one chunk of rows per block.
+    for (rows, d) in [(5, 48), (64, 512), (333, 768)] {
+        let (x, dy, dw0) = (r.vec(rows * d, 3.0), r.vec(rows * d, 1.0), r.vec(d, 1.0));
+        let mut want = Cpu.upload(&dw0, &[d]).unwrap();
+        let (xc, dyc) = (Cpu.upload(&x, &[rows, d]).unwrap(), Cpu.upload(&dy, &[rows, d]).unwrap());
+        Cpu.rms_norm_weight_grad(&xc, 1e-6, &dyc, &mut want).unwrap();
+        let xg = be.upload(&x, &[rows, d]).unwrap();
+        let xh = half_copy(be, &xg);
+        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+            let mut got = be.upload(&dw0, &[d]).unwrap();
+            be.rms_norm_weight_grad(xin, 1e-6, &be.upload(&dy, &[rows, d]).unwrap(), &mut got).unwrap();
+            close(&be.download(&got).unwrap(), &want.data, F32, &format!("rms_norm_weight_grad {rows}×{d}"));
+        }
+    }
+}
+
+pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(113);
+    // Many repeats of few ids, so that rows collide.
+    let (vocab, d, n) = (50, 96, 700);
+    let ids = r.ids(n, vocab as u32);
+    let (dy, t0) = (r.vec(n * d, 1.0), r.vec(vocab * d, 1.0));
+    let mut want = Cpu.upload(&t0, &[vocab, d]).unwrap();
+    let ic = Cpu.upload_ids(&ids, &[n]).unwrap();
+    Cpu.embedding_backward(&ic, &Cpu.upload(&dy, &[n, d]).unwrap(), &mut want).unwrap();
+    let mut got = be.upload(&t0, &[vocab, d]).unwrap();
+    be.embedding_backward(&be.upload_ids(&ids, &[n]).unwrap(), &be.upload(&dy, &[n, d]).unwrap(), &mut got).unwrap();
+    close(&be.download(&got).unwrap(), &want.data, F32, "embedding_backward");
+}
+
+pub fn cross_entropy_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(114);
+    for (rows, v, smoothing) in [(33, 32128, 0.1), (7, 1001, 0.0)] {
+        let logits = r.vec(rows * v, 6.0);
+        let mut targets = r.ids(rows, v as u32);
+        targets[0] = 0;
+        targets[1] = v as u32 - 1;
+        let mut weights = r.vec(rows, 1.0);
+        weights[2] = 0.0;
+        let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+        let (tc, tg) = (Cpu.upload_ids(&targets, &[rows]).unwrap(), be.upload_ids(&targets, &[rows]).unwrap());
+        let (wc, wg) = (Cpu.upload(&weights, &[rows]).unwrap(), be.upload(&weights, &[rows]).unwrap());
+        let (loss_c, grad_c) = Cpu.cross_entropy(&lc, &tc, &wc, smoothing).unwrap();
+        let (loss_g, grad_g) = be.cross_entropy(&lg, &tg, &wg, smoothing).unwrap();
+        close(&be.download(&loss_g).unwrap(), &loss_c.data, F32, &format!("cross-entropy, V {v}"));
+        close(&be.download(&grad_g).unwrap(), &grad_c.data, F32, &format!("cross-entropy gradient, V {v}"));
+    }
+}
+
+pub fn set_weight_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(115);
+    let shape = [13, 29];
+    let (w0, values) = (r.vec(13 * 29, 1.0), r.vec(13 * 29, 4.0));
+    let mut w = weight(be, &w0, &shape);
+    be.set_weight(&mut w, &be.upload(&values, &shape).unwrap()).unwrap();
+    // Read back through a product with the identity: the values are fp16-exact, so the half copy
+    // holds them unchanged.
+    let eye: Vec<f32> = (0..29 * 29).map(|i| if i / 29 == i % 29 { 1.0 } else { 0.0 }).collect();
+    let got = be.download(&be.linear(&be.upload(&eye, &[29, 29]).unwrap(), &w, &[]).unwrap()).unwrap();
+    let want: Vec<f32> = (0..29 * 13).map(|i| values[(i % 13) * 29 + i / 13]).collect();
+    close(&got, &want, F32, "set_weight");
 }
 
 pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {

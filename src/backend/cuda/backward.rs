@@ -12,25 +12,25 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::f16;
 
 /// Threads per row of the log-probability kernels (`LP_THREADS` in kernels/backward.cu).
-const LP_THREADS: u32 = 512;
+pub(super) const LP_THREADS: u32 = 512;
 
 /// A one-dimensional grid of `blocks` blocks of `threads` threads.
-fn blocks(blocks: usize, threads: u32) -> Result<LaunchConfig> {
+pub(super) fn blocks(blocks: usize, threads: u32) -> Result<LaunchConfig> {
     ensure!(blocks < 1 << 31, "{blocks} blocks exceed the grid's limit");
     Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
 }
 
-fn half_mat(ptr: u64, ld: usize) -> Mat {
+pub(super) fn half_mat(ptr: u64, ld: usize) -> Mat {
     Mat { ptr, ld, elem: Elem::F16 }
 }
 
-fn f32_mat(ptr: u64, ld: usize) -> Mat {
+pub(super) fn f32_mat(ptr: u64, ld: usize) -> Mat {
     Mat { ptr, ld, elem: Elem::F32 }
 }
 
 impl Cuda {
     /// The address of a tensor that gradients accumulate into, which must be f32.
-    fn grad_ptr(&self, t: &CudaTensor, what: &str) -> Result<u64> {
+    pub(super) fn grad_ptr(&self, t: &CudaTensor, what: &str) -> Result<u64> {
         match &t.buf {
             Buf::F32(s) => Ok(self.gpu.ptr(s)),
             Buf::F16(_) => bail!("{what}: gradients accumulate in f32 tensors, not half"),
@@ -371,7 +371,7 @@ impl Cuda {
     }
 
     /// The logits of one row per block; checks shared by the forward and the backward.
-    fn logit_rows(&self, logits: &CudaTensor, tokens: &CudaIds, what: &str) -> Result<(usize, usize)> {
+    pub(super) fn logit_rows(&self, logits: &CudaTensor, tokens: &CudaIds, what: &str) -> Result<(usize, usize)> {
         let (n, v) = logits.rows_cols();
         ensure!(matches!(logits.buf, Buf::F32(_)), "{what} expects f32 logits");
         ensure!(tokens.numel() == n, "{what}: {} tokens for {n} rows", tokens.numel());

@@ -869,6 +869,16 @@ impl Backend for Cuda {
         self.attention_bias_grad_impl(q, k, v, dout, spec, d_table)
     }
 
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Ids,
+        weights: &Self::Tensor,
+        smoothing: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        self.cross_entropy_impl(logits, targets, weights, smoothing)
+    }
+
     fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> {
         self.set_weight_impl(w, values)
     }
