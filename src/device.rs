@@ -1,4 +1,5 @@
-//! `--device cpu|cuda[:N]`, and running a generic job on the backend it names.
+//! `--device cpu|cuda[:N]`, running a generic job on the backend it names, and the GPU's memory and
+//! utilisation for training logs.
 
 use anyhow::{Result, bail};
 use std::str::FromStr;
@@ -47,5 +48,24 @@ pub fn run_on<J: Job>(device: Device, job: J) -> Result<J::Output> {
                 job.run(&crate::backend::cpu::Cpu)
             }
         },
+    }
+}
+
+/// GPU memory and utilisation through NVML, when the driver offers it.
+pub struct GpuStats {
+    nvml: nvml_wrapper::Nvml,
+    index: u32,
+}
+
+impl GpuStats {
+    /// For a backend named `cuda:N (…)`.
+    pub fn open(backend: &str) -> Option<Self> {
+        let index = backend.strip_prefix("cuda:")?.split(' ').next()?.parse().ok()?;
+        nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml, index })
+    }
+
+    pub fn read(&self) -> (Option<u64>, Option<u32>) {
+        let Ok(d) = self.nvml.device_by_index(self.index) else { return (None, None) };
+        (d.memory_info().ok().map(|m| m.used), d.utilization_rates().ok().map(|u| u.gpu))
     }
 }

@@ -8,6 +8,7 @@ pub mod device;
 pub mod fsutil;
 pub mod ppo;
 pub mod rouge;
+pub mod sft;
 pub mod summaries;
 pub mod t5;
 pub mod text;

@@ -89,6 +89,16 @@ impl Prompter {
         Ok(ids)
     }
 
+    /// A text's ids as the tokenizer gives them (its post-processor appends EOS), no template.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| anyhow!("tokenizing a text: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
     /// Text of generated ids, special tokens (pad, EOS) left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding ids: {e}"))

@@ -10,6 +10,10 @@ mod backward;
 mod classifier;
 #[path = "suites/ops.rs"]
 mod ops;
+#[path = "suites/ppo_step.rs"]
+mod ppo_step;
+#[path = "suites/sft_step.rs"]
+mod sft_step;
 #[path = "suites/t5.rs"]
 mod t5;
 
@@ -43,6 +47,8 @@ const BODIES: &[(&str, Body)] = &[
     ("backward::embedding_backward_matches_cpu", backward::embedding_backward_matches_cpu::<Cuda>),
     ("backward::cross_entropy_matches_cpu", backward::cross_entropy_matches_cpu::<Cuda>),
     ("backward::set_weight_matches_cpu", backward::set_weight_matches_cpu::<Cuda>),
+    ("ppo_step::ppo_step_matches_trl", ppo_step::ppo_step_matches_trl::<Cuda>),
+    ("sft_step::sft_step_matches_pytorch", sft_step::sft_step_matches_pytorch::<Cuda>),
     ("t5::encoder_matches", t5::encoder_matches::<Cuda>),
     ("t5::logits_match", t5::logits_match::<Cuda>),
     ("t5::lora_logits_and_values_match", t5::lora_logits_and_values_match::<Cuda>),

@@ -6,6 +6,7 @@ mod eval;
 mod info;
 mod init;
 mod score;
+mod sft;
 mod summarize;
 mod train;
 
@@ -25,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune the summarizer's LoRA adapters with PPO against a toxicity classifier.
     Train(train::Args),
+    /// Supervised fine-tuning on dialogue–summary pairs (every weight or LoRA only), saved in Hugging Face layout.
+    Sft(sft::Args),
     /// The seed's results table: toxicity of reference and model summaries, ROUGE against the references.
     Eval(eval::Args),
     /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
@@ -44,6 +47,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Sft(a) => sft::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Summarize(a) => summarize::run(a),
         Command::Score(a) => score::run(a),

@@ -11,6 +11,7 @@ use super::{KlController, StepStats};
 use crate::backend::Backend;
 use crate::backend::rng::mix64;
 use crate::classifier::Classifier;
+use crate::device::GpuStats;
 use crate::t5::model::Fwd;
 use crate::t5::{GenConfig, Prompts, T5, ValueHead, generate};
 use crate::text::{Prompter, pad_batch, tokenizer_path};
@@ -63,25 +64,6 @@ pub struct Trainer<'a, B: Backend> {
     /// PPO steps completed.
     pub step: usize,
     gpu: Option<GpuStats>,
-}
-
-/// GPU memory and utilisation through NVML, when the driver offers it.
-struct GpuStats {
-    nvml: nvml_wrapper::Nvml,
-    index: u32,
-}
-
-impl GpuStats {
-    /// For a backend named `cuda:N (…)`.
-    fn open(backend: &str) -> Option<Self> {
-        let index = backend.strip_prefix("cuda:")?.split(' ').next()?.parse().ok()?;
-        nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml, index })
-    }
-
-    fn read(&self) -> (Option<u64>, Option<u32>) {
-        let Ok(d) = self.nvml.device_by_index(self.index) else { return (None, None) };
-        (d.memory_info().ok().map(|m| m.used), d.utilization_rates().ok().map(|u| u.gpu))
-    }
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod init;
 pub mod lora;
 pub mod model;
+pub mod params;
 pub mod train;
 pub mod value_head;
 

@@ -1,9 +1,10 @@
 //! Training passes through T5, written once over the backend: a teacher-forced forward that keeps
 //! what the backward needs (the tape), and the hand-written backward from the decoder's final
-//! states back through every layer of the decoder and the encoder to the LoRA matrices. The frozen
-//! weights get no gradients; the embeddings, whose inputs are token ids, end the chain.
+//! states back through every layer of the decoder and the encoder to the LoRA matrices, or, in
+//! full-parameter training, to every weight including the embeddings and the position-bias tables.
 
 use super::model::{DenseReluDense, Fwd, Proj, SelfAttention, T5};
+use super::params::{BlockGrads, FullGrads, StackGrads};
 use crate::backend::{AttnSpec, Backend, LoraGrad, Position, Prec, Shaped};
 use anyhow::{Result, ensure};
 
@@ -222,8 +223,19 @@ struct Backprop<'a, B: Backend> {
 }
 
 impl<B: Backend> Backprop<'_, B> {
-    /// `linear_backward` of projection `p`, its LoRA gradients taken out of `grads` for the call.
-    fn proj(&mut self, p: &Proj<B>, x: &B::Tensor, dy: &B::Tensor, dx: Option<&mut B::Tensor>) -> Result<()> {
+    /// `linear_backward` of projection `p`, its LoRA gradients taken out of `grads` for the call,
+    /// and its weight's gradient into `dw` in full-parameter training.
+    fn proj(
+        &mut self,
+        p: &Proj<B>,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        dx: Option<&mut B::Tensor>,
+        dw: Option<&mut B::Tensor>,
+    ) -> Result<()> {
+        if let Some(dw) = dw {
+            self.be.weight_grad(x, dy, dw)?;
+        }
         let loras = self.model.loras(p, self.f);
         let slots: Vec<usize> =
             p.parts.iter().filter(|part| part.lora.is_some() && self.f.lora).map(|part| part.slot).collect();
@@ -239,27 +251,84 @@ impl<B: Backend> Backprop<'_, B> {
         result
     }
 
+    /// `dx += ∂ rms_norm(x) / ∂x · dy`, and the scale's gradient into `dw`.
+    fn norm(
+        &self,
+        x: &B::Tensor,
+        w: &B::Weight,
+        dy: &B::Tensor,
+        dx: &mut B::Tensor,
+        dw: Option<&mut B::Tensor>,
+    ) -> Result<()> {
+        let eps = self.model.config.layer_norm_epsilon;
+        if let Some(dw) = dw {
+            self.be.rms_norm_weight_grad(x, eps, dy, dw)?;
+        }
+        self.be.rms_norm_backward(x, w, eps, dy, dx)
+    }
+
+    /// Attention's input gradients, and its bias table's into `d_table`.
+    fn attention(
+        &self,
+        (q, k, v): (&B::Tensor, &B::Tensor, &B::Tensor),
+        d_ctx: &B::Tensor,
+        spec: &AttnSpec<'_, B>,
+        d_table: Option<&mut B::Tensor>,
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        if let Some(d_table) = d_table {
+            self.be.attention_bias_grad(q, k, v, d_ctx, spec, d_table)?;
+        }
+        self.be.attention_backward(q, k, v, d_ctx, spec)
+    }
+
     /// Through `wo(gelu_new(wi_0 x) · wi_1 x)`: the gradient at the FFN's normed input.
+    /// `dw` takes the gradients of wi and wo.
     fn ffn(
         &mut self,
         ff: &DenseReluDense<B>,
-        gate_up: &B::Tensor,
-        inner: &B::Tensor,
+        (gate_up, inner): (&B::Tensor, &B::Tensor),
         x: &B::Tensor,
         dh: &B::Tensor,
+        dw: Option<(&mut B::Tensor, &mut B::Tensor)>,
     ) -> Result<B::Tensor> {
+        let (d_wi, d_wo) = dw.unzip();
         let mut d_inner = self.be.zeros(inner.shape())?;
-        self.proj(&ff.wo, inner, dh, Some(&mut d_inner))?;
+        self.proj(&ff.wo, inner, dh, Some(&mut d_inner), d_wo)?;
         let d_gate_up = self.be.gated_gelu_backward(gate_up, &d_inner)?;
         let mut d_x = self.be.zeros(x.shape())?;
-        self.proj(&ff.wi, x, &d_gate_up, Some(&mut d_x))?;
+        self.proj(&ff.wi, x, &d_gate_up, Some(&mut d_x), d_wi)?;
         Ok(d_x)
+    }
+}
+
+/// The weight gradients of one stack, split so that a block's and the shared table's can be
+/// borrowed together.
+struct StackSink<'a, B: Backend> {
+    blocks: Option<&'a mut [BlockGrads<B>]>,
+    table: Option<&'a mut B::Tensor>,
+    final_norm: Option<&'a mut B::Tensor>,
+}
+
+impl<'a, B: Backend> StackSink<'a, B> {
+    fn new(g: Option<&'a mut StackGrads<B>>) -> Self {
+        match g {
+            Some(g) => Self {
+                blocks: Some(&mut g.blocks),
+                table: Some(&mut g.relative_attention_bias),
+                final_norm: Some(&mut g.final_layer_norm),
+            },
+            None => Self { blocks: None, table: None, final_norm: None },
+        }
+    }
+
+    fn block(&mut self, i: usize) -> Option<&mut BlockGrads<B>> {
+        self.blocks.as_deref_mut().map(|b| &mut b[i])
     }
 }
 
 impl<B: Backend> T5<B> {
     /// Backpropagates `d_hidden` (the gradient at the decoder's final states) through the tape
-    /// into `grads`, accumulating.
+    /// into the adapters' `grads`, accumulating.
     pub fn backward(
         &self,
         be: &B,
@@ -268,57 +337,137 @@ impl<B: Backend> T5<B> {
         d_hidden: &B::Tensor,
         grads: &mut LoraGrads<B>,
     ) -> Result<()> {
-        let c = &self.config;
-        let eps = c.layer_norm_epsilon;
+        self.backprop(be, tape, lengths, d_hidden, grads, None).map(|_| ())
+    }
+
+    /// Full-parameter training: backpropagates `d_hidden` into the gradient of every weight but
+    /// the LM head's (`lm_logits_backward`), accumulating. The model carries no adapters.
+    pub fn backward_full(
+        &self,
+        be: &B,
+        tape: &Tape<B>,
+        (ids, lengths, dec_ids): (&B::Ids, &B::Ids, &B::Ids),
+        d_hidden: &B::Tensor,
+        grads: &mut FullGrads<B>,
+    ) -> Result<()> {
+        ensure!(self.lora.is_none(), "full-parameter training runs without LoRA adapters");
+        let mut no_adapters = LoraGrads { slots: Vec::new() };
+        let (d_dec, d_enc) = self.backprop(be, tape, lengths, d_hidden, &mut no_adapters, Some(grads))?;
+        be.embedding_backward(dec_ids, &d_dec, &mut grads.shared)?;
+        be.embedding_backward(ids, &d_enc, &mut grads.shared)
+    }
+
+    /// Logits `= s · hidden · headᵀ` backwards: returns the gradient at `hidden`, and adds the
+    /// head's (or, tied, the shared embedding's) gradient to `grads` when given.
+    pub fn lm_logits_backward(
+        &self,
+        be: &B,
+        hidden: &B::Tensor,
+        d_logits: &B::Tensor,
+        grads: Option<&mut FullGrads<B>>,
+    ) -> Result<B::Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.shared);
+        let scaled;
+        let dy = match self.config.lm_head_scale() {
+            Some(s) => {
+                let mut t = be.zeros(d_logits.shape())?;
+                be.copy_into(&mut t, 0, d_logits)?;
+                be.scale_assign(&mut t, s)?;
+                scaled = t;
+                &scaled
+            }
+            None => d_logits,
+        };
+        if let Some(g) = grads {
+            let dw = match g.lm_head.as_mut() {
+                Some(h) => h,
+                None => &mut g.shared,
+            };
+            be.weight_grad(hidden, dy, dw)?;
+        }
+        let mut d_hidden = be.zeros(hidden.shape())?;
+        be.linear_backward(hidden, head, &[], dy, Some(&mut d_hidden), &mut [])?;
+        Ok(d_hidden)
+    }
+
+    /// The backward through both stacks; returns the gradients at the decoder's and the
+    /// encoder's embedding outputs.
+    fn backprop(
+        &self,
+        be: &B,
+        tape: &Tape<B>,
+        lengths: &B::Ids,
+        d_hidden: &B::Tensor,
+        grads: &mut LoraGrads<B>,
+        full: Option<&mut FullGrads<B>>,
+    ) -> Result<(B::Tensor, B::Tensor)> {
         let l = tape.enc_out.shape()[1];
         let t = d_hidden.shape()[1];
         ensure!(tape.decoder.len() == self.decoder.blocks.len(), "the tape does not belong to this model");
+        let (enc_g, dec_g) = match full {
+            Some(g) => (Some(&mut g.encoder), Some(&mut g.decoder)),
+            None => (None, None),
+        };
+        let (mut enc_g, mut dec_g) = (StackSink::new(enc_g), StackSink::new(dec_g));
 
         let mut bp = Backprop { be, model: self, f: tape.f, grads };
         let mut dh = be.zeros(tape.dec_last.shape())?;
-        be.rms_norm_backward(&tape.dec_last, &self.decoder.final_layer_norm, eps, d_hidden, &mut dh)?;
+        bp.norm(&tape.dec_last, &self.decoder.final_layer_norm, d_hidden, &mut dh, dec_g.final_norm.take())?;
         let mut d_enc = be.zeros(tape.enc_out.shape())?;
-        for (block, s) in self.decoder.blocks.iter().zip(&tape.decoder).rev() {
-            let d_x = bp.ffn(&block.ff, &s.gate_up, &s.inner, &s.x_ff, &dh)?;
-            be.rms_norm_backward(&s.h_cross, &block.ff_norm, eps, &d_x, &mut dh)?;
+        for (i, (block, s)) in self.decoder.blocks.iter().zip(&tape.decoder).enumerate().rev() {
+            let mut g = dec_g.block(i);
+            let d_ff = g.as_deref_mut().map(|g| (&mut g.wi, &mut g.wo));
+            let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, d_ff)?;
+            bp.norm(&s.h_cross, &block.ff_norm, &d_x, &mut dh, g.as_deref_mut().map(|g| &mut g.ff_norm))?;
 
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
+            let [d_q, d_kv, d_o, d_norm] = match g.as_deref_mut().and_then(|g| g.cross.as_mut()) {
+                Some([q, kv, o, norm]) => [Some(q), Some(kv), Some(o), Some(norm)],
+                None => [None, None, None, None],
+            };
             let mut d_ctx = be.zeros(s.ctx_cross.shape())?;
-            bp.proj(&ca.o, &s.ctx_cross, &dh, Some(&mut d_ctx))?;
+            bp.proj(&ca.o, &s.ctx_cross, &dh, Some(&mut d_ctx), d_o)?;
             let spec = self.attn_spec(Some(lengths), l, false, None);
-            let (dq, dk, dv) = be.attention_backward(&s.q_cross, &s.k_cross, &s.v_cross, &d_ctx, &spec)?;
+            let (dq, dk, dv) = bp.attention((&s.q_cross, &s.k_cross, &s.v_cross), &d_ctx, &spec, None)?;
             let mut d_x = be.zeros(s.x_cross.shape())?;
-            bp.proj(&ca.q, &s.x_cross, &dq, Some(&mut d_x))?;
-            be.rms_norm_backward(&s.h_self, ca_norm, eps, &d_x, &mut dh)?;
-            let d_kv = be.concat_last(&[&dk, &dv])?;
-            bp.proj(&ca.kv, &tape.enc_out, &d_kv, Some(&mut d_enc))?;
+            bp.proj(&ca.q, &s.x_cross, &dq, Some(&mut d_x), d_q)?;
+            bp.norm(&s.h_self, ca_norm, &d_x, &mut dh, d_norm)?;
+            let dkv = be.concat_last(&[&dk, &dv])?;
+            bp.proj(&ca.kv, &tape.enc_out, &dkv, Some(&mut d_enc), d_kv)?;
 
             let a = &block.self_attention;
             let mut d_ctx = be.zeros(s.ctx.shape())?;
-            bp.proj(&a.o, &s.ctx, &dh, Some(&mut d_ctx))?;
-            let (dq, dk, dv) =
-                be.attention_backward(&s.q, &s.k, &s.v, &d_ctx, &self.attn_spec(None, t, true, Some(false)))?;
+            bp.proj(&a.o, &s.ctx, &dh, Some(&mut d_ctx), g.map(|g| &mut g.o))?;
+            let spec = self.attn_spec(None, t, true, Some(false));
+            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &d_ctx, &spec, dec_g.table.as_deref_mut())?;
             let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
             let mut d_x = be.zeros(s.x_self.shape())?;
-            bp.proj(&a.qkv, &s.x_self, &d_qkv, Some(&mut d_x))?;
-            be.rms_norm_backward(&s.h_in, &block.self_attention_norm, eps, &d_x, &mut dh)?;
+            let mut g = dec_g.block(i);
+            bp.proj(&a.qkv, &s.x_self, &d_qkv, Some(&mut d_x), g.as_deref_mut().map(|g| &mut g.qkv))?;
+            let d_norm = g.map(|g| &mut g.self_attention_norm);
+            bp.norm(&s.h_in, &block.self_attention_norm, &d_x, &mut dh, d_norm)?;
         }
+        let d_dec = dh;
 
         let mut dh = be.zeros(tape.enc_last.shape())?;
-        be.rms_norm_backward(&tape.enc_last, &self.encoder.final_layer_norm, eps, &d_enc, &mut dh)?;
-        for (block, s) in self.encoder.blocks.iter().zip(&tape.encoder).rev() {
-            let d_x = bp.ffn(&block.ff, &s.gate_up, &s.inner, &s.x_ff, &dh)?;
-            be.rms_norm_backward(&s.h_mid, &block.ff_norm, eps, &d_x, &mut dh)?;
+        bp.norm(&tape.enc_last, &self.encoder.final_layer_norm, &d_enc, &mut dh, enc_g.final_norm.take())?;
+        for (i, (block, s)) in self.encoder.blocks.iter().zip(&tape.encoder).enumerate().rev() {
+            let mut g = enc_g.block(i);
+            let d_ff = g.as_deref_mut().map(|g| (&mut g.wi, &mut g.wo));
+            let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, d_ff)?;
+            bp.norm(&s.h_mid, &block.ff_norm, &d_x, &mut dh, g.as_deref_mut().map(|g| &mut g.ff_norm))?;
             let a = &block.self_attention;
             let mut d_ctx = be.zeros(s.ctx.shape())?;
-            bp.proj(&a.o, &s.ctx, &dh, Some(&mut d_ctx))?;
+            bp.proj(&a.o, &s.ctx, &dh, Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(Some(lengths), l, false, Some(true));
-            let (dq, dk, dv) = be.attention_backward(&s.q, &s.k, &s.v, &d_ctx, &spec)?;
+            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &d_ctx, &spec, enc_g.table.as_deref_mut())?;
             let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
             let mut d_x = be.zeros(s.x_attn.shape())?;
-            bp.proj(&a.qkv, &s.x_attn, &d_qkv, Some(&mut d_x))?;
-            be.rms_norm_backward(&s.h_in, &block.self_attention_norm, eps, &d_x, &mut dh)?;
+            let mut g = enc_g.block(i);
+            bp.proj(&a.qkv, &s.x_attn, &d_qkv, Some(&mut d_x), g.as_deref_mut().map(|g| &mut g.qkv))?;
+            let d_norm = g.map(|g| &mut g.self_attention_norm);
+            bp.norm(&s.h_in, &block.self_attention_norm, &d_x, &mut dh, d_norm)?;
         }
-        Ok(())
+        Ok((d_dec, dh))
     }
 }

@@ -1,0 +1,70 @@
+//! `detox sft`: supervised fine-tuning of a T5 summarizer on dialogue–summary pairs.
+
+use crate::backend::Backend;
+use crate::device::{Job, run_on};
+use crate::sft::SftSettings;
+use crate::sft::trainer::SftTrainer;
+use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A TOML file of settings (every section and field optional: see examples/sft.toml). Without
+    /// it, the defaults: full fine-tuning of models/flan-t5-small on SAMSum's train split for one
+    /// epoch, evaluated on its validation split, saved to runs/sft/model.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the effective settings as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let settings = match &a.config {
+        Some(p) => SftSettings::load(p)?,
+        None => {
+            let s = SftSettings::default();
+            s.validate()?;
+            s
+        }
+    };
+    if a.print_config {
+        print!("{}", settings.to_toml()?);
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // The first Ctrl-C finishes the step, evaluates and saves; a second one kills.
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then evaluating and saving (Ctrl-C again to abort)");
+    })?;
+    let device = settings.device()?;
+    let dir = run_on(device, Sft { settings, stop })?;
+    eprintln!("model: {}", dir.display());
+    Ok(())
+}
+
+struct Sft {
+    settings: SftSettings,
+    stop: Arc<AtomicBool>,
+}
+
+impl Job for Sft {
+    type Output = PathBuf;
+
+    fn run<B: Backend>(self, be: &B) -> Result<PathBuf> {
+        let mut trainer = SftTrainer::new(be, self.settings)?;
+        eprintln!(
+            "{} training pairs, {} steps on {}",
+            trainer.settings.data.train.display(),
+            trainer.total_steps(),
+            be.name()
+        );
+        Ok(trainer.run(&self.stop)?.0)
+    }
+}

@@ -1,0 +1,11 @@
+//! Supervised fine-tuning (`detox sft`): teacher-forced cross-entropy on (dialogue, summary) pairs,
+//! every weight or LoRA adapters only, AdamW with warmup and decay; the result saved in Hugging Face
+//! layout, ready for `detox train`.
+
+pub mod data;
+pub mod export;
+pub mod settings;
+pub mod step;
+pub mod trainer;
+
+pub use settings::SftSettings;

@@ -1,0 +1,293 @@
+//! `detox sft`'s configuration file, in TOML: the model, the (dialogue, summary) data, full-parameter
+//! or LoRA-only training, AdamW with warmup and decay, and evaluation. Every field has a default
+//! that works from a fresh checkout (SAMSum from ../shared, the model `detox init` writes to
+//! models/flan-t5-small).
+
+use crate::device::Device;
+use crate::t5::{LoraSettings, Targets};
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftSettings {
+    pub model: ModelSettings,
+    pub data: DataSettings,
+    pub lora: LoraToml,
+    pub optim: OptimSettings,
+    pub eval: EvalSettings,
+    pub run: RunSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// The T5 checkpoint to start from, in Hugging Face layout.
+    pub path: PathBuf,
+    /// A tokenizer.json to use instead of the model directory's.
+    pub tokenizer: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSettings {
+    /// JSON Lines with a dialogue and a summary per row.
+    pub train: PathBuf,
+    /// Held-out JSON Lines of the same form, for the evaluation after each epoch.
+    pub eval: PathBuf,
+    pub dialogue_field: String,
+    pub summary_field: String,
+    /// Train on the first this many usable rows (0: all).
+    pub train_limit: usize,
+    pub prompt: String,
+    pub max_source_len: usize,
+    /// Longer summaries are cut to this many tokens, EOS kept last.
+    pub max_target_len: usize,
+}
+
+/// Which parameters train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Every weight of the model, with f32 masters.
+    Full,
+    /// LoRA adapters only (the `[lora]` section), the model frozen.
+    Lora,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraToml {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    /// Module names (PEFT's suffix match): q, k, v, o, wi_0, wi_1, wo.
+    pub target_modules: Vec<String>,
+    pub init_seed: u64,
+}
+
+/// How the learning rate moves over the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear warmup, then linear decay to 0 at the last step (transformers' default).
+    Linear,
+    /// Linear warmup, then a half cosine to 0.
+    Cosine,
+    /// Linear warmup, then constant.
+    Constant,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSettings {
+    pub method: Method,
+    pub learning_rate: f64,
+    /// AdamW's decoupled decay, on every weight but the layer norms' scales (as transformers'
+    /// Trainer leaves norms out).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// torch's CrossEntropyLoss label_smoothing.
+    pub label_smoothing: f32,
+    /// Dialogue–summary pairs per step.
+    pub batch_size: usize,
+    /// Loss scale for the GPU's half-precision gradient products; 0 picks one per device (1 on
+    /// the CPU, 1024 on CUDA).
+    pub loss_scale: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSettings {
+    /// Held-out rows for the loss and ROUGE (0: all).
+    pub limit: usize,
+    /// Greedy summaries for ROUGE are cut at this many tokens.
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSettings {
+    pub epochs: usize,
+    /// Stop after this many steps (0: when the epochs end); the schedule spans the shorter.
+    pub max_steps: usize,
+    /// Stop after the step that passes this many seconds of training (0: no limit), evaluate and
+    /// save: a time-boxed run.
+    pub time_limit_s: f64,
+    /// Seeds data order, LoRA init and dropout.
+    pub seed: u64,
+    /// auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
+    pub device: String,
+    /// The trained model (Hugging Face layout, in `out/model`) and the log go here.
+    pub out: PathBuf,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self { path: PathBuf::from("models/flan-t5-small"), tokenizer: None }
+    }
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::from("../shared/data/samsum/train.jsonl"),
+            eval: PathBuf::from("../shared/data/samsum/validation.jsonl"),
+            dialogue_field: "dialogue".into(),
+            summary_field: "summary".into(),
+            train_limit: 0,
+            prompt: crate::text::DEFAULT_TEMPLATE.into(),
+            max_source_len: crate::text::DEFAULT_MAX_SOURCE_LEN,
+            max_target_len: 128,
+        }
+    }
+}
+
+impl Default for LoraToml {
+    fn default() -> Self {
+        let s = LoraSettings::seed_default();
+        let Targets::Names(names) = s.targets else { unreachable!("the seed names its modules") };
+        Self { r: s.r, alpha: s.alpha, dropout: s.dropout, target_modules: names, init_seed: 0 }
+    }
+}
+
+impl Default for OptimSettings {
+    fn default() -> Self {
+        Self {
+            method: Method::Full,
+            learning_rate: 3e-4,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 100,
+            schedule: Schedule::Linear,
+            max_grad_norm: 1.0,
+            label_smoothing: 0.0,
+            batch_size: 16,
+            loss_scale: 0.0,
+        }
+    }
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self { limit: 200, max_new_tokens: 64, batch_size: 64 }
+    }
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: 0,
+            time_limit_s: 0.0,
+            seed: 0,
+            device: "auto".into(),
+            out: PathBuf::from("runs/sft"),
+        }
+    }
+}
+
+impl OptimSettings {
+    /// The learning rate of step `step` (1-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let lr = self.learning_rate;
+        if step <= self.warmup_steps {
+            return lr * step as f64 / self.warmup_steps.max(1) as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let done = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        match self.schedule {
+            Schedule::Linear => lr * (1.0 - done),
+            Schedule::Cosine => lr * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()),
+            Schedule::Constant => lr,
+        }
+    }
+}
+
+impl SftSettings {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = crate::fsutil::read_text(path)?;
+        let s: Self =
+            toml::from_str(&text).with_context(|| format!("{} is not a valid detox sft config", path.display()))?;
+        s.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(s)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    pub fn lora_settings(&self) -> LoraSettings {
+        LoraSettings {
+            r: self.lora.r,
+            alpha: self.lora.alpha,
+            dropout: self.lora.dropout,
+            targets: Targets::Names(self.lora.target_modules.clone()),
+            use_rslora: false,
+        }
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        self.run.device.parse().context("run.device")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let o = &self.optim;
+        if o.method == Method::Lora {
+            self.lora_settings().validate().context("[lora]")?;
+        }
+        ensure!(o.learning_rate > 0.0 && o.learning_rate.is_finite(), "[optim] learning_rate must be > 0");
+        ensure!(o.weight_decay >= 0.0, "[optim] weight_decay must be ≥ 0");
+        ensure!((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2), "[optim] betas must be in [0, 1)");
+        ensure!(o.eps > 0.0, "[optim] eps must be > 0");
+        ensure!(o.max_grad_norm >= 0.0, "[optim] max_grad_norm must be ≥ 0");
+        ensure!((0.0..1.0).contains(&o.label_smoothing), "[optim] label_smoothing must be in [0, 1)");
+        ensure!(o.batch_size > 0, "[optim] batch_size must be at least 1");
+        ensure!(o.loss_scale >= 0.0 && o.loss_scale.is_finite(), "[optim] loss_scale must be ≥ 0");
+        ensure!(self.data.prompt.contains("{dialogue}"), "[data] prompt has no {{dialogue}} placeholder");
+        ensure!(self.data.max_target_len >= 1, "[data] max_target_len must be at least 1");
+        ensure!(self.eval.max_new_tokens > 0 && self.eval.batch_size > 0, "[eval] sizes must be at least 1");
+        ensure!(self.run.epochs > 0 || self.run.max_steps > 0, "[run] needs epochs or max_steps");
+        ensure!(self.run.time_limit_s >= 0.0, "[run] time_limit_s must be ≥ 0");
+        self.device()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_unknown_fields_are_named() {
+        let s = SftSettings::default();
+        s.validate().unwrap();
+        let back: SftSettings = toml::from_str(&s.to_toml().unwrap()).unwrap();
+        assert_eq!(back, s);
+        let e = toml::from_str::<SftSettings>("[optim]\nlearning_rat = 1.0\n").unwrap_err().to_string();
+        assert!(e.contains("learning_rat"), "{e}");
+    }
+
+    #[test]
+    fn schedules_warm_up_then_decay() {
+        let o = OptimSettings { learning_rate: 1.0, warmup_steps: 10, ..OptimSettings::default() };
+        assert_eq!(o.lr_at(5, 110), 0.5);
+        assert_eq!(o.lr_at(10, 110), 1.0);
+        assert!((o.lr_at(60, 110) - 0.5).abs() < 1e-12);
+        assert_eq!(o.lr_at(110, 110), 0.0);
+        let c = OptimSettings { schedule: Schedule::Cosine, ..o.clone() };
+        assert!((c.lr_at(60, 110) - 0.5).abs() < 1e-12);
+        let k = OptimSettings { schedule: Schedule::Constant, ..o };
+        assert_eq!(k.lr_at(100, 110), 1.0);
+    }
+}

@@ -1,0 +1,253 @@
+//! One supervised fine-tuning step, top-down: `sft_gradients` (upload the batch, the teacher-forced
+//! forward with its tape, cross-entropy with label smoothing at the LM head, the backward into every
+//! weight or into the adapters), then `sft_update` (unscale and clip, AdamW on the f32 masters, the
+//! model's weights refreshed from them). Also the held-out loss.
+
+use super::data::SftBatch;
+use crate::backend::{AdamStep, Backend, Shaped};
+use crate::checkpoint::Checkpoint;
+use crate::t5::T5;
+use crate::t5::model::Fwd;
+use crate::t5::params::{FullGrads, read_masters};
+use crate::t5::train::LoraGrads;
+use anyhow::{Result, ensure};
+
+/// What trains, with AdamW's moments of each tensor.
+pub enum Trainables<B: Backend> {
+    /// f32 masters of every weight in `T5::params_mut`'s order; `decay[i]` says whether weight
+    /// decay applies (not to the layer norms' scales).
+    Full { masters: Vec<B::Tensor>, moments: Vec<(B::Tensor, B::Tensor)>, decay: Vec<bool> },
+    /// The adapters' A and B (already f32 masters) in module order.
+    Lora { moments: Vec<(B::Tensor, B::Tensor)> },
+}
+
+pub struct SftOptimizer<B: Backend> {
+    pub trainables: Trainables<B>,
+    /// Updates applied so far (AdamW's bias correction counts these).
+    pub steps: u64,
+}
+
+impl<B: Backend> SftOptimizer<B> {
+    /// Full-parameter training: masters read in f32 from the checkpoint the model came from.
+    pub fn full(be: &B, model: &mut T5<B>, ckpt: &Checkpoint) -> Result<Self> {
+        ensure!(model.lora.is_none(), "full-parameter training runs on a model without LoRA adapters");
+        let masters = read_masters(be, model, ckpt)?;
+        let decay = model.params_mut().iter().map(|p| !p.names[0].0.contains("layer_norm")).collect();
+        let moments = zero_moments(be, &masters)?;
+        Ok(Self { trainables: Trainables::Full { masters, moments, decay }, steps: 0 })
+    }
+
+    /// LoRA-only training of the adapters the model carries.
+    pub fn lora(be: &B, model: &mut T5<B>) -> Result<Self> {
+        ensure!(model.lora.is_some(), "LoRA training needs adapters on the model");
+        let mut moments = Vec::new();
+        for (_, part) in model.modules_mut() {
+            if let Some(l) = &part.lora {
+                moments.push((be.zeros(l.a.shape())?, be.zeros(l.a.shape())?));
+                moments.push((be.zeros(l.b.shape())?, be.zeros(l.b.shape())?));
+            }
+        }
+        Ok(Self { trainables: Trainables::Lora { moments }, steps: 0 })
+    }
+}
+
+fn zero_moments<B: Backend>(be: &B, of: &[B::Tensor]) -> Result<Vec<(B::Tensor, B::Tensor)>> {
+    of.iter().map(|t| Ok((be.zeros(t.shape())?, be.zeros(t.shape())?))).collect()
+}
+
+/// The step's hyperparameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Hyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 0: no clipping.
+    pub max_grad_norm: f64,
+    pub label_smoothing: f32,
+    /// The loss is multiplied by this before the backward and the gradients divided by it after,
+    /// so that small gradients survive the half-precision products.
+    pub loss_scale: f32,
+    /// Seeds the adapters' dropout masks.
+    pub dropout_seed: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StepReport {
+    /// Mean (label-smoothed) cross-entropy per target token.
+    pub loss: f64,
+    pub tokens: usize,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The gradients were not finite (a loss scale too large for half precision): no update.
+    pub skipped: bool,
+}
+
+/// The gradients of one step.
+pub enum SftGrads<B: Backend> {
+    Full(FullGrads<B>),
+    Lora(LoraGrads<B>),
+}
+
+impl<B: Backend> SftGrads<B> {
+    /// In the optimiser's order.
+    pub fn tensors_mut(&mut self) -> Vec<&mut B::Tensor> {
+        match self {
+            SftGrads::Full(g) => g.tensors_mut(),
+            SftGrads::Lora(g) => g.tensors_mut().flat_map(|(a, b)| [a, b]).collect(),
+        }
+    }
+}
+
+/// The device copies of a batch.
+struct Uploaded<B: Backend> {
+    ids: B::Ids,
+    lengths: B::Ids,
+    decoder_input: B::Ids,
+    labels: B::Ids,
+}
+
+fn upload<B: Backend>(be: &B, b: &SftBatch) -> Result<Uploaded<B>> {
+    let (rows, t) = (b.source.rows, b.width);
+    Ok(Uploaded {
+        ids: be.upload_ids(&b.source.ids, &[rows, b.source.width])?,
+        lengths: be.upload_ids(&b.source.lengths, &[rows])?,
+        decoder_input: be.upload_ids(&b.decoder_input, &[rows, t])?,
+        labels: be.upload_ids(&b.labels, &[rows * t])?,
+    })
+}
+
+/// Σ mask · loss over the batch's rows.
+fn masked_sum(loss: &[f32], mask: &[f32]) -> f64 {
+    loss.iter().zip(mask).map(|(l, m)| *l as f64 * *m as f64).sum()
+}
+
+pub fn sft_step<B: Backend>(
+    be: &B,
+    model: &mut T5<B>,
+    opt: &mut SftOptimizer<B>,
+    batch: &SftBatch,
+    h: &Hyper,
+) -> Result<StepReport> {
+    let full = matches!(opt.trainables, Trainables::Full { .. });
+    let (loss, mut grads) = sft_gradients(be, model, full, batch, h)?;
+    let (grad_norm, skipped) = sft_update(be, model, opt, &mut grads, h)?;
+    Ok(StepReport { loss, tokens: batch.tokens(), grad_norm, skipped })
+}
+
+/// The forward and backward of one batch: the mean loss, and the gradients scaled by
+/// `h.loss_scale`.
+pub fn sft_gradients<B: Backend>(
+    be: &B,
+    model: &mut T5<B>,
+    full: bool,
+    batch: &SftBatch,
+    h: &Hyper,
+) -> Result<(f64, SftGrads<B>)> {
+    let tokens = batch.tokens();
+    ensure!(tokens > 0, "an SFT batch with no target tokens");
+
+    // 1. The batch on the device; each label weighs loss_scale / tokens (the mean, scaled).
+    let x = upload(be, batch)?;
+    let w = h.loss_scale / tokens as f32;
+    let weights = be.upload(&batch.mask.iter().map(|m| m * w).collect::<Vec<_>>(), &[batch.mask.len()])?;
+
+    // 2. Teacher-forced forward, keeping the tape.
+    let f = Fwd { lora: !full, dropout_seed: Some(h.dropout_seed) };
+    let (hidden, tape) = model.forward_train(be, &x.ids, &x.lengths, &x.decoder_input, f)?;
+
+    // 3. Cross-entropy at the LM head.
+    let d = hidden.shape()[2];
+    let flat = be.reshape(hidden, &[batch.mask.len(), d])?;
+    let logits = model.lm_logits(be, &flat)?;
+    let (loss_rows, d_logits) = be.cross_entropy(&logits, &x.labels, &weights, h.label_smoothing)?;
+    drop(logits);
+    let loss = masked_sum(&be.download(&loss_rows)?, &batch.mask) / tokens as f64;
+
+    // 4. Backward into every weight, or into the adapters.
+    let mut grads =
+        if full { SftGrads::Full(FullGrads::zeros(be, model)?) } else { SftGrads::Lora(LoraGrads::zeros(be, model)?) };
+    let head_grads = match &mut grads {
+        SftGrads::Full(g) => Some(g),
+        SftGrads::Lora(_) => None,
+    };
+    let d_flat = model.lm_logits_backward(be, &flat, &d_logits, head_grads)?;
+    drop(d_logits);
+    let d_hidden = be.reshape(d_flat, &[batch.source.rows, batch.width, d])?;
+    match &mut grads {
+        SftGrads::Full(g) => model.backward_full(be, &tape, (&x.ids, &x.lengths, &x.decoder_input), &d_hidden, g)?,
+        SftGrads::Lora(g) => model.backward(be, &tape, &x.lengths, &d_hidden, g)?,
+    }
+    Ok((loss, grads))
+}
+
+/// Unscales and clips the gradients (torch's `clip_grad_norm_`: coefficient max / (norm + 1e-6), at
+/// most 1), then AdamW and the model's weights (or the adapters' copies) refreshed from the masters.
+/// Returns the gradient norm before clipping, and whether the step was skipped for non-finite
+/// gradients.
+pub fn sft_update<B: Backend>(
+    be: &B,
+    model: &mut T5<B>,
+    opt: &mut SftOptimizer<B>,
+    grads: &mut SftGrads<B>,
+    h: &Hyper,
+) -> Result<(f64, bool)> {
+    let mut gs = grads.tensors_mut();
+    let mut sq = 0.0;
+    for g in gs.iter() {
+        sq += be.sum_squares(g)?;
+    }
+    let grad_norm = sq.sqrt() / h.loss_scale as f64;
+    if !grad_norm.is_finite() {
+        return Ok((grad_norm, true));
+    }
+    let clip = if h.max_grad_norm > 0.0 { (h.max_grad_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
+    let factor = (clip / h.loss_scale as f64) as f32;
+    if factor != 1.0 {
+        for g in gs.iter_mut() {
+            be.scale_assign(g, factor)?;
+        }
+    }
+
+    opt.steps += 1;
+    let step =
+        |weight_decay| AdamStep { lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, step: opt.steps, weight_decay };
+    match &mut opt.trainables {
+        Trainables::Full { masters, moments, decay } => {
+            let mut params = model.params_mut();
+            ensure!(params.len() == gs.len() && gs.len() == masters.len(), "optimizer state does not match the model");
+            for i in 0..gs.len() {
+                let (m, v) = &mut moments[i];
+                be.adam(&mut masters[i], gs[i], m, v, &step(if decay[i] { h.weight_decay } else { 0.0 }))?;
+                be.set_weight(params[i].weight, &masters[i])?;
+            }
+        }
+        Trainables::Lora { moments } => {
+            let mut ps = Vec::new();
+            for (_, part) in model.modules_mut() {
+                if let Some(l) = part.lora.as_mut() {
+                    ps.push(&mut l.a);
+                    ps.push(&mut l.b);
+                }
+            }
+            ensure!(ps.len() == gs.len() && gs.len() == moments.len(), "optimizer state does not match the adapters");
+            for ((p, g), (m, v)) in ps.into_iter().zip(gs).zip(moments.iter_mut()) {
+                be.adam(p, g, m, v, &step(h.weight_decay))?;
+            }
+            model.refresh_lora(be)?;
+        }
+    }
+    Ok((grad_norm, false))
+}
+
+/// The held-out loss of a batch, no dropout: `(Σ token losses, tokens)`.
+pub fn eval_loss<B: Backend>(be: &B, model: &T5<B>, batch: &SftBatch, smoothing: f32) -> Result<(f64, usize)> {
+    let x = upload(be, batch)?;
+    let (logits, _) = model.forward(be, &x.ids, &x.lengths, &x.decoder_input, Fwd::eval(model.lora.is_some()))?;
+    let v = logits.shape()[2];
+    let logits = be.reshape(logits, &[batch.mask.len(), v])?;
+    let weights = be.upload(&batch.mask, &[batch.mask.len()])?;
+    let (loss_rows, _) = be.cross_entropy(&logits, &x.labels, &weights, smoothing)?;
+    Ok((masked_sum(&be.download(&loss_rows)?, &batch.mask), batch.tokens()))
+}

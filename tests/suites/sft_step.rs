@@ -1,0 +1,93 @@
+//! One full-parameter fine-tuning step against PyTorch (tests/fixtures/sft, from
+//! tools/make_sft_fixture.py): the label-smoothed loss, the gradient of every weight by Hugging Face
+//! name, the gradient norm, and every weight after clipping and one AdamW step; for an untied
+//! FLAN-style head and a tied, rescaled one.
+
+use crate::common::{Expected, fixture, rel_l2_err};
+use detox::backend::Backend;
+use detox::checkpoint::Checkpoint;
+use detox::sft::data::SftBatch;
+use detox::sft::step::{Hyper, SftGrads, SftOptimizer, sft_gradients, sft_update};
+use detox::t5::T5;
+use detox::t5::params::named_tensors;
+use detox::text::Batch;
+use serde_json::Value;
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
+    let cpu = be.name() == "cpu";
+    // CPU f32 against PyTorch f32: rounding only. CUDA: half-precision products.
+    let (tol_loss, tol_grad, tol_delta) = if cpu { (1e-5, 1e-4, 1e-3) } else { (1e-3, 3e-2, 0.1) };
+    for name in ["flan", "tied"] {
+        let dir = fixture(&format!("sft/{name}"));
+        let j: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
+        let num = |k: &str| j[k].as_f64().unwrap();
+        let x = Expected::open(dir.join("batch.safetensors"));
+        let (ids, is) = x.ids("input_ids");
+        let (lengths, _) = x.ids("lengths");
+        let (decoder_input, ds) = x.ids("decoder_input_ids");
+        let (labels, _) = x.ids("labels");
+        let (mask, _) = x.get("mask");
+        let batch = SftBatch {
+            source: Batch { ids, lengths, rows: is[0], width: is[1] },
+            decoder_input,
+            labels,
+            mask,
+            width: ds[1],
+        };
+        let mut model = T5::load(be, &dir.join("model")).unwrap();
+        let mut opt = SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&dir.join("model")).unwrap()).unwrap();
+        let h = Hyper {
+            lr: num("lr"),
+            beta1: num("beta1"),
+            beta2: num("beta2"),
+            eps: num("eps"),
+            weight_decay: num("weight_decay"),
+            max_grad_norm: num("max_grad_norm"),
+            label_smoothing: num("label_smoothing") as f32,
+            loss_scale: if cpu { 1.0 } else { 1024.0 },
+            dropout_seed: 0,
+        };
+        let (loss, mut grads) = sft_gradients(be, &mut model, true, &batch, &h).unwrap();
+        let want_loss = num("loss");
+        assert!(((loss - want_loss) / want_loss).abs() < tol_loss, "{name}: loss {loss} vs PyTorch {want_loss}");
+
+        let SftGrads::Full(g) = &mut grads else { panic!("full-parameter gradients expected") };
+        let refs: Vec<&B::Tensor> = g.tensors_mut().into_iter().map(|t| &*t).collect();
+        let got = named_tensors(be, &mut model, &refs).unwrap();
+        let want = Expected::open(dir.join("grads.safetensors"));
+        assert_eq!(got.len(), Checkpoint::open_file(&dir.join("grads.safetensors")).unwrap().names().len());
+        let scale = h.loss_scale;
+        for (n, t) in &got {
+            let (w, shape) = want.get(n);
+            assert_eq!(t.shape, shape, "{name}: {n} shape");
+            let g: Vec<f32> = f32s(&t.bytes).iter().map(|v| v / scale).collect();
+            let err = rel_l2_err(&g, &w);
+            assert!(err <= tol_grad, "{name}: gradient of {n}: relative L2 error {err}");
+        }
+
+        let before = Expected::open(dir.join("model/model.safetensors"));
+        let (norm, skipped) = sft_update(be, &mut model, &mut opt, &mut grads, &h).unwrap();
+        assert!(!skipped, "{name}: the step was skipped");
+        let want_norm = num("grad_norm");
+        assert!(
+            ((norm - want_norm) / want_norm).abs() < tol_loss.max(1e-5) * 10.0,
+            "{name}: norm {norm} vs {want_norm}"
+        );
+        let detox::sft::step::Trainables::Full { masters, .. } = &opt.trainables else { panic!("full") };
+        let after = named_tensors(be, &mut model, &masters.iter().collect::<Vec<_>>()).unwrap();
+        let want_after = Expected::open(dir.join("after.safetensors"));
+        for (n, t) in &after {
+            let stored = if n == "shared.weight" { n.as_str() } else { n };
+            let (p0, _) = before.get(stored);
+            let (p1, _) = want_after.get(n);
+            let got_delta: Vec<f32> = f32s(&t.bytes).iter().zip(&p0).map(|(a, b)| a - b).collect();
+            let want_delta: Vec<f32> = p1.iter().zip(&p0).map(|(a, b)| a - b).collect();
+            let err = rel_l2_err(&got_delta, &want_delta);
+            assert!(err <= tol_delta, "{name}: update of {n}: relative L2 error {err}");
+        }
+    }
+}
