@@ -48,7 +48,7 @@ fn rows(text: &str) -> Vec<serde_json::Value> {
 fn help_describes_every_command() {
     let o = detox(&["--help"]);
     let h = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["summarize", "init", "convert", "info"] {
+    for cmd in ["train", "sft", "eval", "summarize", "score", "init", "convert", "info", "bench", "plot"] {
         assert!(h.contains(cmd), "{h}");
         let o = detox(&[cmd, "--help"]);
         assert!(o.status.success());
@@ -205,4 +205,72 @@ fn convert_writes_fp16_that_loads_and_matches() {
     assert_eq!(std::fs::read(src2.join("config.json")).unwrap(), std::fs::read(out2.join("config.json")).unwrap());
     let e = fails(&detox(&["convert", "--model", src2.to_str().unwrap(), "--out", src2.to_str().unwrap()]));
     assert!(e.contains("--out must differ"), "{e}");
+}
+
+#[test]
+fn sft_trains_logs_and_saves_a_model_that_summarize_loads_then_plot_draws_the_log() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model, "3");
+    let out = d.path().join("run");
+    let cfg = d.path().join("sft.toml");
+    let data = shared("data/samsum/train.jsonl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {model:?}\n[data]\ntrain = {data:?}\neval = {data:?}\ntrain_limit = 12\n\
+             max_source_len = 48\nmax_target_len = 16\n[optim]\nbatch_size = 6\nwarmup_steps = 1\n\
+             [eval]\nlimit = 3\nmax_new_tokens = 4\n[run]\nepochs = 1\ndevice = \"cpu\"\nout = {out:?}\n"
+        ),
+    )
+    .unwrap();
+    let o = detox(&["sft", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = rows(&std::fs::read_to_string(out.join("log.jsonl")).unwrap());
+    let steps: Vec<_> = log.iter().filter(|r| r["kind"] == "step").collect();
+    assert_eq!(steps.len(), 2, "12 pairs in batches of 6");
+    assert!(steps.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+    let eval = log.iter().find(|r| r["kind"] == "eval").expect("an evaluation row");
+    assert_eq!(eval["eval_rows"], 3);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join("model").join(f).is_file(), "{f} missing");
+    }
+    let input = d.path().join("in.jsonl");
+    std::fs::write(&input, "{\"dialogue\":\"A: hi\\nB: hello\"}\n").unwrap();
+    let o = detox(&[
+        "summarize",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        "-",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let svg = d.path().join("loss.svg");
+    let log_path = out.join("log.jsonl");
+    let o = detox(&["plot", log_path.to_str().unwrap(), "--keys", "loss,eval_loss", "--out", svg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(text.matches("<polyline").count(), 2, "one line per key");
+    let png = d.path().join("loss.png");
+    let o = detox(&["plot", log_path.to_str().unwrap(), "--keys", "loss", "--out", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+
+    let e = fails(&detox(&["plot", log_path.to_str().unwrap(), "--keys", "reward", "--out", svg.to_str().unwrap()]));
+    assert!(e.contains("\"reward\"") && e.contains("log.jsonl"), "{e}");
+    let e = fails(&detox(&["plot", log_path.to_str().unwrap(), "--keys", "loss", "--out", "x.gif"]));
+    assert!(e.contains(".svg or .png"), "{e}");
+    let bad =
+        format!("[model]\npath = {model:?}\n[data]\ntrain = \"/nonexistent/train.jsonl\"\n[run]\ndevice = \"cpu\"\n");
+    std::fs::write(&cfg, bad).unwrap();
+    let e = fails(&detox(&["sft", "--config", cfg.to_str().unwrap()]));
+    assert!(e.contains("/nonexistent/train.jsonl"), "{e}");
+    std::fs::write(&cfg, "[optim]\nlabel_smoothing = 1.5\n").unwrap();
+    let e = fails(&detox(&["sft", "--config", cfg.to_str().unwrap()]));
+    assert!(e.contains("label_smoothing") && e.contains("sft.toml"), "{e}");
 }

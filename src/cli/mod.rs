@@ -5,6 +5,7 @@ mod convert;
 mod eval;
 mod info;
 mod init;
+mod plot;
 mod score;
 mod sft;
 mod summarize;
@@ -38,6 +39,8 @@ pub enum Command {
     Init(init::Args),
     /// Copy a Hugging Face T5 checkpoint as fp16 safetensors (config and tokenizer included).
     Convert(convert::Args),
+    /// Draw a training log's metrics against the step as an SVG or PNG chart.
+    Plot(plot::Args),
     /// Print a checkpoint's configuration and parameter counts.
     Info(info::Args),
     /// Time whole phases on random weights of FLAN-T5's shapes, beside their roofline floors.
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score::run(a),
         Command::Init(a) => init::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
     }
