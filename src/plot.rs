@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 /// One metric's points.
+#[derive(Debug)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
