@@ -5,14 +5,15 @@
 #   2. `detox sft`: full-parameter fine-tuning on SAMSum train, time-boxed (SFT_SECONDS);
 #   3. `detox eval` on SAMSum test: the SFT model's toxicity (minilm-toxicity) and ROUGE;
 #   4. `detox train` with the seed's setting (50 PPO steps, batch 16, LoRA r 32 on q and v), then eval;
-#   5. `detox train` with a larger batch (64 per step, 4× the seed's learning rate), then eval;
+#   5. `detox train` with a larger batch (64 per step; LARGE_LR, by default 4× the seed's learning rate,
+#      scaled with the batch), then eval;
 #   6. transformers loads the SFT model and generates what detox generates (tools/check_hf_export.py).
 # Every output lands in $RESULTS; tools/results_table.py turns it into the results table.
 #   tools/experiment.sh                      (from the repository root)
 # Environment: DETOX (the binary), SHARED (../shared), RESULTS (runs/experiment), DEVICE (cuda),
 # SIZE (small), SFT_SECONDS (150), SFT_MAX_STEPS (3000), EVAL_LIMIT (819), PPO_STEPS (50),
-# TRAIN_LIMIT (0: all of SAMSum train), SOURCE_LEN (256), PYTHON (python3; the check is skipped
-# without transformers).
+# TRAIN_LIMIT (0: all of SAMSum train), SOURCE_LEN (256), LARGE_LR (5.64e-5), PYTHON (python3; the
+# check is skipped without transformers).
 set -euo pipefail
 DETOX=${DETOX:-target/release/detox}
 SHARED=${SHARED:-../shared}
@@ -25,6 +26,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-819}
 PPO_STEPS=${PPO_STEPS:-50}
 TRAIN_LIMIT=${TRAIN_LIMIT:-0}
 SOURCE_LEN=${SOURCE_LEN:-256}
+LARGE_LR=${LARGE_LR:-5.64e-5}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$RESULTS"
 stage() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$RESULTS/stages.txt"; }
@@ -100,7 +102,7 @@ TOML
 stage "ppo, the seed's setting"
 ppo ppo-seed 16 4 1.41e-5 500
 stage "ppo, larger batch"
-ppo ppo-large 64 16 5.64e-5 3200
+ppo ppo-large 64 16 "$LARGE_LR" 3200
 
 stage "transformers loads the SFT model"
 if "$PYTHON" -c "import transformers" 2>/dev/null; then
