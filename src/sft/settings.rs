@@ -279,6 +279,12 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sft.toml");
+        assert_eq!(SftSettings::load(&path).unwrap(), SftSettings::default());
+    }
+
+    #[test]
     fn schedules_warm_up_then_decay() {
         let o = OptimSettings { learning_rate: 1.0, warmup_steps: 10, ..OptimSettings::default() };
         assert_eq!(o.lr_at(5, 110), 0.5);
