@@ -6,6 +6,7 @@ pub mod classifier;
 pub mod cli;
 pub mod device;
 pub mod fsutil;
+pub mod parallel;
 pub mod plot;
 pub mod ppo;
 pub mod rouge;

@@ -164,6 +164,15 @@ fn errors_are_clear() {
     let e = fails(&detox(&["summarize", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()]));
     assert!(e.contains("tokenizer.json") && e.contains("does not exist"), "{e}");
 
+    let e = fails(&detox(&["train", "--gpus", "2", "--config", "/nonexistent/run.toml"]));
+    assert!(e.contains("/nonexistent/run.toml"), "{e}");
+    let e = fails(&detox(&["sft", "--nodes", "2"]));
+    assert!(e.contains("--rendezvous"), "{e}");
+    let cfg = d.path().join("cpu.toml");
+    std::fs::write(&cfg, "[run]\ndevice = \"cpu\"\n").unwrap();
+    let e = fails(&detox(&["sft", "--gpus", "2", "--config", cfg.to_str().unwrap()]));
+    assert!(e.contains("needs GPUs"), "{e}");
+
     let e = fails(&detox(&["init", "--size", "huge", "--out", d.path().join("x").to_str().unwrap()]));
     assert!(e.contains("huge"), "{e}");
 

@@ -8,6 +8,8 @@ mod backward;
 #[allow(dead_code)]
 #[path = "suites/classifier.rs"]
 mod classifier;
+#[path = "suites/nccl.rs"]
+mod nccl;
 #[path = "suites/ops.rs"]
 mod ops;
 #[path = "suites/ppo_step.rs"]
@@ -47,6 +49,7 @@ const BODIES: &[(&str, Body)] = &[
     ("backward::embedding_backward_matches_cpu", backward::embedding_backward_matches_cpu::<Cuda>),
     ("backward::cross_entropy_matches_cpu", backward::cross_entropy_matches_cpu::<Cuda>),
     ("backward::set_weight_matches_cpu", backward::set_weight_matches_cpu::<Cuda>),
+    ("nccl::nccl_group_sums_and_gathers", nccl::nccl_group_sums_and_gathers),
     ("ppo_step::ppo_step_matches_trl", ppo_step::ppo_step_matches_trl::<Cuda>),
     ("sft_step::sft_step_matches_pytorch", sft_step::sft_step_matches_pytorch::<Cuda>),
     ("t5::encoder_matches", t5::encoder_matches::<Cuda>),
@@ -84,10 +87,15 @@ fn main() {
     let gpu = Cuda::new(0).map(Arc::new).map_err(|e| format!("{e:#}"));
     if let Err(r) = &gpu {
         eprintln!("GPU tests ignored: {r}");
+    } else if let Err(r) = detox::parallel::nccl::available() {
+        eprintln!("NCCL tests ignored: {r:#}");
     }
     let trials = BODIES
         .iter()
         .map(|&(name, body)| match &gpu {
+            Ok(_) if name.starts_with("nccl::") && detox::parallel::nccl::available().is_err() => {
+                Trial::test(format!("cuda::{name}"), || Ok(())).with_ignored_flag(true)
+            }
             Ok(_) if needs(name).iter().any(|v| std::env::var_os(v).is_none()) => {
                 Trial::test(format!("cuda::{name}"), || Ok(())).with_ignored_flag(true)
             }

@@ -7,6 +7,7 @@ mod common;
 use common::{rel_max_err, shared};
 use detox::backend::Backend;
 use detox::backend::cpu::Cpu;
+use detox::parallel::Solo;
 use detox::sft::SftSettings;
 use detox::sft::settings::Method;
 use detox::sft::trainer::SftTrainer;
@@ -56,7 +57,7 @@ fn logits(model: &T5<Cpu>, lora: bool) -> Vec<f32> {
 fn the_saved_model_is_the_trained_model() {
     let d = tempfile::tempdir().unwrap();
     for method in [Method::Full, Method::Lora] {
-        let mut t = SftTrainer::new(&Cpu, settings(d.path(), method)).unwrap();
+        let mut t = SftTrainer::new(&Cpu, settings(d.path(), method), &Solo).unwrap();
         let before = logits(&t.model, method == Method::Lora);
         let (dir, eval) = t.run(&AtomicBool::new(false)).unwrap();
         assert_eq!(t.step, 2);

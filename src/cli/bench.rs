@@ -4,6 +4,7 @@
 use crate::backend::Backend;
 use crate::checkpoint::DType;
 use crate::device::{Device, Job, run_on};
+use crate::parallel::Solo;
 use crate::t5::config::T5Config;
 use crate::t5::init::random_weights;
 use crate::t5::{Fwd, GenConfig, LoraSettings, Prompts, T5, ValueHead, generate};
@@ -414,7 +415,7 @@ impl Job for BenchPpo {
                 seed: it as u64,
                 loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 },
             };
-            let report = ppo_step(be, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
+            let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
             let t3 = Instant::now();
             if it > 0 {
                 phases.push([

@@ -72,3 +72,35 @@ pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+/// Data-parallel workers, for `detox train` and `detox sft`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Workers {
+    /// GPUs on this machine to train on, one worker each (gradients summed through NCCL).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    /// Machines in the run, each starting the same command with its own --node-rank.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// This machine's place among them, 0 to nodes − 1; machine 0 writes logs and checkpoints.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// HOST:PORT where machine 0 hands the other machines the NCCL group's id.
+    #[arg(long)]
+    pub rendezvous: Option<String>,
+    /// Form the NCCL group even for one GPU: checks a machine's NCCL before a multi-GPU run.
+    #[arg(long)]
+    pub nccl: bool,
+}
+
+impl Workers {
+    pub fn topology(&self) -> crate::parallel::launch::Topology {
+        crate::parallel::launch::Topology {
+            gpus: self.gpus,
+            nodes: self.nodes,
+            node_rank: self.node_rank,
+            rendezvous: self.rendezvous.clone(),
+            nccl: self.nccl,
+        }
+    }
+}

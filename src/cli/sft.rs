@@ -1,7 +1,8 @@
 //! `detox sft`: supervised fine-tuning of a T5 summarizer on dialogue–summary pairs.
 
 use crate::backend::Backend;
-use crate::device::{Job, run_on};
+use crate::parallel::Collective;
+use crate::parallel::launch::{ParallelJob, launch};
 use crate::sft::SftSettings;
 use crate::sft::trainer::SftTrainer;
 use anyhow::Result;
@@ -19,6 +20,8 @@ pub struct Args {
     /// Print the effective settings as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    #[command(flatten)]
+    pub workers: super::Workers,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -44,8 +47,9 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("\ninterrupt: finishing the current step, then evaluating and saving (Ctrl-C again to abort)");
     })?;
     let device = settings.device()?;
-    let dir = run_on(device, Sft { settings, stop })?;
-    eprintln!("model: {}", dir.display());
+    if let Some(dir) = launch(device, &a.workers.topology(), &Sft { settings, stop })? {
+        eprintln!("model: {}", dir.display());
+    }
     Ok(())
 }
 
@@ -54,17 +58,20 @@ struct Sft {
     stop: Arc<AtomicBool>,
 }
 
-impl Job for Sft {
+impl ParallelJob for Sft {
     type Output = PathBuf;
 
-    fn run<B: Backend>(self, be: &B) -> Result<PathBuf> {
-        let mut trainer = SftTrainer::new(be, self.settings)?;
-        eprintln!(
-            "{} training pairs, {} steps on {}",
-            trainer.settings.data.train.display(),
-            trainer.total_steps(),
-            be.name()
-        );
+    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<PathBuf> {
+        let mut trainer = SftTrainer::new(be, self.settings.clone(), group)?;
+        if group.rank() == 0 {
+            eprintln!(
+                "{}: {} steps on {} worker(s), worker 0 on {}",
+                trainer.settings.data.train.display(),
+                trainer.total_steps(),
+                group.world(),
+                be.name()
+            );
+        }
         Ok(trainer.run(&self.stop)?.0)
     }
 }

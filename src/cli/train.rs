@@ -1,7 +1,8 @@
 //! `detox train`: PPO on dialogue summaries with a toxicity classifier as the reward.
 
 use crate::backend::Backend;
-use crate::device::{Job, run_on};
+use crate::parallel::Collective;
+use crate::parallel::launch::{ParallelJob, launch};
 use crate::ppo::settings::TrainSettings;
 use crate::ppo::trainer::Trainer;
 use anyhow::Result;
@@ -21,6 +22,8 @@ pub struct Args {
     /// Print the effective settings as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    #[command(flatten)]
+    pub workers: super::Workers,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -46,8 +49,9 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to abort)");
     })?;
     let device = settings.device()?;
-    let dir = run_on(device, Train { settings, resume: a.resume, stop })?;
-    eprintln!("checkpoint: {}", dir.display());
+    if let Some(dir) = launch(device, &a.workers.topology(), &Train { settings, resume: a.resume, stop })? {
+        eprintln!("checkpoint: {}", dir.display());
+    }
     Ok(())
 }
 
@@ -57,11 +61,11 @@ struct Train {
     stop: Arc<AtomicBool>,
 }
 
-impl Job for Train {
+impl ParallelJob for Train {
     type Output = PathBuf;
 
-    fn run<B: Backend>(self, be: &B) -> Result<PathBuf> {
-        let mut trainer = Trainer::new(be, self.settings, self.resume.as_deref())?;
+    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<PathBuf> {
+        let mut trainer = Trainer::new(be, self.settings.clone(), self.resume.as_deref(), group)?;
         trainer.run(&self.stop)
     }
 }

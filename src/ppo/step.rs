@@ -11,6 +11,7 @@ use super::{
 };
 use crate::backend::rng::mix64;
 use crate::backend::{AdamStep, Backend, Shaped};
+use crate::parallel::{Collective, gather_concat, shard};
 use crate::t5::Prompts;
 use crate::t5::model::Fwd;
 use crate::text::pad_batch;
@@ -154,9 +155,11 @@ fn upload_rows<B: Backend>(
     ))
 }
 
-/// Scores every row in chunks of `chunk` rows (TRL's `batched_forward_pass` uses the minibatch size).
+/// Scores every row in chunks of `chunk` rows (TRL's `batched_forward_pass` uses the minibatch size),
+/// each worker its share of the rows, gathered back in row order.
 fn score_all<B: Backend>(
     be: &B,
+    group: &dyn Collective<B>,
     policy: &Policy<B>,
     r: &Rollout,
     cols: usize,
@@ -165,21 +168,27 @@ fn score_all<B: Backend>(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let c = &policy.model.config;
     let (mut lp, mut values) = (Vec::new(), Vec::new());
-    let all: Vec<usize> = (0..r.prompts.len()).collect();
-    for rows in all.chunks(chunk) {
+    let mine: Vec<usize> = shard(r.prompts.len(), group.rank(), group.world()).collect();
+    for rows in mine.chunks(chunk) {
         let (p, resp) = upload_rows(be, r, rows, cols, c.decoder_start_token_id, c.pad_token_id)?;
         let s = policy.score(be, &p, &resp, f, false)?;
         lp.extend(s.logprobs);
         values.extend(s.values);
     }
-    Ok((lp, values))
+    Ok((gather_concat(group, be, &lp)?, gather_concat(group, be, &values)?))
 }
 
 /// One PPO step on `rollout`. `on_grads(epoch, minibatch, grads)` sees each minibatch's unscaled
 /// gradients before clipping and the optimiser (tests compare them with PyTorch's).
+///
+/// Data-parallel workers pass the same whole rollout and their group. Each scores and
+/// backpropagates its share of every minibatch's rows. The losses are computed on the host over
+/// the whole minibatch from the gathered log-probabilities and values, and the gradients are
+/// summed, so every worker applies the update a single worker would.
 #[allow(clippy::too_many_arguments)]
 pub fn ppo_step<B: Backend>(
     be: &B,
+    group: &dyn Collective<B>,
     policy: &mut Policy<B>,
     opt: &mut Optimizer<B>,
     kl: &mut KlController,
@@ -199,8 +208,8 @@ pub fn ppo_step<B: Backend>(
 
     let started = std::time::Instant::now();
     // Rollout and reference passes: evaluation mode, adapters on then off.
-    let (old_logprobs, values) = score_all(be, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(true))?;
-    let (ref_logprobs, _) = score_all(be, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(false))?;
+    let (old_logprobs, values) = score_all(be, group, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(true))?;
+    let (ref_logprobs, _) = score_all(be, group, policy, rollout, cols, cfg.mini_batch_size, Fwd::eval(false))?;
     let kl_coef = kl.value();
     let rewards = compute_rewards(&rollout.scores, &old_logprobs, &ref_logprobs, &mask, dims, kl_coef)?;
 
@@ -219,18 +228,25 @@ pub fn ppo_step<B: Backend>(
             let (mb_old, mb_values, mb_rewards, mb_mask) =
                 (pick(&old_logprobs), pick(&values), pick(&rewards.rewards), pick(&mask));
             let adv = compute_advantages(&mb_values, &mb_rewards, &mb_mask, mdims, cfg.gamma, cfg.lam)?;
-            let (p, resp) = upload_rows(be, rollout, mb_rows, cols, c.decoder_start_token_id, c.pad_token_id)?;
+            let part = shard(mb_rows.len(), group.rank(), group.world());
+            let mine = &mb_rows[part.clone()];
+            let (p, resp) = upload_rows(be, rollout, mine, cols, c.decoder_start_token_id, c.pad_token_id)?;
             let f = Fwd::train(mix64(opts.seed ^ mix64((epoch * 1_000_003 + m) as u64 + 1)));
             let scored = policy.score(be, &p, &resp, f, true)?;
+            let (logprobs, vpreds, entropy) = (
+                gather_concat(group, be, &scored.logprobs)?,
+                gather_concat(group, be, &scored.values)?,
+                gather_concat(group, be, &scored.entropy)?,
+            );
             let inputs = MinibatchInputs {
                 old_logprobs: &mb_old,
                 values: &mb_values,
                 advantages: &adv.advantages,
                 returns: &adv.returns,
-                logprobs: &scored.logprobs,
-                vpreds: &scored.values,
+                logprobs: &logprobs,
+                vpreds: &vpreds,
                 mask: &mb_mask,
-                entropy: Some(&scored.entropy),
+                entropy: Some(&entropy),
             };
             let loss = ppo_loss(&inputs, mdims, cfg)?;
             if !loss.loss.is_finite() {
@@ -242,9 +258,16 @@ pub fn ppo_step<B: Backend>(
                     loss.vf_loss
                 );
             }
-            let (logprobs, vpreds) = (scored.logprobs.clone(), scored.values.clone());
             let mut grads = PolicyGrads::zeros(be, policy)?;
-            policy.backward(be, &p, &resp, scored, &loss.d_logprobs, &loss.d_vpreds, opts.loss_scale, &mut grads)?;
+            let my = part.start * cols..part.end * cols;
+            let (d_logprobs, d_vpreds) = (&loss.d_logprobs[my.clone()], &loss.d_vpreds[my]);
+            policy.backward(be, &p, &resp, scored, d_logprobs, d_vpreds, opts.loss_scale, &mut grads)?;
+            for t in grads.lora.tensors_mut() {
+                group.all_reduce_sum(be, &mut t.0)?;
+                group.all_reduce_sum(be, &mut t.1)?;
+            }
+            group.all_reduce_sum(be, &mut grads.value_weight)?;
+            group.all_reduce_sum(be, &mut grads.value_bias)?;
             let mut sq = 0.0f64;
             for g in grad_tensors(&grads) {
                 sq += be.sum_squares(g)?;

@@ -1,6 +1,8 @@
 //! `detox train`: the PPO loop. One iteration reads top-down as DESIGN.md lists it — batch, rollout,
 //! reward, then advantages and optimisation (`ppo_step`) — and the loop around it logs every step as
 //! JSON Lines, shows progress, checkpoints, and stops cleanly on Ctrl-C or a non-finite loss.
+//! Data-parallel workers each sample, score and backpropagate their share of the batch; worker 0
+//! logs and checkpoints.
 
 use super::checkpoint::{self, TrainerState};
 use super::data::Dialogues;
@@ -12,10 +14,11 @@ use crate::backend::Backend;
 use crate::backend::rng::mix64;
 use crate::classifier::Classifier;
 use crate::device::GpuStats;
+use crate::parallel::{Collective, gather_concat, gather_tokens, shard, sum_host};
 use crate::t5::model::Fwd;
 use crate::t5::{GenConfig, Prompts, T5, ValueHead, generate};
 use crate::text::{Prompter, pad_batch, tokenizer_path};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,8 @@ pub struct StepLog {
 
 pub struct Trainer<'a, B: Backend> {
     be: &'a B,
+    /// This worker's data-parallel group (`Solo` alone).
+    group: &'a dyn Collective<B>,
     pub settings: TrainSettings,
     pub policy: Policy<B>,
     optimizer: Optimizer<B>,
@@ -69,8 +74,19 @@ pub struct Trainer<'a, B: Backend> {
 impl<'a, B: Backend> Trainer<'a, B> {
     /// Loads the model, the adapter (fresh, from `[model] adapter`, or from a checkpoint when
     /// resuming), the classifier and the data.
-    pub fn new(be: &'a B, settings: TrainSettings, resume: Option<&Path>) -> Result<Self> {
+    pub fn new(
+        be: &'a B,
+        settings: TrainSettings,
+        resume: Option<&Path>,
+        group: &'a dyn Collective<B>,
+    ) -> Result<Self> {
         let s = &settings;
+        ensure!(
+            s.ppo.mini_batch_size >= group.world(),
+            "[ppo] mini_batch_size {} is smaller than the {} workers",
+            s.ppo.mini_batch_size,
+            group.world()
+        );
         let mut model = T5::load(be, &s.model.path)?;
         match &s.model.adapter {
             Some(dir) => model.load_adapter(be, dir)?,
@@ -87,12 +103,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if let Some(dir) = resume {
             let dir = checkpoint::resolve(dir)?;
             let state = checkpoint::load(be, &dir, &mut policy, &mut optimizer)?;
-            if state.settings != settings {
+            if state.settings != settings && group.rank() == 0 {
                 eprintln!("warning: the settings differ from those {} was trained with", dir.display());
             }
             kl = state.kl;
             step = state.step;
-            eprintln!("resuming from {} (step {step})", dir.display());
+            if group.rank() == 0 {
+                eprintln!("resuming from {} (step {step})", dir.display());
+            }
         }
         let classifier = match s.reward.kind {
             RewardKind::Classifier => {
@@ -111,7 +129,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         )?;
         let data = Dialogues::load(&s.data)?;
         let gpu = GpuStats::open(&be.name());
-        Ok(Self { be, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu })
+        Ok(Self { be, group, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu })
     }
 
     /// One PPO iteration.
@@ -144,10 +162,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         let opts =
             StepOptions { shuffle: true, seed: mix64(s.run.seed ^ mix64(self.step as u64 + 0x5eed)), loss_scale };
-        let report =
-            ppo_step(be, &mut self.policy, &mut self.optimizer, &mut self.kl, &s.ppo, &rollout, &opts, |_, _, _| {
-                Ok(())
-            })?;
+        let report = ppo_step(
+            be,
+            self.group,
+            &mut self.policy,
+            &mut self.optimizer,
+            &mut self.kl,
+            &s.ppo,
+            &rollout,
+            &opts,
+            |_, _, _| Ok(()),
+        )?;
         self.step += 1;
         let done = Instant::now();
 
@@ -180,30 +205,32 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Each response's reward, and the classifier's probability of the reward label (0 for the toy
-    /// reward).
+    /// reward): each worker scores its share, gathered back in order.
     fn reward(&self, responses: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
         let r = &self.settings.reward;
-        match &self.classifier {
+        let mine = &responses[shard(responses.len(), self.group.rank(), self.group.world())];
+        let (scores, toxicity): (Vec<f32>, Vec<f32>) = match &self.classifier {
             Some((clf, label)) => {
-                let texts: Vec<String> = responses.iter().map(|t| self.prompter.decode(t)).collect::<Result<_>>()?;
+                let texts: Vec<String> = mine.iter().map(|t| self.prompter.decode(t)).collect::<Result<_>>()?;
                 let logits = clf.logits(self.be, &texts, r.batch_size, |_| {})?;
-                Ok((
+                (
                     logits.iter().map(|l| r.transform.apply(l[*label])).collect(),
                     logits.iter().map(|l| crate::classifier::sigmoid(l[*label])).collect(),
-                ))
+                )
             }
-            None => Ok((
-                responses
-                    .iter()
+            None => (
+                mine.iter()
                     .map(|t| t.iter().filter(|&&x| x < r.token_below).count() as f32 / t.len().max(1) as f32)
                     .collect(),
-                vec![0.0; responses.len()],
-            )),
-        }
+                vec![0.0; mine.len()],
+            ),
+        };
+        Ok((gather_concat(self.group, self.be, &scores)?, gather_concat(self.group, self.be, &toxicity)?))
     }
 
     /// Samples one response per prompt with the policy's adapters merged (they are fixed until the
-    /// optimisation), seeded by (run seed, step) and each prompt's data-set index.
+    /// optimisation), seeded by (run seed, step) and each prompt's data-set index, so that a
+    /// prompt's sample does not depend on which worker draws it. Each worker samples its share.
     fn rollout(&mut self, prompts: &[Vec<u32>], streams: &[u32]) -> Result<Vec<Vec<u32>>> {
         let be = self.be;
         let g = &self.settings.generation;
@@ -216,28 +243,32 @@ impl<'a, B: Backend> Trainer<'a, B> {
             top_p: g.top_p,
             seed: mix64(self.settings.run.seed ^ mix64(self.step as u64)),
         };
+        let part = shard(prompts.len(), self.group.rank(), self.group.world());
         let model = &mut self.policy.model;
         model.merge_lora(be)?;
-        let batch = Prompts::upload(be, &pad_batch(prompts, model.config.pad_token_id), streams)?;
+        let batch = Prompts::upload(be, &pad_batch(&prompts[part.clone()], model.config.pad_token_id), &streams[part])?;
         let out = generate(be, model, None, &batch, &cfg, Fwd::eval(true));
         model.unmerge_lora();
-        Ok(out?.into_iter().map(|g| g.tokens).collect())
+        let mine: Vec<Vec<u32>> = out?.into_iter().map(|g| g.tokens).collect();
+        gather_tokens(self.group, be, &mine)
     }
 
     /// Runs the remaining steps: a JSON Lines log in `run.out`, a progress bar, checkpoints every
     /// `checkpoint_every` steps and at the end. When `stop` turns true (Ctrl-C) the current step
     /// finishes, a checkpoint is written and the loop returns.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<PathBuf> {
+        let root = self.group.rank() == 0;
         let out = self.settings.run.out.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let log_path = out.join("log.jsonl");
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut log = if root {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
+            Some(f.with_context(|| format!("opening {}", log_path.display()))?)
+        } else {
+            None
+        };
         let total = self.settings.run.steps;
-        let pb = crate::cli::progress(total, "training");
+        let pb = if root { crate::cli::progress(total, "training") } else { indicatif::ProgressBar::hidden() };
         pb.set_position(self.step as u64);
         let mut last = None;
         while self.step < total {
@@ -253,15 +284,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     )));
                 }
             };
-            writeln!(log, "{}", serde_json::to_string(&entry)?)
-                .with_context(|| format!("writing {}", log_path.display()))?;
+            if let Some(f) = log.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&entry)?)
+                    .with_context(|| format!("writing {}", log_path.display()))?;
+            }
             pb.set_message(format!(
                 "reward {:.3} toxicity {:.4} kl {:.3}",
                 entry.reward_mean, entry.toxicity_mean, entry.kl
             ));
             pb.inc(1);
-            let stopping = stop.load(Ordering::SeqCst);
-            if self.step.is_multiple_of(self.settings.run.checkpoint_every) || self.step == total || stopping {
+            // A Ctrl-C on any machine stops every worker after the same step.
+            let stopping = sum_host(self.group, self.be, &[stop.load(Ordering::SeqCst) as u8 as f32])?[0] > 0.0;
+            let due = self.step.is_multiple_of(self.settings.run.checkpoint_every) || self.step == total;
+            if root && (due || stopping) {
                 last = Some(self.checkpoint()?);
             }
             if stopping {
@@ -272,7 +307,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         pb.finish();
         match last {
             Some(dir) => Ok(dir),
-            None => self.checkpoint(),
+            None if root => self.checkpoint(),
+            None => Ok(out),
         }
     }
 

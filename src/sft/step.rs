@@ -6,6 +6,7 @@
 use super::data::SftBatch;
 use crate::backend::{AdamStep, Backend, Shaped};
 use crate::checkpoint::Checkpoint;
+use crate::parallel::{Collective, sum_host};
 use crate::t5::T5;
 use crate::t5::model::Fwd;
 use crate::t5::params::{FullGrads, read_masters};
@@ -123,34 +124,58 @@ fn masked_sum(loss: &[f32], mask: &[f32]) -> f64 {
     loss.iter().zip(mask).map(|(l, m)| *l as f64 * *m as f64).sum()
 }
 
+/// One step of a worker on its share `batch` of a batch of `total_tokens` target tokens; the
+/// group sums the gradients and the loss, so that every worker applies the same update.
+#[allow(clippy::too_many_arguments)]
 pub fn sft_step<B: Backend>(
     be: &B,
     model: &mut T5<B>,
     opt: &mut SftOptimizer<B>,
     batch: &SftBatch,
+    total_tokens: usize,
+    group: &dyn Collective<B>,
     h: &Hyper,
 ) -> Result<StepReport> {
     let full = matches!(opt.trainables, Trainables::Full { .. });
-    let (loss, mut grads) = sft_gradients(be, model, full, batch, h)?;
+    let (loss, mut grads) = sft_gradients(be, model, full, batch, total_tokens, h)?;
+    for g in grads.tensors_mut() {
+        group.all_reduce_sum(be, g)?;
+    }
+    let loss = sum_host(group, be, &[loss as f32])?[0] as f64;
     let (grad_norm, skipped) = sft_update(be, model, opt, &mut grads, h)?;
-    Ok(StepReport { loss, tokens: batch.tokens(), grad_norm, skipped })
+    Ok(StepReport { loss, tokens: total_tokens, grad_norm, skipped })
 }
 
 /// The forward and backward of one batch: the mean loss, and the gradients scaled by
 /// `h.loss_scale`.
+///
+/// Data-parallel workers each pass their share of the batch and the whole batch's `total_tokens`:
+/// the loss and gradients are then each worker's part of the batch mean, and their sums over the
+/// workers are the whole batch's.
 pub fn sft_gradients<B: Backend>(
     be: &B,
     model: &mut T5<B>,
     full: bool,
     batch: &SftBatch,
+    total_tokens: usize,
     h: &Hyper,
 ) -> Result<(f64, SftGrads<B>)> {
-    let tokens = batch.tokens();
-    ensure!(tokens > 0, "an SFT batch with no target tokens");
+    ensure!(total_tokens > 0, "an SFT batch with no target tokens");
+    let zeros = |model: &mut T5<B>| -> Result<SftGrads<B>> {
+        Ok(if full {
+            SftGrads::Full(FullGrads::zeros(be, model)?)
+        } else {
+            SftGrads::Lora(LoraGrads::zeros(be, model)?)
+        })
+    };
+    if batch.tokens() == 0 {
+        // A worker whose share of a short last batch is empty contributes nothing.
+        return Ok((0.0, zeros(model)?));
+    }
 
-    // 1. The batch on the device; each label weighs loss_scale / tokens (the mean, scaled).
+    // 1. The batch on the device; each label weighs loss_scale / total_tokens (the mean, scaled).
     let x = upload(be, batch)?;
-    let w = h.loss_scale / tokens as f32;
+    let w = h.loss_scale / total_tokens as f32;
     let weights = be.upload(&batch.mask.iter().map(|m| m * w).collect::<Vec<_>>(), &[batch.mask.len()])?;
 
     // 2. Teacher-forced forward, keeping the tape.
@@ -163,7 +188,7 @@ pub fn sft_gradients<B: Backend>(
     let logits = model.lm_logits(be, &flat)?;
     let (loss_rows, d_logits) = be.cross_entropy(&logits, &x.labels, &weights, h.label_smoothing)?;
     drop(logits);
-    let loss = masked_sum(&be.download(&loss_rows)?, &batch.mask) / tokens as f64;
+    let loss = masked_sum(&be.download(&loss_rows)?, &batch.mask) / total_tokens as f64;
 
     // 4. Backward into every weight, or into the adapters.
     let mut grads =

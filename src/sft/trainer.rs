@@ -1,7 +1,7 @@
 //! `detox sft`'s loop: epochs of `sft_step` over seeded batches, a JSON Lines log of every step and
 //! every evaluation, a progress bar, and after each epoch the held-out loss and ROUGE with the model
 //! saved in Hugging Face layout. Stops early, evaluating and saving, at `max_steps`, at the time
-//! limit, or on Ctrl-C.
+//! limit, or on Ctrl-C. Data-parallel workers each take their share of every batch.
 
 use super::data::{Pairs, SftBatch};
 use super::export::save_model;
@@ -11,10 +11,11 @@ use crate::backend::Backend;
 use crate::backend::rng::mix64;
 use crate::checkpoint::Checkpoint;
 use crate::device::GpuStats;
+use crate::parallel::{Collective, shard, sum_host};
 use crate::t5::model::Fwd;
 use crate::t5::{GenConfig, T5};
 use crate::text::{Prompter, tokenizer_path};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub struct EvalLog {
 
 pub struct SftTrainer<'a, B: Backend> {
     be: &'a B,
+    /// This worker's data-parallel group (`Solo` alone).
+    group: &'a dyn Collective<B>,
     pub settings: SftSettings,
     pub model: T5<B>,
     opt: SftOptimizer<B>,
@@ -69,8 +72,14 @@ pub struct SftTrainer<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> SftTrainer<'a, B> {
-    pub fn new(be: &'a B, settings: SftSettings) -> Result<Self> {
+    pub fn new(be: &'a B, settings: SftSettings, group: &'a dyn Collective<B>) -> Result<Self> {
         let s = &settings;
+        ensure!(
+            s.optim.batch_size >= group.world(),
+            "[optim] batch_size {} is smaller than the {} workers",
+            s.optim.batch_size,
+            group.world()
+        );
         let mut model = T5::load(be, &s.model.path)?;
         let opt = match s.optim.method {
             Method::Full => SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&s.model.path)?)?,
@@ -96,7 +105,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
             _ => 1024.0,
         };
         let gpu = GpuStats::open(&be.name());
-        Ok(Self { be, settings, model, opt, prompter, train, eval, step: 0, loss_scale, gpu })
+        Ok(Self { be, group, settings, model, opt, prompter, train, eval, step: 0, loss_scale, gpu })
     }
 
     fn batches_per_epoch(&self) -> usize {
@@ -120,7 +129,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         SftBatch::new(&refs, c.decoder_start_token_id, c.pad_token_id)
     }
 
-    /// One step on `rows` of the training pairs.
+    /// One step on `rows` of the training pairs, this worker taking its share.
     pub fn iteration(&mut self, rows: &[usize], epoch: usize) -> Result<StepLog> {
         let started = Instant::now();
         let o = &self.settings.optim;
@@ -136,8 +145,10 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
             loss_scale: self.loss_scale,
             dropout_seed: mix64(self.settings.run.seed ^ mix64(self.step as u64 + 0xd50)),
         };
-        let batch = self.batch(rows, &self.train);
-        let r = sft_step(self.be, &mut self.model, &mut self.opt, &batch, &h)?;
+        let total: usize = rows.iter().map(|&i| self.train.pairs[i].target.len()).sum();
+        let mine = &rows[shard(rows.len(), self.group.rank(), self.group.world())];
+        let batch = self.batch(mine, &self.train);
+        let r = sft_step(self.be, &mut self.model, &mut self.opt, &batch, total, self.group, &h)?;
         if !r.loss.is_finite() {
             bail!("the loss is {} at step {}", r.loss, self.step + 1);
         }
@@ -224,19 +235,28 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         Ok(dest)
     }
 
-    /// The whole run; returns the saved model's directory and the last evaluation.
+    /// The whole run; returns the saved model's directory and the last evaluation. Worker 0 logs,
+    /// evaluates and saves; every worker steps, and they stop together.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(PathBuf, EvalLog)> {
+        let root = self.group.rank() == 0;
         let out = self.settings.run.out.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let log_path = out.join("log.jsonl");
-        let mut log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut log = if root {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            Some(std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?)
+        } else {
+            None
+        };
         let mut write = |line: String| -> Result<()> {
-            writeln!(log, "{line}").with_context(|| format!("writing {}", log_path.display()))
+            match log.as_mut() {
+                Some(f) => writeln!(f, "{line}").with_context(|| format!("writing {}", log_path.display())),
+                None => Ok(()),
+            }
         };
         let total = self.total_steps();
         let limit = self.settings.run.time_limit_s;
         let started = Instant::now();
-        let pb = crate::cli::progress(total, "fine-tuning");
+        let pb = if root { crate::cli::progress(total, "fine-tuning") } else { indicatif::ProgressBar::hidden() };
         let mut last = None;
         'epochs: for epoch in 0.. {
             let batches = self.train.epoch(epoch, self.settings.optim.batch_size, self.settings.run.seed);
@@ -245,27 +265,57 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
                 write(serde_json::to_string(&entry)?)?;
                 pb.set_message(format!("epoch {} loss {:.4} lr {:.2e}", epoch + 1, entry.loss, entry.lr));
                 pb.inc(1);
+                // Any worker's time limit or Ctrl-C stops them all at the same step.
                 let timed_out = limit > 0.0 && started.elapsed().as_secs_f64() >= limit;
-                if self.step >= total || timed_out || stop.load(Ordering::SeqCst) {
-                    if timed_out {
+                let flags = [timed_out as u8 as f32, stop.load(Ordering::SeqCst) as u8 as f32];
+                let flags = sum_host(self.group, self.be, &flags)?;
+                if self.step >= total || flags.iter().any(|&f| f > 0.0) {
+                    if flags[0] > 0.0 {
                         pb.println(format!("time limit of {limit} s reached after step {}", self.step));
                     }
-                    let e = self.evaluate(epoch)?;
-                    pb.println(eval_line(&e));
-                    write(serde_json::to_string(&e)?)?;
-                    last = Some(e);
+                    if root {
+                        let e = self.evaluate(epoch)?;
+                        pb.println(eval_line(&e));
+                        write(serde_json::to_string(&e)?)?;
+                        last = Some(e);
+                    }
                     break 'epochs;
                 }
             }
-            let e = self.evaluate(epoch)?;
-            pb.println(eval_line(&e));
-            write(serde_json::to_string(&e)?)?;
-            self.save()?;
-            last = Some(e);
+            if root {
+                let e = self.evaluate(epoch)?;
+                pb.println(eval_line(&e));
+                write(serde_json::to_string(&e)?)?;
+                self.save()?;
+                last = Some(e);
+            }
         }
         pb.finish();
-        let dir = self.save()?;
-        Ok((dir, last.expect("the loop evaluates before it ends")))
+        let dir = out.join("model");
+        match last {
+            Some(e) => {
+                self.save()?;
+                Ok((dir, e))
+            }
+            None => Ok((dir, EvalLog::none(self.step))),
+        }
+    }
+}
+
+impl EvalLog {
+    /// What a worker other than 0, which does not evaluate, reports.
+    fn none(step: usize) -> Self {
+        Self {
+            kind: "eval",
+            step,
+            epoch: 0,
+            eval_loss: f64::NAN,
+            rouge1: f64::NAN,
+            rouge2: f64::NAN,
+            rouge_l: f64::NAN,
+            eval_rows: 0,
+            time_eval_s: 0.0,
+        }
     }
 }
 

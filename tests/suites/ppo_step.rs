@@ -6,6 +6,7 @@
 use crate::common::{Expected, fixture, rel_l2_err, rel_max_err};
 use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
+use detox::parallel::Solo;
 use detox::ppo::policy::Policy;
 use detox::ppo::step::{Optimizer, Rollout, StepOptions, grad_tensors, ppo_step, trainables};
 use detox::ppo::{FirstToken, KlController, PpoConfig};
@@ -77,7 +78,7 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
     let grads_file = Checkpoint::open_file(&dir.join("grads/e0m0.safetensors")).unwrap();
     let order = names(&mut policy);
     let mut compared = 0;
-    let report = ppo_step(be, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
+    let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
         if (e, m) == (0, 0) {
             for (name, g) in order.iter().zip(grad_tensors(grads)) {
                 let want = grads_file.get(name).unwrap().to_f32();
