@@ -4,7 +4,8 @@
 use crate::backend::Backend;
 use crate::checkpoint::DType;
 use crate::device::{Device, Job, run_on};
-use crate::parallel::Solo;
+use crate::parallel::launch::{ParallelJob, launch};
+use crate::parallel::{Collective, gather_concat, gather_tokens, shard};
 use crate::t5::config::T5Config;
 use crate::t5::init::random_weights;
 use crate::t5::{Fwd, GenConfig, LoraSettings, Prompts, T5, ValueHead, generate};
@@ -62,6 +63,9 @@ pub struct PpoArgs {
     pub device: Device,
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The same global batch spread over data-parallel workers, as `detox train` spreads it.
+    #[command(flatten)]
+    pub workers: super::Workers,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -119,10 +123,13 @@ pub fn run(a: Args) -> Result<()> {
     match a.what {
         What::Ppo(p) => {
             ensure!(p.batch > 0 && p.mini > 0 && p.batch % p.mini == 0, "--mini must divide --batch");
-            let report = run_on(p.device, BenchPpo(p.clone()))?;
-            println!("{}", report.text);
-            if let Some(path) = &p.json {
-                crate::fsutil::write_atomic(path, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+            ensure!(p.mini >= p.workers.gpus * p.workers.nodes, "--mini must give every worker a row");
+            // Machines other than the first time their share but leave the report to machine 0.
+            if let Some(report) = launch(p.device, &p.workers.topology(), &BenchPpo(p.clone()))? {
+                println!("{}", report.text);
+                if let Some(path) = &p.json {
+                    crate::fsutil::write_atomic(path, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+                }
             }
             Ok(())
         }
@@ -347,14 +354,15 @@ fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
 
 struct BenchPpo(PpoArgs);
 
-impl Job for BenchPpo {
+impl ParallelJob for BenchPpo {
     type Output = Report;
 
-    fn run<B: Backend>(self, be: &B) -> Result<Report> {
+    /// Each worker generates and scores its share of the prompts; the PPO step shards the rest.
+    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<Report> {
         use crate::ppo::policy::Policy;
         use crate::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
         use crate::ppo::{KlController, PpoConfig};
-        let a = self.0;
+        let a = self.0.clone();
         let tmp = random_model_dir(&a.size)?;
         let mut model = T5::load(be, tmp.path())?;
         model.attach_lora(be, LoraSettings::seed_default(), 0)?;
@@ -383,6 +391,7 @@ impl Job for BenchPpo {
             })
             .collect();
         let streams: Vec<u32> = (0..b as u32).collect();
+        let mine = shard(b, group.rank(), group.world());
         let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
         let mut phases: Vec<[f64; 5]> = Vec::new();
         be.reset_peak_memory();
@@ -390,10 +399,12 @@ impl Job for BenchPpo {
             be.sync()?;
             let t0 = Instant::now();
             policy.model.merge_lora(be)?;
-            let batch = Prompts::upload(be, &pad_batch(&prompts, c.pad_token_id), &streams)?;
+            let batch =
+                Prompts::upload(be, &pad_batch(&prompts[mine.clone()], c.pad_token_id), &streams[mine.clone()])?;
             let gens = generate(be, &policy.model, None, &batch, &sampling, Fwd::eval(true))?;
             policy.model.unmerge_lora();
             let responses: Vec<Vec<u32>> = gens.into_iter().map(|g| g.tokens).collect();
+            let all_responses = gather_tokens(group, be, &responses)?;
             let t1 = Instant::now();
             let scores: Vec<f32> = match &reward {
                 Some((clf, label, tok)) => {
@@ -407,15 +418,17 @@ impl Job for BenchPpo {
                     responses.iter().map(|r| r.iter().filter(|&&t| t < 16064).count() as f32 / r.len() as f32).collect()
                 }
             };
+            let scores = gather_concat(group, be, &scores)?;
             be.sync()?;
             let t2 = Instant::now();
-            let rollout = Rollout { prompts: prompts.clone(), responses, scores, streams: streams.clone() };
+            let rollout =
+                Rollout { prompts: prompts.clone(), responses: all_responses, scores, streams: streams.clone() };
             let opts = StepOptions {
                 shuffle: true,
                 seed: it as u64,
                 loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 },
             };
-            let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
+            let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
             let t3 = Instant::now();
             if it > 0 {
                 phases.push([
@@ -442,16 +455,17 @@ impl Job for BenchPpo {
         let attention = 4.0 * bf * inner * (le * lf * lf + ld * (gf * gf + gf * lf));
         let epochs_flops = 2.0 * (linear + attention) * a.epochs as f64;
         let text = format!(
-            "ppo iteration: batch {b}, minibatch {}, {} epochs, src {l}, gen {g}, random flan-t5-{}, LoRA r 32 on q,v, {}\n\
+            "ppo iteration: batch {b}, minibatch {}, {} epochs, src {l}, gen {g}, random flan-t5-{}, LoRA r 32 on q,v, {} × {}\n\
              generate        {:8.3} s\n\
              reward          {:8.3} s  ({})\n\
              ref + old       {:8.3} s\n\
              ppo epochs      {:8.3} s  ({:.1} TFLOP of products ≈ {:.0} TFLOP/s; floor {:.3} s at 790 TFLOP/s)\n\
              iteration       {:8.3} s  →  {:.1} samples/s\n\
-             peak memory     {}",
+             peak memory     {} (worker 0)",
             a.mini,
             a.epochs,
             a.size,
+            group.world(),
             be.name(),
             gen_s,
             reward_s,
@@ -466,7 +480,7 @@ impl Job for BenchPpo {
             peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
         );
         let json = json!({
-            "phase": "ppo", "device": be.name(), "size": a.size, "batch": b, "mini": a.mini, "epochs": a.epochs, "src": l, "gen": g,
+            "phase": "ppo", "device": be.name(), "workers": group.world(), "size": a.size, "batch": b, "mini": a.mini, "epochs": a.epochs, "src": l, "gen": g,
             "seconds": { "generate": gen_s, "reward": reward_s, "ref_and_old": passes_s, "ppo_epochs": epochs_s, "total": total_s },
             "samples_per_s": b as f64 / total_s, "epochs_tflop": epochs_flops / 1e12, "peak_bytes": peak,
         });

@@ -73,7 +73,7 @@ pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
-/// Data-parallel workers, for `detox train` and `detox sft`.
+/// Data-parallel workers, for `detox train`, `detox sft` and `detox bench ppo`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Workers {
     /// GPUs on this machine to train on, one worker each (gradients summed through NCCL).
