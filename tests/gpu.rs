@@ -8,6 +8,8 @@ mod backward;
 #[allow(dead_code)]
 #[path = "suites/classifier.rs"]
 mod classifier;
+#[path = "suites/data_parallel.rs"]
+mod data_parallel;
 #[path = "suites/nccl.rs"]
 mod nccl;
 #[path = "suites/ops.rs"]
@@ -50,6 +52,13 @@ const BODIES: &[(&str, Body)] = &[
     ("backward::cross_entropy_matches_cpu", backward::cross_entropy_matches_cpu::<Cuda>),
     ("backward::set_weight_matches_cpu", backward::set_weight_matches_cpu::<Cuda>),
     ("nccl::nccl_group_sums_and_gathers", nccl::nccl_group_sums_and_gathers),
+    // Each worker makes its own backend on GPU 0: its own stream and cuBLAS handle, as on N GPUs.
+    ("data_parallel::a_ppo_step_is_the_same_on_one_worker_and_on_two", |_| {
+        data_parallel::a_ppo_step_is_the_same_on_one_worker_and_on_two(|| Cuda::new(0).unwrap())
+    }),
+    ("data_parallel::an_sft_step_is_the_same_on_one_worker_and_on_two_or_three", |_| {
+        data_parallel::an_sft_step_is_the_same_on_one_worker_and_on_two_or_three(|| Cuda::new(0).unwrap())
+    }),
     ("ppo_step::ppo_step_matches_trl", ppo_step::ppo_step_matches_trl::<Cuda>),
     ("sft_step::sft_step_matches_pytorch", sft_step::sft_step_matches_pytorch::<Cuda>),
     ("t5::encoder_matches", t5::encoder_matches::<Cuda>),
