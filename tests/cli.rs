@@ -172,6 +172,9 @@ fn errors_are_clear() {
     std::fs::write(&cfg, "[run]\ndevice = \"cpu\"\n").unwrap();
     let e = fails(&detox(&["sft", "--gpus", "2", "--config", cfg.to_str().unwrap()]));
     assert!(e.contains("needs GPUs"), "{e}");
+    std::fs::write(&cfg, "[run]\ndevice = \"cuda:1\"\n").unwrap();
+    let e = fails(&detox(&["sft", "--gpus", "2", "--config", cfg.to_str().unwrap()]));
+    assert!(e.contains("CUDA_VISIBLE_DEVICES"), "{e}");
 
     let e = fails(&detox(&["init", "--size", "huge", "--out", d.path().join("x").to_str().unwrap()]));
     assert!(e.contains("huge"), "{e}");

@@ -67,8 +67,13 @@ pub fn launch<J: ParallelJob>(device: Device, topo: &Topology, job: &J) -> Resul
     if topo.world() == 1 && !topo.nccl {
         return run_on(device, Alone(job)).map(Some);
     }
-    if device == Device::Cpu {
-        bail!("data-parallel training needs GPUs (--gpus {}); the CPU runs one worker", topo.gpus);
+    match device {
+        Device::Cpu => bail!("data-parallel training needs GPUs (--gpus {}); the CPU runs one worker", topo.gpus),
+        Device::Cuda(k) if k > 0 => bail!(
+            "--gpus uses GPUs 0 to {} of those visible; choose which with CUDA_VISIBLE_DEVICES, not --device cuda:{k}",
+            topo.gpus - 1
+        ),
+        _ => {}
     }
     let id = if topo.node_rank == 0 {
         let id = new_id()?;
