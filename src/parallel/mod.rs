@@ -15,8 +15,9 @@ use std::sync::{Arc, Barrier, Mutex};
 pub trait Collective<B: Backend>: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// Sums `t` over the group, in place, every worker getting the sum.
-    fn all_reduce_sum(&self, be: &B, t: &mut B::Tensor) -> Result<()>;
+    /// Sums each of `ts` over the group, in place, every worker getting the sums. One call takes
+    /// all of a step's gradients, so that a group can move them together.
+    fn all_reduce_sum(&self, be: &B, ts: &mut [&mut B::Tensor]) -> Result<()>;
     /// Every worker's `local` values (of any length), in rank order, on every worker.
     fn all_gather(&self, be: &B, local: &[f32]) -> Result<Vec<Vec<f32>>>;
 }
@@ -70,7 +71,7 @@ impl<B: Backend> Collective<B> for Solo {
         1
     }
 
-    fn all_reduce_sum(&self, _be: &B, _t: &mut B::Tensor) -> Result<()> {
+    fn all_reduce_sum(&self, _be: &B, _ts: &mut [&mut B::Tensor]) -> Result<()> {
         Ok(())
     }
 
@@ -119,15 +120,25 @@ impl<B: Backend> Collective<B> for Threads {
         self.world
     }
 
-    fn all_reduce_sum(&self, be: &B, t: &mut B::Tensor) -> Result<()> {
-        let parts = self.exchange(be.download(t)?);
+    /// One exchange of every tensor, end to end.
+    fn all_reduce_sum(&self, be: &B, ts: &mut [&mut B::Tensor]) -> Result<()> {
+        let mut flat = Vec::new();
+        for t in ts.iter() {
+            flat.extend(be.download(t)?);
+        }
+        let parts = self.exchange(flat);
         let mut sum = vec![0.0f32; parts[0].len()];
         for p in &parts {
             ensure!(p.len() == sum.len(), "workers reduce tensors of different sizes");
             sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
         }
-        let shape = t.shape().to_vec();
-        *t = be.upload(&sum, &shape)?;
+        let mut rest = sum.as_slice();
+        for t in ts.iter_mut() {
+            let (mine, next) = rest.split_at(t.numel());
+            let shape = t.shape().to_vec();
+            **t = be.upload(mine, &shape)?;
+            rest = next;
+        }
         Ok(())
     }
 
@@ -162,7 +173,9 @@ mod tests {
                         let c: &dyn Collective<Cpu> = g;
                         let r = c.rank() as f32;
                         let mut t = Cpu.upload(&[r, 10.0 * r], &[2]).unwrap();
-                        c.all_reduce_sum(&Cpu, &mut t).unwrap();
+                        let mut u = Cpu.upload(&[-r], &[1]).unwrap();
+                        c.all_reduce_sum(&Cpu, &mut [&mut t, &mut u]).unwrap();
+                        assert_eq!(u.data, vec![-3.0]);
                         let seqs: Vec<Vec<u32>> = (0..c.rank()).map(|i| vec![i as u32; c.rank()]).collect();
                         (t.data, gather_tokens(c, &Cpu, &seqs).unwrap(), sum_host(c, &Cpu, &[1.0, r]).unwrap())
                     })

@@ -6,7 +6,7 @@ use super::Collective;
 use crate::backend::Shaped;
 use crate::backend::cuda::{Buf, Cuda, CudaTensor};
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::nccl::{Comm, Id, ReduceOp, group_end, group_start};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -107,13 +107,17 @@ impl Collective<Cuda> for Nccl {
         self.comm.world_size()
     }
 
-    fn all_reduce_sum(&self, _be: &Cuda, t: &mut CudaTensor) -> Result<()> {
-        if t.numel() == 0 {
-            return Ok(());
-        }
-        let s = f32_slice(t, "all_reduce_sum")?;
-        self.comm.all_reduce_in_place(s, &ReduceOp::Sum).map_err(|e| anyhow!("ncclAllReduce: {e:?}"))?;
-        Ok(())
+    /// One NCCL group of calls: NCCL launches them together rather than one kernel per tensor.
+    fn all_reduce_sum(&self, _be: &Cuda, ts: &mut [&mut CudaTensor]) -> Result<()> {
+        group_start().map_err(|e| anyhow!("ncclGroupStart: {e:?}"))?;
+        let queued = ts.iter_mut().filter(|t| t.numel() > 0).try_for_each(|t| -> Result<()> {
+            let s = f32_slice(t, "all_reduce_sum")?;
+            self.comm.all_reduce_in_place(s, &ReduceOp::Sum).map_err(|e| anyhow!("ncclAllReduce: {e:?}"))?;
+            Ok(())
+        });
+        // The group is closed even when queueing failed, or NCCL would hold every later call.
+        let ended = group_end().map_err(|e| anyhow!("ncclGroupEnd: {e:?}"));
+        queued.and(ended.map(drop))
     }
 
     /// Two rounds: every worker's length, then the values padded to the longest.

@@ -262,12 +262,10 @@ pub fn ppo_step<B: Backend>(
             let my = part.start * cols..part.end * cols;
             let (d_logprobs, d_vpreds) = (&loss.d_logprobs[my.clone()], &loss.d_vpreds[my]);
             policy.backward(be, &p, &resp, scored, d_logprobs, d_vpreds, opts.loss_scale, &mut grads)?;
-            for t in grads.lora.tensors_mut() {
-                group.all_reduce_sum(be, &mut t.0)?;
-                group.all_reduce_sum(be, &mut t.1)?;
-            }
-            group.all_reduce_sum(be, &mut grads.value_weight)?;
-            group.all_reduce_sum(be, &mut grads.value_bias)?;
+            let PolicyGrads { lora, value_weight, value_bias } = &mut grads;
+            let mut all: Vec<&mut B::Tensor> = lora.tensors_mut().flat_map(|(a, b)| [a, b]).collect();
+            all.extend([value_weight, value_bias]);
+            group.all_reduce_sum(be, &mut all)?;
             let mut sq = 0.0f64;
             for g in grad_tensors(&grads) {
                 sq += be.sum_squares(g)?;

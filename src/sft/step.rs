@@ -138,9 +138,7 @@ pub fn sft_step<B: Backend>(
 ) -> Result<StepReport> {
     let full = matches!(opt.trainables, Trainables::Full { .. });
     let (loss, mut grads) = sft_gradients(be, model, full, batch, total_tokens, h)?;
-    for g in grads.tensors_mut() {
-        group.all_reduce_sum(be, g)?;
-    }
+    group.all_reduce_sum(be, &mut grads.tensors_mut())?;
     let loss = sum_host(group, be, &[loss as f32])?[0] as f64;
     let (grad_norm, skipped) = sft_update(be, model, opt, &mut grads, h)?;
     Ok(StepReport { loss, tokens: total_tokens, grad_norm, skipped })

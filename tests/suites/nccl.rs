@@ -12,8 +12,10 @@ pub fn nccl_group_sums_and_gathers(be: &Cuda) {
     assert_eq!((c.rank(), c.world()), (0, 1));
     let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
     let mut t = be.upload(&values, &[10, 100]).unwrap();
-    c.all_reduce_sum(be, &mut t).unwrap();
+    let mut u = be.upload(&[3.0], &[1]).unwrap();
+    c.all_reduce_sum(be, &mut [&mut t, &mut u]).unwrap();
     assert_eq!(be.download(&t).unwrap(), values, "a group of one sums to its own values");
+    assert_eq!(be.download(&u).unwrap(), vec![3.0]);
     assert_eq!(sum_host(c, be, &[1.5, -2.0]).unwrap(), vec![1.5, -2.0]);
     let seqs = vec![vec![5, 6, 7], vec![], vec![32_000]];
     assert_eq!(gather_tokens(c, be, &seqs).unwrap(), seqs);
