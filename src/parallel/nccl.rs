@@ -139,3 +139,40 @@ impl Collective<Cuda> for Nccl {
         Ok(all.chunks(width).zip(&lengths).map(|(c, &l)| c[..l as usize].to_vec()).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address where nothing listens (a port the system just handed out and took back).
+    fn free_addr() -> String {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    }
+
+    /// The several-machine start, without GPUs: the first machine serves the id, and two others
+    /// that ask before it listens still get every byte of it.
+    #[test]
+    fn the_id_reaches_every_other_machine() {
+        let addr = free_addr();
+        let bytes: Vec<u8> = (0..ID_BYTES).map(|i| (i * 37 % 251) as u8).collect();
+        let id = id_from(&bytes);
+        let fetchers: Vec<_> = (0..2)
+            .map(|_| {
+                let addr = addr.clone();
+                std::thread::spawn(move || fetch_id(&addr, Duration::from_secs(20)))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        serve_id(&addr, &id, 2).unwrap();
+        for f in fetchers {
+            assert_eq!(id_bytes(&f.join().unwrap().unwrap()), bytes);
+        }
+    }
+
+    #[test]
+    fn a_first_machine_that_never_answers_is_named() {
+        let addr = free_addr();
+        let e = fetch_id(&addr, Duration::from_millis(400)).unwrap_err();
+        assert!(format!("{e:#}").contains(&addr) && format!("{e:#}").contains("within"), "{e:#}");
+    }
+}
