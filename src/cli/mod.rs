@@ -76,7 +76,8 @@ pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
 /// Data-parallel workers, for `detox train`, `detox sft` and `detox bench ppo`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Workers {
-    /// GPUs on this machine to train on, one worker each (gradients summed through NCCL).
+    /// GPUs on this machine to train on, one worker each, gradients summed through NCCL: the first N
+    /// visible ones (CUDA_VISIBLE_DEVICES chooses).
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
     /// Machines in the run, each starting the same command with its own --node-rank.
