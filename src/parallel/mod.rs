@@ -28,6 +28,14 @@ pub fn shard(n: usize, rank: usize, world: usize) -> Range<usize> {
     n * rank / world..n * (rank + 1) / world
 }
 
+/// The dropout seed of worker `rank`. Dropout masks follow a tensor's element positions, and
+/// workers' shares start at position 0 alike, so one seed would repeat a mask on every worker.
+/// Each draws its own instead, as DDP's ranks do, so runs with dropout agree with one worker in
+/// distribution, not value by value. Rank 0 keeps the seed, so a single worker is unchanged.
+pub fn worker_seed(seed: u64, rank: usize) -> u64 {
+    if rank == 0 { seed } else { crate::backend::rng::mix64(seed ^ crate::backend::rng::mix64(rank as u64)) }
+}
+
 /// Gathers each worker's values and concatenates them in rank order.
 pub fn gather_concat<B: Backend>(c: &dyn Collective<B>, be: &B, local: &[f32]) -> Result<Vec<f32>> {
     Ok(c.all_gather(be, local)?.concat())

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::backend::rng::mix64;
 use crate::backend::{AdamStep, Backend, Shaped};
-use crate::parallel::{Collective, gather_concat, shard};
+use crate::parallel::{Collective, gather_concat, shard, worker_seed};
 use crate::t5::Prompts;
 use crate::t5::model::Fwd;
 use crate::text::pad_batch;
@@ -231,7 +231,8 @@ pub fn ppo_step<B: Backend>(
             let part = shard(mb_rows.len(), group.rank(), group.world());
             let mine = &mb_rows[part.clone()];
             let (p, resp) = upload_rows(be, rollout, mine, cols, c.decoder_start_token_id, c.pad_token_id)?;
-            let f = Fwd::train(mix64(opts.seed ^ mix64((epoch * 1_000_003 + m) as u64 + 1)));
+            let seed = mix64(opts.seed ^ mix64((epoch * 1_000_003 + m) as u64 + 1));
+            let f = Fwd::train(worker_seed(seed, group.rank()));
             let scored = policy.score(be, &p, &resp, f, true)?;
             let (logprobs, vpreds, entropy) = (
                 gather_concat(group, be, &scored.logprobs)?,

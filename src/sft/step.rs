@@ -6,7 +6,7 @@
 use super::data::SftBatch;
 use crate::backend::{AdamStep, Backend, Shaped};
 use crate::checkpoint::Checkpoint;
-use crate::parallel::{Collective, sum_host};
+use crate::parallel::{Collective, sum_host, worker_seed};
 use crate::t5::T5;
 use crate::t5::model::Fwd;
 use crate::t5::params::{FullGrads, read_masters};
@@ -137,7 +137,8 @@ pub fn sft_step<B: Backend>(
     h: &Hyper,
 ) -> Result<StepReport> {
     let full = matches!(opt.trainables, Trainables::Full { .. });
-    let (loss, mut grads) = sft_gradients(be, model, full, batch, total_tokens, h)?;
+    let h_mine = Hyper { dropout_seed: worker_seed(h.dropout_seed, group.rank()), ..*h };
+    let (loss, mut grads) = sft_gradients(be, model, full, batch, total_tokens, &h_mine)?;
     group.all_reduce_sum(be, &mut grads.tensors_mut())?;
     let loss = sum_host(group, be, &[loss as f32])?[0] as f64;
     let (grad_norm, skipped) = sft_update(be, model, opt, &mut grads, h)?;
