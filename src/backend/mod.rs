@@ -193,6 +193,11 @@ pub trait Backend: Sized + Send + Sync {
     /// The most memory the backend has held since the last reset, where it can tell.
     fn peak_memory(&self) -> Option<usize>;
     fn reset_peak_memory(&self);
+    /// Opens (`true`) or closes the range a profiler started with collection off records, such as
+    /// `ncu --profile-from-start off`; nothing where there is no such profiler.
+    fn profiler_range(&self, _open: bool) -> Result<()> {
+        Ok(())
+    }
     /// Fails with a clear message when the device cannot hold `bytes` more for `what`.
     fn reserve(&self, bytes: usize, what: &str) -> Result<()>;
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;

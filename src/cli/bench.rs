@@ -61,11 +61,26 @@ pub struct PpoArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value = "cuda")]
     pub device: Device,
+    /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// The same global batch spread over data-parallel workers, as `detox train` spreads it.
     #[command(flatten)]
     pub workers: super::Workers,
+    /// Open the profiler's range around this phase of the last iteration only, for
+    /// `ncu --profile-from-start off detox bench ppo --profile step …`.
+    #[arg(long, value_enum)]
+    pub profile: Option<Phase>,
+}
+
+/// The phases of a PPO iteration that `--profile` can single out.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Generate,
+    Reward,
+    /// The PPO step: the reference and rollout passes, then the minibatch epochs.
+    Step,
+    Iteration,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -396,8 +411,14 @@ impl ParallelJob for BenchPpo {
         let mut phases: Vec<[f64; 5]> = Vec::new();
         be.reset_peak_memory();
         for it in 0..=a.iters {
+            let profiled = |phase: Phase| it == a.iters && a.profile == Some(phase);
             be.sync()?;
             let t0 = Instant::now();
+            for phase in [Phase::Iteration, Phase::Generate] {
+                if profiled(phase) {
+                    be.profiler_range(true)?;
+                }
+            }
             policy.model.merge_lora(be)?;
             let batch =
                 Prompts::upload(be, &pad_batch(&prompts[mine.clone()], c.pad_token_id), &streams[mine.clone()])?;
@@ -405,6 +426,12 @@ impl ParallelJob for BenchPpo {
             policy.model.unmerge_lora();
             let responses: Vec<Vec<u32>> = gens.into_iter().map(|g| g.tokens).collect();
             let all_responses = gather_tokens(group, be, &responses)?;
+            if profiled(Phase::Generate) {
+                be.profiler_range(false)?;
+            }
+            if profiled(Phase::Reward) {
+                be.profiler_range(true)?;
+            }
             let t1 = Instant::now();
             let scores: Vec<f32> = match &reward {
                 Some((clf, label, tok)) => {
@@ -419,6 +446,12 @@ impl ParallelJob for BenchPpo {
                 }
             };
             let scores = gather_concat(group, be, &scores)?;
+            if profiled(Phase::Reward) {
+                be.profiler_range(false)?;
+            }
+            if profiled(Phase::Step) {
+                be.profiler_range(true)?;
+            }
             be.sync()?;
             let t2 = Instant::now();
             let rollout =
@@ -430,6 +463,9 @@ impl ParallelJob for BenchPpo {
             };
             let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
             let t3 = Instant::now();
+            if profiled(Phase::Step) || profiled(Phase::Iteration) {
+                be.profiler_range(false)?;
+            }
             if it > 0 {
                 phases.push([
                     (t1 - t0).as_secs_f64(),

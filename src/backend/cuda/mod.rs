@@ -284,6 +284,12 @@ impl Backend for Cuda {
         let _ = self.gpu.reset_peak_memory();
     }
 
+    fn profiler_range(&self, open: bool) -> Result<()> {
+        self.gpu.sync()?;
+        let r = if open { cudarc::driver::profiler_start() } else { cudarc::driver::profiler_stop() };
+        r.map_err(|e| anyhow::anyhow!("cuProfiler{}: {e:?}", if open { "Start" } else { "Stop" }))
+    }
+
     fn reserve(&self, bytes: usize, what: &str) -> Result<()> {
         self.gpu.reserve(bytes, what)
     }
