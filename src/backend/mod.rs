@@ -392,8 +392,9 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
     fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
-    /// Σ x², for gradient norms.
-    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
+    /// Σ x² over every element of every tensor of `xs`, for gradient norms: one read-back for all
+    /// of them, so a step's norm waits on the device once, not once per tensor.
+    fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
 
     /// A recorded decoding step (a CUDA graph; nothing on the CPU).
     type Graph;

@@ -267,10 +267,7 @@ pub fn ppo_step<B: Backend>(
             let mut all: Vec<&mut B::Tensor> = lora.tensors_mut().flat_map(|(a, b)| [a, b]).collect();
             all.extend([value_weight, value_bias]);
             group.all_reduce_sum(be, &mut all)?;
-            let mut sq = 0.0f64;
-            for g in grad_tensors(&grads) {
-                sq += be.sum_squares(g)?;
-            }
+            let sq = be.sum_squares(&grad_tensors(&grads))?;
             let unscale = 1.0 / opts.loss_scale as f64;
             let grad_norm = sq.sqrt() * unscale;
             if !grad_norm.is_finite() {

@@ -218,10 +218,7 @@ pub fn sft_update<B: Backend>(
     h: &Hyper,
 ) -> Result<(f64, bool)> {
     let mut gs = grads.tensors_mut();
-    let mut sq = 0.0;
-    for g in gs.iter() {
-        sq += be.sum_squares(g)?;
-    }
+    let sq = be.sum_squares(&gs.iter().map(|g| &**g).collect::<Vec<_>>())?;
     let grad_norm = sq.sqrt() / h.loss_scale as f64;
     if !grad_norm.is_finite() {
         return Ok((grad_norm, true));

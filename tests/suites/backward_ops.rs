@@ -624,15 +624,23 @@ pub fn set_weight_matches_cpu<B: Backend>(be: &B) {
 
 pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
     let mut r = Rand::new(110);
-    for n in [0, 1, 1000, 300_001] {
-        let x = r.vec(n, 3.0);
-        let want = Cpu.sum_squares(&Cpu.upload(&x, &[n]).unwrap()).unwrap();
-        let xg = be.upload(&x, &[n]).unwrap();
-        let xh = half_copy(be, &xg);
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let got = be.sum_squares(xin).unwrap();
+    let sizes = [0, 1, 1000, 300_001];
+    let xs: Vec<Vec<f32>> = sizes.iter().map(|&n| r.vec(n, 3.0)).collect();
+    let on_cpu: Vec<_> = xs.iter().map(|x| Cpu.upload(x, &[x.len()]).unwrap()).collect();
+    let on_be: Vec<_> = xs.iter().map(|x| be.upload(x, &[x.len()]).unwrap()).collect();
+    for (i, n) in sizes.iter().enumerate() {
+        let want = Cpu.sum_squares(&[&on_cpu[i]]).unwrap();
+        assert_eq!(want, xs[i].iter().map(|&v| v as f64 * v as f64).sum::<f64>());
+        let xh = half_copy(be, &on_be[i]);
+        for xin in std::iter::once(&on_be[i]).chain(xh.as_ref()) {
+            let got = be.sum_squares(&[xin]).unwrap();
             // Both sum exact f64 squares; only the order differs.
             assert!((got - want).abs() <= 1e-12 * want, "sum_squares of {n}: {got} vs {want}");
         }
     }
+    // Several tensors at once, empty ones among them: the sum of their sums.
+    let want: f64 = on_cpu.iter().map(|x| Cpu.sum_squares(&[x]).unwrap()).sum();
+    let got = be.sum_squares(&on_be.iter().rev().collect::<Vec<_>>()).unwrap();
+    assert!((got - want).abs() <= 1e-12 * want, "sum_squares of several: {got} vs {want}");
+    assert_eq!(be.sum_squares(&[]).unwrap(), 0.0);
 }

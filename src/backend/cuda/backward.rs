@@ -442,16 +442,26 @@ impl Cuda {
         )
     }
 
-    pub(super) fn sum_squares_impl(&self, x: &CudaTensor) -> Result<f64> {
-        let n = x.numel();
-        let cfg = elementwise(n);
-        let parts = cfg.grid_dim.0 as usize;
-        let partial = self.gpu.alloc::<f64>(parts)?;
-        self.gpu.launch(
-            &format!("sum_squares_{}", Self::suffix(x)),
-            cfg,
-            &[&self.ptr_t(x), &(n as i64), &self.gpu.ptr(&partial)],
-        )?;
+    /// Each tensor's blocks write their partial sums side by side into one buffer, read once.
+    pub(super) fn sum_squares_impl(&self, xs: &[&CudaTensor]) -> Result<f64> {
+        let cfgs: Vec<_> = xs.iter().map(|x| elementwise(x.numel())).collect();
+        let parts: usize = cfgs.iter().map(|c| c.grid_dim.0 as usize).sum();
+        if parts == 0 {
+            return Ok(0.0);
+        }
+        let partial = self.gpu.alloc_zeros::<f64>(parts)?;
+        let mut at = self.gpu.ptr(&partial);
+        for (x, cfg) in xs.iter().zip(cfgs) {
+            let n = x.numel();
+            if n > 0 {
+                self.gpu.launch(
+                    &format!("sum_squares_{}", Self::suffix(x)),
+                    cfg,
+                    &[&self.ptr_t(x), &(n as i64), &at],
+                )?;
+            }
+            at += cfg.grid_dim.0 as u64 * std::mem::size_of::<f64>() as u64;
+        }
         Ok(self.gpu.download(&partial, parts)?.iter().sum())
     }
 }

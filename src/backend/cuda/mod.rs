@@ -889,8 +889,8 @@ impl Backend for Cuda {
         self.set_weight_impl(w, values)
     }
 
-    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64> {
-        self.sum_squares_impl(x)
+    fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64> {
+        self.sum_squares_impl(xs)
     }
 
     type Graph = cudarc::driver::CudaGraph;
