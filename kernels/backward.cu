@@ -12,13 +12,15 @@
 // (seed, stream, flat index), bit for bit (one IEEE multiply by the same f32 scale).
 extern "C" __global__ void dropout_f32(const float* x, float* y, long n, float p, u64 seed, u64 stream) {
     float keep_scale = 1.f / (1.f - p);
-    GRID_STRIDE(i, n) y[i] = dropout_keep(p, seed, stream, (u64)i) ? x[i] * keep_scale : 0.f;
+    u64 key = dropout_key(seed, stream);
+    GRID_STRIDE(i, n) y[i] = dropout_keep(p, key, (u64)i) ? x[i] * keep_scale : 0.f;
 }
 
 // y += dropout(x): a LoRA branch's input gradient passes back through its dropout mask.
 extern "C" __global__ void dropout_add_f32(const float* x, float* y, long n, float p, u64 seed, u64 stream) {
     float keep_scale = 1.f / (1.f - p);
-    GRID_STRIDE(i, n) if (dropout_keep(p, seed, stream, (u64)i)) y[i] += x[i] * keep_scale;
+    u64 key = dropout_key(seed, stream);
+    GRID_STRIDE(i, n) if (dropout_keep(p, key, (u64)i)) y[i] += x[i] * keep_scale;
 }
 
 // ---- element-wise backward forms ----

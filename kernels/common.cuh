@@ -24,8 +24,14 @@ __device__ __forceinline__ float uniform01(u64 seed, u64 stream, u64 counter) {
     return (float)(h >> 40) * (1.0f / 16777216.0f);
 }
 
-__device__ __forceinline__ bool dropout_keep(float p, u64 seed, u64 stream, u64 index) {
-    return uniform01(seed, stream, index) >= p;
+// A dropout mask's key, drawn once per thread; each element is then one SplitMix64 step from it.
+__device__ __forceinline__ u64 dropout_key(u64 seed, u64 stream) {
+    return mix64(seed ^ mix64(stream + 0x9e3779b97f4a7c15ULL));
+}
+
+__device__ __forceinline__ bool dropout_keep(float p, u64 key, u64 index) {
+    u64 h = mix64(key + index * 0x9e3779b97f4a7c15ULL);
+    return (float)(h >> 40) * (1.0f / 16777216.0f) >= p;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

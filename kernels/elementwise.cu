@@ -112,8 +112,9 @@ extern "C" __global__ void advance(uint32_t* counter, uint32_t n) {
 // flat element index).
 extern "C" __global__ void dropout_f16(const __half* x, __half* y, long n, float p, u64 seed, u64 stream) {
     float keep_scale = 1.f / (1.f - p);
+    u64 key = dropout_key(seed, stream);
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        y[i] = dropout_keep(p, seed, stream, (u64)i) ? __float2half_rn(__half2float(x[i]) * keep_scale) : __float2half_rn(0.f);
+        y[i] = dropout_keep(p, key, (u64)i) ? __float2half_rn(__half2float(x[i]) * keep_scale) : __float2half_rn(0.f);
 }
 
 // y[m, n] = x[m, k] · w[n, k]ᵀ (+ b) for a handful of outputs (the value head), one warp per

@@ -3,7 +3,7 @@
 //! tested against this one.
 
 use super::relpos::relative_bucket;
-use super::rng::{dropout_keep, uniform};
+use super::rng::{dropout_keep, dropout_key, uniform};
 use super::{Activation, AdamStep, AttnSpec, Backend, LoraGrad, LoraRef, Position, Prec, SampleSpec, Shaped};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, bail, ensure};
@@ -154,10 +154,8 @@ pub fn gelu_erf(x: f32) -> f32 {
 /// Applies inverted dropout to a copy of `x` (row-major, `x.len()` elements).
 pub fn apply_dropout(x: &[f32], d: &super::Dropout) -> Vec<f32> {
     let scale = 1.0 / (1.0 - d.p);
-    x.iter()
-        .enumerate()
-        .map(|(i, &v)| if dropout_keep(d.p, d.seed, d.stream, i as u64) { v * scale } else { 0.0 })
-        .collect()
+    let key = dropout_key(d.seed, d.stream);
+    x.iter().enumerate().map(|(i, &v)| if dropout_keep(d.p, key, i as u64) { v * scale } else { 0.0 }).collect()
 }
 
 fn out_shape(x: &[usize], last: usize) -> Vec<usize> {
@@ -966,8 +964,8 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64> {
-        Ok(x.data.iter().map(|&v| (v as f64) * (v as f64)).sum())
+    fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64> {
+        Ok(xs.iter().flat_map(|x| &x.data).map(|&v| (v as f64) * (v as f64)).sum())
     }
 
     type Graph = ();

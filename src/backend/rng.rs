@@ -16,9 +16,17 @@ pub fn uniform(seed: u64, stream: u64, counter: u64) -> f32 {
     (h >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// Whether dropout with probability `p` keeps element `index` of `stream`.
-pub fn dropout_keep(p: f32, seed: u64, stream: u64, index: u64) -> bool {
-    uniform(seed, stream, index) >= p
+/// The key of one dropout mask. Each element's draw is then a single SplitMix64 step from it, a
+/// third of `uniform`'s mixing: dropout kernels draw one number per element of large activations,
+/// and the mixing, not memory, bounded their speed.
+pub fn dropout_key(seed: u64, stream: u64) -> u64 {
+    mix64(seed ^ mix64(stream.wrapping_add(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// Whether dropout with probability `p` keeps element `index` of the mask keyed `key`.
+pub fn dropout_keep(p: f32, key: u64, index: u64) -> bool {
+    let h = mix64(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    (h >> 40) as f32 * (1.0 / 16_777_216.0) >= p
 }
 
 #[cfg(test)]
@@ -48,8 +56,23 @@ mod tests {
 
     #[test]
     fn dropout_keep_rate_matches_p() {
-        let kept = (0..200_000).filter(|&i| dropout_keep(0.05, 11, 5, i)).count();
+        let kept = (0..200_000).filter(|&i| dropout_keep(0.05, dropout_key(11, 5), i)).count();
         let rate = kept as f64 / 200_000.0;
         assert!((rate - 0.95).abs() < 0.003, "keep rate {rate}");
+    }
+
+    /// Masks of neighbouring elements, streams and seeds are unrelated: each pair of them agrees
+    /// as often as independent draws would (p² + (1 − p)² of the time).
+    #[test]
+    fn dropout_masks_are_independent() {
+        let (p, n) = (0.5, 100_000u64);
+        let mask = |seed, stream, shift: u64| -> Vec<bool> {
+            (0..n).map(|i| dropout_keep(p, dropout_key(seed, stream), i + shift)).collect()
+        };
+        let base = mask(3, 7, 0);
+        for other in [mask(3, 7, 1), mask(3, 8, 0), mask(4, 7, 0)] {
+            let agree = base.iter().zip(&other).filter(|(a, b)| a == b).count() as f64 / n as f64;
+            assert!((agree - 0.5).abs() < 0.01, "masks agree on {agree} of elements");
+        }
     }
 }
