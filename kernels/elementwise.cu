@@ -108,13 +108,25 @@ extern "C" __global__ void advance(uint32_t* counter, uint32_t n) {
     if (threadIdx.x == 0 && blockIdx.x == 0) *counter += n;
 }
 
+__device__ __forceinline__ __half dropout_half(__half v, float p, float keep_scale, u64 key, long i) {
+    return dropout_keep(p, key, (u64)i) ? __float2half_rn(__half2float(v) * keep_scale) : __float2half_rn(0.f);
+}
+
 // Inverted dropout of a half tensor with the shared counter RNG (the mask the CPU draws for the same
-// flat element index).
+// flat element index). Eight elements a thread move as one 16-byte access where both tensors are
+// 16-byte aligned: two-byte accesses left the kernel at a third of the memory bandwidth.
 extern "C" __global__ void dropout_f16(const __half* x, __half* y, long n, float p, u64 seed, u64 stream) {
     float keep_scale = 1.f / (1.f - p);
     u64 key = dropout_key(seed, stream);
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        y[i] = dropout_keep(p, key, (u64)i) ? __float2half_rn(__half2float(x[i]) * keep_scale) : __float2half_rn(0.f);
+    long stride = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    long vec = (((uintptr_t)x | (uintptr_t)y) % 16 == 0) ? n / 8 : 0;
+    for (long u = first; u < vec; u += stride) {
+        uint4 raw = reinterpret_cast<const uint4*>(x)[u];
+        __half* h = reinterpret_cast<__half*>(&raw);
+        for (int j = 0; j < 8; ++j) h[j] = dropout_half(h[j], p, keep_scale, key, u * 8 + j);
+        reinterpret_cast<uint4*>(y)[u] = raw;
+    }
+    for (long i = vec * 8 + first; i < n; i += stride) y[i] = dropout_half(x[i], p, keep_scale, key, i);
 }
 
 // y[m, n] = x[m, k] · w[n, k]ᵀ (+ b) for a handful of outputs (the value head), one warp per
