@@ -114,20 +114,49 @@ extern "C" __global__ void column_sum_add_f16(const __half* dy, float* db, long 
 
 // ---- optimiser and norms ----
 
+// One tensor of a multi-tensor Adam update, as src/backend/cuda/backward.rs lays it out: eight
+// 64-bit words. `copy` (or null) receives the updated values in half; `first_block` is the first
+// block of the launch that works on this tensor.
+struct AdamTensor {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    __half* copy;
+    long n;
+    float decay;
+    unsigned pad;
+    long first_block;
+};
+
+#define ADAM_PER_THREAD 4
+
 // torch.optim.Adam's (AdamW's, with `decay` = 1 − lr·weight_decay) element update in the CPU
-// reference's order of operations (`adam_element`: the decay first, torch's lerp for the first moment), each operation rounded on its own (no fused multiply-add), so
-// both backends produce the same bits. The f32 factors are `AdamStep::factors`, derived on the host.
-extern "C" __global__ void adam_f32(float* p, const float* g, float* m, float* v, long n, float w1, float beta2,
-                                    float w2, float neg_step, float bc2_sqrt, float eps, float decay) {
-    GRID_STRIDE(i, n) {
-        float gi = g[i];
-        float pi = __fmul_rn(p[i], decay);
-        float mi = __fadd_rn(m[i], __fmul_rn(w1, __fsub_rn(gi, m[i])));
-        float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(w2, gi), gi));
+// reference's order of operations (`adam_element`: the decay first, torch's lerp for the first
+// moment), each operation rounded on its own (no fused multiply-add), so both backends produce the
+// same bits. The f32 factors are `AdamStep::factors`, derived on the host. Every tensor of a step in
+// one launch: block b works on the last tensor whose first block is at most b.
+extern "C" __global__ void adam_multi(const AdamTensor* ts, int count, float w1, float beta2, float w2,
+                                      float neg_step, float bc2_sqrt, float eps, float grad_scale) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (ts[mid].first_block <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const AdamTensor t = ts[lo];
+    long i = ((long)blockIdx.x - t.first_block) * blockDim.x * ADAM_PER_THREAD + threadIdx.x;
+    for (int k = 0; k < ADAM_PER_THREAD; ++k, i += blockDim.x) {
+        if (i >= t.n) return;
+        float gi = __fmul_rn(t.g[i], grad_scale);
+        float pi = __fmul_rn(t.p[i], t.decay);
+        float mi = __fadd_rn(t.m[i], __fmul_rn(w1, __fsub_rn(gi, t.m[i])));
+        float vi = __fadd_rn(__fmul_rn(t.v[i], beta2), __fmul_rn(__fmul_rn(w2, gi), gi));
         float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+        t.m[i] = mi;
+        t.v[i] = vi;
+        float updated = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+        t.p[i] = updated;
+        if (t.copy) t.copy[i] = __float2half_rn(updated);
     }
 }
 

@@ -3,7 +3,7 @@
 //! (⟨r, f(x + εu)⟩ − ⟨r, f(x − εu)⟩) / 2ε. Adam against the independent `ppo::optim` reference.
 
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
-use detox::backend::{AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias};
+use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias};
 use detox::checkpoint::{DType, HostTensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -211,15 +211,11 @@ fn adam_matches_the_ppo_reference() {
     let mut pr = p0.clone();
     for step in 1..=3 {
         let g = r.vec(n, 1.0);
-        Cpu.adam(
-            &mut p,
-            &t(&g, &[n]),
-            &mut m,
-            &mut v,
-            &AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, weight_decay: 0.0 },
-        )
-        .unwrap();
-        reference.step(&mut pr, &g, &mut state).unwrap();
+        let g = t(&g, &[n]);
+        let slot = AdamSlot { p: &mut p, g: &g, m: &mut m, v: &mut v, weight_decay: 0.0, copy: None };
+        let h = AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, grad_scale: 1.0 };
+        Cpu.adam(&mut [slot], &h).unwrap();
+        reference.step(&mut pr, &g.data, &mut state).unwrap();
     }
     assert_eq!(p.data, pr, "the backend's Adam and the PPO reference agree bit for bit");
 }
@@ -306,8 +302,9 @@ fn attention_bias_gradient_matches_finite_differences() {
 #[test]
 fn adamw_decays_before_the_update() {
     let (mut p, mut m, mut v) = (t(&[1.0, -2.0], &[2]), t(&[0.0, 0.0], &[2]), t(&[0.0, 0.0], &[2]));
-    let h = AdamStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1, weight_decay: 0.5 };
-    Cpu.adam(&mut p, &t(&[0.0, 0.0], &[2]), &mut m, &mut v, &h).unwrap();
+    let h = AdamStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1, grad_scale: 1.0 };
+    let g = t(&[0.0, 0.0], &[2]);
+    Cpu.adam(&mut [AdamSlot { p: &mut p, g: &g, m: &mut m, v: &mut v, weight_decay: 0.5, copy: None }], &h).unwrap();
     // torch.optim.AdamW with a zero gradient: only the decay moves p.
     assert_eq!(p.data, vec![0.95, -1.9]);
 }

@@ -4,7 +4,7 @@
 
 use super::relpos::relative_bucket;
 use super::rng::{dropout_keep, dropout_key, uniform};
-use super::{Activation, AdamStep, AttnSpec, Backend, LoraGrad, LoraRef, Position, Prec, SampleSpec, Shaped};
+use super::{Activation, AdamSlot, AdamStep, AttnSpec, Backend, LoraGrad, LoraRef, Position, Prec, SampleSpec, Shaped};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, bail, ensure};
 use rayon::prelude::*;
@@ -808,18 +808,17 @@ impl Backend for Cpu {
         CpuTensor::new(out, &logits.shape)
     }
 
-    fn adam(
-        &self,
-        p: &mut Self::Tensor,
-        g: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        h: &AdamStep,
-    ) -> Result<()> {
-        ensure!(p.shape == g.shape && m.shape == g.shape && v.shape == g.shape, "adam: shapes do not agree");
-        let f = h.factors();
-        for i in 0..p.data.len() {
-            adam_element(&mut p.data[i], g.data[i], &mut m.data[i], &mut v.data[i], &f);
+    fn adam(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()> {
+        for s in slots.iter_mut() {
+            let (p, g, m, v) = (&mut *s.p, s.g, &mut *s.m, &mut *s.v);
+            ensure!(p.shape == g.shape && m.shape == g.shape && v.shape == g.shape, "adam: shapes do not agree");
+            let f = h.factors(s.weight_decay);
+            for i in 0..p.data.len() {
+                adam_element(&mut p.data[i], g.data[i] * h.grad_scale, &mut m.data[i], &mut v.data[i], &f);
+            }
+            if let Some(c) = s.copy.as_mut() {
+                c.data.copy_from_slice(&p.data);
+            }
         }
         Ok(())
     }

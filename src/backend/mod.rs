@@ -57,7 +57,7 @@ pub struct LoraGrad<'a, B: Backend> {
     pub b: &'a mut B::Tensor,
 }
 
-/// Adam's hyper-parameters for one update (torch.optim.Adam: no weight decay, bias-corrected).
+/// Adam's hyper-parameters for one update (torch.optim.Adam's, bias-corrected).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
     pub lr: f64,
@@ -66,8 +66,21 @@ pub struct AdamStep {
     pub eps: f64,
     /// 1 for the first update.
     pub step: u64,
+    /// Every gradient is multiplied by this first (undoing loss scaling, clipping the norm).
+    pub grad_scale: f32,
+}
+
+/// One tensor of a multi-tensor Adam update: the parameter `p` with gradient `g` and moments `m`,
+/// `v` (all f32, one shape).
+pub struct AdamSlot<'a, B: Backend> {
+    pub p: &'a mut B::Tensor,
+    pub g: &'a B::Tensor,
+    pub m: &'a mut B::Tensor,
+    pub v: &'a mut B::Tensor,
     /// AdamW's decoupled weight decay: `p ← p · (1 − lr · weight_decay)` before the update (0: Adam).
     pub weight_decay: f64,
+    /// `matmul_copy`'s copy of `p`, rewritten with the updated values in the same pass.
+    pub copy: Option<&'a mut B::Tensor>,
 }
 
 /// The f32 constants of one Adam update, derived in f64 as torch derives them.
@@ -88,7 +101,7 @@ pub struct AdamFactors {
 }
 
 impl AdamStep {
-    pub fn factors(&self) -> AdamFactors {
+    pub fn factors(&self, weight_decay: f64) -> AdamFactors {
         let t = self.step as f64;
         AdamFactors {
             w1: (1.0 - self.beta1) as f32,
@@ -97,7 +110,7 @@ impl AdamStep {
             neg_step: (-self.lr / (1.0 - self.beta1.powf(t))) as f32,
             bc2_sqrt: (1.0 - self.beta2.powf(t)).sqrt() as f32,
             eps: self.eps as f32,
-            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            decay: (1.0 - self.lr * weight_decay) as f32,
         }
     }
 }
@@ -354,15 +367,9 @@ pub trait Backend: Sized + Send + Sync {
         tokens: &Self::Ids,
         dlogp: &Self::Tensor,
     ) -> Result<Self::Tensor>;
-    /// One Adam update of `p` with gradient `g` and moments `m`, `v` (all f32, same shape).
-    fn adam(
-        &self,
-        p: &mut Self::Tensor,
-        g: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        h: &AdamStep,
-    ) -> Result<()>;
+    /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
+    /// since one launch per tensor of a few thousand values costs more than the update itself.
+    fn adam(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()>;
     /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
     fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
     /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.

@@ -10,7 +10,7 @@ use super::{
     early_stop, ppo_loss, record_step_stats, response_mask_from_lengths,
 };
 use crate::backend::rng::mix64;
-use crate::backend::{AdamStep, Backend, Shaped};
+use crate::backend::{AdamSlot, AdamStep, Backend, Shaped};
 use crate::parallel::{Collective, gather_concat, shard, worker_seed};
 use crate::t5::Prompts;
 use crate::t5::model::Fwd;
@@ -49,20 +49,27 @@ impl<B: Backend> Optimizer<B> {
         Ok(Self { moments, steps: 0, lr })
     }
 
-    /// One Adam step of every trainable tensor with `grads`, then the adapters' copies refreshed.
-    pub fn step(&mut self, be: &B, policy: &mut Policy<B>, grads: &PolicyGrads<B>) -> Result<()> {
+    /// One Adam step of every trainable tensor with `grads` times `grad_scale`, rewriting the
+    /// adapters' half copies in the same pass.
+    pub fn step(&mut self, be: &B, policy: &mut Policy<B>, grads: &PolicyGrads<B>, grad_scale: f32) -> Result<()> {
         self.steps += 1;
-        let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps, weight_decay: 0.0 };
+        let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps, grad_scale };
         let gs = grad_tensors(grads);
-        let params = trainables(policy);
+        let Policy { model, value_head, .. } = policy;
+        let mut params = model.lora_with_copies();
+        params.extend([(&mut value_head.weight, None), (&mut value_head.bias, None)]);
         ensure!(
             params.len() == gs.len() && gs.len() == self.moments.len(),
             "optimizer state does not match the policy"
         );
-        for ((p, g), (m, v)) in params.into_iter().zip(gs).zip(self.moments.iter_mut()) {
-            be.adam(p, g, m, v, &h)?;
-        }
-        policy.model.refresh_lora(be)
+        let mut slots: Vec<AdamSlot<'_, B>> = params
+            .into_iter()
+            .zip(gs)
+            .zip(self.moments.iter_mut())
+            .map(|(((p, copy), g), (m, v))| AdamSlot { p, g, m, v, weight_decay: 0.0, copy })
+            .collect();
+        be.adam(&mut slots, &h)?;
+        policy.model.lora_updated(be)
     }
 }
 
@@ -178,8 +185,9 @@ fn score_all<B: Backend>(
     Ok((gather_concat(group, be, &lp)?, gather_concat(group, be, &values)?))
 }
 
-/// One PPO step on `rollout`. `on_grads(epoch, minibatch, grads)` sees each minibatch's unscaled
-/// gradients before clipping and the optimiser (tests compare them with PyTorch's).
+/// One PPO step on `rollout`. `on_grads(epoch, minibatch, grads)` sees each minibatch's summed
+/// gradients as the backward left them, times `opts.loss_scale`, before the optimiser unscales and
+/// clips them (tests compare them with PyTorch's).
 ///
 /// Data-parallel workers pass the same whole rollout and their group. Each scores and
 /// backpropagates its share of every minibatch's rows. The losses are computed on the host over
@@ -279,16 +287,8 @@ pub fn ppo_step<B: Backend>(
             {
                 factor *= max / (grad_norm + 1e-6);
             }
-            if factor != 1.0 {
-                for t in grads.lora.tensors_mut() {
-                    be.scale_assign(&mut t.0, factor as f32)?;
-                    be.scale_assign(&mut t.1, factor as f32)?;
-                }
-                be.scale_assign(&mut grads.value_weight, factor as f32)?;
-                be.scale_assign(&mut grads.value_bias, factor as f32)?;
-            }
             on_grads(epoch, m, &grads)?;
-            opt.step(be, policy, &grads)?;
+            opt.step(be, policy, &grads, factor as f32)?;
             let trip = early_stop(cfg, loss.stats.policykl);
             minibatches.push(MinibatchReport {
                 epoch,

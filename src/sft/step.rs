@@ -4,7 +4,7 @@
 //! model's weights refreshed from them). Also the held-out loss.
 
 use super::data::SftBatch;
-use crate::backend::{AdamStep, Backend, Shaped};
+use crate::backend::{AdamSlot, AdamStep, Backend, Shaped};
 use crate::checkpoint::Checkpoint;
 use crate::parallel::{Collective, sum_host, worker_seed};
 use crate::t5::T5;
@@ -217,46 +217,52 @@ pub fn sft_update<B: Backend>(
     grads: &mut SftGrads<B>,
     h: &Hyper,
 ) -> Result<(f64, bool)> {
-    let mut gs = grads.tensors_mut();
-    let sq = be.sum_squares(&gs.iter().map(|g| &**g).collect::<Vec<_>>())?;
+    let gs: Vec<&B::Tensor> = grads.tensors_mut().into_iter().map(|g| &*g).collect();
+    let sq = be.sum_squares(&gs)?;
     let grad_norm = sq.sqrt() / h.loss_scale as f64;
     if !grad_norm.is_finite() {
         return Ok((grad_norm, true));
     }
     let clip = if h.max_grad_norm > 0.0 { (h.max_grad_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
-    let factor = (clip / h.loss_scale as f64) as f32;
-    if factor != 1.0 {
-        for g in gs.iter_mut() {
-            be.scale_assign(g, factor)?;
-        }
-    }
+    let grad_scale = (clip / h.loss_scale as f64) as f32;
 
     opt.steps += 1;
-    let step =
-        |weight_decay| AdamStep { lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, step: opt.steps, weight_decay };
+    let step = AdamStep { lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, step: opt.steps, grad_scale };
     match &mut opt.trainables {
         Trainables::Full { masters, moments, decay } => {
+            ensure!(gs.len() == masters.len() && gs.len() == moments.len(), "optimizer state does not match the model");
+            let mut slots: Vec<AdamSlot<'_, B>> = masters
+                .iter_mut()
+                .zip(gs.iter().copied())
+                .zip(moments.iter_mut())
+                .zip(decay.iter())
+                .map(|(((p, g), (m, v)), &d)| AdamSlot {
+                    p,
+                    g,
+                    m,
+                    v,
+                    weight_decay: if d { h.weight_decay } else { 0.0 },
+                    copy: None,
+                })
+                .collect();
+            be.adam(&mut slots, &step)?;
             let mut params = model.params_mut();
-            ensure!(params.len() == gs.len() && gs.len() == masters.len(), "optimizer state does not match the model");
-            for i in 0..gs.len() {
-                let (m, v) = &mut moments[i];
-                be.adam(&mut masters[i], gs[i], m, v, &step(if decay[i] { h.weight_decay } else { 0.0 }))?;
-                be.set_weight(params[i].weight, &masters[i])?;
+            ensure!(params.len() == masters.len(), "optimizer state does not match the model");
+            for (param, master) in params.iter_mut().zip(masters.iter()) {
+                be.set_weight(param.weight, master)?;
             }
         }
         Trainables::Lora { moments } => {
-            let mut ps = Vec::new();
-            for (_, part) in model.modules_mut() {
-                if let Some(l) = part.lora.as_mut() {
-                    ps.push(&mut l.a);
-                    ps.push(&mut l.b);
-                }
-            }
+            let ps = model.lora_with_copies();
             ensure!(ps.len() == gs.len() && gs.len() == moments.len(), "optimizer state does not match the adapters");
-            for ((p, g), (m, v)) in ps.into_iter().zip(gs).zip(moments.iter_mut()) {
-                be.adam(p, g, m, v, &step(h.weight_decay))?;
-            }
-            model.refresh_lora(be)?;
+            let mut slots: Vec<AdamSlot<'_, B>> = ps
+                .into_iter()
+                .zip(gs.iter().copied())
+                .zip(moments.iter_mut())
+                .map(|(((p, copy), g), (m, v))| AdamSlot { p, g, m, v, weight_decay: h.weight_decay, copy })
+                .collect();
+            be.adam(&mut slots, &step)?;
+            model.lora_updated(be)?;
         }
     }
     Ok((grad_norm, false))

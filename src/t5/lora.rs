@@ -200,6 +200,27 @@ impl<B: Backend> T5<B> {
         self.refresh_lora(be)
     }
 
+    /// Every adapter matrix (A then B, in module order) with its product-precision copy, for an
+    /// update that rewrites both at once (`Backend::adam`); `lora_updated` follows it.
+    pub fn lora_with_copies(&mut self) -> Vec<(&mut B::Tensor, Option<&mut B::Tensor>)> {
+        let mut out = Vec::new();
+        for (_, part) in self.modules_mut() {
+            if let Some(LoraPair { a, b, shadow }) = part.lora.as_mut() {
+                let (ca, cb) = match shadow.as_mut() {
+                    Some((ca, cb)) => (Some(ca), Some(cb)),
+                    None => (None, None),
+                };
+                out.extend([(a, ca), (b, cb)]);
+            }
+        }
+        out
+    }
+
+    /// After an update through `lora_with_copies`: the merged weights follow the new adapters.
+    pub fn lora_updated(&mut self, be: &B) -> Result<()> {
+        if self.lora_merged { self.merge_lora(be) } else { Ok(()) }
+    }
+
     /// Remakes the adapters' product-precision copies, and their merged weights if merged, after
     /// their f32 masters changed.
     pub fn refresh_lora(&mut self, be: &B) -> Result<()> {

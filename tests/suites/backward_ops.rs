@@ -7,7 +7,7 @@
 
 use crate::common::rel_l2_err;
 use detox::backend::cpu::Cpu;
-use detox::backend::{AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
+use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
 use detox::checkpoint::{DType, HostTensor};
 use half::f16;
 use rand::{RngExt, SeedableRng};
@@ -520,23 +520,50 @@ pub fn token_logprobs_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
+/// Several tensors in one update (sizes below, at and across a block's 1,024 values), each with its
+/// own weight decay and a half copy where the backend keeps one, gradients scaled first.
 pub fn adam_matches_cpu<B: Backend>(be: &B) {
     let mut r = Rand::new(109);
-    for (shape, lr) in [(vec![1003], 1e-3), (vec![7, 13], 3e-2)] {
-        let n: usize = shape.iter().product();
-        let p0 = r.vec(n, 1.0);
-        let (mut pc, mut pg) = (Cpu.upload(&p0, &shape).unwrap(), be.upload(&p0, &shape).unwrap());
-        let (mut mc, mut mg) = (Cpu.zeros(&shape).unwrap(), be.zeros(&shape).unwrap());
-        let (mut vc, mut vg) = (Cpu.zeros(&shape).unwrap(), be.zeros(&shape).unwrap());
-        for step in 1..=5 {
-            let g = r.vec(n, 0.01 * step as f32);
-            let (gc, gg) = (Cpu.upload(&g, &shape).unwrap(), be.upload(&g, &shape).unwrap());
-            let h = AdamStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, weight_decay: 0.01 };
-            Cpu.adam(&mut pc, &gc, &mut mc, &mut vc, &h).unwrap();
-            be.adam(&mut pg, &gg, &mut mg, &mut vg, &h).unwrap();
-            close(&be.download(&pg).unwrap(), &pc.data, F32, &format!("adam step {step}: p"));
-            close(&be.download(&mg).unwrap(), &mc.data, F32, &format!("adam step {step}: m"));
-            close(&be.download(&vg).unwrap(), &vc.data, F32, &format!("adam step {step}: v"));
+    let shapes = [vec![1003], vec![7, 13], vec![1024], vec![3, 1500]];
+    let decays = [0.01, 0.0, 0.1, 0.0];
+    let p0: Vec<Vec<f32>> = shapes.iter().map(|s| r.vec(s.iter().product(), 1.0)).collect();
+    let mut pc: Vec<_> = shapes.iter().zip(&p0).map(|(s, p)| Cpu.upload(p, s).unwrap()).collect();
+    let mut pg: Vec<_> = shapes.iter().zip(&p0).map(|(s, p)| be.upload(p, s).unwrap()).collect();
+    let zeros = |b: &B| -> Vec<B::Tensor> { shapes.iter().map(|s| b.zeros(s).unwrap()).collect() };
+    let (mut mc, mut vc): (Vec<_>, Vec<_>) =
+        shapes.iter().map(|s| (Cpu.zeros(s).unwrap(), Cpu.zeros(s).unwrap())).unzip();
+    let (mut mg, mut vg) = (zeros(be), zeros(be));
+    let mut copies: Vec<Option<B::Tensor>> = pg.iter().map(|p| be.matmul_copy(p).unwrap()).collect();
+    for (step, lr) in (1..=4).zip([1e-3, 3e-2, 1e-2, 5e-3]) {
+        let gs: Vec<Vec<f32>> = shapes.iter().map(|s| r.vec(s.iter().product(), 0.01 * step as f32)).collect();
+        let gc: Vec<_> = shapes.iter().zip(&gs).map(|(s, g)| Cpu.upload(g, s).unwrap()).collect();
+        let gg: Vec<_> = shapes.iter().zip(&gs).map(|(s, g)| be.upload(g, s).unwrap()).collect();
+        let h = AdamStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, grad_scale: 0.37 };
+        let mut slots: Vec<AdamSlot<'_, Cpu>> = pc
+            .iter_mut()
+            .zip(&gc)
+            .zip(mc.iter_mut().zip(vc.iter_mut()))
+            .zip(decays)
+            .map(|(((p, g), (m, v)), weight_decay)| AdamSlot { p, g, m, v, weight_decay, copy: None })
+            .collect();
+        Cpu.adam(&mut slots, &h).unwrap();
+        let mut slots: Vec<AdamSlot<'_, B>> = pg
+            .iter_mut()
+            .zip(&gg)
+            .zip(mg.iter_mut().zip(vg.iter_mut()))
+            .zip(decays.into_iter().zip(copies.iter_mut()))
+            .map(|(((p, g), (m, v)), (weight_decay, copy))| AdamSlot { p, g, m, v, weight_decay, copy: copy.as_mut() })
+            .collect();
+        be.adam(&mut slots, &h).unwrap();
+        for i in 0..shapes.len() {
+            let what = format!("adam step {step}, tensor {i}");
+            close(&be.download(&pg[i]).unwrap(), &pc[i].data, F32, &format!("{what}: p"));
+            close(&be.download(&mg[i]).unwrap(), &mc[i].data, F32, &format!("{what}: m"));
+            close(&be.download(&vg[i]).unwrap(), &vc[i].data, F32, &format!("{what}: v"));
+            if let Some(c) = &copies[i] {
+                let want: Vec<f32> = pc[i].data.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                assert_eq!(be.download(c).unwrap(), want, "{what}: the half copy");
+            }
         }
     }
 }

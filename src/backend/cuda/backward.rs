@@ -6,7 +6,10 @@
 use super::device::elementwise;
 use super::gemm::{Elem, Mat};
 use super::{AttnParams, Buf, Cuda, CudaIds, CudaTensor, CudaWeight};
-use crate::backend::{AdamFactors, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Prec, Shaped};
+use crate::backend::{AdamFactors, AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Prec, Shaped};
+
+/// Values one block of `adam_multi` updates: 256 threads, 4 each (kernels/backward.cu).
+const ADAM_VALUES_PER_BLOCK: u64 = 1024;
 use anyhow::{Result, bail, ensure};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::f16;
@@ -421,24 +424,54 @@ impl Cuda {
         Ok(out)
     }
 
-    pub(super) fn adam_impl(
-        &self,
-        p: &mut CudaTensor,
-        g: &CudaTensor,
-        m: &mut CudaTensor,
-        v: &mut CudaTensor,
-        h: &AdamStep,
-    ) -> Result<()> {
-        ensure!(p.shape == g.shape && m.shape == g.shape && v.shape == g.shape, "adam: shapes do not agree");
-        let (pp, mp, vp) = (self.grad_ptr(p, "adam p")?, self.grad_ptr(m, "adam m")?, self.grad_ptr(v, "adam v")?);
-        let gp = self.grad_ptr(g, "adam g")?;
-        // The f32 factors the CPU reference uses, so both backends round alike.
-        let f: AdamFactors = h.factors();
-        let n = g.numel();
+    /// Every slot in one launch: a table of the tensors (kernels/backward.cu's `AdamTensor`, eight
+    /// 64-bit words each) goes up with the launch, and each block finds its tensor in it.
+    pub(super) fn adam_impl(&self, slots: &mut [AdamSlot<'_, Cuda>], h: &AdamStep) -> Result<()> {
+        let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 8);
+        let mut blocks = 0u64;
+        for (i, s) in slots.iter_mut().enumerate() {
+            let n = s.g.numel();
+            let same = s.p.shape == s.g.shape && s.m.shape == s.g.shape && s.v.shape == s.g.shape;
+            ensure!(same, "adam: the shapes of tensor {i} do not agree");
+            let copy = match s.copy.as_deref() {
+                Some(CudaTensor { buf: Buf::F16(c), .. }) if c.len() >= n => self.gpu.ptr(c),
+                Some(_) => bail!("adam: tensor {i}'s copy is not a half tensor of its size"),
+                None => 0,
+            };
+            // The f32 factors the CPU reference uses, so both backends round alike.
+            let decay: AdamFactors = h.factors(s.weight_decay);
+            table.extend([
+                self.grad_ptr(s.p, "adam p")?,
+                self.grad_ptr(s.g, "adam g")?,
+                self.grad_ptr(s.m, "adam m")?,
+                self.grad_ptr(s.v, "adam v")?,
+                copy,
+                n as u64,
+                decay.decay.to_bits() as u64,
+                blocks,
+            ]);
+            blocks += (n as u64).div_ceil(ADAM_VALUES_PER_BLOCK);
+        }
+        if blocks == 0 {
+            return Ok(());
+        }
+        let f = h.factors(0.0);
+        let table = self.gpu.upload(&table)?;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch(
-            "adam_f32",
-            elementwise(n),
-            &[&pp, &gp, &mp, &vp, &(n as i64), &f.w1, &f.beta2, &f.w2, &f.neg_step, &f.bc2_sqrt, &f.eps, &f.decay],
+            "adam_multi",
+            cfg,
+            &[
+                &self.gpu.ptr(&table),
+                &(slots.len() as i32),
+                &f.w1,
+                &f.beta2,
+                &f.w2,
+                &f.neg_step,
+                &f.bc2_sqrt,
+                &f.eps,
+                &h.grad_scale,
+            ],
         )
     }
 

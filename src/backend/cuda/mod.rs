@@ -840,15 +840,8 @@ impl Backend for Cuda {
         self.token_logprobs_backward_impl(logits, tokens, dlogp)
     }
 
-    fn adam(
-        &self,
-        p: &mut Self::Tensor,
-        g: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        h: &super::AdamStep,
-    ) -> Result<()> {
-        self.adam_impl(p, g, m, v, h)
+    fn adam(&self, slots: &mut [super::AdamSlot<'_, Self>], h: &super::AdamStep) -> Result<()> {
+        self.adam_impl(slots, h)
     }
 
     fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
