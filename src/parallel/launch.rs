@@ -75,6 +75,10 @@ pub fn launch<J: ParallelJob>(device: Device, topo: &Topology, job: &J) -> Resul
         ),
         _ => {}
     }
+    // Checked before any worker joins the group, which would otherwise wait in NCCL's setup for a
+    // worker whose GPU does not exist.
+    let visible = crate::backend::cuda::visible_gpus()?;
+    ensure!(visible >= topo.gpus, "--gpus {} but this machine has {visible} visible GPU(s)", topo.gpus);
     let id = if topo.node_rank == 0 {
         let id = new_id()?;
         if let Some(addr) = topo.rendezvous.clone().filter(|_| topo.nodes > 1) {

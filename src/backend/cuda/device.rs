@@ -43,19 +43,25 @@ fn entries(ptx: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// How many GPUs this process sees, or why it sees none.
+pub fn visible_gpus() -> Result<usize> {
+    // SAFETY: only probes whether the shared library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!(
+            "no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run --device cuda; use --device cpu"
+        );
+    }
+    let count = CudaContext::device_count().map_err(|e| anyhow!("the NVIDIA driver reports an error: {e:?}"))?;
+    if count <= 0 {
+        bail!("no NVIDIA GPU is visible (the driver reports 0 devices); use --device cpu");
+    }
+    Ok(count as usize)
+}
+
 impl Gpu {
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: only probes whether the shared library can be loaded.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!(
-                "no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run --device cuda; use --device cpu"
-            );
-        }
-        let count = CudaContext::device_count().map_err(|e| anyhow!("the NVIDIA driver reports an error: {e:?}"))?;
-        if count <= 0 {
-            bail!("no NVIDIA GPU is visible (the driver reports 0 devices); use --device cpu");
-        }
-        if ordinal >= count as usize {
+        let count = visible_gpus()?;
+        if ordinal >= count {
             bail!("GPU cuda:{ordinal} does not exist: this machine has {count} GPU(s), cuda:0..cuda:{}", count - 1);
         }
         if ptx::MODULES.is_empty() {

@@ -12,8 +12,8 @@ use super::{Activation, AttnSpec, Backend, LoraRef, Position, Prec, SampleSpec, 
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, bail, ensure};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
-pub use device::Gpu;
 use device::elementwise;
+pub use device::{Gpu, visible_gpus};
 use gemm::{Elem, Gemm};
 use half::f16;
 use std::collections::HashMap;
