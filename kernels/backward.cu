@@ -160,14 +160,31 @@ extern "C" __global__ void adam_multi(const AdamTensor* ts, int count, float w1,
     }
 }
 
-// Σx² in f64: each block writes one partial sum, which the host adds in a fixed order (a
-// deterministic result, unlike atomics).
-template <typename T>
-__device__ void sum_squares(const T* x, long n, double* partial) {
+// One tensor of a multi-tensor Σx², as src/backend/cuda/backward.rs lays it out: four 64-bit words.
+struct SumSquaresTensor {
+    const void* x;
+    long n;
+    long first_block;
+    long half;
+};
+
+#define SUM_SQUARES_PER_THREAD 8
+
+// Σx² in f64 over every tensor of a step in one launch: block b takes a chunk of the last tensor
+// whose first block is at most b and writes one partial sum, which the host adds in a fixed order
+// (a deterministic result, unlike atomics).
+extern "C" __global__ void sum_squares_multi(const SumSquaresTensor* ts, int count, double* partial) {
     __shared__ double scratch[32];
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (ts[mid].first_block <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const SumSquaresTensor t = ts[lo];
+    long i = ((long)blockIdx.x - t.first_block) * blockDim.x * SUM_SQUARES_PER_THREAD + threadIdx.x;
     double s = 0.0;
-    GRID_STRIDE(i, n) {
-        double v = to_f(x[i]);
+    for (int k = 0; k < SUM_SQUARES_PER_THREAD && i < t.n; ++k, i += blockDim.x) {
+        double v = t.half ? (double)__half2float(static_cast<const __half*>(t.x)[i]) : (double)static_cast<const float*>(t.x)[i];
         s += v * v;
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -180,8 +197,6 @@ __device__ void sum_squares(const T* x, long n, double* partial) {
         if (lane == 0) partial[blockIdx.x] = s;
     }
 }
-extern "C" __global__ void sum_squares_f32(const float* x, long n, double* partial) { sum_squares(x, n, partial); }
-extern "C" __global__ void sum_squares_f16(const __half* x, long n, double* partial) { sum_squares(x, n, partial); }
 
 // ---- log-probabilities of chosen tokens ----
 

@@ -10,6 +10,8 @@ use crate::backend::{AdamFactors, AdamSlot, AdamStep, AttnSpec, Dropout, LoraGra
 
 /// Values one block of `adam_multi` updates: 256 threads, 4 each (kernels/backward.cu).
 const ADAM_VALUES_PER_BLOCK: u64 = 1024;
+/// Values one block of `sum_squares_multi` reads: 256 threads, 8 each.
+const SUM_SQUARES_VALUES_PER_BLOCK: u64 = 2048;
 use anyhow::{Result, bail, ensure};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::f16;
@@ -475,26 +477,24 @@ impl Cuda {
         )
     }
 
-    /// Each tensor's blocks write their partial sums side by side into one buffer, read once.
+    /// Every tensor in one launch (kernels/backward.cu's `SumSquaresTensor`, four 64-bit words
+    /// each); each block writes one partial sum, and the host adds them once, in order.
     pub(super) fn sum_squares_impl(&self, xs: &[&CudaTensor]) -> Result<f64> {
-        let cfgs: Vec<_> = xs.iter().map(|x| elementwise(x.numel())).collect();
-        let parts: usize = cfgs.iter().map(|c| c.grid_dim.0 as usize).sum();
-        if parts == 0 {
+        let mut table: Vec<u64> = Vec::with_capacity(xs.len() * 4);
+        let mut blocks = 0u64;
+        for x in xs.iter().filter(|x| x.numel() > 0) {
+            let n = x.numel() as u64;
+            table.extend([self.ptr_t(x), n, blocks, matches!(x.buf, Buf::F16(_)) as u64]);
+            blocks += n.div_ceil(SUM_SQUARES_VALUES_PER_BLOCK);
+        }
+        if blocks == 0 {
             return Ok(0.0);
         }
-        let partial = self.gpu.alloc_zeros::<f64>(parts)?;
-        let mut at = self.gpu.ptr(&partial);
-        for (x, cfg) in xs.iter().zip(cfgs) {
-            let n = x.numel();
-            if n > 0 {
-                self.gpu.launch(
-                    &format!("sum_squares_{}", Self::suffix(x)),
-                    cfg,
-                    &[&self.ptr_t(x), &(n as i64), &at],
-                )?;
-            }
-            at += cfg.grid_dim.0 as u64 * std::mem::size_of::<f64>() as u64;
-        }
-        Ok(self.gpu.download(&partial, parts)?.iter().sum())
+        let partial = self.gpu.alloc::<f64>(blocks as usize)?;
+        let table_dev = self.gpu.upload(&table)?;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let count = (table.len() / 4) as i32;
+        self.gpu.launch("sum_squares_multi", cfg, &[&self.gpu.ptr(&table_dev), &count, &self.gpu.ptr(&partial)])?;
+        Ok(self.gpu.download(&partial, blocks as usize)?.iter().sum())
     }
 }
