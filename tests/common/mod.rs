@@ -68,3 +68,44 @@ pub fn cuda(test: &str) -> Option<detox::backend::cuda::Cuda> {
         }
     }
 }
+
+/// Random inputs for comparing a backend with the CPU reference, drawn once and uploaded to both.
+pub struct Rand(rand_chacha::ChaCha8Rng);
+
+impl Rand {
+    pub fn new(seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// Values in (−scale, scale), rounded to fp16 so that a GPU weight or half copy holds them
+    /// exactly.
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        use rand::RngExt;
+        (0..n).map(|_| half::f16::from_f32(self.0.random_range(-scale..scale)).to_f32()).collect()
+    }
+
+    pub fn ids(&mut self, n: usize, below: u32) -> Vec<u32> {
+        use rand::RngExt;
+        (0..n).map(|_| self.0.random_range(0..below)).collect()
+    }
+}
+
+/// `v` as a backend's weight (f32 on the way in; the backend stores it as it stores checkpoints).
+pub fn weight<B: detox::backend::Backend>(be: &B, v: &[f32], shape: &[usize]) -> B::Weight {
+    use detox::checkpoint::{DType, HostTensor};
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    be.upload_weight(&HostTensor { name: "w", dtype: DType::F32, shape, bytes: &bytes }).unwrap()
+}
+
+/// Asserts a relative L2 error of at most `tol`, and finite values.
+pub fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let err = rel_l2_err(got, want);
+    assert!(err <= tol, "{what}: relative L2 error {err} > {tol}");
+}
+
+/// Half-precision outputs and products of half inputs round at 2⁻¹¹; f32 outputs agree to
+/// rounding.
+pub const HALF: f32 = 2e-3;
+pub const F32: f32 = 1e-5;

@@ -5,46 +5,10 @@
 //! Inputs are rounded to fp16 first so that both backends read the same values; errors are
 //! relative L2.
 
-use crate::common::rel_l2_err;
+use crate::common::{F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
-use detox::checkpoint::{DType, HostTensor};
 use half::f16;
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-/// Inputs drawn once and uploaded to both backends.
-struct Rand(ChaCha8Rng);
-
-impl Rand {
-    fn new(seed: u64) -> Self {
-        Self(ChaCha8Rng::seed_from_u64(seed))
-    }
-
-    /// Values in (−scale, scale), rounded to fp16 so a half copy holds them exactly.
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| f16::from_f32(self.0.random_range(-scale..scale)).to_f32()).collect()
-    }
-
-    fn ids(&mut self, n: usize, below: u32) -> Vec<u32> {
-        (0..n).map(|_| self.0.random_range(0..below)).collect()
-    }
-}
-
-fn weight<B: Backend>(be: &B, v: &[f32], shape: &[usize]) -> B::Weight {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    be.upload_weight(&HostTensor { name: "w", dtype: DType::F32, shape, bytes: &bytes }).unwrap()
-}
-
-fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
-    let err = rel_l2_err(got, want);
-    assert!(err <= tol, "{what}: relative L2 error {err} > {tol}");
-}
-
-/// Products read half inputs (gradients rounded on the way in); f32 kernels agree to rounding.
-const HALF: f32 = 2e-3;
-const F32: f32 = 1e-5;
 
 /// `t` as the half activation a GPU forward pass would hand over (the backend's half copy), when
 /// the backend keeps one; the values are the same, since inputs are fp16-exact.

@@ -2,46 +2,9 @@
 //! test-backend-ops, here for the CUDA backend): fresh inputs each check, weights rounded to fp16
 //! first so both backends see the same values, errors as relative L2.
 
-use crate::common::rel_l2_err;
+use crate::common::{F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::{Activation, AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
-use detox::checkpoint::{DType, HostTensor};
-use half::f16;
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-/// Inputs drawn once and uploaded to both backends.
-struct Rand(ChaCha8Rng);
-
-impl Rand {
-    fn new(seed: u64) -> Self {
-        Self(ChaCha8Rng::seed_from_u64(seed))
-    }
-
-    /// Values in (−scale, scale), rounded to fp16 so a GPU weight holds them exactly.
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| f16::from_f32(self.0.random_range(-scale..scale)).to_f32()).collect()
-    }
-
-    fn ids(&mut self, n: usize, below: u32) -> Vec<u32> {
-        (0..n).map(|_| self.0.random_range(0..below)).collect()
-    }
-}
-
-fn weight<B: Backend>(be: &B, v: &[f32], shape: &[usize]) -> B::Weight {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    be.upload_weight(&HostTensor { name: "w", dtype: DType::F32, shape, bytes: &bytes }).unwrap()
-}
-
-fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
-    let err = rel_l2_err(got, want);
-    assert!(err <= tol, "{what}: relative L2 error {err} > {tol}");
-}
-
-/// Half-precision outputs (matrix inputs) round at 2⁻¹¹; f32 outputs should agree to rounding.
-const HALF: f32 = 2e-3;
-const F32: f32 = 1e-5;
 
 pub fn embedding_and_gather<B: Backend>(be: &B) {
     let mut r = Rand::new(1);
