@@ -33,6 +33,12 @@ pub fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// A TOML file parsed into `T`; a parse error names the file and `what` it should have been.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = read_text(path)?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid {what}", path.display()))
+}
+
 /// Copies a file through `write_atomic`, so the copy gets ordinary permissions whatever the
 /// source's (a read-only source must not make the copy impossible to replace later).
 pub fn copy_file(from: &Path, to: &Path) -> Result<()> {

@@ -105,3 +105,18 @@ impl Workers {
         }
     }
 }
+
+/// A flag the first Ctrl-C raises, so the loop can finish its step and `then` (what it does before
+/// exiting, for the message); a second Ctrl-C exits at once.
+pub fn interrupt_flag(then: &'static str) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then {then} (Ctrl-C again to abort)");
+    })?;
+    Ok(stop)
+}

@@ -8,7 +8,7 @@ use crate::sft::trainer::SftTrainer;
 use anyhow::Result;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,15 +37,7 @@ pub fn run(a: Args) -> Result<()> {
         print!("{}", settings.to_toml()?);
         return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    // The first Ctrl-C finishes the step, evaluates and saves; a second one kills.
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the current step, then evaluating and saving (Ctrl-C again to abort)");
-    })?;
+    let stop = super::interrupt_flag("evaluating and saving")?;
     let device = settings.device()?;
     if let Some(dir) = launch(device, &a.workers.topology(), &Sft { settings, stop })? {
         eprintln!("model: {}", dir.display());

@@ -8,7 +8,7 @@ use crate::ppo::trainer::Trainer;
 use anyhow::Result;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -39,15 +39,7 @@ pub fn run(a: Args) -> Result<()> {
         print!("{}", settings.to_toml()?);
         return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    // The first Ctrl-C asks the loop to finish its step and checkpoint; a second one kills.
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to abort)");
-    })?;
+    let stop = super::interrupt_flag("writing a checkpoint")?;
     let device = settings.device()?;
     if let Some(dir) = launch(device, &a.workers.topology(), &Train { settings, resume: a.resume, stop })? {
         eprintln!("checkpoint: {}", dir.display());

@@ -199,9 +199,7 @@ impl Default for RunSettings {
 
 impl TrainSettings {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = crate::fsutil::read_text(path)?;
-        let s: Self =
-            toml::from_str(&text).with_context(|| format!("{} is not a valid detox train config", path.display()))?;
+        let s: Self = crate::fsutil::read_toml(path, "detox train config")?;
         s.validate().with_context(|| format!("in {}", path.display()))?;
         Ok(s)
     }

@@ -216,9 +216,7 @@ impl OptimSettings {
 
 impl SftSettings {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = crate::fsutil::read_text(path)?;
-        let s: Self =
-            toml::from_str(&text).with_context(|| format!("{} is not a valid detox sft config", path.display()))?;
+        let s: Self = crate::fsutil::read_toml(path, "detox sft config")?;
         s.validate().with_context(|| format!("in {}", path.display()))?;
         Ok(s)
     }
