@@ -5,10 +5,9 @@
 use super::KlController;
 use super::policy::Policy;
 use super::settings::TrainSettings;
-use super::step::{Optimizer, trainables};
+use super::step::{Optimizer, trainable_names, trainables};
 use crate::backend::{Backend, Shaped};
 use crate::checkpoint::{Checkpoint, DType, OwnedTensor, write_safetensors};
-use crate::t5::lora::peft_key;
 use crate::t5::{ValueHead, value_head};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
@@ -26,20 +25,6 @@ pub struct TrainerState {
     pub kl: KlController,
     pub optimizer_steps: u64,
     pub settings: TrainSettings,
-}
-
-/// Every trainable tensor's name, in the optimiser's order.
-fn names<B: Backend>(policy: &mut Policy<B>) -> Vec<String> {
-    let mut out = Vec::new();
-    for (_, part) in policy.model.modules_mut() {
-        if part.lora.is_some() {
-            out.push(peft_key(&part.path, "A"));
-            out.push(peft_key(&part.path, "B"));
-        }
-    }
-    out.push("v_head.summary.weight".into());
-    out.push("v_head.summary.bias".into());
-    out
 }
 
 /// Writes `out/checkpoint-{step}` and points `out/latest` at it; returns the directory.
@@ -61,7 +46,7 @@ pub fn save<B: Backend>(
     policy.model.save_adapter(be, &partial, Some(&base))?;
     policy.value_head.save(be, &partial.join(value_head::FILE))?;
     let mut tensors = BTreeMap::new();
-    for (name, (m, v)) in names(policy).into_iter().zip(&opt.moments) {
+    for (name, (m, v)) in trainable_names(policy).into_iter().zip(&opt.moments) {
         tensors.insert(format!("exp_avg.{name}"), OwnedTensor::from_f32(&be.download(m)?, m.shape(), DType::F32));
         tensors.insert(format!("exp_avg_sq.{name}"), OwnedTensor::from_f32(&be.download(v)?, v.shape(), DType::F32));
     }
@@ -103,7 +88,7 @@ pub fn load<B: Backend>(be: &B, dir: &Path, policy: &mut Policy<B>, opt: &mut Op
     policy.model.load_adapter(be, dir)?;
     policy.value_head = ValueHead::load(be, &dir.join(value_head::FILE), policy.model.config.d_model)?;
     let file = Checkpoint::open_file(&dir.join(OPTIMIZER))?;
-    let order = names(policy);
+    let order = trainable_names(policy);
     let shapes: Vec<Vec<usize>> = trainables(policy).iter().map(|t| t.shape().to_vec()).collect();
     ensure!(order.len() == opt.moments.len(), "{}: the optimiser state does not match the adapter", dir.display());
     for ((name, shape), (m, v)) in order.iter().zip(&shapes).zip(opt.moments.iter_mut()) {

@@ -87,6 +87,21 @@ pub fn trainables<B: Backend>(policy: &mut Policy<B>) -> Vec<&mut B::Tensor> {
     out
 }
 
+/// Every trainable tensor's name in the optimiser's order: PEFT's keys for the adapters, TRL's
+/// for the value head.
+pub fn trainable_names<B: Backend>(policy: &mut Policy<B>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, part) in policy.model.modules_mut() {
+        if part.lora.is_some() {
+            out.push(crate::t5::lora::peft_key(&part.path, "A"));
+            out.push(crate::t5::lora::peft_key(&part.path, "B"));
+        }
+    }
+    out.push("v_head.summary.weight".into());
+    out.push("v_head.summary.bias".into());
+    out
+}
+
 /// The gradients in the optimiser's order.
 pub fn grad_tensors<B: Backend>(grads: &PolicyGrads<B>) -> Vec<&B::Tensor> {
     let mut out = Vec::new();

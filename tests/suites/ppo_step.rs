@@ -8,9 +8,8 @@ use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::parallel::Solo;
 use detox::ppo::policy::Policy;
-use detox::ppo::step::{Optimizer, Rollout, StepOptions, grad_tensors, ppo_step, trainables};
+use detox::ppo::step::{Optimizer, Rollout, StepOptions, grad_tensors, ppo_step, trainable_names, trainables};
 use detox::ppo::{FirstToken, KlController, PpoConfig};
-use detox::t5::lora::peft_key;
 use detox::t5::{T5, ValueHead};
 use serde_json::Value;
 
@@ -27,20 +26,6 @@ fn check<B: Backend>(be: &B, got: &[f32], want: &[f32], what: &str) {
 
 fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
     x.iter().zip(mask).map(|(v, m)| if *m > 0.5 { *v } else { 0.0 }).collect()
-}
-
-/// Every trainable tensor's name in the optimiser's order, as the fixture keys them.
-fn names<B: Backend>(policy: &mut Policy<B>) -> Vec<String> {
-    let mut out = Vec::new();
-    for (_, part) in policy.model.modules_mut() {
-        if part.lora.is_some() {
-            out.push(peft_key(&part.path, "A"));
-            out.push(peft_key(&part.path, "B"));
-        }
-    }
-    out.push("v_head.summary.weight".into());
-    out.push("v_head.summary.bias".into());
-    out
 }
 
 pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
@@ -76,7 +61,7 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
     let mut kl = KlController::from_config(&cfg);
     let opts = StepOptions { shuffle: false, seed: 0, loss_scale: 1.0 };
     let grads_file = Checkpoint::open_file(&dir.join("grads/e0m0.safetensors")).unwrap();
-    let order = names(&mut policy);
+    let order = trainable_names(&mut policy);
     let mut compared = 0;
     let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
         if (e, m) == (0, 0) {
@@ -123,7 +108,7 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
         }
     }
     let after = Checkpoint::open_file(&dir.join("params_after.safetensors")).unwrap();
-    let order = names(&mut policy);
+    let order = trainable_names(&mut policy);
     for (name, p) in order.iter().zip(trainables(&mut policy)) {
         check(be, &be.download(p).unwrap(), &after.get(name).unwrap().to_f32(), &format!("{name} after the step"));
     }
