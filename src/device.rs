@@ -58,9 +58,9 @@ pub struct GpuStats {
 }
 
 impl GpuStats {
-    /// For a backend named `cuda:N (…)`.
-    pub fn open(backend: &str) -> Option<Self> {
-        let index = backend.strip_prefix("cuda:")?.split(' ').next()?.parse().ok()?;
+    /// For the GPU of CUDA ordinal `ordinal`, where NVML is there.
+    pub fn open(ordinal: usize) -> Option<Self> {
+        let index = u32::try_from(ordinal).ok()?;
         nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml, index })
     }
 

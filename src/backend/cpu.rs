@@ -182,6 +182,14 @@ impl Backend for Cpu {
         "cpu".into()
     }
 
+    fn ordinal(&self) -> Option<usize> {
+        None
+    }
+
+    fn default_loss_scale(&self) -> f32 {
+        1.0
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
         CpuTensor::new(data.to_vec(), shape)
     }

@@ -200,6 +200,11 @@ pub trait Backend: Sized + Send + Sync {
     type Ids: Shaped + Send + Sync;
 
     fn name(&self) -> String;
+    /// The CUDA device ordinal this backend runs on (None on the CPU): NVML's index for GPU stats.
+    fn ordinal(&self) -> Option<usize>;
+    /// The loss scale a run uses when its settings give none: 1 where products are f32, a power
+    /// of two where they are half and small gradients would underflow.
+    fn default_loss_scale(&self) -> f32;
 
     /// Waits for all queued work (for timing; results are read with download, which waits itself).
     fn sync(&self) -> Result<()>;

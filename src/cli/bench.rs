@@ -456,11 +456,7 @@ impl ParallelJob for BenchPpo {
             let t2 = Instant::now();
             let rollout =
                 Rollout { prompts: prompts.clone(), responses: all_responses, scores, streams: streams.clone() };
-            let opts = StepOptions {
-                shuffle: true,
-                seed: it as u64,
-                loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 },
-            };
+            let opts = StepOptions { shuffle: true, seed: it as u64, loss_scale: be.default_loss_scale() };
             let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
             let t3 = Instant::now();
             if profiled(Phase::Step) || profiled(Phase::Iteration) {

@@ -128,7 +128,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             c.vocab_size,
         )?;
         let data = Dialogues::load(&s.data)?;
-        let gpu = GpuStats::open(&be.name());
+        let gpu = be.ordinal().and_then(GpuStats::open);
         Ok(Self { be, group, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu })
     }
 
@@ -157,8 +157,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let rollout = Rollout { prompts, responses, scores, streams };
         let loss_scale = match s.run.loss_scale {
             x if x > 0.0 => x,
-            _ if be.name() == "cpu" => 1.0,
-            _ => 1024.0,
+            _ => be.default_loss_scale(),
         };
         let opts =
             StepOptions { shuffle: true, seed: mix64(s.run.seed ^ mix64(self.step as u64 + 0x5eed)), loss_scale };

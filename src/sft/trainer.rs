@@ -101,10 +101,9 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         let eval = Pairs::load(&s.data.eval, fields, s.eval.limit, &prompter, s.data.max_target_len)?;
         let loss_scale = match s.optim.loss_scale {
             x if x > 0.0 => x,
-            _ if be.name() == "cpu" => 1.0,
-            _ => 1024.0,
+            _ => be.default_loss_scale(),
         };
-        let gpu = GpuStats::open(&be.name());
+        let gpu = be.ordinal().and_then(GpuStats::open);
         Ok(Self { be, group, settings, model, opt, prompter, train, eval, step: 0, loss_scale, gpu })
     }
 

@@ -103,7 +103,7 @@ fn ppo<B: Backend>(be: &B, group: &dyn Collective<B>) -> PpoOutcome {
 }
 
 pub fn a_ppo_step_is_the_same_on_one_worker_and_on_two<B: Backend>(make: fn() -> B) {
-    let cpu = make().name() == "cpu";
+    let cpu = make().ordinal().is_none();
     let want = ppo(&make(), &Solo);
     assert_eq!(want.losses.len(), 4, "two epochs of two minibatches");
     for got in in_group(2, make, ppo) {
@@ -157,7 +157,7 @@ fn sft<B: Backend>(be: &B, group: &dyn Collective<B>) -> (f64, f64, Vec<Vec<f32>
         weight_decay: 0.01,
         max_grad_norm: 0.5,
         label_smoothing: 0.1,
-        loss_scale: if be.name() == "cpu" { 1.0 } else { 1024.0 },
+        loss_scale: be.default_loss_scale(),
         dropout_seed: 0,
     };
     let r = sft_step(be, &mut model, &mut opt, &batch, total, group, &h).unwrap();
@@ -165,7 +165,7 @@ fn sft<B: Backend>(be: &B, group: &dyn Collective<B>) -> (f64, f64, Vec<Vec<f32>
 }
 
 pub fn an_sft_step_is_the_same_on_one_worker_and_on_two_or_three<B: Backend>(make: fn() -> B) {
-    let cpu = make().name() == "cpu";
+    let cpu = make().ordinal().is_none();
     let (want_loss, want_norm, want_updates) = sft(&make(), &Solo);
     for world in [2, 3] {
         for (loss, norm, updates) in in_group(world, make, sft) {

@@ -272,6 +272,14 @@ impl Backend for Cuda {
         format!("cuda:{} ({})", self.gpu.ordinal, self.gpu.name)
     }
 
+    fn ordinal(&self) -> Option<usize> {
+        Some(self.gpu.ordinal)
+    }
+
+    fn default_loss_scale(&self) -> f32 {
+        1024.0
+    }
+
     fn sync(&self) -> Result<()> {
         self.gpu.sync()
     }
