@@ -3,6 +3,8 @@
 # `carry`): the release `detox` binary, the GPU test binary, and the parts of ../shared the run
 # reads. The GPU machine has no Rust and no network, and ../shared does not travel.
 #   tools/gpu_pack.sh [shared paths…]   e.g. tools/gpu_pack.sh tokenizers/t5 data/samsum/test.jsonl
+# BASELINE=path/to/an/older/detox packs that binary too, as bin/detox-base, for an A/B in one call
+# (tools/gpu_ab.sh).
 # There: tar -xJf .carry/bin.tar.xz -C .carry; DETOX_ROOT=$PWD DETOX_SHARED=$PWD/.carry/shared .carry/bin/gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ bench=$(cargo bench --no-run 2>&1 | sed -n 's/.*Executable benches\/kernels.rs (
 cp target/release/detox .carry/bin/detox
 cp "$gpu_test" .carry/bin/gpu
 cp "$bench" .carry/bin/kernels
+if [ -n "${BASELINE:-}" ]; then cp "$BASELINE" .carry/bin/detox-base; fi
 strip .carry/bin/*
 # Compressed, the binaries leave room under the 64 MiB a run may carry for models and data.
 tar -C .carry -cJf .carry/bin.tar.xz bin && rm -r .carry/bin

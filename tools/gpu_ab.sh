@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On the GPU machine, in one call: every GPU test, then `detox bench ppo` of two binaries in turns
+# (A B A B, so the machine's drift falls on both) beside the PyTorch anchor. The anchor's own time
+# swings by half between calls, so only figures from one call are compared.
+#   Here:  BASELINE=/path/to/old/detox tools/gpu_pack.sh models/minilm-toxicity tokenizers/t5 bench
+#   There: bash tools/gpu_ab.sh             (results and logs under $OUT, or runs/gpu-ab)
+# Environment: BATCH (64), MINI (16), SIZE (base), ROUNDS (2), TESTS (1: run the GPU tests first),
+# ANCHOR (1: run ../shared/bench/torch_baseline.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-ab}
+BATCH=${BATCH:-64}
+MINI=${MINI:-16}
+SIZE=${SIZE:-base}
+ROUNDS=${ROUNDS:-2}
+mkdir -p "$OUT"
+tar -xJf .carry/bin.tar.xz -C .carry
+S=$PWD/.carry/shared
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if [ "${TESTS:-1}" = 1 ]; then
+  DETOX_ROOT=$PWD DETOX_SHARED=$S .carry/bin/gpu 2>&1 | tee "$OUT/gpu-tests.txt" | tail -n 5
+fi
+
+bench() {  # label, binary
+  "$2" bench ppo --size "$SIZE" --batch "$BATCH" --mini "$MINI" --epochs 4 --iters 2 \
+    --classifier "$S/models/minilm-toxicity" --tokenizer "$S/tokenizers/t5/tokenizer.json" \
+    --json "$OUT/bench-$1.json" >"$OUT/bench-$1.log" 2>&1 || { echo "bench $1 failed"; tail "$OUT/bench-$1.log"; }
+  grep -h . "$OUT/bench-$1.log" | tail -n 8
+}
+for r in $(seq "$ROUNDS"); do
+  for side in A B; do
+    bin=.carry/bin/detox
+    [ "$side" = A ] && bin=.carry/bin/detox-base
+    [ -x "$bin" ] || continue
+    echo "== round $r, $side ($bin)"
+    bench "$side$r" "$bin"
+  done
+done
+
+if [ "${ANCHOR:-1}" = 1 ]; then
+  echo "== anchor"
+  PYTHONUNBUFFERED=1 python3 "$S/bench/torch_baseline.py" --model "$SIZE" --batch "$BATCH" --mini "$MINI" --iters 2 \
+    >"$OUT/anchor.log" 2>&1
+  tail -n 12 "$OUT/anchor.log"
+fi
