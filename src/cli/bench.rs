@@ -386,7 +386,7 @@ impl ParallelJob for BenchPpo {
         let mut policy = Policy { model, value_head, value_dropout: 0.1 };
         let cfg =
             PpoConfig { batch_size: a.batch, mini_batch_size: a.mini, ppo_epochs: a.epochs, ..PpoConfig::default() };
-        let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate)?;
+        let mut opt = Optimizer::new(be, &policy, cfg.learning_rate)?;
         let mut kl = KlController::from_config(&cfg);
         let reward = match (&a.classifier, &a.tokenizer) {
             (Some(dir), Some(tok)) => {

@@ -27,6 +27,7 @@ pub mod policy;
 pub mod settings;
 pub mod stats;
 pub mod step;
+pub mod trainables;
 pub mod trainer;
 pub mod trl_core;
 

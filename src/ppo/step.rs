@@ -5,15 +5,17 @@
 //! backward, clipping, Adam), then the statistics and the KL controller's update.
 
 use super::policy::{Policy, PolicyGrads, Responses};
+use super::trainables::{trainable_tensors, trainables};
 use super::{
     Dims, KlController, LossOutput, MinibatchInputs, PpoConfig, StepStats, compute_advantages, compute_rewards,
     early_stop, ppo_loss, record_step_stats, response_mask_from_lengths,
 };
 use crate::backend::rng::mix64;
-use crate::backend::{AdamSlot, AdamStep, Backend, Shaped};
+use crate::backend::{AdamStep, Backend, Shaped};
 use crate::parallel::{Collective, gather_concat, shard, worker_seed};
 use crate::t5::Prompts;
 use crate::t5::model::Fwd;
+use crate::t5::trainable::{adam_slots, zero_moments};
 use crate::text::pad_batch;
 use anyhow::{Result, bail, ensure};
 use rand::SeedableRng;
@@ -32,8 +34,7 @@ pub struct Rollout {
     pub streams: Vec<u32>,
 }
 
-/// Adam over the policy's trainable tensors: every adapter's A and B in module order, then the value
-/// head's weight and bias (torch.optim.Adam's parameter order for TRL's model).
+/// Adam over the policy's trainable tensors (`trainables`' order).
 pub struct Optimizer<B: Backend> {
     pub moments: Vec<(B::Tensor, B::Tensor)>,
     pub steps: u64,
@@ -41,11 +42,8 @@ pub struct Optimizer<B: Backend> {
 }
 
 impl<B: Backend> Optimizer<B> {
-    pub fn new(be: &B, policy: &mut Policy<B>, lr: f64) -> Result<Self> {
-        let mut moments = Vec::new();
-        for t in trainables(policy) {
-            moments.push((be.zeros(t.shape())?, be.zeros(t.shape())?));
-        }
+    pub fn new(be: &B, policy: &Policy<B>, lr: f64) -> Result<Self> {
+        let moments = zero_moments(be, trainable_tensors(policy).into_iter().map(|(_, t)| t.shape()))?;
         Ok(Self { moments, steps: 0, lr })
     }
 
@@ -54,64 +52,10 @@ impl<B: Backend> Optimizer<B> {
     pub fn step(&mut self, be: &B, policy: &mut Policy<B>, grads: &PolicyGrads<B>, grad_scale: f32) -> Result<()> {
         self.steps += 1;
         let h = AdamStep { lr: self.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: self.steps, grad_scale };
-        let gs = grad_tensors(grads);
-        let Policy { model, value_head, .. } = policy;
-        let mut params = model.lora_with_copies();
-        params.extend([(&mut value_head.weight, None), (&mut value_head.bias, None)]);
-        ensure!(
-            params.len() == gs.len() && gs.len() == self.moments.len(),
-            "optimizer state does not match the policy"
-        );
-        let mut slots: Vec<AdamSlot<'_, B>> = params
-            .into_iter()
-            .zip(gs)
-            .zip(self.moments.iter_mut())
-            .map(|(((p, copy), g), (m, v))| AdamSlot { p, g, m, v, weight_decay: 0.0, copy })
-            .collect();
+        let mut slots = adam_slots(trainables(policy), grads.tensors(), &mut self.moments, |_| 0.0)?;
         be.adam(&mut slots, &h)?;
         policy.model.lora_updated(be)
     }
-}
-
-/// The trainable tensors in the optimiser's order.
-pub fn trainables<B: Backend>(policy: &mut Policy<B>) -> Vec<&mut B::Tensor> {
-    let mut out = Vec::new();
-    for (_, part) in policy.model.modules_mut() {
-        if let Some(l) = part.lora.as_mut() {
-            out.push(&mut l.a);
-            out.push(&mut l.b);
-        }
-    }
-    out.push(&mut policy.value_head.weight);
-    out.push(&mut policy.value_head.bias);
-    out
-}
-
-/// Every trainable tensor's name in the optimiser's order: PEFT's keys for the adapters, TRL's
-/// for the value head.
-pub fn trainable_names<B: Backend>(policy: &mut Policy<B>) -> Vec<String> {
-    let mut out = Vec::new();
-    for (_, part) in policy.model.modules_mut() {
-        if part.lora.is_some() {
-            out.push(crate::t5::lora::peft_key(&part.path, "A"));
-            out.push(crate::t5::lora::peft_key(&part.path, "B"));
-        }
-    }
-    out.push("v_head.summary.weight".into());
-    out.push("v_head.summary.bias".into());
-    out
-}
-
-/// The gradients in the optimiser's order.
-pub fn grad_tensors<B: Backend>(grads: &PolicyGrads<B>) -> Vec<&B::Tensor> {
-    let mut out = Vec::new();
-    for (a, b) in grads.lora.tensors() {
-        out.push(a);
-        out.push(b);
-    }
-    out.push(&grads.value_weight);
-    out.push(&grads.value_bias);
-    out
 }
 
 /// How a step draws its randomness and scales its loss.
@@ -286,11 +230,8 @@ pub fn ppo_step<B: Backend>(
             let my = part.start * cols..part.end * cols;
             let (d_logprobs, d_vpreds) = (&loss.d_logprobs[my.clone()], &loss.d_vpreds[my]);
             policy.backward(be, &p, &resp, scored, d_logprobs, d_vpreds, opts.loss_scale, &mut grads)?;
-            let PolicyGrads { lora, value_weight, value_bias } = &mut grads;
-            let mut all: Vec<&mut B::Tensor> = lora.tensors_mut().flat_map(|(a, b)| [a, b]).collect();
-            all.extend([value_weight, value_bias]);
-            group.all_reduce_sum(be, &mut all)?;
-            let sq = be.sum_squares(&grad_tensors(&grads))?;
+            group.all_reduce_sum(be, &mut grads.tensors_mut())?;
+            let sq = be.sum_squares(&grads.tensors())?;
             let unscale = 1.0 / opts.loss_scale as f64;
             let grad_norm = sq.sqrt() * unscale;
             if !grad_norm.is_finite() {

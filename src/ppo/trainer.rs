@@ -97,7 +97,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let value_head = ValueHead::init(be, model.config.d_model, mix64(s.lora.init_seed ^ 0x76))?;
         let c = model.config.clone();
         let mut policy = Policy { model, value_head, value_dropout: s.lora.value_dropout };
-        let mut optimizer = Optimizer::new(be, &mut policy, s.ppo.learning_rate)?;
+        let mut optimizer = Optimizer::new(be, &policy, s.ppo.learning_rate)?;
         let mut kl = KlController::from_config(&s.ppo);
         let mut step = 0;
         if let Some(dir) = resume {
@@ -318,6 +318,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             optimizer_steps: self.optimizer.steps,
             settings: self.settings.clone(),
         };
-        checkpoint::save(self.be, &self.settings.run.out.clone(), &mut self.policy, &self.optimizer, &state)
+        checkpoint::save(self.be, &self.settings.run.out.clone(), &self.policy, &self.optimizer, &state)
     }
 }

@@ -85,7 +85,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
             Method::Full => SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&s.model.path)?)?,
             Method::Lora => {
                 model.attach_lora(be, s.lora_settings(), s.lora.init_seed)?;
-                SftOptimizer::lora(be, &mut model)?
+                SftOptimizer::lora(be, &model)?
             }
         };
         let c = &model.config;

@@ -298,7 +298,23 @@ impl<B: Backend> T5<B> {
         be.linear_add(x, w, &loras, acc)
     }
 
-    /// Every projection, mutable, in checkpoint order.
+    /// Every projection in checkpoint order.
+    pub(crate) fn projections(&self) -> Vec<&Proj<B>> {
+        let mut out = Vec::new();
+        for stack in [&self.encoder, &self.decoder] {
+            for block in &stack.blocks {
+                let sa = &block.self_attention;
+                out.extend([&sa.qkv, &sa.o]);
+                if let Some((ca, _)) = block.cross_attention.as_ref() {
+                    out.extend([&ca.q, &ca.kv, &ca.o]);
+                }
+                out.extend([&block.ff.wi, &block.ff.wo]);
+            }
+        }
+        out
+    }
+
+    /// `projections`, mutable.
     pub(crate) fn projections_mut(&mut self) -> Vec<&mut Proj<B>> {
         let mut out = Vec::new();
         for stack in [&mut self.encoder, &mut self.decoder] {
@@ -518,6 +534,11 @@ impl<B: Backend> T5<B> {
 
     /// Every linear module with its input width, in checkpoint order: the slots LoRA adapters
     /// attach to, load into and save from.
+    pub fn modules(&self) -> Vec<(usize, &Part<B>)> {
+        self.projections().into_iter().flat_map(|p| p.parts.iter().map(move |part| (p.inp, part))).collect()
+    }
+
+    /// `modules`, mutable.
     pub fn modules_mut(&mut self) -> Vec<(usize, &mut Part<B>)> {
         let mut out = Vec::new();
         for p in self.projections_mut() {

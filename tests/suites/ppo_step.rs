@@ -8,7 +8,8 @@ use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::parallel::Solo;
 use detox::ppo::policy::Policy;
-use detox::ppo::step::{Optimizer, Rollout, StepOptions, grad_tensors, ppo_step, trainable_names, trainables};
+use detox::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
+use detox::ppo::trainables::{trainable_names, trainable_tensors};
 use detox::ppo::{FirstToken, KlController, PpoConfig};
 use detox::t5::{T5, ValueHead};
 use serde_json::Value;
@@ -57,15 +58,15 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
         scores: exp.get("scores").0,
         streams: (0..rows as u32).collect(),
     };
-    let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate).unwrap();
+    let mut opt = Optimizer::new(be, &policy, cfg.learning_rate).unwrap();
     let mut kl = KlController::from_config(&cfg);
     let opts = StepOptions { shuffle: false, seed: 0, loss_scale: 1.0 };
     let grads_file = Checkpoint::open_file(&dir.join("grads/e0m0.safetensors")).unwrap();
-    let order = trainable_names(&mut policy);
+    let order = trainable_names(&policy);
     let mut compared = 0;
     let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
         if (e, m) == (0, 0) {
-            for (name, g) in order.iter().zip(grad_tensors(grads)) {
+            for (name, g) in order.iter().zip(grads.tensors()) {
                 let want = grads_file.get(name).unwrap().to_f32();
                 check(be, &be.download(g).unwrap(), &want, &format!("gradient of {name}"));
                 compared += 1;
@@ -108,9 +109,8 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
         }
     }
     let after = Checkpoint::open_file(&dir.join("params_after.safetensors")).unwrap();
-    let order = trainable_names(&mut policy);
-    for (name, p) in order.iter().zip(trainables(&mut policy)) {
-        check(be, &be.download(p).unwrap(), &after.get(name).unwrap().to_f32(), &format!("{name} after the step"));
+    for (name, p) in trainable_tensors(&policy) {
+        check(be, &be.download(p).unwrap(), &after.get(&name).unwrap().to_f32(), &format!("{name} after the step"));
     }
     let want_kl = meta["kl_coef_after"].as_f64().unwrap();
     assert!((kl.value() - want_kl).abs() < 1e-9 * want_kl, "KL coefficient {} vs {want_kl}", kl.value());
