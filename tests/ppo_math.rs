@@ -4,13 +4,16 @@
 //! controllers, Adam and the config.
 
 mod common;
+mod oracles;
 
 use common::{fixture, rel_max_err};
 use detox::ppo::{
-    Adam, AdamState, Dims, FirstToken, KlController, LossOutput, MinibatchInputs, PpoConfig, clip_grad_norm,
-    compute_advantages, compute_rewards, early_stop, entropy_from_logits, logprobs_from_logits,
-    logprobs_from_logits_backward, masked_mean, masked_var, masked_whiten, ppo_loss, record_step_stats, response_mask,
+    Dims, FirstToken, KlController, LossOutput, MinibatchInputs, PpoConfig, compute_advantages, compute_rewards,
+    early_stop, masked_mean, masked_var, masked_whiten, ppo_loss, record_step_stats, response_mask,
     response_mask_from_lengths,
+};
+use oracles::{
+    Adam, AdamState, clip_grad_norm, entropy_from_logits, logprobs_from_logits, logprobs_from_logits_backward,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -4,8 +4,13 @@
 use crate::backend::Backend;
 use crate::checkpoint::DType;
 use crate::device::{Device, Job, run_on};
+use crate::parallel::Collective;
 use crate::parallel::launch::{ParallelJob, launch};
-use crate::parallel::{Collective, gather_concat, gather_tokens, shard};
+use crate::ppo::phases::{RewardModel, reward as ppo_reward, rollout};
+use crate::ppo::policy::Policy;
+use crate::ppo::settings::{RewardKind, RewardSettings, RewardTransform};
+use crate::ppo::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, ppo_step};
+use crate::ppo::{KlController, PpoConfig};
 use crate::t5::config::T5Config;
 use crate::t5::init::random_weights;
 use crate::t5::{Fwd, GenConfig, LoraSettings, Prompts, T5, ValueHead, generate};
@@ -199,14 +204,7 @@ impl Job for BenchGenerate {
         let dir = match &a.model {
             Some(d) => d.clone(),
             None => {
-                tmp = tempfile::tempdir().context("creating a temporary model directory")?;
-                let cfg = T5Config::preset(&a.size)?;
-                crate::checkpoint::write_safetensors(
-                    &tmp.path().join("model.safetensors"),
-                    &random_weights(&cfg, 0, DType::F16),
-                    None,
-                )?;
-                crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;
+                tmp = random_model_dir(&a.size)?;
                 tmp.path().to_path_buf()
             }
         };
@@ -222,13 +220,7 @@ impl Job for BenchGenerate {
         let vh = ValueHead::init(be, c.d_model, 0)?;
         let f = Fwd::eval(a.lora_r > 0);
         let (b, l, g) = (a.batch, a.src, a.gen_tokens);
-        let seqs: Vec<Vec<u32>> = (0..b)
-            .map(|r| {
-                let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
-                s.push(c.eos_token_id);
-                s
-            })
-            .collect();
+        let seqs = random_prompts(b, l, c.eos_token_id);
         let streams: Vec<u32> = (0..b as u32).collect();
         let prompts = Prompts::upload(be, &pad_batch(&seqs, c.pad_token_id), &streams)?;
         let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
@@ -354,6 +346,17 @@ impl Job for BenchScore {
     }
 }
 
+/// `b` prompts of `l` pseudo-random tokens, EOS last.
+fn random_prompts(b: usize, l: usize, eos: u32) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|r| {
+            let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
+            s.push(eos);
+            s
+        })
+        .collect()
+}
+
 /// A random model of `size` written to a temporary directory (kept alive by the returned guard).
 fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir().context("creating a temporary model directory")?;
@@ -374,9 +377,6 @@ impl ParallelJob for BenchPpo {
 
     /// Each worker generates and scores its share of the prompts; the PPO step shards the rest.
     fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<Report> {
-        use crate::ppo::policy::Policy;
-        use crate::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
-        use crate::ppo::{KlController, PpoConfig};
         let a = self.0.clone();
         let tmp = random_model_dir(&a.size)?;
         let mut model = T5::load(be, tmp.path())?;
@@ -397,71 +397,53 @@ impl ParallelJob for BenchPpo {
             }
             _ => None,
         };
+        let reward_settings = RewardSettings {
+            kind: if reward.is_some() { RewardKind::Classifier } else { RewardKind::TokenShare },
+            token_below: 16064,
+            transform: RewardTransform::NegLogit,
+            batch_size: 64,
+            ..RewardSettings::default()
+        };
+        let decode = |r: &[u32]| -> Result<String> {
+            let (_, _, tok) = reward.as_ref().expect("decoding needs the classifier's tokenizer");
+            tok.decode(r, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
+        };
+        let rm = RewardModel {
+            settings: &reward_settings,
+            classifier: reward.as_ref().map(|(clf, label, _)| (clf, *label)),
+            decode: &decode,
+        };
         let (b, l, g) = (a.batch, a.src, a.gen_tokens);
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|r| {
-                let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
-                s.push(c.eos_token_id);
-                s
-            })
-            .collect();
+        let prompts = random_prompts(b, l, c.eos_token_id);
         let streams: Vec<u32> = (0..b as u32).collect();
-        let mine = shard(b, group.rank(), group.world());
         let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
         let mut phases: Vec<[f64; 5]> = Vec::new();
         be.reset_peak_memory();
         for it in 0..=a.iters {
-            let profiled = |phase: Phase| it == a.iters && a.profile == Some(phase);
+            let range = |phase: Phase, on: bool| -> Result<()> {
+                if it == a.iters && a.profile == Some(phase) { be.profiler_range(on) } else { Ok(()) }
+            };
             be.sync()?;
             let t0 = Instant::now();
-            for phase in [Phase::Iteration, Phase::Generate] {
-                if profiled(phase) {
-                    be.profiler_range(true)?;
-                }
-            }
-            policy.model.merge_lora(be)?;
-            let batch =
-                Prompts::upload(be, &pad_batch(&prompts[mine.clone()], c.pad_token_id), &streams[mine.clone()])?;
-            let gens = generate(be, &policy.model, None, &batch, &sampling, Fwd::eval(true))?;
-            policy.model.unmerge_lora();
-            let responses: Vec<Vec<u32>> = gens.into_iter().map(|g| g.tokens).collect();
-            let all_responses = gather_tokens(group, be, &responses)?;
-            if profiled(Phase::Generate) {
-                be.profiler_range(false)?;
-            }
-            if profiled(Phase::Reward) {
-                be.profiler_range(true)?;
-            }
+            range(Phase::Iteration, true)?;
+            range(Phase::Generate, true)?;
+            let responses = rollout(be, group, &mut policy.model, (&prompts, &streams), &sampling)?;
+            range(Phase::Generate, false)?;
+            range(Phase::Reward, true)?;
             let t1 = Instant::now();
-            let scores: Vec<f32> = match &reward {
-                Some((clf, label, tok)) => {
-                    let texts: Vec<String> = responses
-                        .iter()
-                        .map(|r| tok.decode(r, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
-                        .collect::<Result<_>>()?;
-                    clf.logits(be, &texts, 64, |_| {})?.iter().map(|z| -z[*label]).collect()
-                }
-                None => {
-                    responses.iter().map(|r| r.iter().filter(|&&t| t < 16064).count() as f32 / r.len() as f32).collect()
-                }
-            };
-            let scores = gather_concat(group, be, &scores)?;
-            if profiled(Phase::Reward) {
-                be.profiler_range(false)?;
-            }
-            if profiled(Phase::Step) {
-                be.profiler_range(true)?;
-            }
+            let (scores, _) = ppo_reward(be, group, &rm, &responses)?;
+            range(Phase::Reward, false)?;
+            range(Phase::Step, true)?;
             be.sync()?;
             let t2 = Instant::now();
-            let rollout =
-                Rollout { prompts: prompts.clone(), responses: all_responses, scores, streams: streams.clone() };
+            let rollout = Rollout { prompts: prompts.clone(), responses, scores, streams: streams.clone() };
             let opts = StepOptions { shuffle: true, seed: it as u64, loss_scale: be.default_loss_scale() };
-            let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
+            let env = StepEnv { be, group, cfg: &cfg, opts };
+            let learner = Learner { policy: &mut policy, opt: &mut opt, kl: &mut kl };
+            let report = ppo_step(&env, learner, &rollout, &mut |_, _, _| Ok(()))?;
             let t3 = Instant::now();
-            if profiled(Phase::Step) || profiled(Phase::Iteration) {
-                be.profiler_range(false)?;
-            }
+            range(Phase::Step, false)?;
+            range(Phase::Iteration, false)?;
             if it > 0 {
                 phases.push([
                     (t1 - t0).as_secs_f64(),

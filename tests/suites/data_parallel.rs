@@ -10,7 +10,7 @@ use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::parallel::{Collective, Solo, Threads, shard};
 use detox::ppo::policy::Policy;
-use detox::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
+use detox::ppo::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, ppo_step};
 use detox::ppo::trainables::trainable_tensors;
 use detox::ppo::{KlController, PpoConfig};
 use detox::sft::data::{Pair, SftBatch};
@@ -89,7 +89,9 @@ fn ppo<B: Backend>(be: &B, group: &dyn Collective<B>) -> PpoOutcome {
     let mut kl = KlController::from_config(&cfg);
     let opts = StepOptions { shuffle: true, seed: 7, loss_scale: 1.0 };
     let mut first_grads = Vec::new();
-    let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
+    let env = StepEnv { be, group, cfg: &cfg, opts };
+    let learner = Learner { policy: &mut policy, opt: &mut opt, kl: &mut kl };
+    let report = ppo_step(&env, learner, &rollout, &mut |e, m, grads| {
         if (e, m) == (0, 0) {
             first_grads = grads.tensors().into_iter().map(|g| be.download(g).unwrap()).collect();
         }

@@ -8,7 +8,7 @@ use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::parallel::Solo;
 use detox::ppo::policy::Policy;
-use detox::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
+use detox::ppo::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, ppo_step};
 use detox::ppo::trainables::{trainable_names, trainable_tensors};
 use detox::ppo::{FirstToken, KlController, PpoConfig};
 use detox::t5::{T5, ValueHead};
@@ -64,7 +64,9 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
     let grads_file = Checkpoint::open_file(&dir.join("grads/e0m0.safetensors")).unwrap();
     let order = trainable_names(&policy);
     let mut compared = 0;
-    let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
+    let env = StepEnv { be, group: &Solo, cfg: &cfg, opts };
+    let learner = Learner { policy: &mut policy, opt: &mut opt, kl: &mut kl };
+    let report = ppo_step(&env, learner, &rollout, &mut |e, m, grads| {
         if (e, m) == (0, 0) {
             for (name, g) in order.iter().zip(grads.tensors()) {
                 let want = grads_file.get(name).unwrap().to_f32();
