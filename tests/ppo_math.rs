@@ -892,5 +892,6 @@ fn config_defaults_toml_and_validation() {
     assert!(err("max_grad_norm = 0.0").contains("max_grad_norm"));
     assert!(err("early_stopping = true\ntarget_kl = 0.0").contains("target_kl"));
     assert!(err("ppo_epoch = 2").contains("ppo_epoch"), "unknown fields are errors");
+    assert!(err("seed = 0").contains("seed"), "[ppo] seed is gone: [run] seed seeds the run");
     assert!(err("horizon = 0.0").contains("horizon"));
 }

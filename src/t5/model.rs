@@ -151,7 +151,7 @@ fn load_proj<B: Backend>(be: &B, ckpt: &Checkpoint, paths: &[String], out: usize
         let bytes: Vec<u8> = if same {
             parts.iter().flat_map(|t| t.bytes.iter().copied()).collect()
         } else {
-            parts.iter().flat_map(|t| t.to_f32()).flat_map(|v| v.to_le_bytes()).collect()
+            bytemuck::cast_slice(&parts.iter().flat_map(|t| t.to_f32()).collect::<Vec<f32>>()).to_vec()
         };
         let name = paths.join("+");
         let shape = [out * parts.len(), inp];
