@@ -333,24 +333,19 @@ impl<B: Backend> T5<B> {
     /// Merges the adapters into copies of their projections' weights, so that generation runs one
     /// product per projection; `refresh_lora` re-merges after the adapters change.
     pub fn merge_lora(&mut self, be: &B) -> Result<()> {
-        let Some(scale) = self.lora.as_ref().map(LoraSettings::scale) else { return Ok(()) };
-        for p in self.projections_mut() {
-            let loras: Vec<LoraRef<'_, B>> = p
-                .parts
-                .iter()
-                .filter_map(|part| {
-                    part.lora.as_ref().map(|l| LoraRef {
-                        a: &l.a,
-                        b: &l.b,
-                        shadow: l.shadow.as_ref().map(|(a, b)| (a, b)),
-                        scale,
-                        col: part.col,
-                        dropout: None,
-                    })
-                })
-                .collect();
-            let merged = if loras.is_empty() { None } else { Some(be.merge_lora(&p.weight, &loras)?) };
-            p.merged = merged;
+        if self.lora.is_none() {
+            return Ok(());
+        }
+        let merged: Vec<Option<B::Weight>> = self
+            .projections()
+            .into_iter()
+            .map(|p| {
+                let loras = self.loras(p, Fwd::eval(true));
+                if loras.is_empty() { Ok(None) } else { be.merge_lora(&p.weight, &loras).map(Some) }
+            })
+            .collect::<Result<_>>()?;
+        for (p, m) in self.projections_mut().into_iter().zip(merged) {
+            p.merged = m;
         }
         self.lora_merged = true;
         Ok(())
