@@ -116,7 +116,7 @@ struct Experience<'a> {
 /// summed, so every worker applies the update a single worker would.
 pub fn ppo_step<B: Backend>(
     env: &StepEnv<'_, B>,
-    learner: Learner<'_, B>,
+    mut learner: Learner<'_, B>,
     rollout: &Rollout,
     on_grads: &mut OnGrads<'_, B>,
 ) -> Result<StepReport> {
@@ -124,7 +124,6 @@ pub fn ppo_step<B: Backend>(
     let exp = batched_forward_pass(env, learner.policy, rollout, learner.kl.value())?;
     env.be.sync()?;
     let passed = Instant::now();
-    let mut learner = learner;
     let minibatches = run_epochs(env, &mut learner, &exp, on_grads)?;
     env.be.sync()?;
     let optimised = Instant::now();
