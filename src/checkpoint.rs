@@ -9,6 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+// safetensors stores little-endian values; the byte casts (bytemuck) read and write native ones.
+#[cfg(target_endian = "big")]
+compile_error!("detox reads and writes safetensors bytes in native order and needs a little-endian target");
+
 /// The element types the engine reads from a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -68,15 +72,15 @@ impl HostTensor<'_> {
 
     pub fn to_f32(&self) -> Vec<f32> {
         match self.dtype {
-            DType::F32 => self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            DType::F16 => self.bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::BF16 => self.bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F32 => bytemuck::pod_collect_to_vec(self.bytes),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(self.bytes).into_iter().map(f16::to_f32).collect(),
+            DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(self.bytes).into_iter().map(bf16::to_f32).collect(),
         }
     }
 
     pub fn to_f16(&self) -> Vec<f16> {
         match self.dtype {
-            DType::F16 => self.bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect(),
+            DType::F16 => bytemuck::pod_collect_to_vec(self.bytes),
             _ => self.to_f32().into_iter().map(f16::from_f32).collect(),
         }
     }
@@ -221,9 +225,11 @@ pub struct OwnedTensor {
 impl OwnedTensor {
     pub fn from_f32(values: &[f32], shape: &[usize], dtype: DType) -> Self {
         let bytes = match dtype {
-            DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            DType::F32 => bytemuck::cast_slice(values).to_vec(),
+            DType::F16 => bytemuck::cast_slice(&values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()).to_vec(),
+            DType::BF16 => {
+                bytemuck::cast_slice(&values.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).to_vec()
+            }
         };
         Self { dtype, shape: shape.to_vec(), bytes }
     }

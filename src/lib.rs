@@ -10,6 +10,7 @@ pub mod parallel;
 pub mod plot;
 pub mod ppo;
 pub mod rouge;
+pub mod seeds;
 pub mod sft;
 pub mod summaries;
 pub mod t5;

@@ -1,6 +1,8 @@
 //! Every backward operation of the CPU reference against central finite differences of its
 //! forward: for a random direction u and output weights r, ⟨backward(r), u⟩ must equal
-//! (⟨r, f(x + εu)⟩ − ⟨r, f(x − εu)⟩) / 2ε. Adam against the independent `ppo::optim` reference.
+//! (⟨r, f(x + εu)⟩ − ⟨r, f(x − εu)⟩) / 2ε. Adam against the independent reference in tests/oracles.
+
+mod oracles;
 
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias};
@@ -206,8 +208,8 @@ fn adam_matches_the_ppo_reference() {
     let n = 40;
     let p0 = r.vec(n, 1.0);
     let (mut p, mut m, mut v) = (t(&p0, &[n]), t(&vec![0.0; n], &[n]), t(&vec![0.0; n], &[n]));
-    let reference = detox::ppo::Adam::new(1e-2);
-    let mut state = detox::ppo::AdamState::new(n);
+    let reference = oracles::Adam::new(1e-2);
+    let mut state = oracles::AdamState::new(n);
     let mut pr = p0.clone();
     for step in 1..=3 {
         let g = r.vec(n, 1.0);

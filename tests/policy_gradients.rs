@@ -7,6 +7,7 @@ mod common;
 use common::fixture;
 use detox::backend::cpu::Cpu;
 use detox::ppo::policy::{Policy, PolicyGrads, Responses};
+use detox::ppo::trainables::trainables;
 use detox::t5::model::Fwd;
 use detox::t5::{Prompts, T5, ValueHead};
 use detox::text::pad_batch;
@@ -21,18 +22,9 @@ fn policy() -> Policy<Cpu> {
     Policy { model, value_head, value_dropout: 0.1 }
 }
 
-/// Every trainable value, in a fixed order, as mutable slices.
+/// Every trainable value, in the optimiser's order, as mutable slices.
 fn params(p: &mut Policy<Cpu>) -> Vec<&mut Vec<f32>> {
-    let mut out: Vec<&mut Vec<f32>> = Vec::new();
-    for (_, part) in p.model.modules_mut() {
-        if let Some(l) = part.lora.as_mut() {
-            out.push(&mut l.a.data);
-            out.push(&mut l.b.data);
-        }
-    }
-    out.push(&mut p.value_head.weight.data);
-    out.push(&mut p.value_head.bias.data);
-    out
+    trainables(p).into_iter().map(|t| &mut t.param.data).collect()
 }
 
 #[test]
@@ -58,15 +50,12 @@ fn policy_gradients_match_finite_differences() {
     };
 
     let scored = pol.score(&be, &prompts, &responses, f, true).unwrap();
-    let mut grads = PolicyGrads::zeros(&be, &mut pol).unwrap();
+    let mut grads = PolicyGrads::zeros(&be, &pol).unwrap();
     pol.backward(&be, &prompts, &responses, scored, &r, &s, 1.0, &mut grads).unwrap();
     let mut grad_flat: Vec<f32> = Vec::new();
-    for (a, b) in grads.lora.tensors() {
-        grad_flat.extend(&a.data);
-        grad_flat.extend(&b.data);
+    for g in grads.tensors() {
+        grad_flat.extend(&g.data);
     }
-    grad_flat.extend(&grads.value_weight.data);
-    grad_flat.extend(&grads.value_bias.data);
     assert!(grad_flat.iter().any(|g| *g != 0.0));
 
     // Every parameter group alone, then all at once: a wrong gradient in any layer shows up.

@@ -1,11 +1,14 @@
 //! `detox bench`: whole phases timed on random weights of FLAN-T5's shapes, each beside its
 //! roofline floor (FLOPs at the measured bf16 ceiling, bytes at the measured copy bandwidth).
 
+mod ppo;
+
+use ppo::BenchPpo;
+
 use crate::backend::Backend;
 use crate::checkpoint::DType;
 use crate::device::{Device, Job, run_on};
-use crate::parallel::launch::{ParallelJob, launch};
-use crate::parallel::{Collective, gather_concat, gather_tokens, shard};
+use crate::parallel::launch::launch;
 use crate::t5::config::T5Config;
 use crate::t5::init::random_weights;
 use crate::t5::{Fwd, GenConfig, LoraSettings, Prompts, T5, ValueHead, generate};
@@ -199,14 +202,7 @@ impl Job for BenchGenerate {
         let dir = match &a.model {
             Some(d) => d.clone(),
             None => {
-                tmp = tempfile::tempdir().context("creating a temporary model directory")?;
-                let cfg = T5Config::preset(&a.size)?;
-                crate::checkpoint::write_safetensors(
-                    &tmp.path().join("model.safetensors"),
-                    &random_weights(&cfg, 0, DType::F16),
-                    None,
-                )?;
-                crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;
+                tmp = random_model_dir(&a.size)?;
                 tmp.path().to_path_buf()
             }
         };
@@ -222,13 +218,7 @@ impl Job for BenchGenerate {
         let vh = ValueHead::init(be, c.d_model, 0)?;
         let f = Fwd::eval(a.lora_r > 0);
         let (b, l, g) = (a.batch, a.src, a.gen_tokens);
-        let seqs: Vec<Vec<u32>> = (0..b)
-            .map(|r| {
-                let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
-                s.push(c.eos_token_id);
-                s
-            })
-            .collect();
+        let seqs = random_prompts(b, l, c.eos_token_id);
         let streams: Vec<u32> = (0..b as u32).collect();
         let prompts = Prompts::upload(be, &pad_batch(&seqs, c.pad_token_id), &streams)?;
         let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
@@ -253,58 +243,63 @@ impl Job for BenchGenerate {
                 rollout.push((t2 - t1).as_secs_f64());
             }
         }
-        let peak = be.peak_memory();
-        let (t_roll, t_pre) = (median(rollout), median(prefill));
-        let step_ms = (t_roll - t_pre).max(0.0) / g as f64 * 1e3;
-
-        // The floors. Prefill: the encoder's products and attention, and the decoder's cross K/V.
-        let (d, inner, ff, v) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64, c.vocab_size as f64);
-        let (le, ld) = (c.num_layers as f64, c.num_decoder_layers as f64);
-        let tokens = (b * l) as f64;
-        let enc_linear = le * (4.0 * d * inner + 3.0 * d * ff);
-        let prefill_flops = 2.0 * tokens * enc_linear
-            + le * 4.0 * (b as f64) * (l as f64).powi(2) * inner
-            + 2.0 * tokens * ld * 2.0 * d * inner;
-        // A decoding step reads the decoder's weights and the LM head once, both K/V caches, and
-        // writes and reads the logits.
-        let step_weights = 2.0 * (ld * (6.0 * d * inner + 3.0 * d * ff) + v * d);
-        let cross_kv = ld * 2.0 * tokens * inner * 2.0;
-        let self_kv = ld * 2.0 * (b as f64) * (g as f64 / 2.0) * inner * 2.0;
-        let logits = 2.0 * (b as f64) * v * 4.0;
-        let step_bytes = step_weights + cross_kv + self_kv + logits;
-        let step_floor_ms = step_bytes / PEAK_BYTES * 1e3;
-        let tok_s = (b * g) as f64 / t_roll;
-        let name =
-            a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random flan-t5-{}", a.size));
-        let text = format!(
-            "generate: batch {b}, src {l}, gen {g}, {name}, LoRA r {} on q,v, sampling, value head, {}\n\
-             rollout      {:9.2} ms median of {}  →  {:.0} generated tokens/s\n\
-             prefill      {:9.2} ms  {:6.1} TFLOP/s  (floor {:.2} ms at 790 TFLOP/s)\n\
-             decode step  {:9.3} ms  (floor {:.3} ms: {:.0} MB at 4.3 TB/s; {:.1}× the floor)\n\
-             peak memory  {}",
-            a.lora_r,
-            be.name(),
-            t_roll * 1e3,
-            a.iters,
-            tok_s,
-            t_pre * 1e3,
-            prefill_flops / t_pre / 1e12,
-            prefill_flops / PEAK_FLOPS * 1e3,
-            step_ms,
-            step_floor_ms,
-            step_bytes / 1e6,
-            step_ms / step_floor_ms,
-            peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
-        );
-        let json = json!({
-            "phase": "generate", "device": be.name(), "model": name, "batch": b, "src": l, "gen": g, "lora_r": a.lora_r,
-            "iters": a.iters, "rollout_s": t_roll, "prefill_s": t_pre, "decode_step_ms": step_ms,
-            "gen_tokens_per_s": tok_s, "prefill_tflops": prefill_flops / t_pre / 1e12,
-            "prefill_floor_ms": prefill_flops / PEAK_FLOPS * 1e3, "decode_step_floor_ms": step_floor_ms,
-            "peak_bytes": peak,
-        });
-        Ok(Report { text, json })
+        Ok(generate_report(be, &a, &c, (median(rollout), median(prefill))))
     }
+}
+
+/// The generation medians beside their floors, as text and JSON.
+fn generate_report<B: Backend>(be: &B, a: &GenArgs, c: &T5Config, (t_roll, t_pre): (f64, f64)) -> Report {
+    let (b, l, g) = (a.batch, a.src, a.gen_tokens);
+    let peak = be.peak_memory();
+    let step_ms = (t_roll - t_pre).max(0.0) / g as f64 * 1e3;
+
+    // The floors. Prefill: the encoder's products and attention, and the decoder's cross K/V.
+    let (d, inner, ff, v) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64, c.vocab_size as f64);
+    let (le, ld) = (c.num_layers as f64, c.num_decoder_layers as f64);
+    let tokens = (b * l) as f64;
+    let enc_linear = le * (4.0 * d * inner + 3.0 * d * ff);
+    let prefill_flops = 2.0 * tokens * enc_linear
+        + le * 4.0 * (b as f64) * (l as f64).powi(2) * inner
+        + 2.0 * tokens * ld * 2.0 * d * inner;
+    // A decoding step reads the decoder's weights and the LM head once, both K/V caches, and
+    // writes and reads the logits.
+    let step_weights = 2.0 * (ld * (6.0 * d * inner + 3.0 * d * ff) + v * d);
+    let cross_kv = ld * 2.0 * tokens * inner * 2.0;
+    let self_kv = ld * 2.0 * (b as f64) * (g as f64 / 2.0) * inner * 2.0;
+    let logits = 2.0 * (b as f64) * v * 4.0;
+    let step_bytes = step_weights + cross_kv + self_kv + logits;
+    let step_floor_ms = step_bytes / PEAK_BYTES * 1e3;
+    let tok_s = (b * g) as f64 / t_roll;
+    let name =
+        a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random flan-t5-{}", a.size));
+    let text = format!(
+        "generate: batch {b}, src {l}, gen {g}, {name}, LoRA r {} on q,v, sampling, value head, {}\n\
+         rollout      {:9.2} ms median of {}  →  {:.0} generated tokens/s\n\
+         prefill      {:9.2} ms  {:6.1} TFLOP/s  (floor {:.2} ms at 790 TFLOP/s)\n\
+         decode step  {:9.3} ms  (floor {:.3} ms: {:.0} MB at 4.3 TB/s; {:.1}× the floor)\n\
+         peak memory  {}",
+        a.lora_r,
+        be.name(),
+        t_roll * 1e3,
+        a.iters,
+        tok_s,
+        t_pre * 1e3,
+        prefill_flops / t_pre / 1e12,
+        prefill_flops / PEAK_FLOPS * 1e3,
+        step_ms,
+        step_floor_ms,
+        step_bytes / 1e6,
+        step_ms / step_floor_ms,
+        peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+    );
+    let json = json!({
+        "phase": "generate", "device": be.name(), "model": name, "batch": b, "src": l, "gen": g, "lora_r": a.lora_r,
+        "iters": a.iters, "rollout_s": t_roll, "prefill_s": t_pre, "decode_step_ms": step_ms,
+        "gen_tokens_per_s": tok_s, "prefill_tflops": prefill_flops / t_pre / 1e12,
+        "prefill_floor_ms": prefill_flops / PEAK_FLOPS * 1e3, "decode_step_floor_ms": step_floor_ms,
+        "peak_bytes": peak,
+    });
+    Report { text, json }
 }
 
 struct BenchScore {
@@ -354,6 +349,17 @@ impl Job for BenchScore {
     }
 }
 
+/// `b` prompts of `l` pseudo-random tokens, EOS last.
+fn random_prompts(b: usize, l: usize, eos: u32) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|r| {
+            let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
+            s.push(eos);
+            s
+        })
+        .collect()
+}
+
 /// A random model of `size` written to a temporary directory (kept alive by the returned guard).
 fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir().context("creating a temporary model directory")?;
@@ -365,157 +371,4 @@ fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
     )?;
     crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;
     Ok(tmp)
-}
-
-struct BenchPpo(PpoArgs);
-
-impl ParallelJob for BenchPpo {
-    type Output = Report;
-
-    /// Each worker generates and scores its share of the prompts; the PPO step shards the rest.
-    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<Report> {
-        use crate::ppo::policy::Policy;
-        use crate::ppo::step::{Optimizer, Rollout, StepOptions, ppo_step};
-        use crate::ppo::{KlController, PpoConfig};
-        let a = self.0.clone();
-        let tmp = random_model_dir(&a.size)?;
-        let mut model = T5::load(be, tmp.path())?;
-        model.attach_lora(be, LoraSettings::seed_default(), 0)?;
-        let c = model.config.clone();
-        let value_head = ValueHead::init(be, c.d_model, 0)?;
-        let mut policy = Policy { model, value_head, value_dropout: 0.1 };
-        let cfg =
-            PpoConfig { batch_size: a.batch, mini_batch_size: a.mini, ppo_epochs: a.epochs, ..PpoConfig::default() };
-        let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate)?;
-        let mut kl = KlController::from_config(&cfg);
-        let reward = match (&a.classifier, &a.tokenizer) {
-            (Some(dir), Some(tok)) => {
-                let clf = crate::classifier::Classifier::load(be, dir, None)?;
-                let label = clf.label_index("toxicity")?;
-                let decoder = crate::text::load_tokenizer(tok)?;
-                Some((clf, label, decoder))
-            }
-            _ => None,
-        };
-        let (b, l, g) = (a.batch, a.src, a.gen_tokens);
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|r| {
-                let mut s: Vec<u32> = (0..l - 1).map(|i| 3 + ((r * 7919 + i * 104_729) % 31_000) as u32).collect();
-                s.push(c.eos_token_id);
-                s
-            })
-            .collect();
-        let streams: Vec<u32> = (0..b as u32).collect();
-        let mine = shard(b, group.rank(), group.world());
-        let sampling = GenConfig { max_new_tokens: g, min_new_tokens: g, sample: true, ..GenConfig::default() };
-        let mut phases: Vec<[f64; 5]> = Vec::new();
-        be.reset_peak_memory();
-        for it in 0..=a.iters {
-            let profiled = |phase: Phase| it == a.iters && a.profile == Some(phase);
-            be.sync()?;
-            let t0 = Instant::now();
-            for phase in [Phase::Iteration, Phase::Generate] {
-                if profiled(phase) {
-                    be.profiler_range(true)?;
-                }
-            }
-            policy.model.merge_lora(be)?;
-            let batch =
-                Prompts::upload(be, &pad_batch(&prompts[mine.clone()], c.pad_token_id), &streams[mine.clone()])?;
-            let gens = generate(be, &policy.model, None, &batch, &sampling, Fwd::eval(true))?;
-            policy.model.unmerge_lora();
-            let responses: Vec<Vec<u32>> = gens.into_iter().map(|g| g.tokens).collect();
-            let all_responses = gather_tokens(group, be, &responses)?;
-            if profiled(Phase::Generate) {
-                be.profiler_range(false)?;
-            }
-            if profiled(Phase::Reward) {
-                be.profiler_range(true)?;
-            }
-            let t1 = Instant::now();
-            let scores: Vec<f32> = match &reward {
-                Some((clf, label, tok)) => {
-                    let texts: Vec<String> = responses
-                        .iter()
-                        .map(|r| tok.decode(r, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
-                        .collect::<Result<_>>()?;
-                    clf.logits(be, &texts, 64, |_| {})?.iter().map(|z| -z[*label]).collect()
-                }
-                None => {
-                    responses.iter().map(|r| r.iter().filter(|&&t| t < 16064).count() as f32 / r.len() as f32).collect()
-                }
-            };
-            let scores = gather_concat(group, be, &scores)?;
-            if profiled(Phase::Reward) {
-                be.profiler_range(false)?;
-            }
-            if profiled(Phase::Step) {
-                be.profiler_range(true)?;
-            }
-            be.sync()?;
-            let t2 = Instant::now();
-            let rollout =
-                Rollout { prompts: prompts.clone(), responses: all_responses, scores, streams: streams.clone() };
-            let opts = StepOptions { shuffle: true, seed: it as u64, loss_scale: be.default_loss_scale() };
-            let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |_, _, _| Ok(()))?;
-            let t3 = Instant::now();
-            if profiled(Phase::Step) || profiled(Phase::Iteration) {
-                be.profiler_range(false)?;
-            }
-            if it > 0 {
-                phases.push([
-                    (t1 - t0).as_secs_f64(),
-                    (t2 - t1).as_secs_f64(),
-                    report.time_passes_s,
-                    report.time_epochs_s,
-                    (t3 - t0).as_secs_f64(),
-                ]);
-            }
-        }
-        let peak = be.peak_memory();
-        let med = |k: usize| median(phases.iter().map(|p| p[k]).collect());
-        let (gen_s, reward_s, passes_s, epochs_s, total_s) = (med(0), med(1), med(2), med(3), med(4));
-        // The epochs' products: every row runs one forward and one backward per epoch. The weights
-        // are frozen, so the backward's products are the input gradients, as many FLOPs as the
-        // forward's (the adapters' own gradients are thin); attention counted as 4·Lq·Lk·inner.
-        let (d, inner, ff, v) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64, c.vocab_size as f64);
-        let (le, ld) = (c.num_layers as f64, c.num_decoder_layers as f64);
-        let (bf, lf, gf) = (b as f64, l as f64, g as f64);
-        let linear = 2.0
-            * (bf * lf * (le * (4.0 * d * inner + 3.0 * d * ff) + ld * 2.0 * d * inner)
-                + bf * gf * (ld * (6.0 * d * inner + 3.0 * d * ff) + v * d));
-        let attention = 4.0 * bf * inner * (le * lf * lf + ld * (gf * gf + gf * lf));
-        let epochs_flops = 2.0 * (linear + attention) * a.epochs as f64;
-        let text = format!(
-            "ppo iteration: batch {b}, minibatch {}, {} epochs, src {l}, gen {g}, random flan-t5-{}, LoRA r 32 on q,v, {} × {}\n\
-             generate        {:8.3} s\n\
-             reward          {:8.3} s  ({})\n\
-             ref + old       {:8.3} s\n\
-             ppo epochs      {:8.3} s  ({:.1} TFLOP of products ≈ {:.0} TFLOP/s; floor {:.3} s at 790 TFLOP/s)\n\
-             iteration       {:8.3} s  →  {:.1} samples/s\n\
-             peak memory     {} (worker 0)",
-            a.mini,
-            a.epochs,
-            a.size,
-            group.world(),
-            be.name(),
-            gen_s,
-            reward_s,
-            if reward.is_some() { "classifier" } else { "toy reward" },
-            passes_s,
-            epochs_s,
-            epochs_flops / 1e12,
-            epochs_flops / epochs_s / 1e12,
-            epochs_flops / PEAK_FLOPS,
-            total_s,
-            b as f64 / total_s,
-            peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
-        );
-        let json = json!({
-            "phase": "ppo", "device": be.name(), "workers": group.world(), "size": a.size, "batch": b, "mini": a.mini, "epochs": a.epochs, "src": l, "gen": g,
-            "seconds": { "generate": gen_s, "reward": reward_s, "ref_and_old": passes_s, "ppo_epochs": epochs_s, "total": total_s },
-            "samples_per_s": b as f64 / total_s, "epochs_tflop": epochs_flops / 1e12, "peak_bytes": peak,
-        });
-        Ok(Report { text, json })
-    }
 }

@@ -33,7 +33,7 @@ pub fn shard(n: usize, rank: usize, world: usize) -> Range<usize> {
 /// Each draws its own instead, as DDP's ranks do, so runs with dropout agree with one worker in
 /// distribution, not value by value. Rank 0 keeps the seed, so a single worker is unchanged.
 pub fn worker_seed(seed: u64, rank: usize) -> u64 {
-    if rank == 0 { seed } else { crate::backend::rng::mix64(seed ^ crate::backend::rng::mix64(rank as u64)) }
+    crate::seeds::worker(seed, rank)
 }
 
 /// Gathers each worker's values and concatenates them in rank order.

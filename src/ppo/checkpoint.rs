@@ -5,7 +5,8 @@
 use super::KlController;
 use super::policy::Policy;
 use super::settings::TrainSettings;
-use super::step::{Optimizer, trainable_names, trainables};
+use super::step::Optimizer;
+use super::trainables::{trainable_names, trainable_tensors};
 use crate::backend::{Backend, Shaped};
 use crate::checkpoint::{Checkpoint, DType, OwnedTensor, write_safetensors};
 use crate::t5::{ValueHead, value_head};
@@ -31,7 +32,7 @@ pub struct TrainerState {
 pub fn save<B: Backend>(
     be: &B,
     out: &Path,
-    policy: &mut Policy<B>,
+    policy: &Policy<B>,
     opt: &Optimizer<B>,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -88,10 +89,10 @@ pub fn load<B: Backend>(be: &B, dir: &Path, policy: &mut Policy<B>, opt: &mut Op
     policy.model.load_adapter(be, dir)?;
     policy.value_head = ValueHead::load(be, &dir.join(value_head::FILE), policy.model.config.d_model)?;
     let file = Checkpoint::open_file(&dir.join(OPTIMIZER))?;
-    let order = trainable_names(policy);
-    let shapes: Vec<Vec<usize>> = trainables(policy).iter().map(|t| t.shape().to_vec()).collect();
+    let order: Vec<(String, Vec<usize>)> =
+        trainable_tensors(policy).into_iter().map(|(name, t)| (name, t.shape().to_vec())).collect();
     ensure!(order.len() == opt.moments.len(), "{}: the optimiser state does not match the adapter", dir.display());
-    for ((name, shape), (m, v)) in order.iter().zip(&shapes).zip(opt.moments.iter_mut()) {
+    for ((name, shape), (m, v)) in order.iter().zip(opt.moments.iter_mut()) {
         *m = be.upload(&file.get_shaped(&format!("exp_avg.{name}"), shape)?.to_f32(), shape)?;
         *v = be.upload(&file.get_shaped(&format!("exp_avg_sq.{name}"), shape)?.to_f32(), shape)?;
     }

@@ -67,8 +67,6 @@ pub struct PpoConfig {
     pub early_stopping: bool,
     /// See `early_stopping`. TRL 0.1.
     pub target_kl: f64,
-    /// Seeds minibatch shuffling (and, in the trainer, everything else random). TRL 0.
-    pub seed: u64,
     /// Whether the seq2seq response mask covers the first generated token (see `FirstToken`; TRL 0.4.7
     /// drops it). Default `keep`.
     pub first_token: FirstToken,
@@ -94,7 +92,6 @@ impl Default for PpoConfig {
             max_grad_norm: None,
             early_stopping: false,
             target_kl: 0.1,
-            seed: 0,
             first_token: FirstToken::Keep,
         }
     }

@@ -3,7 +3,6 @@
 //! sees exactly the batches the uninterrupted one would have.
 
 use super::settings::DataSettings;
-use crate::backend::rng::mix64;
 use anyhow::{Result, ensure};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -38,7 +37,7 @@ impl Dialogues {
         (step * batch..(step + 1) * batch)
             .map(|p| {
                 let mut order: Vec<usize> = (0..n).collect();
-                order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix64(seed ^ mix64((p / n) as u64))));
+                order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::seeds::ppo_data_pass(seed, p / n)));
                 order[p % n]
             })
             .collect()

@@ -138,6 +138,29 @@ fn min_share(a: f32, b: f32) -> f32 {
 ///
 /// A minibatch with no masked-in token is an error (TRL's means would be NaN).
 pub fn ppo_loss(x: &MinibatchInputs<'_>, dims: Dims, cfg: &PpoConfig) -> Result<LossOutput> {
+    let count = check_inputs(x, dims, cfg)?;
+    let c = Clip::new(cfg);
+    let t = LossTerms::new(x, dims, &c);
+    let mask = x.mask;
+    let mut pg_loss = masked_mean(&t.pg_losses, mask);
+    let mut vf_loss = 0.5 * masked_mean(&t.vf_losses, mask);
+    let mut loss = pg_loss + c.vf_coef * vf_loss;
+    let ratio_mean = masked_mean(&t.ratio, mask);
+    let skipped = ratio_mean as f64 > cfg.ratio_threshold;
+    let (d_logprobs, d_vpreds) = if skipped {
+        pg_loss *= 0.0;
+        vf_loss *= 0.0;
+        loss *= 0.0;
+        (vec![0.0f32; dims.numel()], vec![0.0f32; dims.numel()])
+    } else {
+        t.gradients(x, &c, count)
+    };
+    let stats = t.stats(x, [pg_loss, vf_loss, loss], ratio_mean, skipped);
+    Ok(LossOutput { pg_loss, vf_loss, loss, d_logprobs, d_vpreds, stats })
+}
+
+/// Checks every input's shape and the mask; returns the number of masked-in tokens.
+fn check_inputs(x: &MinibatchInputs<'_>, dims: Dims, cfg: &PpoConfig) -> Result<usize> {
     for (name, t) in [
         ("old_logprobs", x.old_logprobs),
         ("values", x.values),
@@ -151,92 +174,134 @@ pub fn ppo_loss(x: &MinibatchInputs<'_>, dims: Dims, cfg: &PpoConfig) -> Result<
     if let Some(e) = x.entropy {
         dims.check("entropy", e)?;
     }
-    let mask = x.mask;
-    dims.check_mask(mask)?;
-    let count = mask.iter().filter(|&&m| on(m)).count();
+    dims.check_mask(x.mask)?;
+    let count = x.mask.iter().filter(|&&m| on(m)).count();
     ensure!(count > 0, "the minibatch's {} rows have no masked-in token", dims.rows);
     ensure!(cfg.cliprange >= 0.0, "cliprange must not be negative, got {}", cfg.cliprange);
+    Ok(count)
+}
 
-    // Python floats meet f32 tensors as f32 scalars.
-    let (lo, hi) = ((1.0 - cfg.cliprange) as f32, (1.0 + cfg.cliprange) as f32);
-    let cv = cfg.cliprange_value as f32;
-    let vf_coef = cfg.vf_coef as f32;
-    let n = dims.numel();
-    let values: Vec<f32> = (0..n).map(|i| if on(mask[i]) { x.values[i] } else { 0.0 }).collect();
+/// The clipping bands and the value coefficient as f32 (Python floats meet f32 tensors as f32
+/// scalars).
+struct Clip {
+    lo: f32,
+    hi: f32,
+    cv: f32,
+    vf_coef: f32,
+}
 
-    let mut ratio = vec![0.0f32; n];
-    let mut pg_losses = vec![0.0f32; n];
-    let mut pg_clipped = vec![0.0f32; n];
-    let mut vf_losses = vec![0.0f32; n];
-    let mut vf_clipped = vec![0.0f32; n];
-    let mut vpredclipped = vec![0.0f32; n];
-    for i in (0..n).filter(|&i| on(mask[i])) {
-        let neg_a = -x.advantages[i];
-        ratio[i] = (x.logprobs[i] - x.old_logprobs[i]).exp();
-        let pg1 = neg_a * ratio[i];
-        let pg2 = neg_a * ratio[i].clamp(lo, hi);
-        pg_losses[i] = maximum(pg1, pg2);
-        pg_clipped[i] = if pg2 > pg1 { 1.0 } else { 0.0 };
-
-        vpredclipped[i] = maximum(minimum(x.vpreds[i], values[i] + cv), values[i] - cv);
-        let vf1 = (x.vpreds[i] - x.returns[i]) * (x.vpreds[i] - x.returns[i]);
-        let vf2 = (vpredclipped[i] - x.returns[i]) * (vpredclipped[i] - x.returns[i]);
-        vf_losses[i] = maximum(vf1, vf2);
-        vf_clipped[i] = if vf2 > vf1 { 1.0 } else { 0.0 };
+impl Clip {
+    fn new(cfg: &PpoConfig) -> Self {
+        Self {
+            lo: (1.0 - cfg.cliprange) as f32,
+            hi: (1.0 + cfg.cliprange) as f32,
+            cv: cfg.cliprange_value as f32,
+            vf_coef: cfg.vf_coef as f32,
+        }
     }
-    let mut pg_loss = masked_mean(&pg_losses, mask);
-    let mut vf_loss = 0.5 * masked_mean(&vf_losses, mask);
-    let mut loss = pg_loss + vf_coef * vf_loss;
-    let ratio_mean = masked_mean(&ratio, mask);
-    let skipped = ratio_mean as f64 > cfg.ratio_threshold;
+}
 
-    let mut d_logprobs = vec![0.0f32; n];
-    let mut d_vpreds = vec![0.0f32; n];
-    if skipped {
-        pg_loss *= 0.0;
-        vf_loss *= 0.0;
-        loss *= 0.0;
-    } else {
-        let m = count as f32;
-        let g_pg = 1.0 / m;
-        let g_vf = vf_coef * 0.5 / m;
+/// The per-token terms of the two losses (0 outside the mask).
+struct LossTerms {
+    /// The rollout values zeroed outside the mask.
+    values: Vec<f32>,
+    ratio: Vec<f32>,
+    pg_losses: Vec<f32>,
+    pg_clipped: Vec<f32>,
+    vf_losses: Vec<f32>,
+    vf_clipped: Vec<f32>,
+    vpredclipped: Vec<f32>,
+}
+
+impl LossTerms {
+    fn new(x: &MinibatchInputs<'_>, dims: Dims, c: &Clip) -> Self {
+        let (mask, n) = (x.mask, dims.numel());
+        let values: Vec<f32> = (0..n).map(|i| if on(mask[i]) { x.values[i] } else { 0.0 }).collect();
+        let zeros = || vec![0.0f32; n];
+        let mut t = Self {
+            values,
+            ratio: zeros(),
+            pg_losses: zeros(),
+            pg_clipped: zeros(),
+            vf_losses: zeros(),
+            vf_clipped: zeros(),
+            vpredclipped: zeros(),
+        };
         for i in (0..n).filter(|&i| on(mask[i])) {
             let neg_a = -x.advantages[i];
-            let (w1, w2) = max_shares(neg_a * ratio[i], neg_a * ratio[i].clamp(lo, hi));
-            let in_band = if (lo..=hi).contains(&ratio[i]) { 1.0 } else { 0.0 };
+            t.ratio[i] = (x.logprobs[i] - x.old_logprobs[i]).exp();
+            let pg1 = neg_a * t.ratio[i];
+            let pg2 = neg_a * t.ratio[i].clamp(c.lo, c.hi);
+            t.pg_losses[i] = maximum(pg1, pg2);
+            t.pg_clipped[i] = if pg2 > pg1 { 1.0 } else { 0.0 };
+
+            t.vpredclipped[i] = maximum(minimum(x.vpreds[i], t.values[i] + c.cv), t.values[i] - c.cv);
+            let vf1 = (x.vpreds[i] - x.returns[i]) * (x.vpreds[i] - x.returns[i]);
+            let vf2 = (t.vpredclipped[i] - x.returns[i]) * (t.vpredclipped[i] - x.returns[i]);
+            t.vf_losses[i] = maximum(vf1, vf2);
+            t.vf_clipped[i] = if vf2 > vf1 { 1.0 } else { 0.0 };
+        }
+        t
+    }
+
+    /// The loss's gradients with respect to each log-prob and each value prediction, over
+    /// `count` masked-in tokens.
+    fn gradients(&self, x: &MinibatchInputs<'_>, c: &Clip, count: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.ratio.len();
+        let (lo, hi, cv) = (c.lo, c.hi, c.cv);
+        let mut d_logprobs = vec![0.0f32; n];
+        let mut d_vpreds = vec![0.0f32; n];
+        let m = count as f32;
+        let g_pg = 1.0 / m;
+        let g_vf = c.vf_coef * 0.5 / m;
+        for i in (0..n).filter(|&i| on(x.mask[i])) {
+            let (ratio, values) = (self.ratio[i], self.values[i]);
+            let neg_a = -x.advantages[i];
+            let (w1, w2) = max_shares(neg_a * ratio, neg_a * ratio.clamp(lo, hi));
+            let in_band = if (lo..=hi).contains(&ratio) { 1.0 } else { 0.0 };
             let d_ratio = g_pg * w1 * neg_a + g_pg * w2 * neg_a * in_band;
-            d_logprobs[i] = d_ratio * ratio[i];
+            d_logprobs[i] = d_ratio * ratio;
 
             let vp = x.vpreds[i];
             let r = x.returns[i];
-            let vc = vpredclipped[i];
+            let vc = self.vpredclipped[i];
             let (w1, w2) = max_shares((vp - r) * (vp - r), (vc - r) * (vc - r));
-            let through_min = min_share(vp, values[i] + cv);
-            let through_max = max_shares(minimum(vp, values[i] + cv), values[i] - cv).0;
+            let through_min = min_share(vp, values + cv);
+            let through_max = max_shares(minimum(vp, values + cv), values - cv).0;
             d_vpreds[i] = g_vf * w1 * (2.0 * (vp - r)) + g_vf * w2 * (2.0 * (vc - r)) * through_max * through_min;
         }
+        (d_logprobs, d_vpreds)
     }
 
-    let old_minus_new: Vec<f32> = (0..n).map(|i| x.old_logprobs[i] - x.logprobs[i]).collect();
-    let sq = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).collect() };
-    let stats = LossStats {
-        policy_loss: pg_loss,
-        value_loss: vf_loss,
-        total_loss: loss,
-        entropy: x.entropy.map(|e| masked_mean(e, mask)),
-        approxkl: 0.5 * masked_mean(&sq(x.logprobs, x.old_logprobs), mask),
-        policykl: masked_mean(&old_minus_new, mask),
-        clipfrac: masked_mean(&pg_clipped, mask),
-        advantages_mean: masked_mean(x.advantages, mask),
-        ratio_mean,
-        returns_mean: masked_mean(x.returns, mask),
-        returns_var: masked_var(x.returns, mask, true),
-        vpred: masked_mean(x.vpreds, mask),
-        val_error: masked_mean(&sq(x.vpreds, x.returns), mask),
-        val_clipfrac: masked_mean(&vf_clipped, mask),
-        val_mean: masked_mean(&values, mask),
-        val_var: masked_var(&values, mask, true),
-        skipped,
-    };
-    Ok(LossOutput { pg_loss, vf_loss, loss, d_logprobs, d_vpreds, stats })
+    /// The statistics TRL's `loss` returns, with the (possibly zeroed) policy, value and total losses.
+    fn stats(
+        &self,
+        x: &MinibatchInputs<'_>,
+        [pg_loss, vf_loss, loss]: [f32; 3],
+        ratio_mean: f32,
+        skipped: bool,
+    ) -> LossStats {
+        let mask = x.mask;
+        let old_minus_new: Vec<f32> = x.old_logprobs.iter().zip(x.logprobs).map(|(o, l)| o - l).collect();
+        let sq = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).collect() };
+        LossStats {
+            policy_loss: pg_loss,
+            value_loss: vf_loss,
+            total_loss: loss,
+            entropy: x.entropy.map(|e| masked_mean(e, mask)),
+            approxkl: 0.5 * masked_mean(&sq(x.logprobs, x.old_logprobs), mask),
+            policykl: masked_mean(&old_minus_new, mask),
+            clipfrac: masked_mean(&self.pg_clipped, mask),
+            advantages_mean: masked_mean(x.advantages, mask),
+            ratio_mean,
+            returns_mean: masked_mean(x.returns, mask),
+            returns_var: masked_var(x.returns, mask, true),
+            vpred: masked_mean(x.vpreds, mask),
+            val_error: masked_mean(&sq(x.vpreds, x.returns), mask),
+            val_clipfrac: masked_mean(&self.vf_clipped, mask),
+            val_mean: masked_mean(&self.values, mask),
+            val_var: masked_var(&self.values, mask, true),
+            skipped,
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The PPO arithmetic between the model and the optimiser, as TRL 0.4.7's `PPOTrainer` does it for a
 //! seq2seq policy with a value head: response masks, KL-shaped rewards, GAE and advantage whitening,
 //! the clipped policy and value losses with their gradients per token, the statistics TRL logs, the
-//! KL controllers, Adam and gradient clipping. Everything here is a plain f32 CPU reference over
+//! KL controllers. Everything here is a plain f32 CPU reference over
 //! row-major `[rows, cols]` slices (one row per response, one column per generated token) with a
 //! response mask of 1 on real response tokens and 0 elsewhere; it is what the GPU kernels are checked
 //! against.
@@ -11,8 +11,8 @@
 //! 2. For each of `ppo_epochs` passes, for each shuffled minibatch of `mini_batch_size` rows:
 //!    `compute_advantages` on the minibatch's rows (TRL 0.4.7 runs GAE and the whitening inside
 //!    `loss`, so the whitening statistics are the minibatch's), a forward pass giving new log-probs and
-//!    values, `ppo_loss`, backward from its `d_logprobs` / `d_vpreds`, `clip_grad_norm` when
-//!    `max_grad_norm` is set, an `Adam` step; then `early_stop` when `early_stopping` is on.
+//!    values, `ppo_loss`, backward from its `d_logprobs` / `d_vpreds`, clipping when
+//!    `max_grad_norm` is set, an `Optimizer` (Adam) step; then `early_stop` when `early_stopping` is on.
 //! 3. `record_step_stats`, then `KlController::update` with its `kl` and `batch_size`.
 
 pub mod advantages;
@@ -23,10 +23,12 @@ pub mod kl;
 pub mod loss;
 pub mod mask;
 pub mod optim;
+pub mod phases;
 pub mod policy;
 pub mod settings;
 pub mod stats;
 pub mod step;
+pub mod trainables;
 pub mod trainer;
 pub mod trl_core;
 
@@ -35,11 +37,9 @@ pub use config::{FirstToken, PpoConfig};
 pub use kl::{KlController, early_stop};
 pub use loss::{LossOutput, LossStats, MinibatchInputs, ppo_loss};
 pub use mask::{response_mask, response_mask_from_lengths};
-pub use optim::{Adam, AdamState, clip_grad_norm};
+pub use optim::Optimizer;
 pub use stats::{StepStats, record_step_stats};
-pub use trl_core::{
-    entropy_from_logits, logprobs_from_logits, logprobs_from_logits_backward, masked_mean, masked_var, masked_whiten,
-};
+pub use trl_core::{masked_mean, masked_var, masked_whiten};
 
 use anyhow::{Result, ensure};
 

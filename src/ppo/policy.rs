@@ -81,9 +81,9 @@ pub struct PolicyGrads<B: Backend> {
 }
 
 impl<B: Backend> PolicyGrads<B> {
-    pub fn zeros(be: &B, policy: &mut Policy<B>) -> Result<Self> {
+    pub fn zeros(be: &B, policy: &Policy<B>) -> Result<Self> {
         Ok(Self {
-            lora: LoraGrads::zeros(be, &mut policy.model)?,
+            lora: LoraGrads::zeros(be, &policy.model)?,
             value_weight: be.zeros(policy.value_head.weight.shape())?,
             value_bias: be.zeros(policy.value_head.bias.shape())?,
         })

@@ -71,6 +71,21 @@ pub struct GenerationSettings {
     pub top_p: f32,
 }
 
+impl GenerationSettings {
+    /// The rollout's sampling with these settings, drawn from `seed`.
+    pub fn sampling(&self, seed: u64) -> crate::t5::GenConfig {
+        crate::t5::GenConfig {
+            max_new_tokens: self.max_new_tokens,
+            min_new_tokens: self.min_new_tokens,
+            sample: true,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed,
+        }
+    }
+}
+
 /// How the classifier's score becomes the PPO reward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

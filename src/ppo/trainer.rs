@@ -6,18 +6,17 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::data::Dialogues;
+use super::phases::{self, RewardModel};
 use super::policy::Policy;
 use super::settings::{RewardKind, TrainSettings};
-use super::step::{Optimizer, Rollout, StepOptions, ppo_step};
+use super::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, ppo_step};
 use super::{KlController, StepStats};
 use crate::backend::Backend;
-use crate::backend::rng::mix64;
 use crate::classifier::Classifier;
 use crate::device::GpuStats;
-use crate::parallel::{Collective, gather_concat, gather_tokens, shard, sum_host};
-use crate::t5::model::Fwd;
-use crate::t5::{GenConfig, Prompts, T5, ValueHead, generate};
-use crate::text::{Prompter, pad_batch, tokenizer_path};
+use crate::parallel::{Collective, sum_host};
+use crate::t5::{T5, ValueHead};
+use crate::text::{Prompter, tokenizer_path};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use std::io::Write;
@@ -94,10 +93,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 model.attach_lora(be, s.lora_settings(), s.lora.init_seed)?;
             }
         }
-        let value_head = ValueHead::init(be, model.config.d_model, mix64(s.lora.init_seed ^ 0x76))?;
+        let value_head = ValueHead::init(be, model.config.d_model, crate::seeds::value_head_init(s.lora.init_seed))?;
         let c = model.config.clone();
         let mut policy = Policy { model, value_head, value_dropout: s.lora.value_dropout };
-        let mut optimizer = Optimizer::new(be, &mut policy, s.ppo.learning_rate)?;
+        let mut optimizer = Optimizer::new(be, &policy, s.ppo.learning_rate)?;
         let mut kl = KlController::from_config(&s.ppo);
         let mut step = 0;
         if let Some(dir) = resume {
@@ -159,19 +158,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
             x if x > 0.0 => x,
             _ => be.default_loss_scale(),
         };
-        let opts =
-            StepOptions { shuffle: true, seed: mix64(s.run.seed ^ mix64(self.step as u64 + 0x5eed)), loss_scale };
-        let report = ppo_step(
-            be,
-            self.group,
-            &mut self.policy,
-            &mut self.optimizer,
-            &mut self.kl,
-            &s.ppo,
-            &rollout,
-            &opts,
-            |_, _, _| Ok(()),
-        )?;
+        let opts = StepOptions { shuffle: true, seed: crate::seeds::ppo_step(s.run.seed, self.step), loss_scale };
+        let env = StepEnv { be, group: self.group, cfg: &s.ppo, opts };
+        let learner = Learner { policy: &mut self.policy, opt: &mut self.optimizer, kl: &mut self.kl };
+        let report = ppo_step(&env, learner, &rollout, &mut |_, _, _| Ok(()))?;
         self.step += 1;
         let done = Instant::now();
 
@@ -206,50 +196,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Each response's reward, and the classifier's probability of the reward label (0 for the toy
     /// reward): each worker scores its share, gathered back in order.
     fn reward(&self, responses: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let r = &self.settings.reward;
-        let mine = &responses[shard(responses.len(), self.group.rank(), self.group.world())];
-        let (scores, toxicity): (Vec<f32>, Vec<f32>) = match &self.classifier {
-            Some((clf, label)) => {
-                let texts: Vec<String> = mine.iter().map(|t| self.prompter.decode(t)).collect::<Result<_>>()?;
-                let logits = clf.logits(self.be, &texts, r.batch_size, |_| {})?;
-                (
-                    logits.iter().map(|l| r.transform.apply(l[*label])).collect(),
-                    logits.iter().map(|l| crate::classifier::sigmoid(l[*label])).collect(),
-                )
-            }
-            None => (
-                mine.iter()
-                    .map(|t| t.iter().filter(|&&x| x < r.token_below).count() as f32 / t.len().max(1) as f32)
-                    .collect(),
-                vec![0.0; mine.len()],
-            ),
-        };
-        Ok((gather_concat(self.group, self.be, &scores)?, gather_concat(self.group, self.be, &toxicity)?))
+        let decode = |t: &[u32]| self.prompter.decode(t);
+        let classifier = self.classifier.as_ref().map(|(c, label)| (c, *label));
+        let rm = RewardModel { settings: &self.settings.reward, classifier, decode: &decode };
+        phases::reward(self.be, self.group, &rm, responses)
     }
 
     /// Samples one response per prompt with the policy's adapters merged (they are fixed until the
     /// optimisation), seeded by (run seed, step) and each prompt's data-set index, so that a
     /// prompt's sample does not depend on which worker draws it. Each worker samples its share.
     fn rollout(&mut self, prompts: &[Vec<u32>], streams: &[u32]) -> Result<Vec<Vec<u32>>> {
-        let be = self.be;
-        let g = &self.settings.generation;
-        let cfg = GenConfig {
-            max_new_tokens: g.max_new_tokens,
-            min_new_tokens: g.min_new_tokens,
-            sample: true,
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            seed: mix64(self.settings.run.seed ^ mix64(self.step as u64)),
-        };
-        let part = shard(prompts.len(), self.group.rank(), self.group.world());
-        let model = &mut self.policy.model;
-        model.merge_lora(be)?;
-        let batch = Prompts::upload(be, &pad_batch(&prompts[part.clone()], model.config.pad_token_id), &streams[part])?;
-        let out = generate(be, model, None, &batch, &cfg, Fwd::eval(true));
-        model.unmerge_lora();
-        let mine: Vec<Vec<u32>> = out?.into_iter().map(|g| g.tokens).collect();
-        gather_tokens(self.group, be, &mine)
+        let cfg = self.settings.generation.sampling(crate::seeds::rollout(self.settings.run.seed, self.step));
+        phases::rollout(self.be, self.group, &mut self.policy.model, (prompts, streams), &cfg)
     }
 
     /// Runs the remaining steps: a JSON Lines log in `run.out`, a progress bar, checkpoints every
@@ -318,6 +276,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             optimizer_steps: self.optimizer.steps,
             settings: self.settings.clone(),
         };
-        checkpoint::save(self.be, &self.settings.run.out.clone(), &mut self.policy, &self.optimizer, &state)
+        checkpoint::save(self.be, &self.settings.run.out.clone(), &self.policy, &self.optimizer, &state)
     }
 }

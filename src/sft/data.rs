@@ -2,7 +2,6 @@
 //! teacher-forcing batches in a fresh seeded order every epoch, similar lengths grouped so that
 //! padding costs little.
 
-use crate::backend::rng::mix64;
 use crate::text::{self, Prompter};
 use anyhow::{Result, anyhow, ensure};
 use rand::SeedableRng;
@@ -111,7 +110,7 @@ impl Pairs {
     /// rows sorted by length and the batches shuffled again, so a batch holds similar lengths and
     /// the order stays random. Depends only on (seed, epoch).
     pub fn epoch(&self, epoch: usize, batch: usize, seed: u64) -> Vec<Vec<usize>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(mix64(seed ^ mix64(epoch as u64 + 0x5f7)));
+        let mut rng = ChaCha8Rng::seed_from_u64(crate::seeds::sft_epoch(seed, epoch));
         let mut order: Vec<usize> = (0..self.pairs.len()).collect();
         order.shuffle(&mut rng);
         let mut batches = Vec::new();

@@ -4,21 +4,22 @@
 //! model's weights refreshed from them). Also the held-out loss.
 
 use super::data::SftBatch;
-use crate::backend::{AdamSlot, AdamStep, Backend, Shaped};
+use crate::backend::{AdamStep, Backend, Shaped};
 use crate::checkpoint::Checkpoint;
 use crate::parallel::{Collective, sum_host, worker_seed};
 use crate::t5::T5;
 use crate::t5::model::Fwd;
 use crate::t5::params::{FullGrads, read_masters};
 use crate::t5::train::LoraGrads;
+use crate::t5::trainable::{Trainable, adam_slots, zero_moments};
 use anyhow::{Result, ensure};
 
 /// What trains, with AdamW's moments of each tensor.
 pub enum Trainables<B: Backend> {
-    /// f32 masters of every weight in `T5::params_mut`'s order; `decay[i]` says whether weight
-    /// decay applies (not to the layer norms' scales).
-    Full { masters: Vec<B::Tensor>, moments: Vec<(B::Tensor, B::Tensor)>, decay: Vec<bool> },
-    /// The adapters' A and B (already f32 masters) in module order.
+    /// f32 masters of every weight in `T5::params_mut`'s order, each named by its first Hugging
+    /// Face tensor (weight decay applies to all but the layer norms' scales).
+    Full { masters: Vec<B::Tensor>, moments: Vec<(B::Tensor, B::Tensor)>, names: Vec<String> },
+    /// The adapters' A and B (already f32 masters) in `T5::lora_trainables`' order.
     Lora { moments: Vec<(B::Tensor, B::Tensor)> },
 }
 
@@ -33,27 +34,17 @@ impl<B: Backend> SftOptimizer<B> {
     pub fn full(be: &B, model: &mut T5<B>, ckpt: &Checkpoint) -> Result<Self> {
         ensure!(model.lora.is_none(), "full-parameter training runs on a model without LoRA adapters");
         let masters = read_masters(be, model, ckpt)?;
-        let decay = model.params_mut().iter().map(|p| !p.names[0].0.contains("layer_norm")).collect();
-        let moments = zero_moments(be, &masters)?;
-        Ok(Self { trainables: Trainables::Full { masters, moments, decay }, steps: 0 })
+        let names = model.params_mut().into_iter().map(|p| p.names[0].0.clone()).collect();
+        let moments = zero_moments(be, masters.iter().map(|m| m.shape()))?;
+        Ok(Self { trainables: Trainables::Full { masters, moments, names }, steps: 0 })
     }
 
     /// LoRA-only training of the adapters the model carries.
-    pub fn lora(be: &B, model: &mut T5<B>) -> Result<Self> {
+    pub fn lora(be: &B, model: &T5<B>) -> Result<Self> {
         ensure!(model.lora.is_some(), "LoRA training needs adapters on the model");
-        let mut moments = Vec::new();
-        for (_, part) in model.modules_mut() {
-            if let Some(l) = &part.lora {
-                moments.push((be.zeros(l.a.shape())?, be.zeros(l.a.shape())?));
-                moments.push((be.zeros(l.b.shape())?, be.zeros(l.b.shape())?));
-            }
-        }
+        let moments = zero_moments(be, model.lora_tensors().into_iter().map(|(_, t)| t.shape()))?;
         Ok(Self { trainables: Trainables::Lora { moments }, steps: 0 })
     }
-}
-
-fn zero_moments<B: Backend>(be: &B, of: &[B::Tensor]) -> Result<Vec<(B::Tensor, B::Tensor)>> {
-    of.iter().map(|t| Ok((be.zeros(t.shape())?, be.zeros(t.shape())?))).collect()
 }
 
 /// The step's hyperparameters.
@@ -96,7 +87,7 @@ impl<B: Backend> SftGrads<B> {
     pub fn tensors_mut(&mut self) -> Vec<&mut B::Tensor> {
         match self {
             SftGrads::Full(g) => g.tensors_mut(),
-            SftGrads::Lora(g) => g.tensors_mut().flat_map(|(a, b)| [a, b]).collect(),
+            SftGrads::Lora(g) => g.tensors_mut().collect(),
         }
     }
 }
@@ -153,14 +144,14 @@ pub fn sft_step<B: Backend>(
 /// workers are the whole batch's.
 pub fn sft_gradients<B: Backend>(
     be: &B,
-    model: &mut T5<B>,
+    model: &T5<B>,
     full: bool,
     batch: &SftBatch,
     total_tokens: usize,
     h: &Hyper,
 ) -> Result<(f64, SftGrads<B>)> {
     ensure!(total_tokens > 0, "an SFT batch with no target tokens");
-    let zeros = |model: &mut T5<B>| -> Result<SftGrads<B>> {
+    let zeros = || -> Result<SftGrads<B>> {
         Ok(if full {
             SftGrads::Full(FullGrads::zeros(be, model)?)
         } else {
@@ -169,7 +160,7 @@ pub fn sft_gradients<B: Backend>(
     };
     if batch.tokens() == 0 {
         // A worker whose share of a short last batch is empty contributes nothing.
-        return Ok((0.0, zeros(model)?));
+        return Ok((0.0, zeros()?));
     }
 
     // 1. The batch on the device; each label weighs loss_scale / total_tokens (the mean, scaled).
@@ -190,8 +181,7 @@ pub fn sft_gradients<B: Backend>(
     let loss = masked_sum(&be.download(&loss_rows)?, &batch.mask) / total_tokens as f64;
 
     // 4. Backward into every weight, or into the adapters.
-    let mut grads =
-        if full { SftGrads::Full(FullGrads::zeros(be, model)?) } else { SftGrads::Lora(LoraGrads::zeros(be, model)?) };
+    let mut grads = zeros()?;
     let head_grads = match &mut grads {
         SftGrads::Full(g) => Some(g),
         SftGrads::Lora(_) => None,
@@ -228,24 +218,16 @@ pub fn sft_update<B: Backend>(
 
     opt.steps += 1;
     let step = AdamStep { lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, step: opt.steps, grad_scale };
+    let wd = h.weight_decay;
     match &mut opt.trainables {
-        Trainables::Full { masters, moments, decay } => {
-            ensure!(gs.len() == masters.len() && gs.len() == moments.len(), "optimizer state does not match the model");
-            let mut slots: Vec<AdamSlot<'_, B>> = masters
-                .iter_mut()
-                .zip(gs.iter().copied())
-                .zip(moments.iter_mut())
-                .zip(decay.iter())
-                .map(|(((p, g), (m, v)), &d)| AdamSlot {
-                    p,
-                    g,
-                    m,
-                    v,
-                    weight_decay: if d { h.weight_decay } else { 0.0 },
-                    copy: None,
-                })
-                .collect();
-            be.adam(&mut slots, &step)?;
+        Trainables::Full { masters, moments, names } => {
+            let trainables = masters.iter_mut().zip(names.iter()).map(|(param, name)| Trainable {
+                name: name.clone(),
+                param,
+                copy: None,
+            });
+            let decay = |i: usize| if names[i].contains("layer_norm") { 0.0 } else { wd };
+            be.adam(&mut adam_slots(trainables.collect(), gs, moments, decay)?, &step)?;
             let mut params = model.params_mut();
             ensure!(params.len() == masters.len(), "optimizer state does not match the model");
             for (param, master) in params.iter_mut().zip(masters.iter()) {
@@ -253,15 +235,7 @@ pub fn sft_update<B: Backend>(
             }
         }
         Trainables::Lora { moments } => {
-            let ps = model.lora_with_copies();
-            ensure!(ps.len() == gs.len() && gs.len() == moments.len(), "optimizer state does not match the adapters");
-            let mut slots: Vec<AdamSlot<'_, B>> = ps
-                .into_iter()
-                .zip(gs.iter().copied())
-                .zip(moments.iter_mut())
-                .map(|(((p, copy), g), (m, v))| AdamSlot { p, g, m, v, weight_decay: h.weight_decay, copy })
-                .collect();
-            be.adam(&mut slots, &step)?;
+            be.adam(&mut adam_slots(model.lora_trainables(), gs, moments, |_| wd)?, &step)?;
             model.lora_updated(be)?;
         }
     }

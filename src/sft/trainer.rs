@@ -8,7 +8,6 @@ use super::export::save_model;
 use super::settings::{Method, SftSettings};
 use super::step::{Hyper, SftOptimizer, eval_loss, sft_step};
 use crate::backend::Backend;
-use crate::backend::rng::mix64;
 use crate::checkpoint::Checkpoint;
 use crate::device::GpuStats;
 use crate::parallel::{Collective, shard, sum_host};
@@ -85,7 +84,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
             Method::Full => SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&s.model.path)?)?,
             Method::Lora => {
                 model.attach_lora(be, s.lora_settings(), s.lora.init_seed)?;
-                SftOptimizer::lora(be, &mut model)?
+                SftOptimizer::lora(be, &model)?
             }
         };
         let c = &model.config;
@@ -142,7 +141,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
             max_grad_norm: o.max_grad_norm,
             label_smoothing: o.label_smoothing,
             loss_scale: self.loss_scale,
-            dropout_seed: mix64(self.settings.run.seed ^ mix64(self.step as u64 + 0xd50)),
+            dropout_seed: crate::seeds::sft_dropout(self.settings.run.seed, self.step),
         };
         let total: usize = rows.iter().map(|&i| self.train.pairs[i].target.len()).sum();
         let mine = &rows[shard(rows.len(), self.group.rank(), self.group.world())];

@@ -70,6 +70,22 @@ impl<B: Backend> Prompts<B> {
     }
 }
 
+impl GenConfig {
+    /// The backend's sampling parameters for these settings.
+    fn sample_spec(&self, eos: u32, pad: u32) -> SampleSpec {
+        SampleSpec {
+            greedy: !self.sample,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            eos,
+            pad,
+            min_new_tokens: self.min_new_tokens,
+        }
+    }
+}
+
 /// How often the host looks at the finished flags to stop early: each look waits for the GPU.
 const CHECK_EVERY: usize = 4;
 
@@ -87,16 +103,7 @@ pub fn generate<B: Backend>(
     let t = cfg.max_new_tokens;
     let enc = model.encode(be, &prompts.ids, &prompts.lengths, f)?;
     let mut cache = model.start_decoding(be, &enc, &prompts.lengths, t, f)?;
-    let spec = SampleSpec {
-        greedy: !cfg.sample,
-        temperature: cfg.temperature,
-        top_k: cfg.top_k,
-        top_p: cfg.top_p,
-        seed: cfg.seed,
-        eos: c.eos_token_id,
-        pad: c.pad_token_id,
-        min_new_tokens: cfg.min_new_tokens,
-    };
+    let spec = cfg.sample_spec(c.eos_token_id, c.pad_token_id);
     // Everything a step touches lives across steps, so the step can be recorded once and replayed.
     // Shared between the recorded step, which sets the flags, and the loop, which reads them.
     let finished = std::cell::RefCell::new(be.upload_ids(&vec![0; b], &[b])?);

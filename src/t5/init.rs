@@ -3,7 +3,6 @@
 //! where no pretrained weights can be downloaded.
 
 use super::config::T5Config;
-use crate::backend::rng::mix64;
 use crate::checkpoint::{DType, OwnedTensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -55,12 +54,6 @@ pub fn tensor_specs(c: &T5Config) -> Vec<(String, Vec<usize>, Option<f32>)> {
     specs
 }
 
-/// A stable per-tensor seed, so tensors can be drawn in parallel and each one's values depend only
-/// on (seed, name).
-fn tensor_seed(seed: u64, name: &str) -> u64 {
-    name.bytes().fold(mix64(seed), |h, b| mix64(h ^ b as u64))
-}
-
 /// Draws every tensor of `c` in `dtype`.
 pub fn random_weights(c: &T5Config, seed: u64, dtype: DType) -> BTreeMap<String, OwnedTensor> {
     tensor_specs(c)
@@ -70,7 +63,7 @@ pub fn random_weights(c: &T5Config, seed: u64, dtype: DType) -> BTreeMap<String,
             let values: Vec<f32> = match std {
                 None => vec![1.0; n],
                 Some(s) => {
-                    let mut rng = ChaCha8Rng::seed_from_u64(tensor_seed(seed, &name));
+                    let mut rng = ChaCha8Rng::seed_from_u64(crate::seeds::tensor(seed, &name));
                     let normal = Normal::new(0.0f32, s).expect("positive std");
                     (0..n).map(|_| normal.sample(&mut rng)).collect()
                 }

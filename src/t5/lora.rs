@@ -1,15 +1,10 @@
-//! LoRA adapters as PEFT defines them: which modules get one, their initialisation, and the PEFT
-//! adapter directory format (`adapter_config.json` + `adapter_model.safetensors`), read and written.
+//! LoRA adapters as PEFT defines them: the trainable pair of one module, which modules get one, and
+//! the settings of PEFT's `adapter_config.json`. Attaching, loading and saving them on a model is
+//! `t5::adapters`; nothing here needs the model.
 
-use super::model::T5;
-use crate::backend::{Backend, Shaped};
-use crate::checkpoint::{Checkpoint, DType, OwnedTensor, write_safetensors};
+use crate::backend::Backend;
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 /// The trainable low-rank pair of one linear module.
 pub struct LoraPair<B: Backend> {
@@ -31,7 +26,7 @@ pub enum Targets {
 }
 
 impl Targets {
-    fn matches(&self, path: &str) -> Result<bool> {
+    pub(crate) fn matches(&self, path: &str) -> Result<bool> {
         Ok(match self {
             Targets::Names(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
             Targets::Regex(re) => regex::Regex::new(&format!("^(?:{re})$"))
@@ -146,126 +141,4 @@ const PEFT_PREFIX: &str = "base_model.model.";
 /// The PEFT key of one LoRA matrix.
 pub fn peft_key(module: &str, which: &str) -> String {
     format!("{PEFT_PREFIX}{module}.lora_{which}.weight")
-}
-
-impl<B: Backend> T5<B> {
-    /// Gives every targeted linear layer a fresh adapter with PEFT's initialisation:
-    /// A ~ kaiming_uniform(a = √5) = U(±1/√in), B = 0, so the adapted model starts equal to the base.
-    pub fn attach_lora(&mut self, be: &B, settings: LoraSettings, seed: u64) -> Result<usize> {
-        settings.validate()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let r = settings.r;
-        let mut count = 0;
-        for (inp, part) in self.modules_mut() {
-            if !settings.targets.matches(&part.path)? {
-                continue;
-            }
-            let bound = 1.0 / (inp as f32).sqrt();
-            let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect();
-            part.lora = Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.zeros(&[part.out, r])?, shadow: None });
-            count += 1;
-        }
-        ensure!(count > 0, "LoRA target_modules {:?} match no module of this T5", settings.targets);
-        self.lora = Some(settings);
-        self.refresh_lora(be)?;
-        Ok(count)
-    }
-
-    /// Loads a PEFT adapter directory onto this model.
-    pub fn load_adapter(&mut self, be: &B, dir: &Path) -> Result<()> {
-        let cfg_path = dir.join("adapter_config.json");
-        if !dir.is_dir() {
-            bail!("adapter directory {} does not exist or is not a directory", dir.display());
-        }
-        let text = crate::fsutil::read_text(&cfg_path)?;
-        let j: Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-        let settings = LoraSettings::from_peft_json(&j).with_context(|| format!("in {}", cfg_path.display()))?;
-        let weights = adapter_weights_path(dir)?;
-        let ckpt = Checkpoint::open_file(&weights)?;
-        let r = settings.r;
-        let mut count = 0;
-        for (inp, part) in self.modules_mut() {
-            if !settings.targets.matches(&part.path)? {
-                continue;
-            }
-            let a = ckpt.get_shaped(&peft_key(&part.path, "A"), &[r, inp])?.to_f32();
-            let b = ckpt.get_shaped(&peft_key(&part.path, "B"), &[part.out, r])?.to_f32();
-            part.lora =
-                Some(LoraPair { a: be.upload(&a, &[r, inp])?, b: be.upload(&b, &[part.out, r])?, shadow: None });
-            count += 1;
-        }
-        ensure!(count > 0, "{}: target_modules match no module of this T5", cfg_path.display());
-        self.lora = Some(settings);
-        self.refresh_lora(be)
-    }
-
-    /// Every adapter matrix (A then B, in module order) with its product-precision copy, for an
-    /// update that rewrites both at once (`Backend::adam`); `lora_updated` follows it.
-    pub fn lora_with_copies(&mut self) -> Vec<(&mut B::Tensor, Option<&mut B::Tensor>)> {
-        let mut out = Vec::new();
-        for (_, part) in self.modules_mut() {
-            if let Some(LoraPair { a, b, shadow }) = part.lora.as_mut() {
-                let (ca, cb) = match shadow.as_mut() {
-                    Some((ca, cb)) => (Some(ca), Some(cb)),
-                    None => (None, None),
-                };
-                out.extend([(a, ca), (b, cb)]);
-            }
-        }
-        out
-    }
-
-    /// After an update through `lora_with_copies`: the merged weights follow the new adapters.
-    pub fn lora_updated(&mut self, be: &B) -> Result<()> {
-        if self.lora_merged { self.merge_lora(be) } else { Ok(()) }
-    }
-
-    /// Remakes the adapters' product-precision copies, and their merged weights if merged, after
-    /// their f32 masters changed.
-    pub fn refresh_lora(&mut self, be: &B) -> Result<()> {
-        for (_, part) in self.modules_mut() {
-            if let Some(l) = part.lora.as_mut() {
-                l.shadow = match (be.matmul_copy(&l.a)?, be.matmul_copy(&l.b)?) {
-                    (Some(a), Some(b)) => Some((a, b)),
-                    _ => None,
-                };
-            }
-        }
-        if self.lora_merged { self.merge_lora(be) } else { Ok(()) }
-    }
-
-    /// Writes the adapter as PEFT does, atomically file by file.
-    pub fn save_adapter(&mut self, be: &B, dir: &Path, base_model: Option<&str>) -> Result<()> {
-        let settings = self.lora.clone().ok_or_else(|| anyhow!("this model has no LoRA adapter to save"))?;
-        let mut tensors = BTreeMap::new();
-        for (_, part) in self.modules_mut() {
-            if let Some(p) = &part.lora {
-                let path = &part.path;
-                tensors
-                    .insert(peft_key(path, "A"), OwnedTensor::from_f32(&be.download(&p.a)?, p.a.shape(), DType::F32));
-                tensors
-                    .insert(peft_key(path, "B"), OwnedTensor::from_f32(&be.download(&p.b)?, p.b.shape(), DType::F32));
-            }
-        }
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
-        let cfg = serde_json::to_string_pretty(&settings.to_peft_json(base_model))?;
-        crate::fsutil::write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())
-    }
-}
-
-fn adapter_weights_path(dir: &Path) -> Result<PathBuf> {
-    let p = dir.join("adapter_model.safetensors");
-    if p.is_file() {
-        Ok(p)
-    } else if dir.join("adapter_model.bin").is_file() {
-        bail!(
-            "{} holds adapter_model.bin (a torch pickle); detox reads adapter_model.safetensors \
-             (save the adapter with safe_serialization=True)",
-            dir.display()
-        )
-    } else {
-        bail!("adapter weights {} are missing", p.display())
-    }
 }

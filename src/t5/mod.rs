@@ -1,5 +1,6 @@
 //! FLAN-T5: configuration, weights, LoRA, value head, generation and random initialisation.
 
+pub mod adapters;
 pub mod config;
 pub mod generate;
 pub mod init;
@@ -7,10 +8,12 @@ pub mod lora;
 pub mod model;
 pub mod params;
 pub mod train;
+pub mod trainable;
 pub mod value_head;
 
 pub use config::T5Config;
 pub use generate::{GenConfig, Generation, Prompts, generate};
 pub use lora::{LoraSettings, Targets};
 pub use model::{Fwd, T5};
+pub use trainable::Trainable;
 pub use value_head::ValueHead;

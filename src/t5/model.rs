@@ -151,7 +151,7 @@ fn load_proj<B: Backend>(be: &B, ckpt: &Checkpoint, paths: &[String], out: usize
         let bytes: Vec<u8> = if same {
             parts.iter().flat_map(|t| t.bytes.iter().copied()).collect()
         } else {
-            parts.iter().flat_map(|t| t.to_f32()).flat_map(|v| v.to_le_bytes()).collect()
+            bytemuck::cast_slice(&parts.iter().flat_map(|t| t.to_f32()).collect::<Vec<f32>>()).to_vec()
         };
         let name = paths.join("+");
         let shape = [out * parts.len(), inp];
@@ -298,7 +298,23 @@ impl<B: Backend> T5<B> {
         be.linear_add(x, w, &loras, acc)
     }
 
-    /// Every projection, mutable, in checkpoint order.
+    /// Every projection in checkpoint order.
+    pub(crate) fn projections(&self) -> Vec<&Proj<B>> {
+        let mut out = Vec::new();
+        for stack in [&self.encoder, &self.decoder] {
+            for block in &stack.blocks {
+                let sa = &block.self_attention;
+                out.extend([&sa.qkv, &sa.o]);
+                if let Some((ca, _)) = block.cross_attention.as_ref() {
+                    out.extend([&ca.q, &ca.kv, &ca.o]);
+                }
+                out.extend([&block.ff.wi, &block.ff.wo]);
+            }
+        }
+        out
+    }
+
+    /// `projections`, mutable.
     pub(crate) fn projections_mut(&mut self) -> Vec<&mut Proj<B>> {
         let mut out = Vec::new();
         for stack in [&mut self.encoder, &mut self.decoder] {
@@ -317,24 +333,19 @@ impl<B: Backend> T5<B> {
     /// Merges the adapters into copies of their projections' weights, so that generation runs one
     /// product per projection; `refresh_lora` re-merges after the adapters change.
     pub fn merge_lora(&mut self, be: &B) -> Result<()> {
-        let Some(scale) = self.lora.as_ref().map(LoraSettings::scale) else { return Ok(()) };
-        for p in self.projections_mut() {
-            let loras: Vec<LoraRef<'_, B>> = p
-                .parts
-                .iter()
-                .filter_map(|part| {
-                    part.lora.as_ref().map(|l| LoraRef {
-                        a: &l.a,
-                        b: &l.b,
-                        shadow: l.shadow.as_ref().map(|(a, b)| (a, b)),
-                        scale,
-                        col: part.col,
-                        dropout: None,
-                    })
-                })
-                .collect();
-            let merged = if loras.is_empty() { None } else { Some(be.merge_lora(&p.weight, &loras)?) };
-            p.merged = merged;
+        if self.lora.is_none() {
+            return Ok(());
+        }
+        let merged: Vec<Option<B::Weight>> = self
+            .projections()
+            .into_iter()
+            .map(|p| {
+                let loras = self.loras(p, Fwd::eval(true));
+                if loras.is_empty() { Ok(None) } else { be.merge_lora(&p.weight, &loras).map(Some) }
+            })
+            .collect::<Result<_>>()?;
+        for (p, m) in self.projections_mut().into_iter().zip(merged) {
+            p.merged = m;
         }
         self.lora_merged = true;
         Ok(())
@@ -518,6 +529,11 @@ impl<B: Backend> T5<B> {
 
     /// Every linear module with its input width, in checkpoint order: the slots LoRA adapters
     /// attach to, load into and save from.
+    pub fn modules(&self) -> Vec<(usize, &Part<B>)> {
+        self.projections().into_iter().flat_map(|p| p.parts.iter().map(move |part| (p.inp, part))).collect()
+    }
+
+    /// `modules`, mutable.
     pub fn modules_mut(&mut self) -> Vec<(usize, &mut Part<B>)> {
         let mut out = Vec::new();
         for p in self.projections_mut() {

@@ -5,6 +5,7 @@
 
 use super::model::{DenseReluDense, Fwd, Proj, SelfAttention, T5};
 use super::params::{BlockGrads, FullGrads, StackGrads};
+use super::trainable::a_then_b;
 use crate::backend::{AttnSpec, Backend, LoraGrad, Position, Prec, Shaped};
 use anyhow::{Result, ensure};
 
@@ -62,25 +63,25 @@ pub struct LoraGrads<B: Backend> {
 
 impl<B: Backend> LoraGrads<B> {
     /// Zeroed gradients for every module that carries an adapter.
-    pub fn zeros(be: &B, model: &mut T5<B>) -> Result<Self> {
-        let mut slots = Vec::new();
-        for (_, part) in model.modules_mut() {
-            let g = match &part.lora {
-                Some(l) => Some((be.zeros(l.a.shape())?, be.zeros(l.b.shape())?)),
-                None => None,
-            };
-            slots.push(g);
-        }
+    pub fn zeros(be: &B, model: &T5<B>) -> Result<Self> {
+        let slots = model
+            .modules()
+            .into_iter()
+            .map(|(_, part)| {
+                part.lora.as_ref().map(|l| Ok((be.zeros(l.a.shape())?, be.zeros(l.b.shape())?))).transpose()
+            })
+            .collect::<Result<_>>()?;
         Ok(Self { slots })
     }
 
-    /// The (A, B) gradients in slot order, for clipping, the optimiser and tests.
-    pub fn tensors(&self) -> impl Iterator<Item = &(B::Tensor, B::Tensor)> {
-        self.slots.iter().flatten()
+    /// The gradients in `T5::lora_trainables`' order (`a_then_b`).
+    pub fn tensors(&self) -> impl Iterator<Item = &B::Tensor> {
+        a_then_b(self.slots.iter().flatten().map(|(a, b)| (a, b)))
     }
 
-    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut (B::Tensor, B::Tensor)> {
-        self.slots.iter_mut().flatten()
+    /// `tensors`, mutable.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut B::Tensor> {
+        a_then_b(self.slots.iter_mut().flatten().map(|(a, b)| (a, b)))
     }
 }
 

@@ -10,7 +10,8 @@ use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::parallel::{Collective, Solo, Threads, shard};
 use detox::ppo::policy::Policy;
-use detox::ppo::step::{Optimizer, Rollout, StepOptions, grad_tensors, ppo_step, trainables};
+use detox::ppo::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, ppo_step};
+use detox::ppo::trainables::trainable_tensors;
 use detox::ppo::{KlController, PpoConfig};
 use detox::sft::data::{Pair, SftBatch};
 use detox::sft::step::{Hyper, SftOptimizer, Trainables, sft_step};
@@ -80,16 +81,19 @@ fn ppo<B: Backend>(be: &B, group: &dyn Collective<B>) -> PpoOutcome {
         scores: exp.get("scores").0,
         streams: (0..4).collect(),
     };
-    let params =
-        |p: &mut Policy<B>| -> Vec<Vec<f32>> { trainables(p).into_iter().map(|t| be.download(t).unwrap()).collect() };
-    let before = params(&mut policy);
-    let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate).unwrap();
+    let params = |p: &Policy<B>| -> Vec<Vec<f32>> {
+        trainable_tensors(p).into_iter().map(|(_, t)| be.download(t).unwrap()).collect()
+    };
+    let before = params(&policy);
+    let mut opt = Optimizer::new(be, &policy, cfg.learning_rate).unwrap();
     let mut kl = KlController::from_config(&cfg);
     let opts = StepOptions { shuffle: true, seed: 7, loss_scale: 1.0 };
     let mut first_grads = Vec::new();
-    let report = ppo_step(be, group, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
+    let env = StepEnv { be, group, cfg: &cfg, opts };
+    let learner = Learner { policy: &mut policy, opt: &mut opt, kl: &mut kl };
+    let report = ppo_step(&env, learner, &rollout, &mut |e, m, grads| {
         if (e, m) == (0, 0) {
-            first_grads = grad_tensors(grads).into_iter().map(|g| be.download(g).unwrap()).collect();
+            first_grads = grads.tensors().into_iter().map(|g| be.download(g).unwrap()).collect();
         }
         Ok(())
     })
@@ -98,7 +102,7 @@ fn ppo<B: Backend>(be: &B, group: &dyn Collective<B>) -> PpoOutcome {
         losses: report.minibatches.iter().map(|m| m.loss.loss).collect(),
         grad_norms: report.minibatches.iter().map(|m| m.grad_norm).collect(),
         first_grads,
-        updates: delta(&params(&mut policy), &before),
+        updates: delta(&params(&policy), &before),
     }
 }
 

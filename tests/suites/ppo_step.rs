@@ -8,7 +8,8 @@ use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::parallel::Solo;
 use detox::ppo::policy::Policy;
-use detox::ppo::step::{Optimizer, Rollout, StepOptions, grad_tensors, ppo_step, trainable_names, trainables};
+use detox::ppo::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, StepReport, ppo_step};
+use detox::ppo::trainables::{trainable_names, trainable_tensors};
 use detox::ppo::{FirstToken, KlController, PpoConfig};
 use detox::t5::{T5, ValueHead};
 use serde_json::Value;
@@ -28,15 +29,13 @@ fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
     x.iter().zip(mask).map(|(v, m)| if *m > 0.5 { *v } else { 0.0 }).collect()
 }
 
-pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
+/// The fixture's model with its adapter and value head, its PPO settings and its rollout.
+fn load_case<B: Backend>(be: &B, exp: &Expected, meta: &Value) -> (Policy<B>, PpoConfig, Rollout) {
     let dir = fixture("ppo_step");
-    let exp = Expected::open(dir.join("step.safetensors"));
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
     let mut model = T5::load(be, &dir.join("model")).unwrap();
     model.load_adapter(be, &dir.join("adapter")).unwrap();
     let value_head = ValueHead::load(be, &dir.join("adapter/value_head.safetensors"), model.config.d_model).unwrap();
-    let mut policy = Policy { model, value_head, value_dropout: 0.0 };
-
+    let policy = Policy { model, value_head, value_dropout: 0.0 };
     let pc = &meta["ppo_config"];
     let cfg = PpoConfig {
         learning_rate: pc["learning_rate"].as_f64().unwrap(),
@@ -57,15 +56,25 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
         scores: exp.get("scores").0,
         streams: (0..rows as u32).collect(),
     };
-    let mut opt = Optimizer::new(be, &mut policy, cfg.learning_rate).unwrap();
+    (policy, cfg, rollout)
+}
+
+pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
+    let dir = fixture("ppo_step");
+    let exp = Expected::open(dir.join("step.safetensors"));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
+    let (mut policy, cfg, rollout) = load_case(be, &exp, &meta);
+    let mut opt = Optimizer::new(be, &policy, cfg.learning_rate).unwrap();
     let mut kl = KlController::from_config(&cfg);
     let opts = StepOptions { shuffle: false, seed: 0, loss_scale: 1.0 };
     let grads_file = Checkpoint::open_file(&dir.join("grads/e0m0.safetensors")).unwrap();
-    let order = trainable_names(&mut policy);
+    let order = trainable_names(&policy);
     let mut compared = 0;
-    let report = ppo_step(be, &Solo, &mut policy, &mut opt, &mut kl, &cfg, &rollout, &opts, |e, m, grads| {
+    let env = StepEnv { be, group: &Solo, cfg: &cfg, opts };
+    let learner = Learner { policy: &mut policy, opt: &mut opt, kl: &mut kl };
+    let report = ppo_step(&env, learner, &rollout, &mut |e, m, grads| {
         if (e, m) == (0, 0) {
-            for (name, g) in order.iter().zip(grad_tensors(grads)) {
+            for (name, g) in order.iter().zip(grads.tensors()) {
                 let want = grads_file.get(name).unwrap().to_f32();
                 check(be, &be.download(g).unwrap(), &want, &format!("gradient of {name}"));
                 compared += 1;
@@ -75,7 +84,18 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
     })
     .unwrap();
     assert_eq!(compared, order.len(), "every gradient was compared");
+    check_passes_and_minibatches(be, &report, &exp, &meta);
+    let after = Checkpoint::open_file(&dir.join("params_after.safetensors")).unwrap();
+    for (name, p) in trainable_tensors(&policy) {
+        check(be, &be.download(p).unwrap(), &after.get(&name).unwrap().to_f32(), &format!("{name} after the step"));
+    }
+    let want_kl = meta["kl_coef_after"].as_f64().unwrap();
+    assert!((kl.value() - want_kl).abs() < 1e-9 * want_kl, "KL coefficient {} vs {want_kl}", kl.value());
+    check_stats(be, &report, &meta);
+}
 
+/// The rollout and reference passes, the rewards, and every minibatch's tensors and losses.
+fn check_passes_and_minibatches<B: Backend>(be: &B, report: &StepReport, exp: &Expected, meta: &Value) {
     let mask = exp.get("masks").0;
     assert_eq!(report.mask, mask, "TRL's seq2seq response mask");
     check(be, &masked(&report.old_logprobs, &mask), &masked(&exp.get("old_logprobs").0, &mask), "old log-probs");
@@ -107,13 +127,10 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
             assert!((got - w).abs() <= tol * w.abs().max(1.0), "{key} {name}: {got} vs {w}");
         }
     }
-    let after = Checkpoint::open_file(&dir.join("params_after.safetensors")).unwrap();
-    let order = trainable_names(&mut policy);
-    for (name, p) in order.iter().zip(trainables(&mut policy)) {
-        check(be, &be.download(p).unwrap(), &after.get(name).unwrap().to_f32(), &format!("{name} after the step"));
-    }
-    let want_kl = meta["kl_coef_after"].as_f64().unwrap();
-    assert!((kl.value() - want_kl).abs() < 1e-9 * want_kl, "KL coefficient {} vs {want_kl}", kl.value());
+}
+
+/// The statistics TRL logs.
+fn check_stats<B: Backend>(be: &B, report: &StepReport, meta: &Value) {
     let st = &meta["step_stats"];
     for (key, got) in [
         ("objective/kl", report.stats.kl),
