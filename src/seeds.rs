@@ -30,6 +30,12 @@ pub fn ppo_dropout(step_seed: u64, epoch: usize, minibatch: usize) -> u64 {
     derive(step_seed, (epoch * 1_000_003 + minibatch) as u64 + 1)
 }
 
+/// The dropout masks of the rollout pass's chunk starting at row `first_row`, under
+/// `[ppo] rollout_dropout` (the minibatches' seeds use offsets from 1 up; this sits far above them).
+pub fn ppo_rollout_dropout(step_seed: u64, first_row: usize) -> u64 {
+    derive(step_seed, first_row as u64 + (1 << 48))
+}
+
 /// The value head's initialisation, from `[lora] init_seed` (which also draws the adapters' A).
 pub fn value_head_init(init_seed: u64) -> u64 {
     mix64(init_seed ^ 0x76)

@@ -11,3 +11,8 @@ use detox::backend::cpu::Cpu;
 fn ppo_step_matches_trl_cpu() {
     ppo_step::ppo_step_matches_trl(&Cpu);
 }
+
+#[test]
+fn rollout_dropout_applies_masks_cpu() {
+    ppo_step::rollout_dropout_applies_masks(&Cpu);
+}

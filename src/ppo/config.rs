@@ -70,6 +70,12 @@ pub struct PpoConfig {
     /// Whether the seq2seq response mask covers the first generated token (see `FirstToken`; TRL 0.4.7
     /// drops it). Default `keep`.
     pub first_token: FirstToken,
+    /// Apply the adapters' and the value head's dropout in the rollout pass that gives the old
+    /// log-probabilities and values, as the seed's stack does: TRL 0.4.7 never switches its model to
+    /// evaluation mode (REFERENCE.md), so the first minibatch's ratio is not 1 there. Default false:
+    /// the old log-probs are then those of the policy that sampled, and PPO's ratio starts at 1.
+    /// Sampling itself runs with the adapters merged and no dropout either way.
+    pub rollout_dropout: bool,
 }
 
 impl Default for PpoConfig {
@@ -93,6 +99,7 @@ impl Default for PpoConfig {
             early_stopping: false,
             target_kl: 0.1,
             first_token: FirstToken::Keep,
+            rollout_dropout: false,
         }
     }
 }

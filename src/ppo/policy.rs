@@ -91,8 +91,8 @@ impl<B: Backend> PolicyGrads<B> {
 }
 
 impl<B: Backend> Policy<B> {
-    /// Scores `responses` to `prompts`. `train` keeps what `backward` needs and applies the
-    /// adapters' and the value head's dropout from `f.dropout_seed`.
+    /// Scores `responses` to `prompts`, with the adapters' and the value head's dropout drawn from
+    /// `f.dropout_seed` when it is set. `train` keeps what `backward` needs.
     pub fn score(
         &self,
         be: &B,
@@ -112,7 +112,7 @@ impl<B: Backend> Policy<B> {
         let hidden = be.reshape(hidden, &[n, d])?;
         let logits = self.model.lm_logits(be, &hidden)?;
         let (lp, ent) = be.token_logprobs(&logits, &responses.targets)?;
-        let dropped = match f.dropout_seed.filter(|_| train && self.value_dropout > 0.0) {
+        let dropped = match f.dropout_seed.filter(|_| self.value_dropout > 0.0) {
             Some(seed) => {
                 let drop = Dropout { p: self.value_dropout, seed, stream: VALUE_HEAD_STREAM };
                 Some((be.dropout(&hidden, &drop)?, drop))

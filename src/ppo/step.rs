@@ -160,8 +160,12 @@ fn batched_forward_pass<'a, B: Backend>(
     let cols = lengths.iter().copied().max().unwrap_or(0).max(1);
     let dims = Dims::new(rows, cols);
     let mask = response_mask_from_lengths(&lengths, cols, cfg.first_token)?;
-    let (old_logprobs, values) = score_all(env, policy, rollout, cols, Fwd::eval(true))?;
-    let (ref_logprobs, _) = score_all(env, policy, rollout, cols, Fwd::eval(false))?;
+    let rollout_pass = |first_row: usize| match cfg.rollout_dropout {
+        true => Fwd::train(worker_seed(seeds::ppo_rollout_dropout(env.opts.seed, first_row), env.group.rank())),
+        false => Fwd::eval(true),
+    };
+    let (old_logprobs, values) = score_all(env, policy, rollout, cols, rollout_pass)?;
+    let (ref_logprobs, _) = score_all(env, policy, rollout, cols, |_| Fwd::eval(false))?;
     let rewards = compute_rewards(&rollout.scores, &old_logprobs, &ref_logprobs, &mask, dims, kl_coef)?;
     Ok(Experience { rollout, dims, mask, old_logprobs, values, ref_logprobs, rewards })
 }
@@ -173,14 +177,14 @@ fn score_all<B: Backend>(
     policy: &Policy<B>,
     r: &Rollout,
     cols: usize,
-    f: Fwd,
+    pass: impl Fn(usize) -> Fwd,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (be, group) = (env.be, env.group);
     let (mut lp, mut values) = (Vec::new(), Vec::new());
     let mine: Vec<usize> = shard(r.prompts.len(), group.rank(), group.world()).collect();
     for rows in mine.chunks(env.cfg.mini_batch_size) {
         let (p, resp) = upload_rows(be, policy, r, rows, cols)?;
-        let s = policy.score(be, &p, &resp, f, false)?;
+        let s = policy.score(be, &p, &resp, pass(rows[0]), false)?;
         lp.extend(s.logprobs);
         values.extend(s.values);
     }

@@ -146,3 +146,53 @@ fn check_stats<B: Backend>(be: &B, report: &StepReport, meta: &Value) {
     }
     assert!(report.minibatches.iter().all(|m| m.grad_norm > 0.0));
 }
+
+/// `[ppo] rollout_dropout`: off, the rollout pass is the dropout-free pass the fixture recorded;
+/// on, as in the seed's stack, the adapters' and the value head's masks apply there too (the
+/// reference pass keeps none), so the first minibatch's ratio no longer starts at 1.
+pub fn rollout_dropout_applies_masks<B: Backend>(be: &B) {
+    let dir = fixture("ppo_step");
+    let exp = Expected::open(dir.join("step.safetensors"));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
+    let mask = exp.get("masks").0;
+    let run = |rollout_dropout: bool| {
+        let (mut policy, cfg, rollout) = load_case(be, &exp, &meta);
+        policy.model.lora.as_mut().unwrap().dropout = 0.05;
+        policy.value_dropout = 0.1;
+        let cfg = PpoConfig { rollout_dropout, ..cfg };
+        let mut opt = Optimizer::new(be, &policy, cfg.learning_rate).unwrap();
+        let mut kl = KlController::from_config(&cfg);
+        let env =
+            StepEnv { be, group: &Solo, cfg: &cfg, opts: StepOptions { shuffle: false, seed: 7, loss_scale: 1.0 } };
+        let learner = Learner { policy: &mut policy, opt: &mut opt, kl: &mut kl };
+        ppo_step(&env, learner, &rollout, &mut |_, _, _| Ok(())).unwrap()
+    };
+    let max_diff = |a: &[f32], b: &[f32]| {
+        masked(a, &mask).iter().zip(masked(b, &mask)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    };
+    let (want_old, want_values) = (exp.get("old_logprobs").0, exp.get("values").0);
+
+    let off = run(false);
+    check(be, &masked(&off.old_logprobs, &mask), &masked(&want_old, &mask), "old log-probs, rollout_dropout off");
+    check(be, &masked(&off.values, &mask), &masked(&want_values, &mask), "values, rollout_dropout off");
+
+    let on = run(true);
+    check(be, &masked(&on.ref_logprobs, &mask), &masked(&exp.get("ref_logprobs").0, &mask), "reference log-probs");
+    let (dlp, dv) = (max_diff(&on.old_logprobs, &want_old), max_diff(&on.values, &want_values));
+    assert!(dlp > 1e-2, "old log-probs with rollout_dropout on moved by at most {dlp}: no adapter masks applied");
+    assert!(dv > 1e-2, "values with rollout_dropout on moved by at most {dv}: no value-head mask applied");
+    let first = &on.minibatches[0];
+    let cols = on.dims.cols;
+    let (mut moved, mut tokens) = (0.0f64, 0);
+    for (k, &row) in first.rows.iter().enumerate() {
+        for c in 0..cols {
+            if mask[row * cols + c] > 0.5 {
+                let ratio = f64::from(first.logprobs[k * cols + c] - on.old_logprobs[row * cols + c]).exp();
+                moved += (ratio - 1.0).abs();
+                tokens += 1;
+            }
+        }
+    }
+    let mean = moved / tokens as f64;
+    assert!(mean > 1e-3, "the first minibatch's ratio stayed at 1 (mean |ratio − 1| = {mean}) with rollout_dropout on");
+}
