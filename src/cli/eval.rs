@@ -119,7 +119,7 @@ impl Job for Eval {
         )?;
         let generation =
             GenConfig { max_new_tokens: a.max_new_tokens, sample: a.sample, seed: a.seed, ..GenConfig::default() };
-        let pb = super::progress(self.dialogues.len(), "summarizing");
+        let pb = crate::progress::bar(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
         let summaries: Vec<String> =
             crate::summaries::summarize(be, &model, &prompter, &self.dialogues, &generation, a.batch_size, f, |n| {

@@ -88,7 +88,7 @@ impl Job for Score<'_> {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let a = self.args;
         let clf = Classifier::load(be, &a.classifier, a.tokenizer.as_deref())?;
-        let pb = super::progress(self.texts.len(), "scoring");
+        let pb = crate::progress::bar(self.texts.len(), "scoring");
         let mut scores = clf.score(be, self.texts, a.batch_size, |n| pb.inc(n as u64))?;
         pb.finish_and_clear();
         let labels = clf.reported_labels().to_vec();
