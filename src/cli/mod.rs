@@ -26,12 +26,21 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Fine-tune the summarizer's LoRA adapters with PPO against a toxicity classifier.
+    #[command(
+        after_help = "Exit status: 0 when it finishes, 130 when Ctrl-C stopped it (after its checkpoint), 1 on an error."
+    )]
     Train(train::Args),
     /// Supervised fine-tuning on dialogue–summary pairs (every weight or LoRA only), saved in Hugging Face layout.
+    #[command(
+        after_help = "Exit status: 0 when it finishes, 130 when Ctrl-C stopped it (after its evaluation and save), 1 on an error."
+    )]
     Sft(sft::Args),
     /// The seed's results table: toxicity of reference and model summaries, ROUGE against the references.
     Eval(eval::Args),
     /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
+    #[command(
+        after_help = "Exit status: 0 when it finishes, 130 when Ctrl-C stopped it (the rows done so far are kept), 1 on an error."
+    )]
     Summarize(summarize::Args),
     /// Score texts from JSON Lines with a toxicity classifier (BERT / RoBERTa, Detoxify's layout).
     Score(score::Args),
@@ -143,4 +152,27 @@ pub fn claim_run_dir(out: &std::path::Path, resuming: bool, overwrite: bool, res
         out.display(),
         found.join(", ")
     )
+}
+
+/// Refuses a model (and adapter) whose weights hold NaN or infinite values, which would make every
+/// output garbage; the error names the tensor.
+pub fn check_finite_weights(model: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<()> {
+    let mut files = vec![crate::checkpoint::Checkpoint::open_dir(model)?];
+    if let Some(dir) = adapter {
+        let f = dir.join("adapter_model.safetensors");
+        if f.is_file() {
+            files.push(crate::checkpoint::Checkpoint::open_file(&f)?);
+        }
+    }
+    for ckpt in &files {
+        for name in ckpt.names() {
+            let bad = ckpt.get(name)?.to_f32().iter().filter(|x| !x.is_finite()).count();
+            anyhow::ensure!(
+                bad == 0,
+                "{}: tensor {name} holds {bad} NaN or infinite values; the weights are corrupt",
+                ckpt.file_of(name).map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }

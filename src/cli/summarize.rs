@@ -112,6 +112,7 @@ impl Job for Summarize<'_> {
 
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let a = self.args;
+        super::check_finite_weights(&a.model, a.adapter.as_deref())?;
         let mut model = T5::load(be, &a.model)?;
         if let Some(dir) = &a.adapter {
             model.load_adapter(be, dir)?;
