@@ -143,3 +143,22 @@ pub fn bar(len: usize, what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_eta_waits_for_a_step_then_counts_only_this_process_steps() {
+        let mut p = Progress::with(Sink::Hidden, 50, "training");
+        p.set_position(10);
+        assert_eq!(p.eta(), None, "no ETA before a step of this process finishes");
+        p.started = Instant::now() - Duration::from_secs(20);
+        p.step("x".into(), 10.0);
+        p.step("x".into(), 10.0);
+        let eta = p.eta().unwrap().as_secs_f64();
+        assert!((eta - 380.0).abs() < 1.0, "38 steps left at 10 s each, got {eta}");
+        assert_eq!(human(Duration::from_secs(4815)), "1h20m");
+        assert_eq!(human(Duration::from_secs(245)), "4m05s");
+    }
+}
