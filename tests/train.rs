@@ -188,13 +188,17 @@ fn resume_cuts_the_log_back_to_the_checkpoint_and_removes_debris() {
     run_ok(&cfg, &[]);
     std::fs::write(out.join(".tmpAbC123"), "torn").unwrap();
     std::fs::create_dir(out.join(".checkpoint-00003.partial")).unwrap();
-    run_ok(&cfg, &["--resume", out.join("checkpoint-00002").to_str().unwrap()]);
-    assert_eq!(steps_logged(&out), [1, 2, 3, 4]);
+    let three = config(d.path(), &model, &out, "steps = 3\ncheckpoint_every = 2\n");
+    run_ok(&three, &["--resume", out.join("checkpoint-00002").to_str().unwrap()]);
+    assert_eq!(steps_logged(&out), [1, 2, 3]);
+    assert!(!out.join("checkpoint-00004").exists(), "the abandoned later checkpoint stayed");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "checkpoint-00003");
     assert!(!out.join(".tmpAbC123").exists() && !out.join(".checkpoint-00003.partial").exists());
 }
 
 /// Issue 14.2: a kill between moving the old checkpoint-N aside and naming the new one leaves a
-/// run that `--resume RUN_DIR` continues.
+/// run that `--resume RUN_DIR` continues. Resuming a finished run re-saves its last checkpoint
+/// under the same number, which is the replacement the kill interrupts.
 #[test]
 fn a_kill_while_replacing_a_checkpoint_leaves_a_resumable_run() {
     let d = tempfile::tempdir().unwrap();
@@ -205,7 +209,7 @@ fn a_kill_while_replacing_a_checkpoint_leaves_a_resumable_run() {
     run_ok(&cfg, &[]);
     let o = Command::new(env!("CARGO_BIN_EXE_detox"))
         .args(["train", "--config", cfg.to_str().unwrap(), "--resume"])
-        .arg(out.join("checkpoint-00001"))
+        .arg(&out)
         .env("DETOX_TEST_KILL_AT", "checkpoint-swap")
         .output()
         .unwrap();

@@ -105,6 +105,23 @@ fn recover(dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes `out`'s checkpoints of steps after `step`: a run resumed from an older checkpoint
+/// discards the later ones, as it cuts the log back, so the directory holds one history.
+pub fn discard_after(out: &Path, step: usize) -> Result<Vec<String>> {
+    let mut gone = Vec::new();
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(gone) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let later = name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n > step);
+        if later && e.path().join(STATE).is_file() {
+            std::fs::remove_dir_all(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            gone.push(name);
+        }
+    }
+    gone.sort();
+    Ok(gone)
+}
+
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE);
     let text = crate::fsutil::read_text(&p)?;

@@ -282,6 +282,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             crate::fsutil::remove_debris(&out)?;
             crate::fsutil::truncate_log(&log_path, self.step)?;
+            let gone = checkpoint::discard_after(&out, self.step)?;
+            if !gone.is_empty() {
+                eprintln!("resuming at step {}: removed the later {}", self.step, gone.join(", "));
+            }
             let f = std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
             Some(f.with_context(|| format!("opening {}", log_path.display()))?)
         } else {
