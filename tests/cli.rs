@@ -437,3 +437,38 @@ fn usage_details() {
     let h = String::from_utf8_lossy(&detox(&["train", "--help"]).stdout).into_owned();
     assert!(h.contains("130"), "train --help names the interrupted exit status: {h}");
 }
+
+/// Issue 14.4: an interrupted `detox sft` evaluates and saves, then exits 130 with a final line
+/// that says so (a hook raises the Ctrl-C flag after step 1 of 2).
+#[test]
+fn an_interrupted_sft_saves_and_exits_130() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model, "3");
+    let out = d.path().join("run");
+    let cfg = d.path().join("sft.toml");
+    let data = shared("data/samsum/train.jsonl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {model:?}\n[data]\ntrain = {data:?}\neval = {data:?}\ntrain_limit = 12\n\
+             max_source_len = 48\nmax_target_len = 16\n[optim]\nbatch_size = 6\nwarmup_steps = 1\n\
+             [eval]\nlimit = 3\nmax_new_tokens = 4\n[run]\nepochs = 1\ndevice = \"cpu\"\nout = {out:?}\n"
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_detox"))
+        .args(["sft", "--config", cfg.to_str().unwrap()])
+        .env("DETOX_TEST_INTERRUPT_AT", "sft-step-1")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    let last = e.lines().last().unwrap();
+    assert!(last.starts_with("interrupted after step 1 of 2; evaluated and saved the model: "), "{e}");
+    assert!(e.contains("fine-tuning step 1/2: epoch 1 loss "), "a plain progress line per step: {e}");
+    assert!(out.join("model/model.safetensors").is_file());
+    let log = rows(&std::fs::read_to_string(out.join("log.jsonl")).unwrap());
+    assert_eq!(log.iter().filter(|r| r["kind"] == "step").count(), 1);
+    assert_eq!(log.iter().filter(|r| r["kind"] == "eval").count(), 1);
+}

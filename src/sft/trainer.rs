@@ -264,6 +264,9 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
                 let entry = self.iteration(rows, epoch)?;
                 write(serde_json::to_string(&entry)?)?;
                 pb.step(format!("epoch {} loss {:.4} lr {:.2e}", epoch + 1, entry.loss, entry.lr), entry.time_step_s);
+                if crate::fsutil::test_point("DETOX_TEST_INTERRUPT_AT", &format!("sft-step-{}", self.step)) {
+                    stop.store(true, Ordering::SeqCst);
+                }
                 // Any worker's time limit or Ctrl-C stops them all at the same step.
                 let timed_out = limit > 0.0 && started.elapsed().as_secs_f64() >= limit;
                 let flags = [timed_out as u8 as f32, stop.load(Ordering::SeqCst) as u8 as f32];
