@@ -9,6 +9,7 @@ pub mod fsutil;
 pub mod parallel;
 pub mod plot;
 pub mod ppo;
+pub mod progress;
 pub mod rouge;
 pub mod seeds;
 pub mod sft;

@@ -1,11 +1,17 @@
 //! The `detox` command line.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> std::process::ExitCode {
-    let cli = detox::cli::Cli::parse();
+    // Negative numbers are values (`--seed -1` is an invalid seed, not an unknown flag).
+    let cmd = detox::cli::Cli::command().mut_subcommands(|s| s.allow_negative_numbers(true));
+    let cli = detox::cli::Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
     match detox::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<detox::cli::Interrupted>().is_some() => {
+            eprintln!("{e}");
+            std::process::ExitCode::from(detox::cli::INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -226,3 +226,48 @@ fn adapter_errors_name_the_file() {
     let e = format!("{:#}", model.load_adapter(&Cpu, d.path()).unwrap_err());
     assert!(e.contains("adapter_config.json") && e.contains("use_dora"), "{e}");
 }
+
+fn detox(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_detox")).args(args).output().expect("detox runs")
+}
+
+/// Issue 14.6: NaN weights are refused by summarize and info, naming the tensor, instead of
+/// garbage with rc 0.
+#[test]
+fn nan_weights_are_refused_by_summarize_and_info() {
+    let d = tempfile::tempdir().unwrap();
+    copy_fixture(d.path());
+    rewrite(d.path(), |t| {
+        let w = t.get_mut("shared.weight").unwrap();
+        let f = OwnedTensor::from_f32(&[f32::NAN], &[1], w.dtype);
+        w.bytes[..f.bytes.len()].copy_from_slice(&f.bytes);
+    });
+    let input = d.path().join("in.jsonl");
+    std::fs::write(&input, "{\"dialogue\":\"hi\"}\n").unwrap();
+    let tok = common::shared("tokenizers/t5/tokenizer.json");
+    let m = d.path().to_str().unwrap();
+    let o =
+        detox(&["summarize", "--model", m, "--tokenizer", tok.to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("shared.weight") && e.contains("NaN or infinite"), "{e}");
+    let o = detox(&["info", "--model", m]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("shared.weight") && e.contains("NaN or infinite"), "{e}");
+}
+
+/// Issue 14.6: detox info checks the config against the weights.
+#[test]
+fn info_checks_the_config_against_the_weights() {
+    let d = tempfile::tempdir().unwrap();
+    copy_fixture(d.path());
+    let p = d.path().join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["d_ff"] = serde_json::json!(c["d_ff"].as_u64().unwrap() * 2);
+    std::fs::write(&p, c.to_string()).unwrap();
+    let o = detox(&["info", "--model", d.path().to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("does not match its config.json"), "{e}");
+}

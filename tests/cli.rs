@@ -286,3 +286,189 @@ fn sft_trains_logs_and_saves_a_model_that_summarize_loads_then_plot_draws_the_lo
     let e = fails(&detox(&["sft", "--config", cfg.to_str().unwrap()]));
     assert!(e.contains("label_smoothing") && e.contains("sft.toml"), "{e}");
 }
+
+/// Issue 14.5: a bad --output fails before any work and names the requested path, not a
+/// temporary file.
+#[test]
+fn a_bad_output_path_fails_at_once_with_its_own_name() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in.jsonl");
+    std::fs::write(&input, "{\"dialogue\":\"hi\",\"summary\":\"hi\"}\n").unwrap();
+    let bad = d.path().join("missing/out.jsonl");
+    let bad = bad.to_str().unwrap();
+    // The model does not exist either: the output path is checked first, before any loading.
+    for args in [
+        vec!["summarize", "--model", "/nonexistent/m", "--input", input.to_str().unwrap(), "--output", bad],
+        vec!["score", "--classifier", "/nonexistent/c", "--input", input.to_str().unwrap(), "--output", bad],
+        vec![
+            "eval",
+            "--model",
+            "/nonexistent/m",
+            "--classifier",
+            "/nonexistent/c",
+            "--data",
+            input.to_str().unwrap(),
+            "--output",
+            bad,
+        ],
+    ] {
+        let e = fails(&detox(&args));
+        assert!(e.contains(&format!("cannot write --output {bad}")) && e.contains("does not exist"), "{e}");
+        assert!(!e.replace(d.path().to_str().unwrap(), "").contains(".tmp"), "no temporary file is named: {e}");
+    }
+    let dir = d.path().to_str().unwrap();
+    let e =
+        fails(&detox(&["summarize", "--model", "/nonexistent/m", "--input", input.to_str().unwrap(), "--output", dir]));
+    assert!(e.contains("is a directory"), "{e}");
+}
+
+/// Issue 14.5: Ctrl-C during summarize keeps the rows done (whole windows), at the requested
+/// path, and exits 130 saying how many.
+#[test]
+fn an_interrupted_summarize_keeps_the_rows_done() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    init_tiny(&m, "3");
+    let input = d.path().join("in.jsonl");
+    let text: String = (0..20).map(|i| format!("{{\"id\":{i},\"dialogue\":\"A: hello {i}\\nB: hi\"}}\n")).collect();
+    std::fs::write(&input, text).unwrap();
+    let out = d.path().join("out.jsonl");
+    let args = [
+        "summarize",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "1",
+    ];
+    // The hook raises the Ctrl-C flag after row 3; the window of 8 rows finishes.
+    let o = Command::new(env!("CARGO_BIN_EXE_detox"))
+        .args(args)
+        .env("DETOX_TEST_INTERRUPT_AT", "summarize-row-3")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(e.lines().last().unwrap().starts_with("interrupted after 8 of 20 rows; they are in "), "{e}");
+    let partial = rows(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(partial.len(), 8);
+    let o = detox(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let whole = rows(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(whole.len(), 20);
+    assert_eq!(partial[..], whole[..8], "the rows kept are the uninterrupted run's");
+}
+
+/// Issue 14.1: `detox sft` refuses a run directory that holds a run until --overwrite-output-dir.
+#[test]
+fn sft_refuses_a_used_run_directory_until_overwrite() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    std::fs::create_dir_all(out.join("model")).unwrap();
+    std::fs::write(out.join("log.jsonl"), "{\"kind\":\"step\",\"step\":1}\n").unwrap();
+    let cfg = d.path().join("sft.toml");
+    std::fs::write(
+        &cfg,
+        format!("[data]\ntrain = \"/nonexistent/train.jsonl\"\n[run]\ndevice = \"cpu\"\nout = {out:?}\n"),
+    )
+    .unwrap();
+    let e = fails(&detox(&["sft", "--config", cfg.to_str().unwrap()]));
+    assert!(e.contains("already holds a run (log.jsonl, model)") && e.contains("--overwrite-output-dir"), "{e}");
+    assert!(out.join("log.jsonl").is_file(), "the refused run removed nothing");
+    // With the flag the old run goes, and the run proceeds (here to the missing model's error).
+    let o = detox(&["sft", "--config", cfg.to_str().unwrap(), "--overwrite-output-dir"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.starts_with("--overwrite-output-dir: removing log.jsonl, model from "), "{e}");
+    assert!(e.contains("error: model directory") && !e.contains("already holds"), "{e}");
+    assert!(!out.join("log.jsonl").exists() && !out.join("model").exists());
+}
+
+/// Issue 14.6: small usage fixes: negative numbers are values, eval --limit 0 says what is wrong,
+/// train and sft take --device, every option of eval and bench generate has help.
+#[test]
+fn usage_details() {
+    let o = detox(&["summarize", "--model", "m", "--input", "x", "--seed", "-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("invalid value '-1' for '--seed"), "{}", stderr(&o));
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in.jsonl");
+    std::fs::write(&input, "{\"dialogue\":\"hi\",\"summary\":\"hi\"}\n").unwrap();
+    let e = fails(&detox(&[
+        "eval",
+        "--model",
+        "m",
+        "--classifier",
+        "c",
+        "--data",
+        input.to_str().unwrap(),
+        "--limit",
+        "0",
+    ]));
+    assert!(e.contains("--limit 0 evaluates nothing"), "{e}");
+    for cmd in [&["train"][..], &["sft"]] {
+        let mut args = cmd.to_vec();
+        args.extend(["--device", "cpu", "--print-config"]);
+        let o = detox(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("device = \"cpu\""));
+    }
+    for (cmd, opts) in [
+        (&["eval"][..], &["--max-new-tokens", "--batch-size", "--seed", "--device", "--limit"][..]),
+        (&["bench", "generate"], &["--batch", "--device"]),
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let h = String::from_utf8_lossy(&detox(&args).stdout).into_owned();
+        for opt in opts {
+            let lines: Vec<&str> = h.lines().collect();
+            let at = lines.iter().position(|l| l.trim_start().starts_with(opt)).unwrap_or_else(|| panic!("{opt}: {h}"));
+            let same_line = lines[at].split_whitespace().skip(1).any(|w| !w.starts_with('<'));
+            let next = lines.get(at + 1).is_some_and(|l| !l.trim().is_empty() && !l.trim_start().starts_with('-'));
+            let described = same_line || next;
+            assert!(described, "{cmd:?} {opt} has no help text:\n{h}");
+        }
+    }
+    let h = String::from_utf8_lossy(&detox(&["train", "--help"]).stdout).into_owned();
+    assert!(h.contains("130"), "train --help names the interrupted exit status: {h}");
+}
+
+/// Issue 14.4: an interrupted `detox sft` evaluates and saves, then exits 130 with a final line
+/// that says so (a hook raises the Ctrl-C flag after step 1 of 2).
+#[test]
+fn an_interrupted_sft_saves_and_exits_130() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model, "3");
+    let out = d.path().join("run");
+    let cfg = d.path().join("sft.toml");
+    let data = shared("data/samsum/train.jsonl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {model:?}\n[data]\ntrain = {data:?}\neval = {data:?}\ntrain_limit = 12\n\
+             max_source_len = 48\nmax_target_len = 16\n[optim]\nbatch_size = 6\nwarmup_steps = 1\n\
+             [eval]\nlimit = 3\nmax_new_tokens = 4\n[run]\nepochs = 1\ndevice = \"cpu\"\nout = {out:?}\n"
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_detox"))
+        .args(["sft", "--config", cfg.to_str().unwrap()])
+        .env("DETOX_TEST_INTERRUPT_AT", "sft-step-1")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    let last = e.lines().last().unwrap();
+    assert!(last.starts_with("interrupted after step 1 of 2; evaluated and saved the model: "), "{e}");
+    assert!(e.contains("fine-tuning step 1/2: epoch 1 loss "), "a plain progress line per step: {e}");
+    assert!(out.join("model/model.safetensors").is_file());
+    let log = rows(&std::fs::read_to_string(out.join("log.jsonl")).unwrap());
+    assert_eq!(log.iter().filter(|r| r["kind"] == "step").count(), 1);
+    assert_eq!(log.iter().filter(|r| r["kind"] == "eval").count(), 1);
+}

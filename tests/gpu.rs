@@ -60,6 +60,7 @@ const BODIES: &[(&str, Body)] = &[
         data_parallel::an_sft_step_is_the_same_on_one_worker_and_on_two_or_three(|| Cuda::new(0).unwrap())
     }),
     ("ppo_step::ppo_step_matches_trl", ppo_step::ppo_step_matches_trl::<Cuda>),
+    ("ppo_step::rollout_dropout_applies_masks", ppo_step::rollout_dropout_applies_masks::<Cuda>),
     ("sft_step::sft_step_matches_pytorch", sft_step::sft_step_matches_pytorch::<Cuda>),
     ("t5::encoder_matches", t5::encoder_matches::<Cuda>),
     ("t5::logits_match", t5::logits_match::<Cuda>),

@@ -103,7 +103,7 @@ fn ctrl_c_finishes_the_step_checkpoints_and_exits() {
     init_tiny(&model);
     let out = d.path().join("interrupted");
     let cfg = config(d.path(), &model, &out, "steps = 100000\ncheckpoint_every = 100000\n");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_detox"))
+    let child = Command::new(env!("CARGO_BIN_EXE_detox"))
         .args(["train", "--config", cfg.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -116,8 +116,11 @@ fn ctrl_c_finishes_the_step_checkpoints_and_exits() {
     }
     let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "an interrupted run has its own exit status: {e}");
+    let last = e.lines().last().unwrap();
+    assert!(last.starts_with("interrupted after step ") && last.contains("--resume"), "{e}");
     let latest = std::fs::read_to_string(out.join("latest")).unwrap();
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join(latest.trim()).join("trainer_state.json")).unwrap())
@@ -145,4 +148,121 @@ fn a_blown_up_loss_stops_with_the_last_good_checkpoint_named() {
     assert!(e.contains("non-finite") || e.contains("became NaN") || e.contains("became inf"), "{e}");
     assert!(e.contains("last good checkpoint is") && e.contains("checkpoint-00002"), "{e}");
     assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "checkpoint-00002");
+}
+
+fn steps_logged(out: &Path) -> Vec<u64> {
+    log(out).iter().map(|r| r["step"].as_u64().unwrap()).collect()
+}
+
+/// Issue 14.1: a fresh run into a directory that holds a run is refused, saying how to resume or
+/// overwrite; --overwrite-output-dir starts over with nothing of the old run left.
+#[test]
+fn a_fresh_run_into_a_used_run_directory_is_refused_until_overwrite() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model);
+    let out = d.path().join("used");
+    run_ok(&config(d.path(), &model, &out, "steps = 4\ncheckpoint_every = 2\n"), &[]);
+    let cfg = config(d.path(), &model, &out, "steps = 2\ncheckpoint_every = 2\nseed = 7\n");
+    let o = detox(&["train", "--config", cfg.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("already holds a run") && e.contains("checkpoint-00004"), "{e}");
+    assert!(e.contains(&format!("--resume {}", out.display())) && e.contains("--overwrite-output-dir"), "{e}");
+    assert_eq!(steps_logged(&out), [1, 2, 3, 4], "the refused run wrote nothing");
+    run_ok(&cfg, &["--overwrite-output-dir"]);
+    assert_eq!(steps_logged(&out), [1, 2]);
+    assert!(!out.join("checkpoint-00004").exists(), "the old run's checkpoint stayed");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "checkpoint-00002");
+}
+
+/// Issue 14.3: resuming from an older checkpoint cuts the log back to its step and removes what
+/// interrupted writers left.
+#[test]
+fn resume_cuts_the_log_back_to_the_checkpoint_and_removes_debris() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model);
+    let out = d.path().join("resumed");
+    let cfg = config(d.path(), &model, &out, "steps = 4\ncheckpoint_every = 2\n");
+    run_ok(&cfg, &[]);
+    std::fs::write(out.join(".tmpAbC123"), "torn").unwrap();
+    std::fs::create_dir(out.join(".checkpoint-00003.partial")).unwrap();
+    let three = config(d.path(), &model, &out, "steps = 3\ncheckpoint_every = 2\n");
+    run_ok(&three, &["--resume", out.join("checkpoint-00002").to_str().unwrap()]);
+    assert_eq!(steps_logged(&out), [1, 2, 3]);
+    assert!(!out.join("checkpoint-00004").exists(), "the abandoned later checkpoint stayed");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "checkpoint-00003");
+    assert!(!out.join(".tmpAbC123").exists() && !out.join(".checkpoint-00003.partial").exists());
+}
+
+/// Issue 14.2: a kill between moving the old checkpoint-N aside and naming the new one leaves a
+/// run that `--resume RUN_DIR` continues. Resuming a finished run re-saves its last checkpoint
+/// under the same number, which is the replacement the kill interrupts.
+#[test]
+fn a_kill_while_replacing_a_checkpoint_leaves_a_resumable_run() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model);
+    let out = d.path().join("killed");
+    let cfg = config(d.path(), &model, &out, "steps = 2\ncheckpoint_every = 1\n");
+    run_ok(&cfg, &[]);
+    let o = Command::new(env!("CARGO_BIN_EXE_detox"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--resume"])
+        .arg(&out)
+        .env("DETOX_TEST_KILL_AT", "checkpoint-swap")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("DETOX_TEST_KILL_AT=checkpoint-swap"), "{e}");
+    assert!(!out.join("checkpoint-00002").exists(), "the kill point is mid-replacement");
+    let cfg = config(d.path(), &model, &out, "steps = 3\ncheckpoint_every = 1\n");
+    let o = detox(&["train", "--config", cfg.to_str().unwrap(), "--resume", out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("recovered") && e.contains("resuming from") && e.contains("(step 2)"), "{e}");
+    assert_eq!(steps_logged(&out), [1, 2, 3]);
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "checkpoint-00003");
+    let names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "debris left: {names:?}");
+}
+
+/// Issue 14.4: with stderr not a terminal, one plain line per step with an ETA; the last line
+/// says the run finished.
+#[test]
+fn progress_is_one_plain_line_per_step_when_stderr_is_not_a_terminal() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model);
+    let out = d.path().join("plain");
+    let cfg = config(d.path(), &model, &out, "steps = 3\ncheckpoint_every = 3\n");
+    let o = detox(&["train", "--config", cfg.to_str().unwrap(), "--device", "cpu"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    for n in 1..=3 {
+        let line = e
+            .lines()
+            .find(|l| l.starts_with(&format!("training step {n}/3: reward ")))
+            .unwrap_or_else(|| panic!("{e}"));
+        assert!(line.contains(" s, ETA "), "{line}");
+    }
+    assert!(e.lines().last().unwrap().starts_with("finished 3 steps; checkpoint: "), "{e}");
+}
+
+/// Issue 14.6: invalid [generation] values fail before any work, leaving no log.
+#[test]
+fn invalid_generation_settings_fail_before_the_run_starts() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny");
+    init_tiny(&model);
+    let out = d.path().join("badgen");
+    let cfg = config(d.path(), &model, &out, "steps = 2\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_new_tokens = 8", "max_new_tokens = 8\ntop_p = 0.0");
+    std::fs::write(&cfg, text).unwrap();
+    let o = detox(&["train", "--config", cfg.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("[generation]") && e.contains("top_p"), "{e}");
+    assert!(!out.exists(), "nothing was written");
 }

@@ -116,6 +116,7 @@ pub struct GenArgs {
     /// A model directory to use instead of random weights.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Prompts generated together.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Prompt length in tokens.
@@ -130,6 +131,7 @@ pub struct GenArgs {
     /// LoRA rank on q and v (0: no adapter), as the seed's policy.
     #[arg(long, default_value_t = 32)]
     pub lora_r: usize,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cuda")]
     pub device: Device,
     /// Also write the figures as JSON here.

@@ -25,24 +25,28 @@ pub struct Args {
     /// JSON Lines with "dialogue" and "summary" fields.
     #[arg(long)]
     pub data: String,
-    /// Evaluate the first N rows (all when absent).
+    /// Evaluate the first N rows (all when absent; at least 1).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Where to write the results as JSON (with every row's summary and scores).
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Longest summary, in tokens.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Dialogues (and texts to score) per batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Sample instead of greedy decoding (seeded; see `detox summarize`).
     #[arg(long)]
     pub sample: bool,
+    /// Sampling seed (with --sample); a row's sample depends only on the seed and its position.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The classifier label the table leads with.
     #[arg(long, default_value = "toxicity")]
     pub label: String,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -72,6 +76,8 @@ fn group(labels: &[String], scores: &[Vec<f32>], lead: usize) -> Group {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    ensure!(a.limit != Some(0), "--limit 0 evaluates nothing: give at least 1, or leave it out for every row");
+    let output = a.output.as_ref().map(|p| crate::fsutil::Output::create(&p.to_string_lossy())).transpose()?;
     let rows = text::read_jsonl(&a.data)?;
     let rows = &rows[..a.limit.unwrap_or(rows.len()).min(rows.len())];
     ensure!(!rows.is_empty(), "{} holds no rows to evaluate", a.data);
@@ -87,8 +93,9 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let report = run_on(a.device, Eval { args: a.clone(), dialogues, references })?;
     println!("{}", report.0);
-    if let Some(p) = &a.output {
-        crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.1)?.as_bytes())?;
+    if let Some(mut out) = output {
+        out.text(&serde_json::to_string_pretty(&report.1)?)?;
+        out.commit()?;
     }
     Ok(())
 }
@@ -104,6 +111,7 @@ impl Job for Eval {
 
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let a = &self.args;
+        super::check_finite_weights(&a.model, a.adapter.as_deref())?;
         let mut model = T5::load(be, &a.model)?;
         if let Some(dir) = &a.adapter {
             model.load_adapter(be, dir)?;
@@ -119,7 +127,7 @@ impl Job for Eval {
         )?;
         let generation =
             GenConfig { max_new_tokens: a.max_new_tokens, sample: a.sample, seed: a.seed, ..GenConfig::default() };
-        let pb = super::progress(self.dialogues.len(), "summarizing");
+        let pb = crate::progress::bar(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
         let summaries: Vec<String> =
             crate::summaries::summarize(be, &model, &prompter, &self.dialogues, &generation, a.batch_size, f, |n| {

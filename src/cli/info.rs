@@ -2,7 +2,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::t5::T5Config;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -15,6 +15,10 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let cfg = T5Config::load(&a.model)?;
     let ckpt = Checkpoint::open_dir(&a.model)?;
+    // Every tensor the config implies, with its shape, and finite values.
+    crate::t5::T5::load(&crate::backend::cpu::Cpu, &a.model)
+        .with_context(|| format!("{} does not match its config.json", a.model.display()))?;
+    super::check_finite_weights(&a.model, None)?;
     let mut params = 0usize;
     let mut dtypes = std::collections::BTreeSet::new();
     for name in ckpt.names() {

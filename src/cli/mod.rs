@@ -26,12 +26,21 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Fine-tune the summarizer's LoRA adapters with PPO against a toxicity classifier.
+    #[command(
+        after_help = "Exit status: 0 when it finishes, 130 when Ctrl-C stopped it (after its checkpoint), 1 on an error."
+    )]
     Train(train::Args),
     /// Supervised fine-tuning on dialogue–summary pairs (every weight or LoRA only), saved in Hugging Face layout.
+    #[command(
+        after_help = "Exit status: 0 when it finishes, 130 when Ctrl-C stopped it (after its evaluation and save), 1 on an error."
+    )]
     Sft(sft::Args),
     /// The seed's results table: toxicity of reference and model summaries, ROUGE against the references.
     Eval(eval::Args),
     /// Summarize dialogues from JSON Lines with a T5 model (and optionally a LoRA adapter).
+    #[command(
+        after_help = "Exit status: 0 when it finishes, 130 when Ctrl-C stopped it (the rows done so far are kept), 1 on an error."
+    )]
     Summarize(summarize::Args),
     /// Score texts from JSON Lines with a toxicity classifier (BERT / RoBERTa, Detoxify's layout).
     Score(score::Args),
@@ -62,16 +71,21 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left)")
-            .expect("valid template"),
-    );
-    pb.set_message(what.to_string());
-    pb
+/// The error of a run that Ctrl-C stopped after saving its work: `detox` prints it as the final
+/// line and exits with [`INTERRUPTED`] instead of 0.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
+
+impl std::error::Error for Interrupted {}
+
+/// The exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+pub const INTERRUPTED: u8 = 130;
 
 /// Data-parallel workers, for `detox train`, `detox sft` and `detox bench ppo`.
 #[derive(clap::Args, Debug, Clone)]
@@ -119,4 +133,46 @@ pub fn interrupt_flag(then: &'static str) -> Result<std::sync::Arc<std::sync::at
         eprintln!("\ninterrupt: finishing the current step, then {then} (Ctrl-C again to abort)");
     })?;
     Ok(stop)
+}
+
+/// Checks that `out` (a `[run] out`) holds no earlier run before a run starts there: a directory is
+/// never mixed. `resuming` accepts one (the resumed run cuts its log back); `overwrite` removes
+/// its log, checkpoints and model; otherwise the error says how to `resume` or overwrite.
+pub fn claim_run_dir(out: &std::path::Path, resuming: bool, overwrite: bool, resume: &str) -> Result<()> {
+    let found = crate::fsutil::run_files(out);
+    if found.is_empty() || resuming {
+        return Ok(());
+    }
+    if overwrite {
+        eprintln!("--overwrite-output-dir: removing {} from {}", found.join(", "), out.display());
+        return crate::fsutil::clear_run(out);
+    }
+    anyhow::bail!(
+        "{} already holds a run ({}); {resume}, or start over with --overwrite-output-dir, or set another [run] out",
+        out.display(),
+        found.join(", ")
+    )
+}
+
+/// Refuses a model (and adapter) whose weights hold NaN or infinite values, which would make every
+/// output garbage; the error names the tensor.
+pub fn check_finite_weights(model: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<()> {
+    let mut files = vec![crate::checkpoint::Checkpoint::open_dir(model)?];
+    if let Some(dir) = adapter {
+        let f = dir.join("adapter_model.safetensors");
+        if f.is_file() {
+            files.push(crate::checkpoint::Checkpoint::open_file(&f)?);
+        }
+    }
+    for ckpt in &files {
+        for name in ckpt.names() {
+            let bad = ckpt.get(name)?.to_f32().iter().filter(|x| !x.is_finite()).count();
+            anyhow::ensure!(
+                bad == 0,
+                "{}: tensor {name} holds {bad} NaN or infinite values; the weights are corrupt",
+                ckpt.file_of(name).map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }

@@ -41,18 +41,9 @@ pub fn run(a: Args) -> Result<()> {
     let source = if a.input == "-" { "standard input" } else { a.input.as_str() };
     let texts: Vec<&str> =
         rows.iter().enumerate().map(|(i, r)| text::string_field(r, &a.field, i, source)).collect::<Result<_>>()?;
-    let (labels, scores) = run_on(a.device, Score { args: &a, texts: &texts })?;
-    let mut out = String::new();
-    for (i, (row, probs)) in rows.iter().zip(&scores).enumerate() {
-        // Written by hand so that the id comes first and the labels keep the model's order.
-        let id = row.get("id").cloned().unwrap_or(Value::from(i));
-        out.push_str(&format!("{{\"id\":{id}"));
-        for (label, p) in labels.iter().zip(probs) {
-            out.push_str(&format!(",{}:{}", Value::from(label.as_str()), Value::from(*p)));
-        }
-        out.push_str("}\n");
-    }
-    text::write_output(&a.output, &out)?;
+    let mut out = crate::fsutil::Output::create(&a.output)?;
+    let (labels, scores) = run_on(a.device, Score { args: &a, texts: &texts, rows: &rows, out: &mut out })?;
+    out.commit()?;
     eprint!("{}", summary(&labels, &scores));
     Ok(())
 }
@@ -79,7 +70,12 @@ fn summary(labels: &[String], scores: &[Vec<f32>]) -> String {
 struct Score<'a> {
     args: &'a Args,
     texts: &'a [&'a str],
+    rows: &'a [Value],
+    out: &'a mut crate::fsutil::Output,
 }
+
+/// Texts scored together before their rows are written.
+const WINDOW_BATCHES: usize = 8;
 
 impl Job for Score<'_> {
     /// The reported labels and, per text, their probabilities.
@@ -88,11 +84,27 @@ impl Job for Score<'_> {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let a = self.args;
         let clf = Classifier::load(be, &a.classifier, a.tokenizer.as_deref())?;
-        let pb = super::progress(self.texts.len(), "scoring");
-        let mut scores = clf.score(be, self.texts, a.batch_size, |n| pb.inc(n as u64))?;
-        pb.finish_and_clear();
+        let pb = crate::progress::bar(self.texts.len(), "scoring");
         let labels = clf.reported_labels().to_vec();
-        scores.iter_mut().for_each(|r| r.truncate(labels.len()));
+        let mut scores = Vec::with_capacity(self.texts.len());
+        let window = a.batch_size * WINDOW_BATCHES;
+        for (w, texts) in self.texts.chunks(window).enumerate() {
+            let mut part = clf.score(be, texts, a.batch_size, |n| pb.inc(n as u64))?;
+            for (k, probs) in part.iter_mut().enumerate() {
+                probs.truncate(labels.len());
+                let i = w * window + k;
+                // Written by hand so that the id comes first and the labels keep the model's order.
+                let id = self.rows[i].get("id").cloned().unwrap_or(Value::from(i));
+                let mut line = format!("{{\"id\":{id}");
+                for (label, p) in labels.iter().zip(probs.iter()) {
+                    line.push_str(&format!(",{}:{}", Value::from(label.as_str()), Value::from(*p)));
+                }
+                line.push('}');
+                self.out.line(&line)?;
+            }
+            scores.extend(part);
+        }
+        pb.finish_and_clear();
         Ok((labels, scores))
     }
 }

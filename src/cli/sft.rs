@@ -8,7 +8,7 @@ use crate::sft::trainer::SftTrainer;
 use anyhow::Result;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -17,6 +17,13 @@ pub struct Args {
     /// epoch, evaluated on its validation split, saved to runs/sft/model.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Start afresh in a `[run] out` that already holds a run, removing its log and model (without
+    /// this, such a directory is refused).
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
+    /// Where to compute: auto, cpu, cuda or cuda:N (overrides `[run] device`).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Print the effective settings as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -25,7 +32,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let settings = match &a.config {
+    let mut settings = match &a.config {
         Some(p) => SftSettings::load(p)?,
         None => {
             let s = SftSettings::default();
@@ -33,15 +40,26 @@ pub fn run(a: Args) -> Result<()> {
             s
         }
     };
+    if let Some(d) = &a.device {
+        settings.run.device = d.clone();
+    }
     if a.print_config {
         print!("{}", settings.to_toml()?);
         return Ok(());
     }
-    let stop = super::interrupt_flag("evaluating and saving")?;
     let device = settings.device()?;
-    if let Some(dir) = launch(device, &a.workers.topology(), &Sft { settings, stop })? {
-        eprintln!("model: {}", dir.display());
+    super::claim_run_dir(&settings.run.out, false, a.overwrite_output_dir, "`detox sft` cannot resume")?;
+    let stop = super::interrupt_flag("evaluating and saving")?;
+    let job = Sft { settings, stop: stop.clone() };
+    let Some((dir, step, total)) = launch(device, &a.workers.topology(), &job)? else { return Ok(()) };
+    if stop.load(Ordering::SeqCst) && step < total {
+        return Err(super::Interrupted(format!(
+            "interrupted after step {step} of {total}; evaluated and saved the model: {}",
+            dir.display()
+        ))
+        .into());
     }
+    eprintln!("finished {step} steps; model: {}", dir.display());
     Ok(())
 }
 
@@ -51,9 +69,10 @@ struct Sft {
 }
 
 impl ParallelJob for Sft {
-    type Output = PathBuf;
+    /// The model's directory, the steps taken and the steps planned.
+    type Output = (PathBuf, usize, usize);
 
-    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<PathBuf> {
+    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<(PathBuf, usize, usize)> {
         let mut trainer = SftTrainer::new(be, self.settings.clone(), group)?;
         if group.rank() == 0 {
             eprintln!(
@@ -64,6 +83,7 @@ impl ParallelJob for Sft {
                 be.name()
             );
         }
-        Ok(trainer.run(&self.stop)?.0)
+        let dir = trainer.run(&self.stop)?.0;
+        Ok((dir, trainer.step, trainer.total_steps()))
     }
 }

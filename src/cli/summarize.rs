@@ -7,6 +7,7 @@ use crate::text::{self, Prompter};
 use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -79,27 +80,39 @@ pub fn run(a: Args) -> Result<()> {
         .enumerate()
         .map(|(i, r)| text::string_field(r, "dialogue", i, source).map(str::to_owned))
         .collect::<Result<_>>()?;
-    let summaries = run_on(a.device, Summarize { args: &a, dialogues: &dialogues, generation })?;
-    let mut out = String::new();
-    for (i, (row, (summary, tokens))) in rows.iter().zip(summaries).enumerate() {
-        let id = row.get("id").cloned().unwrap_or(Value::from(i));
-        out.push_str(&json!({ "id": id, "summary": summary, "tokens": tokens }).to_string());
-        out.push('\n');
+    let mut out = crate::fsutil::Output::create(&a.output)?;
+    let stop = super::interrupt_flag("writing the summaries done so far")?;
+    let job = Summarize { args: &a, dialogues: &dialogues, rows: &rows, generation, out: &mut out, stop: &stop };
+    let finished = run_on(a.device, job)?;
+    let written = out.rows;
+    out.commit()?;
+    if !finished {
+        return Err(super::Interrupted(format!(
+            "interrupted after {written} of {} rows; they are in {}",
+            rows.len(),
+            a.output
+        ))
+        .into());
     }
-    text::write_output(&a.output, &out)
+    Ok(())
 }
 
 struct Summarize<'a> {
     args: &'a Args,
     dialogues: &'a [String],
+    rows: &'a [Value],
     generation: GenConfig,
+    out: &'a mut crate::fsutil::Output,
+    stop: &'a AtomicBool,
 }
 
 impl Job for Summarize<'_> {
-    type Output = Vec<(String, Vec<u32>)>;
+    /// Whether every row was written (false: Ctrl-C stopped it after a window of rows).
+    type Output = bool;
 
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let a = self.args;
+        super::check_finite_weights(&a.model, a.adapter.as_deref())?;
         let mut model = T5::load(be, &a.model)?;
         if let Some(dir) = &a.adapter {
             model.load_adapter(be, dir)?;
@@ -113,9 +126,11 @@ impl Job for Summarize<'_> {
             c.eos_token_id,
             c.vocab_size,
         )?;
-        let pb = super::progress(self.dialogues.len(), "summarizing");
+        let pb = crate::progress::bar(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
-        let results = crate::summaries::summarize(
+        let (rows, out, stop) = (self.rows, self.out, self.stop);
+        let mut finished = true;
+        let r = crate::summaries::summarize_each(
             be,
             &model,
             &prompter,
@@ -123,9 +138,26 @@ impl Job for Summarize<'_> {
             &self.generation,
             a.batch_size,
             f,
-            |n| pb.inc(n as u64),
-        )?;
+            |i, (summary, tokens)| {
+                let id = rows[i].get("id").cloned().unwrap_or(Value::from(i));
+                out.line(&json!({ "id": id, "summary": summary, "tokens": tokens }).to_string())?;
+                pb.inc(1);
+                if crate::fsutil::test_point("DETOX_TEST_INTERRUPT_AT", &format!("summarize-row-{}", i + 1)) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                // A Ctrl-C stops at the end of a window, whose rows are all written.
+                let window_end = (i + 1) % (a.batch_size * crate::summaries::WINDOW_BATCHES) == 0;
+                if window_end && i + 1 < rows.len() && stop.load(Ordering::SeqCst) {
+                    finished = false;
+                    anyhow::bail!("stopped");
+                }
+                Ok(())
+            },
+        );
         pb.finish_and_clear();
-        Ok(results)
+        match r {
+            Err(_) if !finished => Ok(false),
+            r => r.map(|()| true),
+        }
     }
 }

@@ -53,12 +53,22 @@ pub fn save<B: Backend>(
     }
     write_safetensors(&partial.join(OPTIMIZER), &tensors, None)?;
     crate::fsutil::write_atomic(&partial.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    // Replacing checkpoint-N: the old one is moved aside, not deleted, until the new one has its
+    // name. A kill at any point leaves a complete checkpoint that `resolve` finds.
+    let old = out.join(format!(".{name}.old"));
     if dest.exists() {
-        std::fs::remove_dir_all(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        std::fs::rename(&dest, &old).with_context(|| format!("moving {} aside", dest.display()))?;
+        crate::fsutil::kill_point("checkpoint-swap");
     }
     std::fs::rename(&partial, &dest)
         .with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
     crate::fsutil::write_atomic(&out.join(LATEST), name.as_bytes())?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
     Ok(dest)
 }
 
@@ -71,10 +81,46 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
     if latest.is_file() {
         let name = crate::fsutil::read_text(&latest)?;
         let d = dir.join(name.trim());
+        if !d.join(STATE).is_file() {
+            recover(dir, name.trim())?;
+        }
         ensure!(d.join(STATE).is_file(), "{} names {}, which holds no {STATE}", latest.display(), d.display());
         return Ok(d);
     }
     bail!("{} is neither a checkpoint (no {STATE}) nor a run directory (no {LATEST})", dir.display())
+}
+
+/// Finishes a save of `dir/name` that a kill stopped between moving the old checkpoint aside and
+/// naming the new one: the new one (complete: its state is written last) takes the name, or else
+/// the old one gets it back.
+fn recover(dir: &Path, name: &str) -> Result<()> {
+    let d = dir.join(name);
+    for candidate in [dir.join(format!(".{name}.partial")), dir.join(format!(".{name}.old"))] {
+        if candidate.join(STATE).is_file() && !d.exists() {
+            std::fs::rename(&candidate, &d)
+                .with_context(|| format!("recovering {} from {}", d.display(), candidate.display()))?;
+            eprintln!("recovered {} from {} (a save was interrupted)", d.display(), candidate.display());
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Removes `out`'s checkpoints of steps after `step`: a run resumed from an older checkpoint
+/// discards the later ones, as it cuts the log back, so the directory holds one history.
+pub fn discard_after(out: &Path, step: usize) -> Result<Vec<String>> {
+    let mut gone = Vec::new();
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(gone) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let later = name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n > step);
+        if later && e.path().join(STATE).is_file() {
+            std::fs::remove_dir_all(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            gone.push(name);
+        }
+    }
+    gone.sort();
+    Ok(gone)
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {

@@ -40,19 +40,24 @@ pub struct RewardModel<'a, B: Backend> {
 }
 
 /// Each response's reward, and the classifier's probability of the reward label (0 for the toy
-/// reward).
+/// reward). `on_scored(done, total)` follows this worker's classifier batches.
 pub fn reward<B: Backend>(
     be: &B,
     group: &dyn Collective<B>,
     rm: &RewardModel<'_, B>,
     responses: &[Vec<u32>],
+    on_scored: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let r = rm.settings;
     let mine = &responses[shard(responses.len(), group.rank(), group.world())];
     let (scores, toxicity): (Vec<f32>, Vec<f32>) = match (r.kind, rm.classifier) {
         (RewardKind::Classifier, Some((clf, label))) => {
             let texts: Vec<String> = mine.iter().map(|t| (rm.decode)(t)).collect::<Result<_>>()?;
-            let logits = clf.logits(be, &texts, r.batch_size, |_| {})?;
+            let mut scored = 0;
+            let logits = clf.logits(be, &texts, r.batch_size, |n| {
+                scored += n;
+                on_scored(scored, texts.len());
+            })?;
             (
                 logits.iter().map(|l| r.transform.apply(l[label])).collect(),
                 logits.iter().map(|l| crate::classifier::sigmoid(l[label])).collect(),

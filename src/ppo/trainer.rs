@@ -15,6 +15,7 @@ use crate::backend::Backend;
 use crate::classifier::Classifier;
 use crate::device::GpuStats;
 use crate::parallel::{Collective, sum_host};
+use crate::progress::Progress;
 use crate::t5::{T5, ValueHead};
 use crate::text::{Prompter, tokenizer_path};
 use anyhow::{Context, Result, ensure};
@@ -68,6 +69,8 @@ pub struct Trainer<'a, B: Backend> {
     /// PPO steps completed.
     pub step: usize,
     gpu: Option<GpuStats>,
+    /// Phase ticks within a step (hidden but on worker 0 during `run`).
+    progress: Progress,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -128,7 +131,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         )?;
         let data = Dialogues::load(&s.data)?;
         let gpu = be.ordinal().and_then(GpuStats::open);
-        Ok(Self { be, group, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu })
+        let progress = Progress::hidden();
+        Ok(Self { be, group, settings, policy, optimizer, kl, classifier, prompter, data, step, gpu, progress })
     }
 
     /// One PPO iteration.
@@ -144,12 +148,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let streams: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
 
         // 2. Rollout: the current policy samples a summary of each; its adapters stay fixed for it.
+        self.progress.phase("rollout", 0, prompts.len(), "prompts");
         let responses = self.rollout(&prompts, &streams)?;
         let rolled = Instant::now();
+        let tokens: usize = responses.iter().map(Vec::len).sum();
+        self.progress.phase("reward", 0, responses.len(), &format!("summaries ({tokens} tokens sampled)"));
 
         // 3. Reward: the classifier's verdict on each decoded summary.
         let (scores, toxicity) = self.reward(&responses)?;
         let rewarded = Instant::now();
+        let minibatches = s.ppo.ppo_epochs * s.ppo.batch_size.div_ceil(s.ppo.mini_batch_size);
+        self.progress.phase("optimise", 0, minibatches, "minibatches");
+        let progress = &self.progress;
+        let per_epoch = s.ppo.batch_size.div_ceil(s.ppo.mini_batch_size);
 
         // 4–5. Advantages and optimisation: the reference and rollout passes, KL-shaped rewards,
         // minibatch epochs of the clipped losses with the backward and Adam, the KL controller.
@@ -161,7 +172,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let opts = StepOptions { shuffle: true, seed: crate::seeds::ppo_step(s.run.seed, self.step), loss_scale };
         let env = StepEnv { be, group: self.group, cfg: &s.ppo, opts };
         let learner = Learner { policy: &mut self.policy, opt: &mut self.optimizer, kl: &mut self.kl };
-        let report = ppo_step(&env, learner, &rollout, &mut |_, _, _| Ok(()))?;
+        let report = ppo_step(&env, learner, &rollout, &mut |epoch, m, _| {
+            progress.phase("optimise", epoch * per_epoch + m + 1, minibatches, "minibatches");
+            Ok(())
+        })?;
         self.step += 1;
         let done = Instant::now();
 
@@ -199,7 +213,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let decode = |t: &[u32]| self.prompter.decode(t);
         let classifier = self.classifier.as_ref().map(|(c, label)| (c, *label));
         let rm = RewardModel { settings: &self.settings.reward, classifier, decode: &decode };
-        phases::reward(self.be, self.group, &rm, responses)
+        phases::reward(self.be, self.group, &rm, responses, &mut |scored, total| {
+            self.progress.phase("reward", scored, total, "summaries")
+        })
     }
 
     /// Samples one response per prompt with the policy's adapters merged (they are fixed until the
@@ -210,29 +226,36 @@ impl<'a, B: Backend> Trainer<'a, B> {
         phases::rollout(self.be, self.group, &mut self.policy.model, (prompts, streams), &cfg)
     }
 
-    /// Runs the remaining steps: a JSON Lines log in `run.out`, a progress bar, checkpoints every
-    /// `checkpoint_every` steps and at the end. When `stop` turns true (Ctrl-C) the current step
-    /// finishes, a checkpoint is written and the loop returns.
+    /// Runs the remaining steps: a JSON Lines log in `run.out` (cut back to the resumed step, so a
+    /// resumed run logs each step once), progress on stderr, checkpoints every `checkpoint_every`
+    /// steps and at the end. When `stop` turns true (Ctrl-C) the current step finishes, a
+    /// checkpoint is written and the loop returns.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<PathBuf> {
         let root = self.group.rank() == 0;
         let out = self.settings.run.out.clone();
         let log_path = out.join("log.jsonl");
         let mut log = if root {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            crate::fsutil::remove_debris(&out)?;
+            crate::fsutil::truncate_log(&log_path, self.step)?;
+            let gone = checkpoint::discard_after(&out, self.step)?;
+            if !gone.is_empty() {
+                eprintln!("resuming at step {}: removed the later {}", self.step, gone.join(", "));
+            }
             let f = std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
             Some(f.with_context(|| format!("opening {}", log_path.display()))?)
         } else {
             None
         };
         let total = self.settings.run.steps;
-        let pb = if root { crate::cli::progress(total, "training") } else { indicatif::ProgressBar::hidden() };
-        pb.set_position(self.step as u64);
+        self.progress = if root { Progress::stderr(total, "training") } else { Progress::hidden() };
+        self.progress.set_position(self.step);
         let mut last = None;
         while self.step < total {
             let entry = match self.iteration() {
                 Ok(e) => e,
                 Err(e) => {
-                    pb.abandon();
+                    self.progress.stop();
                     let kept = checkpoint::resolve(&out).map(|d| d.display().to_string());
                     return Err(e.context(format!(
                         "training stopped at step {}; the last good checkpoint is {}",
@@ -245,11 +268,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 writeln!(f, "{}", serde_json::to_string(&entry)?)
                     .with_context(|| format!("writing {}", log_path.display()))?;
             }
-            pb.set_message(format!(
-                "reward {:.3} toxicity {:.4} kl {:.3}",
-                entry.reward_mean, entry.toxicity_mean, entry.kl
-            ));
-            pb.inc(1);
+            self.progress.step(
+                format!("reward {:.3} toxicity {:.4} kl {:.3}", entry.reward_mean, entry.toxicity_mean, entry.kl),
+                entry.time_step_s,
+            );
             // A Ctrl-C on any machine stops every worker after the same step.
             let stopping = sum_host(self.group, self.be, &[stop.load(Ordering::SeqCst) as u8 as f32])?[0] > 0.0;
             let due = self.step.is_multiple_of(self.settings.run.checkpoint_every) || self.step == total;
@@ -257,11 +279,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 last = Some(self.checkpoint()?);
             }
             if stopping {
-                pb.abandon_with_message(format!("interrupted after step {}", self.step));
                 break;
             }
         }
-        pb.finish();
+        self.progress.stop();
+        self.progress = Progress::hidden();
         match last {
             Some(dir) => Ok(dir),
             None if root => self.checkpoint(),

@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::device::GpuStats;
 use crate::parallel::{Collective, shard, sum_host};
+use crate::progress::Progress;
 use crate::t5::model::Fwd;
 use crate::t5::{GenConfig, T5};
 use crate::text::{Prompter, tokenizer_path};
@@ -254,15 +255,17 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         let total = self.total_steps();
         let limit = self.settings.run.time_limit_s;
         let started = Instant::now();
-        let pb = if root { crate::cli::progress(total, "fine-tuning") } else { indicatif::ProgressBar::hidden() };
+        let mut pb = if root { Progress::stderr(total, "fine-tuning") } else { Progress::hidden() };
         let mut last = None;
         'epochs: for epoch in 0.. {
             let batches = self.train.epoch(epoch, self.settings.optim.batch_size, self.settings.run.seed);
             for rows in &batches {
                 let entry = self.iteration(rows, epoch)?;
                 write(serde_json::to_string(&entry)?)?;
-                pb.set_message(format!("epoch {} loss {:.4} lr {:.2e}", epoch + 1, entry.loss, entry.lr));
-                pb.inc(1);
+                pb.step(format!("epoch {} loss {:.4} lr {:.2e}", epoch + 1, entry.loss, entry.lr), entry.time_step_s);
+                if crate::fsutil::test_point("DETOX_TEST_INTERRUPT_AT", &format!("sft-step-{}", self.step)) {
+                    stop.store(true, Ordering::SeqCst);
+                }
                 // Any worker's time limit or Ctrl-C stops them all at the same step.
                 let timed_out = limit > 0.0 && started.elapsed().as_secs_f64() >= limit;
                 let flags = [timed_out as u8 as f32, stop.load(Ordering::SeqCst) as u8 as f32];
@@ -288,7 +291,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
                 last = Some(e);
             }
         }
-        pb.finish();
+        pb.stop();
         let dir = out.join("model");
         match last {
             Some(e) => {

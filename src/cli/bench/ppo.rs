@@ -111,7 +111,7 @@ impl<B: Backend> Bench<B> {
         };
         let classifier = self.classifier.as_ref().map(|(clf, label, _)| (clf, *label));
         let rm = RewardModel { settings: &self.reward, classifier, decode: &decode };
-        let (scores, _) = phases::reward(be, group, &rm, &responses)?;
+        let (scores, _) = phases::reward(be, group, &rm, &responses, &mut |_, _| {})?;
         range(Phase::Reward, false)?;
         range(Phase::Step, true)?;
         be.sync()?;
