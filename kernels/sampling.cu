@@ -1,20 +1,7 @@
-// Log-softmax over the vocabulary and the choice of the next token (greedy, or a draw after
-// temperature, top-k and top-p), one block per row. The draw inverts the CDF of the kept tokens in
-// vocabulary order with the shared counter RNG, exactly as the CPU reference does.
+// The choice of the next token (greedy, or a draw after temperature, top-k and top-p), one block
+// per row. The draw inverts the CDF of the kept tokens in vocabulary order with the shared counter
+// RNG, exactly as the CPU reference does.
 #include "common.cuh"
-
-extern "C" __global__ void log_softmax_f32(const float* x, float* y, int V) {
-    __shared__ float scratch[32];
-    const float* xr = x + (long)blockIdx.x * V;
-    float* yr = y + (long)blockIdx.x * V;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, xr[i]);
-    mx = block_max(mx, scratch);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += __expf(xr[i] - mx);
-    float lse = mx + logf(block_sum(s, scratch));
-    for (int i = threadIdx.x; i < V; i += blockDim.x) yr[i] = xr[i] - lse;
-}
 
 struct SampleParams {
     const uint32_t* streams;
