@@ -36,7 +36,7 @@ pub struct Dropout {
 
 /// The low-rank branch of one LoRA module: `y[:, col..col + out] += scale · B(A(dropout(x)))`. A
 /// product may carry several, one per module whose rows its weight stacks.
-pub struct LoraRef<'a, B: Backend> {
+pub struct LoraRef<'a, B: Device> {
     /// `[r, in]`
     pub a: &'a B::Tensor,
     /// `[out, r]`
@@ -50,7 +50,7 @@ pub struct LoraRef<'a, B: Backend> {
 }
 
 /// Where one LoRA branch's gradients accumulate (`Backend::linear_backward`).
-pub struct LoraGrad<'a, B: Backend> {
+pub struct LoraGrad<'a, B: Device> {
     /// `[r, in]`
     pub a: &'a mut B::Tensor,
     /// `[out, r]`
@@ -72,7 +72,7 @@ pub struct AdamStep {
 
 /// One tensor of a multi-tensor Adam update: the parameter `p` with gradient `g` and moments `m`,
 /// `v` (all f32, one shape).
-pub struct AdamSlot<'a, B: Backend> {
+pub struct AdamSlot<'a, B: Device> {
     pub p: &'a mut B::Tensor,
     pub g: &'a B::Tensor,
     pub m: &'a mut B::Tensor,
@@ -116,7 +116,7 @@ impl AdamStep {
 }
 
 /// T5's learned relative position bias, looked up inside attention.
-pub struct RelBias<'a, B: Backend> {
+pub struct RelBias<'a, B: Device> {
     /// `relative_attention_bias.weight`, `[num_buckets, heads]`
     pub table: &'a B::Weight,
     pub bidirectional: bool,
@@ -144,20 +144,20 @@ pub enum Activation {
 
 /// Where a decoding loop stands. `Counter` is a one-element ids tensor that the loop moves with
 /// `advance`, so that a step captured once as a GPU graph replays at the current position.
-pub enum Position<'a, B: Backend> {
+pub enum Position<'a, B: Device> {
     At(usize),
     Counter(&'a B::Ids),
 }
 
-impl<B: Backend> Clone for Position<'_, B> {
+impl<B: Device> Clone for Position<'_, B> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<B: Backend> Copy for Position<'_, B> {}
+impl<B: Device> Copy for Position<'_, B> {}
 
 /// What one attention call needs beyond q, k and v.
-pub struct AttnSpec<'a, B: Backend> {
+pub struct AttnSpec<'a, B: Device> {
     pub heads: usize,
     pub d_kv: usize,
     /// Multiplies q·k: 1 for T5 (unscaled), 1/√d_kv for BERT.
@@ -191,47 +191,78 @@ pub struct SampleSpec {
     pub min_new_tokens: usize,
 }
 
-pub trait Backend: Sized + Send + Sync {
+/// What a backend is before it computes: its tensor types, memory, transfers, synchronisation and
+/// recorded steps.
+pub trait Device: Sized + Send + Sync {
     /// f32 values: activations, trainable parameters, gradients.
     type Tensor: Shaped + Send + Sync;
+
     /// A frozen parameter in the backend's storage precision.
     type Weight: Shaped + Send + Sync;
+
     /// u32 indices: token ids, lengths, flags.
     type Ids: Shaped + Send + Sync;
 
     fn name(&self) -> String;
+
     /// The CUDA device ordinal this backend runs on (None on the CPU): NVML's index for GPU stats.
     fn ordinal(&self) -> Option<usize>;
+
     /// The loss scale a run uses when its settings give none: 1 where products are f32, a power
     /// of two where they are half and small gradients would underflow.
     fn default_loss_scale(&self) -> f32;
 
     /// Waits for all queued work (for timing; results are read with download, which waits itself).
     fn sync(&self) -> Result<()>;
+
     /// The most memory the backend has held since the last reset, where it can tell.
     fn peak_memory(&self) -> Option<usize>;
+
     fn reset_peak_memory(&self);
+
     /// Opens (`true`) or closes the range a profiler started with collection off records, such as
     /// `ncu --profile-from-start off`; nothing where there is no such profiler.
     fn profiler_range(&self, _open: bool) -> Result<()> {
         Ok(())
     }
+
     /// Fails with a clear message when the device cannot hold `bytes` more for `what`.
     fn reserve(&self, bytes: usize, what: &str) -> Result<()>;
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
     fn zeros_as(&self, shape: &[usize], prec: Prec) -> Result<Self::Tensor>;
+
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
         self.zeros_as(shape, Prec::F32)
     }
+
     fn upload_weight(&self, w: &HostTensor<'_>) -> Result<Self::Weight>;
+
     fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids>;
+
     /// The same values under another shape of as many elements (row-major: no data moves).
     fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
 
+    /// A recorded decoding step (a CUDA graph; nothing on the CPU).
+    type Graph;
+
+    /// Runs `step`, or replays it: the first call records it into `graph` (on backends that can),
+    /// later calls replay the recording. A recorded step may only touch buffers that outlive the
+    /// graph and must take every position from counters (`Position::Counter`).
+    fn run_step(&self, graph: &mut Option<Self::Graph>, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+}
+
+/// Products with frozen weights (plus LoRA branches) and trainable affine layers, embedding lookups,
+/// and their gradients.
+pub trait LinearOps: Device {
     /// `table[ids]`: `[..ids] → [..ids, d]`.
     fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
+
     /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
     fn linear_to(
         &self,
@@ -240,9 +271,11 @@ pub trait Backend: Sized + Send + Sync {
         lora: &[LoraRef<'_, Self>],
         out: Prec,
     ) -> Result<Self::Tensor>;
+
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Tensor> {
         self.linear_to(x, w, lora, Prec::F32)
     }
+
     /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
     fn linear_add(
         &self,
@@ -251,34 +284,125 @@ pub trait Backend: Sized + Send + Sync {
         lora: &[LoraRef<'_, Self>],
         acc: &mut Self::Tensor,
     ) -> Result<()>;
+
     /// `w + Σ scale · B · A` over each branch's rows (PEFT's merge): one product per projection
     /// instead of three while an adapter stays fixed, as it does through a rollout.
     fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight>;
+
     /// A copy of trainable values in the precision this backend's products read, or None when
     /// they read the f32 values themselves (made once per update, not once per product).
     fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>>;
+
+    /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
+    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+
+    /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
+    /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        lora: &[LoraRef<'_, Self>],
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        grads: &mut [LoraGrad<'_, Self>],
+    ) -> Result<()>;
+
+    /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
+    fn affine_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
+        dw: &mut Self::Tensor,
+        db: Option<&mut Self::Tensor>,
+    ) -> Result<()>;
+
+    /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
+    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
+
+    /// Backward of `embedding`: `d_table[ids[i]] += dy[i]`.
+    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()>;
+
+    /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
+    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
+}
+
+/// Data movement: the pieces of a stacked projection, row gathers, KV-cache appends and counters.
+pub trait LayoutOps: Device {
     /// Splits the last dimension into consecutive pieces of the given widths (the outputs of a
     /// stacked projection), each keeping the input's precision.
     fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
-    /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
-    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
-    /// `x += bias` on every row (`bias` has the last dimension's size).
-    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
-    /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
-    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
-    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+
     /// Rows `rows[i]` of `x [N, d]` (x viewed as rows of its last dimension) → `[M, d]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor>;
-    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
-    /// feeds matrix products, so a backend may store it in half.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// Writes `src [B, n, D]` into rows `pos..pos + n` of `dst [B, cap, D]` (KV-cache append).
+    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: Position<'_, Self>) -> Result<()>;
+
+    /// `write_rows` for ids: `src [B, n]` into columns `pos..pos + n` of `dst [B, cap]`.
+    fn write_ids(&self, dst: &mut Self::Ids, src: &Self::Ids, pos: Position<'_, Self>) -> Result<()>;
+
+    /// Adds `n` to a one-element counter.
+    fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()>;
+
+    /// Copies `src` into `dst` starting at flat element `offset`.
+    fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
+
+    /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
+    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor>;
+}
+
+/// Element-wise arithmetic, activations, gated-gelu and dropout, with their backward forms.
+pub trait ElementwiseOps: Device {
+    /// `x += bias` on every row (`bias` has the last dimension's size).
+    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
+
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+
     /// `x *= s`.
     fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+
     /// `x += y`, same shapes.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
     /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
     /// `wo`, so a backend may store it in half.
     fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Inverted dropout `y = x · mask / (1 − p)`; the same call on a gradient is its backward.
+    fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
+
+    /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
+    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// RMS norm and LayerNorm, and the RMS norm's input and weight gradients.
+pub trait NormOps: Device {
+    /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
+    /// feeds matrix products, so a backend may store it in half.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
+    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
+}
+
+/// Attention with T5's relative position bias, its backward and the bias table's gradient.
+pub trait AttentionOps: Device {
     /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
     /// projection, so a backend may store it in half).
     fn attention(
@@ -288,16 +412,61 @@ pub trait Backend: Sized + Send + Sync {
         v: &Self::Tensor,
         spec: &AttnSpec<'_, Self>,
     ) -> Result<Self::Tensor>;
-    /// Writes `src [B, n, D]` into rows `pos..pos + n` of `dst [B, cap, D]` (KV-cache append).
-    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: Position<'_, Self>) -> Result<()>;
-    /// `write_rows` for ids: `src [B, n]` into columns `pos..pos + n` of `dst [B, cap]`.
-    fn write_ids(&self, dst: &mut Self::Ids, src: &Self::Ids, pos: Position<'_, Self>) -> Result<()>;
-    /// Adds `n` to a one-element counter.
-    fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()>;
-    /// Copies `src` into `dst` starting at flat element `offset`.
-    fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
+
+    /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+
+    /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
+    /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
+    fn attention_bias_grad(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+        d_table: &mut Self::Tensor,
+    ) -> Result<()>;
+}
+
+/// Log-probabilities over the vocabulary: log-softmax, chosen tokens' log-probabilities with
+/// entropy, cross-entropy, and their gradients.
+pub trait LossOps: Device {
     /// Log-softmax over the last dimension.
     fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
+    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)>;
+
+    /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
+    fn token_logprobs_backward(
+        &self,
+        logits: &Self::Tensor,
+        tokens: &Self::Ids,
+        dlogp: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+
+    /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
+    /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
+    /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Ids,
+        weights: &Self::Tensor,
+        smoothing: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+}
+
+/// Choosing the next token on the device.
+pub trait SamplingOps: Device {
     /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
     /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
     /// log-probability under the model's own distribution (the raw logits, before any processor).
@@ -315,103 +484,34 @@ pub trait Backend: Sized + Send + Sync {
         tokens: &mut Self::Ids,
         logprobs: &mut Self::Tensor,
     ) -> Result<()>;
+}
 
-    // ---- training: the backward forms, written to accumulate where gradients meet ----
-
-    /// Inverted dropout `y = x · mask / (1 − p)`; the same call on a gradient is its backward.
-    fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
-    /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
-    /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
-    fn linear_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        grads: &mut [LoraGrad<'_, Self>],
-    ) -> Result<()>;
-    /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
-    fn affine_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        dw: &mut Self::Tensor,
-        db: Option<&mut Self::Tensor>,
-    ) -> Result<()>;
-    /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
-    fn rms_norm_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        eps: f32,
-        dy: &Self::Tensor,
-        dx: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
-    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
-    fn attention_backward(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
-    /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
-    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor>;
-    /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
-    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
-    fn token_logprobs_backward(
-        &self,
-        logits: &Self::Tensor,
-        tokens: &Self::Ids,
-        dlogp: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
+/// The optimiser: Adam over many tensors at once, and Σx² for gradient norms.
+pub trait OptimOps: Device {
     /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
     /// since one launch per tensor of a few thousand values costs more than the update itself.
     fn adam(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()>;
-    /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
-    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
-    /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
-    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
-    /// Backward of `embedding`: `d_table[ids[i]] += dy[i]`.
-    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()>;
-    /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
-    /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
-    fn attention_bias_grad(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-        d_table: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
-    /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
-    /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
-    fn cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        targets: &Self::Ids,
-        weights: &Self::Tensor,
-        smoothing: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
-    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
+
     /// Σ x² over every element of every tensor of `xs`, for gradient norms: one read-back for all
     /// of them, so a step's norm waits on the device once, not once per tensor.
     fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
+}
 
-    /// A recorded decoding step (a CUDA graph; nothing on the CPU).
-    type Graph;
-    /// Runs `step`, or replays it: the first call records it into `graph` (on backends that can),
-    /// later calls replay the recording. A recorded step may only touch buffers that outlive the
-    /// graph and must take every position from counters (`Position::Counter`).
-    fn run_step(&self, graph: &mut Option<Self::Graph>, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+/// Every family at once: what model code is written against (`B: Backend`). Any type that
+/// implements them all is a `Backend`.
+pub trait Backend:
+    Device + LinearOps + LayoutOps + ElementwiseOps + NormOps + AttentionOps + LossOps + SamplingOps + OptimOps
+{
+}
+
+impl<T: Device + LinearOps + LayoutOps + ElementwiseOps + NormOps + AttentionOps + LossOps + SamplingOps + OptimOps>
+    Backend for T
+{
+}
+
+/// The traits whose methods a caller on a concrete backend (`Cpu`, `Cuda`) needs in scope.
+pub mod prelude {
+    pub use super::{
+        AttentionOps, Backend, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps,
+    };
 }

@@ -1,0 +1,97 @@
+//! The CUDA norms of kernels/norm.cu: RMS norm and LayerNorm, and the RMS norm's gradients.
+
+use super::*;
+
+/// Rows per block of `rms_weight_grad` (`RMS_ROWS` in kernels/backward.cu).
+const RMS_ROWS: usize = 64;
+
+impl NormOps for Cuda {
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
+        let (rows, d) = x.rows_cols();
+        ensure!(w.numel() == d && b.numel() == d, "layer_norm: parameters do not have {d} values");
+        let y = self.empty(&x.shape, Prec::F32)?;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.gpu.launch(
+            &format!("layer_norm_{}", Self::suffix(x)),
+            cfg,
+            &[&self.ptr_t(x), &self.gpu.ptr(&w.buf), &self.gpu.ptr(&b.buf), &self.ptr_t(&y), &(d as i32), &eps],
+        )?;
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
+        let (rows, d) = x.rows_cols();
+        ensure!(w.numel() == d, "rms_norm: weight has {} values for {d} features", w.numel());
+        let y = self.empty(&x.shape, Prec::Half)?;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.gpu.launch(
+            &format!("rms_norm_{}", Self::suffix(x)),
+            cfg,
+            &[&self.ptr_t(x), &self.gpu.ptr(&w.buf), &self.ptr_t(&y), &(d as i32), &eps],
+        )?;
+        Ok(y)
+    }
+
+    fn rms_norm_backward(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+        dy: &CudaTensor,
+        dx: &mut CudaTensor,
+    ) -> Result<()> {
+        let (rows, d) = x.rows_cols();
+        ensure!(
+            w.numel() == d && dy.shape == x.shape && dx.shape == x.shape,
+            "rms_norm_backward: x {:?}, w {:?}, dy {:?}, dx {:?}",
+            x.shape,
+            w.shape,
+            dy.shape,
+            dx.shape
+        );
+        let dxp = self.grad_ptr(dx, "rms_norm_backward dx")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.gpu.launch(
+            &format!("rms_norm_backward_{}_{}", Self::suffix(x), Self::suffix(dy)),
+            blocks(rows, 256)?,
+            &[&self.ptr_t(x), &self.gpu.ptr(&w.buf), &self.ptr_t(dy), &dxp, &(d as i32), &eps],
+        )
+    }
+
+    /// Two launches: each row's inverse RMS, then column sums over chunks of rows.
+    fn rms_norm_weight_grad(&self, x: &CudaTensor, eps: f32, dy: &CudaTensor, dw: &mut CudaTensor) -> Result<()> {
+        let (rows, d) = x.rows_cols();
+        ensure!(
+            dy.shape == x.shape && dw.numel() == d,
+            "rms_norm_weight_grad: x {:?}, dy {:?}, dw {:?}",
+            x.shape,
+            dy.shape,
+            dw.shape
+        );
+        let dwp = self.grad_ptr(dw, "rms_norm_weight_grad dw")?;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let inverse = self.gpu.alloc::<f32>(rows)?;
+        let ip = self.gpu.ptr(&inverse);
+        self.gpu.launch(
+            &format!("rms_inverse_{}", Self::suffix(x)),
+            blocks(rows, 256)?,
+            &[&self.ptr_t(x), &ip, &(d as i32), &eps],
+        )?;
+        let chunks = rows.div_ceil(RMS_ROWS);
+        ensure!(chunks <= 65535, "rms_norm_weight_grad: {rows} rows exceed the grid");
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.gpu.launch(
+            &format!("rms_weight_grad_{}_{}", Self::suffix(x), Self::suffix(dy)),
+            cfg,
+            &[&self.ptr_t(x), &self.ptr_t(dy), &ip, &dwp, &(rows as i64), &(d as i32)],
+        )
+    }
+}
