@@ -5,17 +5,15 @@
 // relative-position bias table's gradient.
 #include "attention.cuh"
 
-#define QT 64
-#define KT 32
 
-// One thread per query; K and V tiles of KT keys staged in shared memory as f32.
+// One thread per query; K and V tiles of ATTN_PREFILL_KEYS keys staged in shared memory as f32.
 template <typename T, int DK>
 __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* out, AttnParams p) {
     extern __shared__ float smem[];
     resolve(p);
-    float* ks = smem;              // [KT][dk]
-    float* vs = smem + KT * p.dk;  // [KT][dk]
-    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * QT + threadIdx.x;
+    float* ks = smem;              // [ATTN_PREFILL_KEYS][dk]
+    float* vs = smem + ATTN_PREFILL_KEYS * p.dk;  // [ATTN_PREFILL_KEYS][dk]
+    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * ATTN_ROWS + threadIdx.x;
     int inner = p.H * p.dk;
     bool active = i < p.Lq;
     float qr[DK], acc[DK];
@@ -27,11 +25,11 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
     int klen = key_count(p, b);
     int qpos = p.q_offset + i;
     int visible = p.causal ? min(qpos + 1, klen) : klen;
-    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * QT + QT, klen) : klen;
+    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * ATTN_ROWS + ATTN_ROWS, klen) : klen;
     float m = -INFINITY, l = 0.f;
-    for (int j0 = 0; j0 < block_keys; j0 += KT) {
+    for (int j0 = 0; j0 < block_keys; j0 += ATTN_PREFILL_KEYS) {
         __syncthreads();
-        for (int e = threadIdx.x; e < KT * p.dk; e += blockDim.x) {
+        for (int e = threadIdx.x; e < ATTN_PREFILL_KEYS * p.dk; e += blockDim.x) {
             int jj = e / p.dk, d = e % p.dk, j = j0 + jj;
             long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
             ks[e] = j < block_keys ? to_f(k[off]) : 0.f;
@@ -39,7 +37,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
         }
         __syncthreads();
         if (!active) continue;
-        for (int jj = 0; jj < KT && j0 + jj < visible; jj++) {
+        for (int jj = 0; jj < ATTN_PREFILL_KEYS && j0 + jj < visible; jj++) {
             const float* kr = ks + jj * p.dk;
             float s = 0.f;
 #pragma unroll
@@ -69,7 +67,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
 }
 
 #define PREFILL(T, NAME, DK) \
-    extern "C" __global__ void __launch_bounds__(QT) NAME(const T* q, const T* k, const T* v, __half* o, AttnParams p) { \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) NAME(const T* q, const T* k, const T* v, __half* o, AttnParams p) { \
         attention_prefill<T, DK>(q, k, v, o, p); \
     }
 PREFILL(__half, attention_prefill_f16_32, 32)
@@ -177,7 +175,7 @@ extern "C" __global__ void attention_decode_any(const __half* q, const __half* k
 // once in shared memory. Grid (⌈Lq/64⌉, H, B), 128 threads; dk == DK.
 template <int DK>
 __device__ void attention_mma(const __half* q, const __half* k, const __half* v, __half* out, AttnParams p) {
-    constexpr int QB = 64, KB = 64, PAD = DK + 8;
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
     __shared__ __align__(16) __half vs[KB * PAD];
     __shared__ float bias_s[QB + KB];
@@ -295,8 +293,8 @@ __device__ void attention_mma(const __half* q, const __half* k, const __half* v,
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(128) attention_mma_64(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<64>(q, k, v, o, p); }
-extern "C" __global__ void __launch_bounds__(128) attention_mma_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<32>(q, k, v, o, p); }
+extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_64(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<64>(q, k, v, o, p); }
+extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<32>(q, k, v, o, p); }
 
 // ---- attention backward ----
 //
@@ -312,7 +310,6 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma_32(const __half*
 // The plain form: one thread per query (first kernel) or per key (second), tiles of BT rows of
 // the other side staged in shared memory as f32. DK ≥ dk is the compile-time row size.
 #define BT 32
-#define BQ 64
 
 template <int DK>
 __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half* v, const __half* dout, float* dq,
@@ -320,7 +317,7 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     __shared__ float ks[BT * DK];
     __shared__ float vs[BT * DK];
     resolve(p);
-    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * BQ + threadIdx.x;
+    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * ATTN_ROWS + threadIdx.x;
     int inner = p.H * p.dk;
     bool active = i < p.Lq;
     long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
@@ -335,7 +332,7 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     int klen = key_count(p, b);
     int qpos = p.q_offset + i;
     int visible = p.causal ? min(qpos + 1, klen) : klen;
-    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * BQ + BQ, klen) : klen;
+    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * ATTN_ROWS + ATTN_ROWS, klen) : klen;
     float m = -INFINITY, l = 0.f, dsum = 0.f, lse = INFINITY, D = 0.f;
     for (int pass = 0; pass < 2; pass++) {
         for (int j0 = 0; j0 < block_keys; j0 += BT) {
@@ -396,7 +393,7 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
     __shared__ float gs[BT * DK];
     __shared__ float ls[BT], ds_[BT];
     resolve(p);
-    int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * BQ, j = j0 + threadIdx.x;
+    int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * ATTN_ROWS, j = j0 + threadIdx.x;
     int inner = p.H * p.dk;
     int klen = key_count(p, b);
     bool live = j < klen;  // keys past the real ones (padding, spare capacity) get zero gradients
@@ -460,11 +457,11 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
 }
 
 #define PLAIN(DK) \
-    extern "C" __global__ void __launch_bounds__(BQ) attention_backward_dq_plain_##DK( \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dq_plain_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dq, float* lse, float* ds, AttnParams p) { \
         attn_bwd_dq_plain<DK>(q, k, v, g, dq, lse, ds, p); \
     } \
-    extern "C" __global__ void __launch_bounds__(BQ) attention_backward_dkdv_plain_##DK( \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dkdv_plain_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
         const float* ds, AttnParams p) { \
         attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, lse, ds, p); \
@@ -545,7 +542,7 @@ __device__ __forceinline__ void load_tiles(__half* ta, __half* tb, const __half*
 template <int DK>
 __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dq,
                                 float* lse_out, float* dsum_out, AttnParams p) {
-    constexpr int QB = 64, KB = 64, PAD = DK + 8;
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
     __shared__ __align__(16) __half vs[KB * PAD];
     __shared__ float bias_s[QB + KB];
@@ -662,7 +659,7 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
 template <int DK>
 __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
                                   float* dv, const float* lse, const float* dsum, AttnParams p) {
-    constexpr int QB = 64, KB = 64, PAD = DK + 8;
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half qs[QB * PAD];
     __shared__ __align__(16) __half gs[QB * PAD];
     __shared__ float ls[QB], dl[QB], bias_s[QB + KB];
@@ -733,11 +730,11 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
 }
 
 #define MMA(DK) \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma_##DK( \
+    extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dq_mma_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dq, float* lse, float* ds, AttnParams p) { \
         attn_bwd_dq_mma<DK>(q, k, v, g, dq, lse, ds, p); \
     } \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_mma_##DK( \
+    extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dkdv_mma_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
         const float* ds, AttnParams p) { \
         attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, lse, ds, p); \
@@ -752,13 +749,13 @@ MMA(64)
 // in shared memory first, so that global atomics number buckets rather than keys.
 extern "C" __global__ void attention_bias_grad(const __half* q, const __half* k, const __half* v, const __half* dout,
                                                float* d_table, int buckets, AttnParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ float bias_smem[];
     __shared__ float scratch[32];
-    __shared__ float qs[128], gs[128];
+    __shared__ float qs[ATTN_MAX_DK], gs[ATTN_MAX_DK];
     resolve(p);
     int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    float* s = smem;
-    float* dp = smem + p.cap;
+    float* s = bias_smem;
+    float* dp = bias_smem + p.cap;
     float* hist = dp + p.cap;
     int inner = p.H * p.dk;
     long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include "launch.cuh"
 
 typedef unsigned long long u64;
 

@@ -85,7 +85,6 @@ __device__ RowStats row_stats(const float* xr, int V, float* scratch) {
     return st;
 }
 
-#define LP_THREADS 512
 
 // logits [N, V], tokens [N] → logp [N] (the token's log-softmax) and entropy [N], one block per
 // row reading the row once. Tokens come from the sampler or the data set, inside the vocabulary;

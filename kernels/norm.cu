@@ -89,7 +89,6 @@ extern "C" __global__ void rms_inverse_f16(const __half* x, float* r, int d, flo
 
 // dw[c] += Σ_rows dy·x·r over a chunk of RMS_ROWS rows per block (grid: column blocks × row
 // chunks), so that tall inputs spread over the machine; one atomic per column and chunk.
-#define RMS_ROWS 64
 template <typename TX, typename TG>
 __device__ void rms_weight_grad(const TX* x, const TG* dy, const float* r, float* dw, long rows, int d) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;

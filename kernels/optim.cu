@@ -17,7 +17,6 @@ struct AdamTensor {
     long first_block;
 };
 
-#define ADAM_PER_THREAD 4
 
 // torch.optim.Adam's (AdamW's, with `decay` = 1 − lr·weight_decay) element update in the CPU
 // reference's order of operations (`adam_element`: the decay first, torch's lerp for the first
@@ -56,7 +55,6 @@ struct SumSquaresTensor {
     long half;
 };
 
-#define SUM_SQUARES_PER_THREAD 8
 
 // Σx² in f64 over every tensor of a step in one launch: block b takes a chunk of the last tensor
 // whose first block is at most b and writes one partial sum, which the host adds in a fixed order

@@ -51,10 +51,10 @@ __device__ double mass_at_least(const float* x, const SampleParams& p, uint32_t 
     return s;
 }
 
-extern "C" __global__ void __launch_bounds__(1024) select_tokens(const float* logits, SampleParams p) {
+extern "C" __global__ void __launch_bounds__(VOCAB_THREADS) select_tokens(const float* logits, SampleParams p) {
     __shared__ float scratch[32];
     __shared__ double dscratch[32];
-    __shared__ double prefix[1024];
+    __shared__ double prefix[VOCAB_THREADS];
     __shared__ int chosen;
     int row = blockIdx.x;
     if (p.step_counter) p.step = (int)*p.step_counter;

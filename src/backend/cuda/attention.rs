@@ -25,9 +25,6 @@ struct AttnParams {
 // SAFETY: plain old data with the kernel's layout.
 unsafe impl DeviceRepr for AttnParams {}
 
-/// The shared memory `attention_bias_grad` may ask for without opting in to more.
-const SMEM_LIMIT: usize = 48 << 10;
-
 impl Cuda {
     fn bucket_lut(&self, bidirectional: bool, buckets: usize, max_distance: usize) -> Result<u64> {
         let mut luts = self.bucket_luts.lock().expect("bucket table lock");
@@ -90,7 +87,7 @@ impl AttentionOps for Cuda {
             v.shape,
             q.shape
         );
-        ensure!(dk <= 128, "attention: d_kv {dk} > 128 is not supported on CUDA");
+        ensure!(dk <= ATTN_MAX_DK as usize, "attention: d_kv {dk} > {ATTN_MAX_DK} is not supported on CUDA");
         // With a counter the key count is only known on the device; the cache's capacity bounds it.
         let max_keys = if matches!(spec.q_offset, Position::Counter(_)) { k.shape[1] } else { spec.kv_len };
         ensure!(max_keys <= k.shape[1], "attention: kv_len {} exceeds the {} rows of k", spec.kv_len, k.shape[1]);
@@ -102,20 +99,24 @@ impl AttentionOps for Cuda {
         if lq <= 4 {
             let vec = dk == 64 || dk == 32;
             let width = if vec { dk / 8 } else { dk };
-            let groups = 128 / width;
+            let groups = ATTN_ROW_THREADS as usize / width;
             let smem = (dk + k.shape[1] + groups * dk) * 4;
-            ensure!(smem <= 48 * 1024, "attention: {} keys exceed the decode kernel's shared memory", k.shape[1]);
+            ensure!(
+                smem <= SHARED_MEMORY_LIMIT as usize,
+                "attention: {} keys exceed the decode kernel's shared memory",
+                k.shape[1]
+            );
             let cfg = LaunchConfig {
                 grid_dim: (h as u32, b as u32, lq as u32),
-                block_dim: (128, 1, 1),
+                block_dim: (ATTN_ROW_THREADS, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             let name = if vec { format!("attention_decode_{dk}") } else { "attention_decode_any".to_string() };
             self.gpu.launch(&name, cfg, &[&qp, &kp, &vp, &op, &params])?;
         } else if dk == 64 || dk == 32 {
             let cfg = LaunchConfig {
-                grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
-                block_dim: (128, 1, 1),
+                grid_dim: (lq.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
+                block_dim: (ATTN_MMA_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
@@ -128,17 +129,17 @@ impl AttentionOps for Cuda {
                 128
             };
             let cfg = LaunchConfig {
-                grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
-                block_dim: (64, 1, 1),
-                shared_mem_bytes: (2 * 32 * dk * 4) as u32,
+                grid_dim: (lq.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
+                block_dim: (ATTN_ROWS, 1, 1),
+                shared_mem_bytes: (2 * ATTN_PREFILL_KEYS as usize * dk * 4) as u32,
             };
             self.gpu.launch(&format!("attention_prefill_f16_{dk_tile}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
         }
         Ok(out)
     }
 
-    /// Two launches (kernels/backward.cu says how the work is split): per 64 queries, the softmax
-    /// statistics and dq; then per 64 keys, dk and dv. q, k, v and dout are read as half.
+    /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, the softmax
+    /// statistics and dq; then per `ATTN_ROWS` keys, dk and dv. q, k, v and dout are read as half.
     fn attention_backward(
         &self,
         q: &CudaTensor,
@@ -159,7 +160,10 @@ impl AttentionOps for Cuda {
             q.shape
         );
         ensure!(dout.shape == q.shape, "attention_backward: dout {:?} for q {:?}", dout.shape, q.shape);
-        ensure!((1..=128).contains(&dk), "attention_backward: d_kv {dk} is outside 1..=128 on CUDA");
+        ensure!(
+            (1..=ATTN_MAX_DK as usize).contains(&dk),
+            "attention_backward: d_kv {dk} is outside 1..={ATTN_MAX_DK} on CUDA"
+        );
         ensure!(h <= 65535 && b <= 65535, "attention_backward: {h} heads × {b} rows exceed the grid");
         let cap = k.shape[1];
         let max_keys = if matches!(spec.q_offset, Position::Counter(_)) { cap } else { spec.kv_len };
@@ -178,13 +182,13 @@ impl AttentionOps for Cuda {
         // Head sizes of whole m16n8k16 tiles take the tensor cores; others the f32 form, whose row
         // size is fixed at compile time.
         let (form, threads) = match dk {
-            16 | 32 | 64 => (format!("mma_{dk}"), 128),
-            1..=32 => ("plain_32".to_string(), 64),
-            33..=64 => ("plain_64".to_string(), 64),
-            _ => ("plain_128".to_string(), 64),
+            16 | 32 | 64 => (format!("mma_{dk}"), ATTN_MMA_THREADS),
+            1..=32 => ("plain_32".to_string(), ATTN_ROWS),
+            33..=64 => ("plain_64".to_string(), ATTN_ROWS),
+            _ => ("plain_128".to_string(), ATTN_ROWS),
         };
         let grid = |rows: usize| LaunchConfig {
-            grid_dim: (rows.div_ceil(64) as u32, h as u32, b as u32),
+            grid_dim: (rows.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -229,12 +233,15 @@ impl AttentionOps for Cuda {
             q.shape
         );
         ensure!(d_table.shape == [rb.num_buckets, h], "attention_bias_grad: d_table {:?}", d_table.shape);
-        ensure!((1..=128).contains(&dk), "attention_bias_grad: d_kv {dk} is outside 1..=128 on CUDA");
+        ensure!(
+            (1..=ATTN_MAX_DK as usize).contains(&dk),
+            "attention_bias_grad: d_kv {dk} is outside 1..={ATTN_MAX_DK} on CUDA"
+        );
         let cap = k.shape[1];
         let smem = (2 * cap + rb.num_buckets) * 4;
         ensure!(
-            smem <= SMEM_LIMIT,
-            "attention_bias_grad: {cap} keys need {smem} bytes of shared memory, over {SMEM_LIMIT}"
+            smem <= SHARED_MEMORY_LIMIT as usize,
+            "attention_bias_grad: {cap} keys need {smem} bytes of shared memory, over {SHARED_MEMORY_LIMIT}"
         );
         ensure!(lq < 1 << 31 && h <= 65535 && b <= 65535, "attention_bias_grad: {b}×{h}×{lq} exceeds the grid");
         let tp = self.grad_ptr(d_table, "attention_bias_grad d_table")?;
@@ -245,7 +252,7 @@ impl AttentionOps for Cuda {
         let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
         let cfg = LaunchConfig {
             grid_dim: (lq as u32, h as u32, b as u32),
-            block_dim: (128, 1, 1),
+            block_dim: (ATTN_ROW_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         self.gpu.launch(

@@ -65,6 +65,71 @@ impl Cuda {
         }
         Ok(())
     }
+    /// One LoRA branch's share of `linear_backward` (h = scale · dropout(x) · Aᵀ,
+    /// dh = scale · dy[:, cols] · B): `gB += dy[:, cols]ᵀ · h`, `gA += dhᵀ · dropout(x)` and, when
+    /// `dxp` is given, `dx += dropout(dh · A)`. The branch's columns of dy are read in place.
+    fn lora_backward(
+        &self,
+        l: &LoraRef<'_, Self>,
+        g: &LoraGrad<'_, Self>,
+        xh: &CudaSlice<f16>,
+        dyp: u64,
+        dxp: Option<u64>,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<()> {
+        let (r, out) = (l.a.shape[0], l.b.shape[0]);
+        let (gap, gbp) = (self.grad_ptr(g.a, "LoRA A gradient")?, self.grad_ptr(g.b, "LoRA B gradient")?);
+        let made;
+        let (a16, b16) = match l.shadow {
+            Some((a, b)) => (a, b),
+            None => {
+                made = (self.half_copy(l.a)?, self.half_copy(l.b)?);
+                (&made.0, &made.1)
+            }
+        };
+        let (ap, bp) = (self.ptr_t(a16), self.ptr_t(b16));
+        let drop = l.dropout.filter(|d| d.p > 0.0);
+        let dropped;
+        let xin: &CudaSlice<f16> = match drop {
+            Some(d) => {
+                let out = self.gpu.alloc::<f16>(m * k)?;
+                self.gpu.launch(
+                    "dropout_f16",
+                    elementwise(m * k),
+                    &[&self.gpu.ptr(xh), &self.gpu.ptr(&out), &((m * k) as i64), &d.p, &d.seed, &d.stream],
+                )?;
+                dropped = out;
+                &dropped
+            }
+            None => xh,
+        };
+        let xp = self.gpu.ptr(xin);
+        let h = self.gpu.alloc::<f16>(m * r)?;
+        let hp = self.gpu.ptr(&h);
+        self.gemm.nt(xp, ap, hp, r, m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
+        let dyc = half_mat(dyp + (l.col * 2) as u64, n);
+        self.gemm.tn(dyc, half_mat(hp, r), f32_mat(gbp, r), out, m, r, 1.0, 1.0)?;
+        let dh = self.gpu.alloc::<f16>(m * r)?;
+        let dhp = self.gpu.ptr(&dh);
+        self.gemm.nn(dyc, half_mat(bp, r), half_mat(dhp, r), m, out, r, l.scale, 0.0)?;
+        self.gemm.tn(half_mat(dhp, r), half_mat(xp, k), f32_mat(gap, k), r, m, k, 1.0, 1.0)?;
+        match (dxp, drop) {
+            (None, _) => {}
+            (Some(dxp), None) => self.gemm.nn(half_mat(dhp, r), half_mat(ap, k), f32_mat(dxp, k), m, r, k, 1.0, 1.0)?,
+            (Some(dxp), Some(d)) => {
+                // The branch's share passes back through its dropout mask before joining dx.
+                let share = self.gpu.alloc::<f32>(m * k)?;
+                let sp = self.gpu.ptr(&share);
+                self.gemm.nn(half_mat(dhp, r), half_mat(ap, k), f32_mat(sp, k), m, r, k, 1.0, 0.0)?;
+                self.gpu.launch(
+                    "dropout_add_f32",
+                    elementwise(m * k),
+                    &[&sp, &dxp, &((m * k) as i64), &d.p, &d.seed, &d.stream],
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl LinearOps for Cuda {
@@ -155,8 +220,8 @@ impl LinearOps for Cuda {
         let y = self.empty(&shape, Prec::F32)?;
         let warps = m * n;
         let cfg = LaunchConfig {
-            grid_dim: (warps.div_ceil(8).clamp(1, 65535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (warps.div_ceil(ELEMENTWISE_THREADS as usize / 32).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (ELEMENTWISE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let bp = bias.map(|b| self.ptr_t(b)).unwrap_or(0);
@@ -223,58 +288,7 @@ impl LinearOps for Cuda {
                 l.a.shape,
                 l.b.shape
             );
-            let (gap, gbp) = (self.grad_ptr(g.a, "LoRA A gradient")?, self.grad_ptr(g.b, "LoRA B gradient")?);
-            let made;
-            let (a16, b16) = match l.shadow {
-                Some((a, b)) => (a, b),
-                None => {
-                    made = (self.half_copy(l.a)?, self.half_copy(l.b)?);
-                    (&made.0, &made.1)
-                }
-            };
-            let (ap, bp) = (self.ptr_t(a16), self.ptr_t(b16));
-            let drop = l.dropout.filter(|d| d.p > 0.0);
-            let dropped;
-            let xin: &CudaSlice<f16> = match drop {
-                Some(d) => {
-                    let out = self.gpu.alloc::<f16>(m * k)?;
-                    self.gpu.launch(
-                        "dropout_f16",
-                        elementwise(m * k),
-                        &[&self.gpu.ptr(&xh), &self.gpu.ptr(&out), &((m * k) as i64), &d.p, &d.seed, &d.stream],
-                    )?;
-                    dropped = out;
-                    &dropped
-                }
-                None => xh.as_ref(),
-            };
-            let xp = self.gpu.ptr(xin);
-            let h = self.gpu.alloc::<f16>(m * r)?;
-            let hp = self.gpu.ptr(&h);
-            self.gemm.nt(xp, ap, hp, r, m, k, r, Elem::F16, Elem::F16, l.scale, 0.0)?;
-            let dyc = half_mat(dyp + (l.col * 2) as u64, n);
-            self.gemm.tn(dyc, half_mat(hp, r), f32_mat(gbp, r), out, m, r, 1.0, 1.0)?;
-            let dh = self.gpu.alloc::<f16>(m * r)?;
-            let dhp = self.gpu.ptr(&dh);
-            self.gemm.nn(dyc, half_mat(bp, r), half_mat(dhp, r), m, out, r, l.scale, 0.0)?;
-            self.gemm.tn(half_mat(dhp, r), half_mat(xp, k), f32_mat(gap, k), r, m, k, 1.0, 1.0)?;
-            match (dxp, drop) {
-                (None, _) => {}
-                (Some(dxp), None) => {
-                    self.gemm.nn(half_mat(dhp, r), half_mat(ap, k), f32_mat(dxp, k), m, r, k, 1.0, 1.0)?
-                }
-                (Some(dxp), Some(d)) => {
-                    // The branch's share passes back through its dropout mask before joining dx.
-                    let share = self.gpu.alloc::<f32>(m * k)?;
-                    let sp = self.gpu.ptr(&share);
-                    self.gemm.nn(half_mat(dhp, r), half_mat(ap, k), f32_mat(sp, k), m, r, k, 1.0, 0.0)?;
-                    self.gpu.launch(
-                        "dropout_add_f32",
-                        elementwise(m * k),
-                        &[&sp, &dxp, &((m * k) as i64), &d.p, &d.seed, &d.stream],
-                    )?;
-                }
-            }
+            self.lora_backward(l, g, &xh, dyp, dxp, (m, k, n))?;
         }
         Ok(())
     }
@@ -315,7 +329,7 @@ impl LinearOps for Cuda {
             if n > 0 {
                 self.gpu.launch(
                     &format!("column_sum_add_{}", Self::suffix(dy)),
-                    blocks(n, 256)?,
+                    blocks(n, ROW_THREADS)?,
                     &[&self.ptr_t(dy), &dbp, &(m as i64), &(n as i32)],
                 )?;
             }

@@ -3,9 +3,6 @@
 
 use super::*;
 
-/// Threads per row of the log-probability kernels (`LP_THREADS` in kernels/backward.cu).
-pub(super) const LP_THREADS: u32 = 512;
-
 impl Cuda {
     /// The logits of one row per block; checks shared by the forward and the backward.
     pub(super) fn logit_rows(&self, logits: &CudaTensor, tokens: &CudaIds, what: &str) -> Result<(usize, usize)> {
@@ -23,7 +20,7 @@ impl LossOps for Cuda {
         let (rows, v) = logits.rows_cols();
         let Buf::F32(_) = &logits.buf else { bail!("log_softmax expects f32 logits") };
         let y = self.empty(&logits.shape, Prec::F32)?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (VOCAB_THREADS, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch("log_softmax_f32", cfg, &[&self.ptr_t(logits), &self.ptr_t(&y), &(v as i32)])?;
         Ok(y)
     }

@@ -6,6 +6,7 @@ mod attention;
 mod device;
 mod elementwise;
 mod gemm;
+pub mod launch;
 mod layout;
 mod linear;
 mod losses;
@@ -25,6 +26,7 @@ pub use device::{Gpu, visible_gpus};
 use gemm::Mat;
 use gemm::{Elem, Gemm};
 use half::f16;
+use launch::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
 

@@ -2,15 +2,12 @@
 
 use super::*;
 
-/// Rows per block of `rms_weight_grad` (`RMS_ROWS` in kernels/backward.cu).
-const RMS_ROWS: usize = 64;
-
 impl NormOps for Cuda {
     fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
         let (rows, d) = x.rows_cols();
         ensure!(w.numel() == d && b.numel() == d, "layer_norm: parameters do not have {d} values");
         let y = self.empty(&x.shape, Prec::F32)?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch(
             &format!("layer_norm_{}", Self::suffix(x)),
             cfg,
@@ -23,7 +20,7 @@ impl NormOps for Cuda {
         let (rows, d) = x.rows_cols();
         ensure!(w.numel() == d, "rms_norm: weight has {} values for {d} features", w.numel());
         let y = self.empty(&x.shape, Prec::Half)?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch(
             &format!("rms_norm_{}", Self::suffix(x)),
             cfg,
@@ -55,7 +52,7 @@ impl NormOps for Cuda {
         }
         self.gpu.launch(
             &format!("rms_norm_backward_{}_{}", Self::suffix(x), Self::suffix(dy)),
-            blocks(rows, 256)?,
+            blocks(rows, ROW_THREADS)?,
             &[&self.ptr_t(x), &self.gpu.ptr(&w.buf), &self.ptr_t(dy), &dxp, &(d as i32), &eps],
         )
     }
@@ -78,14 +75,14 @@ impl NormOps for Cuda {
         let ip = self.gpu.ptr(&inverse);
         self.gpu.launch(
             &format!("rms_inverse_{}", Self::suffix(x)),
-            blocks(rows, 256)?,
+            blocks(rows, ROW_THREADS)?,
             &[&self.ptr_t(x), &ip, &(d as i32), &eps],
         )?;
-        let chunks = rows.div_ceil(RMS_ROWS);
+        let chunks = rows.div_ceil(RMS_ROWS as usize);
         ensure!(chunks <= 65535, "rms_norm_weight_grad: {rows} rows exceed the grid");
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (d.div_ceil(ROW_THREADS as usize) as u32, chunks as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         self.gpu.launch(

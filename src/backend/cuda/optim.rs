@@ -3,13 +3,13 @@
 use super::*;
 use crate::backend::AdamFactors;
 
-/// Values one block of `adam_multi` updates: 256 threads, 4 each (kernels/backward.cu).
-const ADAM_VALUES_PER_BLOCK: u64 = 1024;
-/// Values one block of `sum_squares_multi` reads: 256 threads, 8 each.
-const SUM_SQUARES_VALUES_PER_BLOCK: u64 = 2048;
+/// Values one block of `adam_multi` updates.
+const ADAM_VALUES_PER_BLOCK: u64 = (ADAM_THREADS * ADAM_PER_THREAD) as u64;
+/// Values one block of `sum_squares_multi` reads.
+const SUM_SQUARES_VALUES_PER_BLOCK: u64 = (SUM_SQUARES_THREADS * SUM_SQUARES_PER_THREAD) as u64;
 
 impl OptimOps for Cuda {
-    /// Every slot in one launch: a table of the tensors (kernels/backward.cu's `AdamTensor`, eight
+    /// Every slot in one launch: a table of the tensors (kernels/optim.cu's `AdamTensor`, eight
     /// 64-bit words each) goes up with the launch, and each block finds its tensor in it.
     fn adam(&self, slots: &mut [AdamSlot<'_, Cuda>], h: &AdamStep) -> Result<()> {
         let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 8);
@@ -42,7 +42,8 @@ impl OptimOps for Cuda {
         }
         let f = h.factors(0.0);
         let table = self.gpu.upload(&table)?;
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (ADAM_THREADS, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch(
             "adam_multi",
             cfg,
@@ -60,7 +61,7 @@ impl OptimOps for Cuda {
         )
     }
 
-    /// Every tensor in one launch (kernels/backward.cu's `SumSquaresTensor`, four 64-bit words
+    /// Every tensor in one launch (kernels/optim.cu's `SumSquaresTensor`, four 64-bit words
     /// each); each block writes one partial sum, and the host adds them once, in order.
     fn sum_squares(&self, xs: &[&CudaTensor]) -> Result<f64> {
         let mut table: Vec<u64> = Vec::with_capacity(xs.len() * 4);
@@ -75,7 +76,11 @@ impl OptimOps for Cuda {
         }
         let partial = self.gpu.alloc::<f64>(blocks as usize)?;
         let table_dev = self.gpu.upload(&table)?;
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SUM_SQUARES_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let count = (table.len() / 4) as i32;
         self.gpu.launch("sum_squares_multi", cfg, &[&self.gpu.ptr(&table_dev), &count, &self.gpu.ptr(&partial)])?;
         Ok(self.gpu.download(&partial, blocks as usize)?.iter().sum())

@@ -63,7 +63,7 @@ impl SamplingOps for Cuda {
             pad: spec.pad,
             suppress_eos: 0,
         };
-        let cfg = LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (VOCAB_THREADS, 1, 1), shared_mem_bytes: 0 };
         self.gpu.launch("select_tokens", cfg, &[&self.ptr_t(logits), &params])
     }
 }
