@@ -29,9 +29,8 @@ pub fn apply_dropout(x: &[f32], d: &crate::backend::Dropout) -> Vec<f32> {
 }
 
 impl ElementwiseOps for Cpu {
-    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> {
+    fn bias_add_impl(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> {
         let (_, d) = x.rows_cols();
-        ensure!(bias.data.len() == d, "bias_add: bias has {} values for {d} features", bias.data.len());
         x.data.chunks_mut(d.max(1)).for_each(|row| row.iter_mut().zip(&bias.data).for_each(|(v, b)| *v += b));
         Ok(())
     }
@@ -50,15 +49,13 @@ impl ElementwiseOps for Cpu {
         Ok(())
     }
 
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> {
-        ensure!(x.shape == y.shape, "add: shapes {:?} and {:?} differ", x.shape, y.shape);
+    fn add_assign_impl(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> {
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
     }
 
-    fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+    fn gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
         let (_, d2) = gate_up.rows_cols();
-        ensure!(d2 % 2 == 0, "gated_gelu: last dimension {d2} is not gate and up halves");
         let f = d2 / 2;
         let y = gate_up.data.chunks(d2.max(1)).flat_map(|r| (0..f).map(move |i| gelu_new(r[i]) * r[f + i])).collect();
         CpuTensor::new(y, &out_shape(&gate_up.shape, f))
@@ -68,10 +65,9 @@ impl ElementwiseOps for Cpu {
         CpuTensor::new(apply_dropout(&x.data, d), &x.shape)
     }
 
-    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
+    fn gated_gelu_backward_impl(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
         let (rows, d2) = gate_up.rows_cols();
         let f = d2 / 2;
-        ensure!(dy.rows_cols() == (rows, f), "gated_gelu_backward: dy {:?} for {:?}", dy.shape, gate_up.shape);
         let mut out = vec![0.0; rows * d2];
         for ((o, gu), g) in out.chunks_mut(d2).zip(gate_up.data.chunks(d2)).zip(dy.data.chunks(f)) {
             for i in 0..f {

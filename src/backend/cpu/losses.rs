@@ -19,9 +19,8 @@ impl LossOps for Cpu {
         CpuTensor::new(y, &logits.shape)
     }
 
-    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> {
+    fn token_logprobs_impl(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> {
         let (n, v) = logits.rows_cols();
-        ensure!(tokens.data.len() == n, "token_logprobs: {} tokens for {n} rows", tokens.data.len());
         let mut lp = Vec::with_capacity(n);
         let mut ent = Vec::with_capacity(n);
         for (row, &t) in logits.data.chunks(v).zip(&tokens.data) {
@@ -34,14 +33,13 @@ impl LossOps for Cpu {
         Ok((CpuTensor::new(lp, &[n])?, CpuTensor::new(ent, &[n])?))
     }
 
-    fn token_logprobs_backward(
+    fn token_logprobs_backward_impl(
         &self,
         logits: &Self::Tensor,
         tokens: &Self::Ids,
         dlogp: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let (n, v) = logits.rows_cols();
-        ensure!(tokens.data.len() == n && dlogp.data.len() == n, "token_logprobs_backward: shapes do not agree");
+        let v = logits.rows_cols().1;
         let mut out = logits.data.clone();
         for ((row, &t), &g) in out.chunks_mut(v).zip(&tokens.data).zip(&dlogp.data) {
             log_softmax_row(row);
@@ -51,7 +49,7 @@ impl LossOps for Cpu {
         CpuTensor::new(out, &logits.shape)
     }
 
-    fn cross_entropy(
+    fn cross_entropy_impl(
         &self,
         logits: &Self::Tensor,
         targets: &Self::Ids,
@@ -59,12 +57,6 @@ impl LossOps for Cpu {
         smoothing: f32,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
         let (n, v) = logits.rows_cols();
-        ensure!(
-            targets.data.len() == n && weights.data.len() == n,
-            "cross_entropy: {} targets and {} weights for {n} rows",
-            targets.data.len(),
-            weights.data.len()
-        );
         let mut loss = Vec::with_capacity(n);
         let mut grad = logits.data.clone();
         for ((row, &t), &w) in grad.chunks_mut(v).zip(&targets.data).zip(&weights.data) {

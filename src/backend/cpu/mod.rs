@@ -16,7 +16,7 @@ use super::rng::{dropout_keep, dropout_key, uniform};
 use super::{Activation, AdamSlot, AdamStep, AttnSpec, LoraGrad, LoraRef, Position, Prec, SampleSpec, Shaped};
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
 use crate::checkpoint::HostTensor;
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 pub use elementwise::{apply_dropout, gelu_erf, gelu_new, gelu_new_grad};
 pub use linear::{matmul_nn, matmul_nt, matmul_tn};
 pub use losses::log_softmax_row;

@@ -3,9 +3,8 @@
 use super::*;
 
 impl NormOps for Cpu {
-    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
+    fn layer_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
         let (_, d) = x.rows_cols();
-        ensure!(w.data.len() == d && b.data.len() == d, "layer_norm: parameters do not have {d} values");
         let mut y = x.data.clone();
         y.par_chunks_mut(d.max(1)).for_each(|row| {
             let mean = row.iter().sum::<f32>() / d as f32;
@@ -18,9 +17,8 @@ impl NormOps for Cpu {
         CpuTensor::new(y, &x.shape)
     }
 
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
+    fn rms_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
         let (_, d) = x.rows_cols();
-        ensure!(w.data.len() == d, "rms_norm: weight has {} values for {d} features", w.data.len());
         let mut y = x.data.clone();
         y.par_chunks_mut(d.max(1)).for_each(|row| {
             let var = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
@@ -30,7 +28,7 @@ impl NormOps for Cpu {
         CpuTensor::new(y, &x.shape)
     }
 
-    fn rms_norm_backward(
+    fn rms_norm_backward_impl(
         &self,
         x: &Self::Tensor,
         w: &Self::Weight,
@@ -39,7 +37,6 @@ impl NormOps for Cpu {
         dx: &mut Self::Tensor,
     ) -> Result<()> {
         let (_, d) = x.rows_cols();
-        ensure!(dy.shape == x.shape && dx.shape == x.shape, "rms_norm_backward: shapes do not agree");
         for ((xr, gr), dr) in x.data.chunks(d).zip(dy.data.chunks(d)).zip(dx.data.chunks_mut(d)) {
             let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
             let dot: f32 = xr.iter().zip(gr).zip(&w.data).map(|((x, g), w)| x * g * w).sum();
@@ -51,9 +48,14 @@ impl NormOps for Cpu {
         Ok(())
     }
 
-    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
+    fn rms_norm_weight_grad_impl(
+        &self,
+        x: &Self::Tensor,
+        eps: f32,
+        dy: &Self::Tensor,
+        dw: &mut Self::Tensor,
+    ) -> Result<()> {
         let (_, d) = x.rows_cols();
-        ensure!(dy.shape == x.shape && dw.data.len() == d, "rms_norm_weight_grad: shapes do not agree");
         for (xr, gr) in x.data.chunks(d).zip(dy.data.chunks(d)) {
             let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
             dw.data.iter_mut().zip(xr).zip(gr).for_each(|((w, x), g)| *w += g * x * r);

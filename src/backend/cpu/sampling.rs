@@ -72,7 +72,7 @@ pub fn argmax(x: &[f32]) -> usize {
 }
 
 impl SamplingOps for Cpu {
-    fn select_tokens(
+    fn select_tokens_impl(
         &self,
         logits: &Self::Tensor,
         spec: &SampleSpec,
@@ -83,12 +83,6 @@ impl SamplingOps for Cpu {
         logprobs: &mut Self::Tensor,
     ) -> Result<()> {
         let (b, v) = logits.rows_cols();
-        ensure!(finished.data.len() == b, "select_tokens: {} flags for {b} rows", finished.data.len());
-        ensure!(streams.data.len() == b, "select_tokens: {} streams for {b} rows", streams.data.len());
-        ensure!(tokens.data.len() == b && logprobs.data.len() == b, "select_tokens: outputs do not have {b} rows");
-        if spec.eos as usize >= v {
-            bail!("EOS id {} is outside the vocabulary of {v}", spec.eos);
-        }
         let step = at(step);
         for row in 0..b {
             if finished.data[row] != 0 {

@@ -17,9 +17,7 @@ impl Cuda {
         accumulate: bool,
     ) -> Result<()> {
         let (m, k) = x.rows_cols();
-        let (n, wk) = w.rows_cols();
-        ensure!(k == wk, "linear: input has {k} features, weight {:?} expects {wk}", w.shape);
-        ensure!(y.rows_cols() == (m, n), "linear: output {:?} does not fit {m}×{n}", y.shape);
+        let n = w.rows_cols().0;
         let xh = self.as_half(x)?;
         let (yout, ysize) = if matches!(y.buf, Buf::F32(_)) { (Elem::F32, 4) } else { (Elem::F16, 2) };
         let beta = if accumulate { 1.0 } else { 0.0 };
@@ -28,13 +26,6 @@ impl Cuda {
         for l in lora {
             let r = l.a.shape[0];
             let out = l.b.shape[0];
-            ensure!(
-                l.a.shape == [r, k] && l.b.shape == [out, r] && l.col + out <= n,
-                "LoRA shapes {:?} / {:?} at column {} do not fit {n} outputs",
-                l.a.shape,
-                l.b.shape,
-                l.col
-            );
             let made;
             let (a16, b16) = match l.shadow {
                 Some((a, b)) => (a, b),
@@ -154,7 +145,7 @@ impl LinearOps for Cuda {
         Ok(out)
     }
 
-    fn linear_to(
+    fn linear_to_impl(
         &self,
         x: &Self::Tensor,
         w: &Self::Weight,
@@ -169,7 +160,7 @@ impl LinearOps for Cuda {
         Ok(y)
     }
 
-    fn linear_add(
+    fn linear_add_impl(
         &self,
         x: &Self::Tensor,
         w: &Self::Weight,
@@ -179,14 +170,13 @@ impl LinearOps for Cuda {
         self.product(x, w, lora, acc, true)
     }
 
-    fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> {
+    fn merge_lora_impl(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> {
         let (n, k) = w.rows_cols();
         let mut buf = self.gpu.alloc::<f16>(n * k)?;
         self.gpu.stream.memcpy_dtod(&w.buf, &mut buf).map_err(|e| anyhow::anyhow!("merge_lora: {e:?}"))?;
         let merged = CudaWeight { buf, shape: w.shape.clone() };
         for l in lora {
             let (r, out) = (l.a.shape[0], l.b.shape[0]);
-            ensure!(l.a.shape == [r, k] && l.col + out <= n, "merge_lora: shapes do not fit {:?}", w.shape);
             let made;
             let (a16, b16) = match l.shadow {
                 Some((a, b)) => (a, b),
@@ -205,13 +195,9 @@ impl LinearOps for Cuda {
         self.half_copy(t).map(Some)
     }
 
-    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+    fn affine_impl(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
         let (m, k) = x.rows_cols();
-        let (n, wk) = w.rows_cols();
-        ensure!(k == wk, "affine: input has {k} features, weight {:?} expects {wk}", w.shape);
-        if let Some(b) = bias {
-            ensure!(b.numel() == n, "affine: bias has {} values for {n} outputs", b.numel());
-        }
+        let n = w.rows_cols().0;
         let (Buf::F32(wb), Some(Buf::F32(_)) | None) = (&w.buf, bias.map(|b| &b.buf)) else {
             bail!("affine expects f32 weights and bias")
         };
@@ -236,7 +222,7 @@ impl LinearOps for Cuda {
     /// `dx += dy · w`, then per LoRA branch (h = scale · dropout(x) · Aᵀ, dh = scale · dy[:, cols] · B):
     /// `gB += dy[:, cols]ᵀ · h`, `gA += dhᵀ · dropout(x)` and `dx += dropout(dh · A)`. The branch's
     /// column range of dy is read in place (a pointer offset and dy's row length).
-    fn linear_backward(
+    fn linear_backward_impl(
         &self,
         x: &CudaTensor,
         w: &CudaWeight,
@@ -246,20 +232,9 @@ impl LinearOps for Cuda {
         grads: &mut [LoraGrad<'_, Self>],
     ) -> Result<()> {
         let (m, k) = x.rows_cols();
-        let (n, wk) = w.rows_cols();
-        ensure!(
-            k == wk && dy.rows_cols() == (m, n),
-            "linear_backward: x {:?}, w {:?}, dy {:?}",
-            x.shape,
-            w.shape,
-            dy.shape
-        );
-        ensure!(grads.len() == lora.len(), "linear_backward: {} gradients for {} branches", grads.len(), lora.len());
+        let n = w.rows_cols().0;
         let dxp = match dx.as_deref() {
-            Some(t) => {
-                ensure!(t.rows_cols() == (m, k), "linear_backward: dx {:?} for input {:?}", t.shape, x.shape);
-                Some(self.grad_ptr(t, "linear_backward dx")?)
-            }
+            Some(t) => Some(self.grad_ptr(t, "linear_backward dx")?),
             None => None,
         };
         let dyh = self.as_half(dy)?;
@@ -272,28 +247,12 @@ impl LinearOps for Cuda {
         }
         let xh = self.as_half(x)?;
         for (l, g) in lora.iter().zip(grads.iter()) {
-            let (r, out) = (l.a.shape[0], l.b.shape[0]);
-            ensure!(
-                l.a.shape == [r, k] && l.b.shape == [out, r] && l.col + out <= n,
-                "LoRA shapes {:?} / {:?} at column {} do not fit {n} outputs",
-                l.a.shape,
-                l.b.shape,
-                l.col
-            );
-            ensure!(
-                g.a.shape == l.a.shape && g.b.shape == l.b.shape,
-                "linear_backward: gradients {:?} / {:?} for LoRA {:?} / {:?}",
-                g.a.shape,
-                g.b.shape,
-                l.a.shape,
-                l.b.shape
-            );
             self.lora_backward(l, g, &xh, dyp, dxp, (m, k, n))?;
         }
         Ok(())
     }
 
-    fn affine_backward(
+    fn affine_backward_impl(
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
@@ -303,19 +262,10 @@ impl LinearOps for Cuda {
         db: Option<&mut CudaTensor>,
     ) -> Result<()> {
         let (m, k) = x.rows_cols();
-        let (n, wk) = w.rows_cols();
-        ensure!(
-            k == wk && dy.rows_cols() == (m, n) && dw.shape == w.shape,
-            "affine_backward: x {:?}, w {:?}, dy {:?}, dw {:?}",
-            x.shape,
-            w.shape,
-            dy.shape,
-            dw.shape
-        );
+        let n = w.rows_cols().0;
         let dyh = self.as_half(dy)?;
         let dyp = self.gpu.ptr(&dyh);
         if let Some(dx) = dx {
-            ensure!(dx.rows_cols() == (m, k), "affine_backward: dx {:?} for input {:?}", dx.shape, x.shape);
             let dxp = self.grad_ptr(dx, "affine_backward dx")?;
             let wh = self.as_half(w)?;
             self.gemm.nn(half_mat(dyp, n), half_mat(self.gpu.ptr(&wh), k), f32_mat(dxp, k), m, n, k, 1.0, 1.0)?;
@@ -324,7 +274,6 @@ impl LinearOps for Cuda {
         let xh = self.as_half(x)?;
         self.gemm.tn(half_mat(dyp, n), half_mat(self.gpu.ptr(&xh), k), f32_mat(dwp, k), n, m, k, 1.0, 1.0)?;
         if let Some(db) = db {
-            ensure!(db.numel() == n, "affine_backward: db has {} values for {n} outputs", db.numel());
             let dbp = self.grad_ptr(db, "affine_backward db")?;
             if n > 0 {
                 self.gpu.launch(
@@ -337,10 +286,9 @@ impl LinearOps for Cuda {
         Ok(())
     }
 
-    fn weight_grad(&self, x: &CudaTensor, dy: &CudaTensor, dw: &mut CudaTensor) -> Result<()> {
+    fn weight_grad_impl(&self, x: &CudaTensor, dy: &CudaTensor, dw: &mut CudaTensor) -> Result<()> {
         let (m, k) = x.rows_cols();
-        let (dm, n) = dy.rows_cols();
-        ensure!(dm == m && dw.shape == [n, k], "weight_grad: x {:?}, dy {:?}, dw {:?}", x.shape, dy.shape, dw.shape);
+        let n = dy.rows_cols().1;
         let dwp = self.grad_ptr(dw, "weight_grad dw")?;
         let (dyh, xh) = (self.as_half(dy)?, self.as_half(x)?);
         self.gemm.tn(
@@ -370,8 +318,7 @@ impl LinearOps for Cuda {
         )
     }
 
-    fn set_weight(&self, w: &mut CudaWeight, values: &CudaTensor) -> Result<()> {
-        ensure!(w.shape == values.shape, "set_weight: {:?} for a weight of {:?}", values.shape, w.shape);
+    fn set_weight_impl(&self, w: &mut CudaWeight, values: &CudaTensor) -> Result<()> {
         let n = values.numel();
         match &values.buf {
             Buf::F32(s) => {

@@ -27,7 +27,7 @@ struct SampleParams {
 unsafe impl DeviceRepr for SampleParams {}
 
 impl SamplingOps for Cuda {
-    fn select_tokens(
+    fn select_tokens_impl(
         &self,
         logits: &Self::Tensor,
         spec: &SampleSpec,
@@ -38,9 +38,6 @@ impl SamplingOps for Cuda {
         logprobs: &mut Self::Tensor,
     ) -> Result<()> {
         let (b, v) = logits.rows_cols();
-        ensure!(finished.numel() == b && streams.numel() == b, "select_tokens: flags or streams do not match {b} rows");
-        ensure!(tokens.numel() == b && logprobs.numel() == b, "select_tokens: outputs do not have {b} rows");
-        ensure!((spec.eos as usize) < v, "EOS id {} is outside the vocabulary of {v}", spec.eos);
         let (Buf::F32(_), Buf::F32(_)) = (&logits.buf, &logprobs.buf) else {
             bail!("select_tokens expects f32 logits and log-probs")
         };
