@@ -192,6 +192,22 @@ pub struct SampleSpec {
     pub min_new_tokens: usize,
 }
 
+/// One op of a family trait from one signature: the public method runs the op's shared check
+/// (check.rs) and then `$imp`, the method each backend implements, so that no backend writes the
+/// checks again.
+macro_rules! checked_op {
+    ($(#[$m:meta])* fn $name:ident / $imp:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty => $check:block) => {
+        $(#[$m])*
+        fn $name(&self $(, $arg: $ty)*) -> $ret {
+            $check
+            self.$imp($($arg),*)
+        }
+        #[doc(hidden)]
+        $(#[$m])*
+        fn $imp(&self $(, $arg: $ty)*) -> $ret;
+    };
+}
+
 /// What a backend is before it computes: its tensor types, memory, transfers, synchronisation and
 /// recorded steps.
 pub trait Device: Sized + Send + Sync {
@@ -264,166 +280,120 @@ pub trait LinearOps: Device {
     /// `table[ids]`: `[..ids] → [..ids, d]`.
     fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
 
-    /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
-    fn linear_to(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        out: Prec,
-    ) -> Result<Self::Tensor> {
-        check::linear("linear_to", x.shape(), w.shape(), lora)?;
-        self.linear_to_impl(x, w, lora, out)
+    checked_op! {
+        /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
+        fn linear_to / linear_to_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            lora: &[LoraRef<'_, Self>],
+            out: Prec,
+        ) -> Result<Self::Tensor> => {
+            check::linear("linear_to", x.shape(), w.shape(), lora)?;
+        }
     }
-    /// `linear_to` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn linear_to_impl(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        out: Prec,
-    ) -> Result<Self::Tensor>;
 
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Tensor> {
         self.linear_to(x, w, lora, Prec::F32)
     }
 
-    /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
-    fn linear_add(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        acc: &mut Self::Tensor,
-    ) -> Result<()> {
-        check::linear_add(x.shape(), w.shape(), lora, acc.shape())?;
-        self.linear_add_impl(x, w, lora, acc)
+    checked_op! {
+        /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
+        fn linear_add / linear_add_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            lora: &[LoraRef<'_, Self>],
+            acc: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::linear_add(x.shape(), w.shape(), lora, acc.shape())?;
+        }
     }
-    /// `linear_add` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn linear_add_impl(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        acc: &mut Self::Tensor,
-    ) -> Result<()>;
 
-    /// `w + Σ scale · B · A` over each branch's rows (PEFT's merge): one product per projection
-    /// instead of three while an adapter stays fixed, as it does through a rollout.
-    fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> {
-        check::linear("merge_lora", &w.shape()[1..], w.shape(), lora)?;
-        self.merge_lora_impl(w, lora)
+    checked_op! {
+        /// `w + Σ scale · B · A` over each branch's rows (PEFT's merge): one product per projection
+        /// instead of three while an adapter stays fixed, as it does through a rollout.
+        fn merge_lora / merge_lora_impl(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> => {
+            check::linear("merge_lora", &w.shape()[1..], w.shape(), lora)?;
+        }
     }
-    /// `merge_lora` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn merge_lora_impl(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight>;
 
     /// A copy of trainable values in the precision this backend's products read, or None when
     /// they read the f32 values themselves (made once per update, not once per product).
     fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>>;
 
-    /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
-    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> {
-        check::affine(x.shape(), w.shape(), bias.map(Shaped::shape))?;
-        self.affine_impl(x, w, bias)
+    checked_op! {
+        /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
+        fn affine / affine_impl(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> => {
+            check::affine(x.shape(), w.shape(), bias.map(Shaped::shape))?;
+        }
     }
-    /// `affine` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn affine_impl(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
 
-    /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
-    /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
-    fn linear_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        grads: &mut [LoraGrad<'_, Self>],
-    ) -> Result<()> {
-        check::linear_backward(x.shape(), w.shape(), lora, dy.shape(), dx.as_deref().map(Shaped::shape), grads)?;
-        self.linear_backward_impl(x, w, lora, dy, dx, grads)
+    checked_op! {
+        /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
+        /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
+        fn linear_backward / linear_backward_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            lora: &[LoraRef<'_, Self>],
+            dy: &Self::Tensor,
+            dx: Option<&mut Self::Tensor>,
+            grads: &mut [LoraGrad<'_, Self>],
+        ) -> Result<()> => {
+            check::linear_backward(x.shape(), w.shape(), lora, dy.shape(), dx.as_deref().map(Shaped::shape), grads)?;
+        }
     }
-    /// `linear_backward` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn linear_backward_impl(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        grads: &mut [LoraGrad<'_, Self>],
-    ) -> Result<()>;
 
-    /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
-    fn affine_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        dw: &mut Self::Tensor,
-        db: Option<&mut Self::Tensor>,
-    ) -> Result<()> {
-        check::affine_backward(
-            x.shape(),
-            w.shape(),
-            dy.shape(),
-            dx.as_deref().map(Shaped::shape),
-            dw.shape(),
-            db.as_deref().map(Shaped::shape),
-        )?;
-        self.affine_backward_impl(x, w, dy, dx, dw, db)
+    checked_op! {
+        /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
+        fn affine_backward / affine_backward_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Tensor,
+            dy: &Self::Tensor,
+            dx: Option<&mut Self::Tensor>,
+            dw: &mut Self::Tensor,
+            db: Option<&mut Self::Tensor>,
+        ) -> Result<()> => {
+            check::affine_backward(
+                x.shape(),
+                w.shape(),
+                dy.shape(),
+                dx.as_deref().map(Shaped::shape),
+                dw.shape(),
+                db.as_deref().map(Shaped::shape),
+            )?;
+        }
     }
-    /// `affine_backward` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn affine_backward_impl(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        dw: &mut Self::Tensor,
-        db: Option<&mut Self::Tensor>,
-    ) -> Result<()>;
 
-    /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
-    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
-        check::weight_grad(x.shape(), dy.shape(), dw.shape())?;
-        self.weight_grad_impl(x, dy, dw)
+    checked_op! {
+        /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
+        fn weight_grad / weight_grad_impl(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> => {
+            check::weight_grad(x.shape(), dy.shape(), dw.shape())?;
+        }
     }
-    /// `weight_grad` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn weight_grad_impl(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
 
     /// Backward of `embedding`: `d_table[ids[i]] += dy[i]`.
     fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()>;
 
-    /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
-    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> {
-        check::set_weight(w.shape(), values.shape())?;
-        self.set_weight_impl(w, values)
+    checked_op! {
+        /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
+        fn set_weight / set_weight_impl(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> => {
+            check::set_weight(w.shape(), values.shape())?;
+        }
     }
-    /// `set_weight` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn set_weight_impl(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
 }
 
 /// Data movement: the pieces of a stacked projection, row gathers, KV-cache appends and counters.
 pub trait LayoutOps: Device {
-    /// Splits the last dimension into consecutive pieces of the given widths (the outputs of a
-    /// stacked projection), each keeping the input's precision.
-    fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>> {
-        check::split_last(x.shape(), widths)?;
-        self.split_last_impl(x, widths)
+    checked_op! {
+        /// Splits the last dimension into consecutive pieces of the given widths (the outputs of a
+        /// stacked projection), each keeping the input's precision.
+        fn split_last / split_last_impl(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>> => {
+            check::split_last(x.shape(), widths)?;
+        }
     }
-    /// `split_last` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn split_last_impl(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
 
     /// Rows `rows[i]` of `x [N, d]` (x viewed as rows of its last dimension) → `[M, d]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor>;
@@ -437,206 +407,146 @@ pub trait LayoutOps: Device {
     /// Adds `n` to a one-element counter.
     fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()>;
 
-    /// Copies `src` into `dst` starting at flat element `offset`.
-    fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()> {
-        check::copy_into(dst.shape(), offset, src.shape())?;
-        self.copy_into_impl(dst, offset, src)
+    checked_op! {
+        /// Copies `src` into `dst` starting at flat element `offset`.
+        fn copy_into / copy_into_impl(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()> => {
+            check::copy_into(dst.shape(), offset, src.shape())?;
+        }
     }
-    /// `copy_into` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn copy_into_impl(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
 
-    /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
-    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor> {
-        check::concat_last(&pieces.iter().map(|p| p.shape()).collect::<Vec<_>>())?;
-        self.concat_last_impl(pieces)
+    checked_op! {
+        /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
+        fn concat_last / concat_last_impl(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor> => {
+            check::concat_last(&pieces.iter().map(|p| p.shape()).collect::<Vec<_>>())?;
+        }
     }
-    /// `concat_last` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn concat_last_impl(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor>;
 }
 
 /// Element-wise arithmetic, activations, gated-gelu and dropout, with their backward forms.
 pub trait ElementwiseOps: Device {
-    /// `x += bias` on every row (`bias` has the last dimension's size).
-    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> {
-        check::per_feature("bias_add", x.shape(), bias.shape())?;
-        self.bias_add_impl(x, bias)
+    checked_op! {
+        /// `x += bias` on every row (`bias` has the last dimension's size).
+        fn bias_add / bias_add_impl(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> => {
+            check::per_feature("bias_add", x.shape(), bias.shape())?;
+        }
     }
-    /// `bias_add` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn bias_add_impl(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
 
     fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
 
     /// `x *= s`.
     fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
 
-    /// `x += y`, same shapes.
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> {
-        check::same("add_assign", x.shape(), y.shape())?;
-        self.add_assign_impl(x, y)
+    checked_op! {
+        /// `x += y`, same shapes.
+        fn add_assign / add_assign_impl(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> => {
+            check::same("add_assign", x.shape(), y.shape())?;
+        }
     }
-    /// `add_assign` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn add_assign_impl(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
 
-    /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
-    /// `wo`, so a backend may store it in half.
-    fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
-        check::gated_gelu(gate_up.shape())?;
-        self.gated_gelu_impl(gate_up)
+    checked_op! {
+        /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
+        /// `wo`, so a backend may store it in half.
+        fn gated_gelu / gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> => {
+            check::gated_gelu(gate_up.shape())?;
+        }
     }
-    /// `gated_gelu` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
 
     /// Inverted dropout `y = x · mask / (1 − p)`; the same call on a gradient is its backward.
     fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
 
-    /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
-    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
-        check::gated_gelu_backward(gate_up.shape(), dy.shape())?;
-        self.gated_gelu_backward_impl(gate_up, dy)
+    checked_op! {
+        /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
+        fn gated_gelu_backward / gated_gelu_backward_impl(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> => {
+            check::gated_gelu_backward(gate_up.shape(), dy.shape())?;
+        }
     }
-    /// `gated_gelu_backward` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn gated_gelu_backward_impl(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
 }
 
 /// RMS norm and LayerNorm, and the RMS norm's input and weight gradients.
 pub trait NormOps: Device {
-    /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
-    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
-        check::per_feature("layer_norm", x.shape(), w.shape())?;
-        check::per_feature("layer_norm", x.shape(), b.shape())?;
-        self.layer_norm_impl(x, w, b, eps)
+    checked_op! {
+        /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
+        fn layer_norm / layer_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> => {
+            check::per_feature("layer_norm", x.shape(), w.shape())?;
+            check::per_feature("layer_norm", x.shape(), b.shape())?;
+        }
     }
-    /// `layer_norm` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn layer_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
 
-    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
-    /// feeds matrix products, so a backend may store it in half.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> {
-        check::per_feature("rms_norm", x.shape(), w.shape())?;
-        self.rms_norm_impl(x, w, eps)
+    checked_op! {
+        /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
+        /// feeds matrix products, so a backend may store it in half.
+        fn rms_norm / rms_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> => {
+            check::per_feature("rms_norm", x.shape(), w.shape())?;
+        }
     }
-    /// `rms_norm` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn rms_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
 
-    /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
-    fn rms_norm_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        eps: f32,
-        dy: &Self::Tensor,
-        dx: &mut Self::Tensor,
-    ) -> Result<()> {
-        check::rms_norm_backward(x.shape(), w.shape(), dy.shape(), dx.shape())?;
-        self.rms_norm_backward_impl(x, w, eps, dy, dx)
+    checked_op! {
+        /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
+        fn rms_norm_backward / rms_norm_backward_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            eps: f32,
+            dy: &Self::Tensor,
+            dx: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::rms_norm_backward(x.shape(), w.shape(), dy.shape(), dx.shape())?;
+        }
     }
-    /// `rms_norm_backward` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn rms_norm_backward_impl(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        eps: f32,
-        dy: &Self::Tensor,
-        dx: &mut Self::Tensor,
-    ) -> Result<()>;
 
-    /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
-    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
-        check::rms_norm_weight_grad(x.shape(), dy.shape(), dw.shape())?;
-        self.rms_norm_weight_grad_impl(x, eps, dy, dw)
+    checked_op! {
+        /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
+        fn rms_norm_weight_grad / rms_norm_weight_grad_impl(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> => {
+            check::rms_norm_weight_grad(x.shape(), dy.shape(), dw.shape())?;
+        }
     }
-    /// `rms_norm_weight_grad` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn rms_norm_weight_grad_impl(
-        &self,
-        x: &Self::Tensor,
-        eps: f32,
-        dy: &Self::Tensor,
-        dw: &mut Self::Tensor,
-    ) -> Result<()>;
 }
 
 /// Attention with T5's relative position bias, its backward and the bias table's gradient.
 pub trait AttentionOps: Device {
-    /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
-    /// projection, so a backend may store it in half).
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<Self::Tensor> {
-        check::attention("attention", q.shape(), k.shape(), v.shape(), None, spec)?;
-        self.attention_impl(q, k, v, spec)
+    checked_op! {
+        /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
+        /// projection, so a backend may store it in half).
+        fn attention / attention_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+        ) -> Result<Self::Tensor> => {
+            check::attention("attention", q.shape(), k.shape(), v.shape(), None, spec)?;
+        }
     }
-    /// `attention` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn attention_impl(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<Self::Tensor>;
 
-    /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
-    fn attention_backward(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
-        check::attention("attention_backward", q.shape(), k.shape(), v.shape(), Some(dout.shape()), spec)?;
-        self.attention_backward_impl(q, k, v, dout, spec)
+    checked_op! {
+        /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
+        fn attention_backward / attention_backward_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            dout: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+        ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> => {
+            check::attention("attention_backward", q.shape(), k.shape(), v.shape(), Some(dout.shape()), spec)?;
+        }
     }
-    /// `attention_backward` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn attention_backward_impl(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
 
-    /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
-    /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
-    fn attention_bias_grad(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-        d_table: &mut Self::Tensor,
-    ) -> Result<()> {
-        check::attention_bias_grad(q.shape(), k.shape(), v.shape(), dout.shape(), spec, d_table.shape())?;
-        self.attention_bias_grad_impl(q, k, v, dout, spec, d_table)
+    checked_op! {
+        /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
+        /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
+        fn attention_bias_grad / attention_bias_grad_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            dout: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+            d_table: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::attention_bias_grad(q.shape(), k.shape(), v.shape(), dout.shape(), spec, d_table.shape())?;
+        }
     }
-    /// `attention_bias_grad` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn attention_bias_grad_impl(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-        d_table: &mut Self::Tensor,
-    ) -> Result<()>;
 }
 
 /// Log-probabilities over the vocabulary: log-softmax, chosen tokens' log-probabilities with
@@ -645,97 +555,68 @@ pub trait LossOps: Device {
     /// Log-softmax over the last dimension.
     fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
 
-    /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
-    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> {
-        check::per_row("token_logprobs", logits.shape(), tokens.shape(), None)?;
-        self.token_logprobs_impl(logits, tokens)
+    checked_op! {
+        /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
+        fn token_logprobs / token_logprobs_impl(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> => {
+            check::per_row("token_logprobs", logits.shape(), tokens.shape(), None)?;
+        }
     }
-    /// `token_logprobs` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn token_logprobs_impl(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)>;
 
-    /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
-    fn token_logprobs_backward(
-        &self,
-        logits: &Self::Tensor,
-        tokens: &Self::Ids,
-        dlogp: &Self::Tensor,
-    ) -> Result<Self::Tensor> {
-        check::per_row("token_logprobs_backward", logits.shape(), tokens.shape(), Some(dlogp.shape()))?;
-        self.token_logprobs_backward_impl(logits, tokens, dlogp)
+    checked_op! {
+        /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
+        fn token_logprobs_backward / token_logprobs_backward_impl(
+            &self,
+            logits: &Self::Tensor,
+            tokens: &Self::Ids,
+            dlogp: &Self::Tensor,
+        ) -> Result<Self::Tensor> => {
+            check::per_row("token_logprobs_backward", logits.shape(), tokens.shape(), Some(dlogp.shape()))?;
+        }
     }
-    /// `token_logprobs_backward` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn token_logprobs_backward_impl(
-        &self,
-        logits: &Self::Tensor,
-        tokens: &Self::Ids,
-        dlogp: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
 
-    /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
-    /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
-    /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
-    fn cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        targets: &Self::Ids,
-        weights: &Self::Tensor,
-        smoothing: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)> {
-        check::per_row("cross_entropy", logits.shape(), targets.shape(), Some(weights.shape()))?;
-        self.cross_entropy_impl(logits, targets, weights, smoothing)
+    checked_op! {
+        /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
+        /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
+        /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
+        fn cross_entropy / cross_entropy_impl(
+            &self,
+            logits: &Self::Tensor,
+            targets: &Self::Ids,
+            weights: &Self::Tensor,
+            smoothing: f32,
+        ) -> Result<(Self::Tensor, Self::Tensor)> => {
+            check::per_row("cross_entropy", logits.shape(), targets.shape(), Some(weights.shape()))?;
+        }
     }
-    /// `cross_entropy` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    fn cross_entropy_impl(
-        &self,
-        logits: &Self::Tensor,
-        targets: &Self::Ids,
-        weights: &Self::Tensor,
-        smoothing: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)>;
 }
 
 /// Choosing the next token on the device.
 pub trait SamplingOps: Device {
-    /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
-    /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
-    /// log-probability under the model's own distribution (the raw logits, before any processor).
-    /// Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are flagged. Row
-    /// `i` draws from RNG stream `streams[i]` (its prompt's index in the data set), so a sample
-    /// does not depend on batch composition.
-    #[allow(clippy::too_many_arguments)]
-    fn select_tokens(
-        &self,
-        logits: &Self::Tensor,
-        spec: &SampleSpec,
-        step: Position<'_, Self>,
-        streams: &Self::Ids,
-        finished: &mut Self::Ids,
-        tokens: &mut Self::Ids,
-        logprobs: &mut Self::Tensor,
-    ) -> Result<()> {
-        check::select_tokens(
-            logits.shape(),
-            spec.eos,
-            [streams.shape(), finished.shape(), tokens.shape(), logprobs.shape()],
-        )?;
-        self.select_tokens_impl(logits, spec, step, streams, finished, tokens, logprobs)
+    checked_op! {
+        /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
+        /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
+        /// log-probability under the model's own distribution (the raw logits, before any processor).
+        /// Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are flagged. Row
+        /// `i` draws from RNG stream `streams[i]` (its prompt's index in the data set), so a sample
+        /// does not depend on batch composition.
+        #[allow(clippy::too_many_arguments)]
+        fn select_tokens / select_tokens_impl(
+            &self,
+            logits: &Self::Tensor,
+            spec: &SampleSpec,
+            step: Position<'_, Self>,
+            streams: &Self::Ids,
+            finished: &mut Self::Ids,
+            tokens: &mut Self::Ids,
+            logprobs: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::select_tokens(
+                logits.shape(),
+                spec.eos,
+                [streams.shape(), finished.shape(), tokens.shape(), logprobs.shape()],
+            )?;
+        }
     }
-    /// `select_tokens` after its shared checks (check.rs): what a backend implements.
-    #[doc(hidden)]
-    #[allow(clippy::too_many_arguments)]
-    fn select_tokens_impl(
-        &self,
-        logits: &Self::Tensor,
-        spec: &SampleSpec,
-        step: Position<'_, Self>,
-        streams: &Self::Ids,
-        finished: &mut Self::Ids,
-        tokens: &mut Self::Ids,
-        logprobs: &mut Self::Tensor,
-    ) -> Result<()>;
 }
 
 /// The optimiser: Adam over many tensors at once, and Σx² for gradient norms.
