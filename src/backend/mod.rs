@@ -1,5 +1,7 @@
 //! The operations every model is written against, once, and the backends that run them: an f32 CPU
-//! reference and CUDA. A backend owns its memory; model code only sees the associated types.
+//! reference and CUDA. A backend owns its memory; model code only sees the associated types. This
+//! file holds the op families' traits (`Device` plus one trait per family, `Backend` their sum) and
+//! the argument types they share; check.rs holds their shape rules.
 
 mod check;
 pub mod cpu;
@@ -42,7 +44,7 @@ pub struct LoraRef<'a, B: Device> {
     pub a: &'a B::Tensor,
     /// `[out, r]`
     pub b: &'a B::Tensor,
-    /// a and b as `Backend::matmul_copy` made them, if it did.
+    /// a and b as `LinearOps::matmul_copy` made them, if it did.
     pub shadow: Option<(&'a B::Tensor, &'a B::Tensor)>,
     pub scale: f32,
     /// First output column of this module.
@@ -50,7 +52,7 @@ pub struct LoraRef<'a, B: Device> {
     pub dropout: Option<Dropout>,
 }
 
-/// Where one LoRA branch's gradients accumulate (`Backend::linear_backward`).
+/// Where one LoRA branch's gradients accumulate (`LinearOps::linear_backward`).
 pub struct LoraGrad<'a, B: Device> {
     /// `[r, in]`
     pub a: &'a mut B::Tensor,

@@ -21,6 +21,37 @@ impl AttnRow<'_> {
     }
 }
 
+/// Where the queries of a call sit, how many keys it sees (`Position::Counter` resolved), and
+/// each batch row's real keys among them.
+fn keys(q: &CpuTensor<f32>, spec: &AttnSpec<'_, Cpu>) -> (usize, usize, Vec<usize>) {
+    let q_offset = at(spec.q_offset);
+    let lk = match spec.q_offset {
+        Position::At(_) => spec.kv_len,
+        Position::Counter(_) => q_offset + q.shape[1],
+    };
+    let key_len = match spec.key_lengths {
+        Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
+        None => vec![lk; q.shape[0]],
+    };
+    (q_offset, lk, key_len)
+}
+
+/// The position bias `[h][lq][lk]` of queries `q_offset..q_offset + lq` against keys `0..lk`,
+/// looked up once per call rather than once per head and row.
+fn bias_grid(rb: &RelBias<'_, Cpu>, h: usize, lq: usize, lk: usize, q_offset: usize) -> Vec<f32> {
+    let mut out = vec![0.0; h * lq * lk];
+    for i in 0..lq {
+        for j in 0..lk {
+            let rel = j as i64 - (q_offset + i) as i64;
+            let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+            for hh in 0..h {
+                out[(hh * lq + i) * lk + j] = rb.table.data[bucket * h + hh];
+            }
+        }
+    }
+    out
+}
+
 /// Recomputes the softmax of every query row of an attention call (bias, padding and causality as
 /// the forward applies them) and hands each row to `f`: the walk both backward forms share.
 fn attention_rows(
@@ -33,17 +64,9 @@ fn attention_rows(
 ) -> Result<()> {
     let (h, dk) = (spec.heads, spec.d_kv);
     let inner = h * dk;
-    let (b, lq) = (q.shape[0], q.shape[1]);
+    let lq = q.shape[1];
     let cap = k.shape[1];
-    let q_offset = at(spec.q_offset);
-    let lk = match spec.q_offset {
-        Position::At(_) => spec.kv_len,
-        Position::Counter(_) => q_offset + lq,
-    };
-    let key_len: Vec<usize> = match spec.key_lengths {
-        Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
-        None => vec![lk; b],
-    };
+    let (q_offset, lk, key_len) = keys(q, spec);
     let mut p = vec![0.0f32; lk];
     for (bi, &len) in key_len.iter().enumerate() {
         for hh in 0..h {
@@ -98,30 +121,10 @@ impl AttentionOps for Cpu {
         let inner = h * dk;
         let (b, lq) = (q.shape[0], q.shape[1]);
         let cap = k.shape[1];
-        let q_offset = at(spec.q_offset);
-        let lk = match spec.q_offset {
-            Position::At(_) => spec.kv_len,
-            Position::Counter(_) => q_offset + lq,
-        };
+        let (q_offset, lk, key_len) = keys(q, spec);
+        // A counter's position is only known here, so its cache bound is checked here too.
         ensure!(lk <= cap, "attention: kv_len {lk} exceeds the {cap} rows of k");
-        let key_len: Vec<usize> = match spec.key_lengths {
-            Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
-            None => vec![lk; b],
-        };
-        // bias[h][i][j] for the query positions of this call.
-        let bias: Option<Vec<f32>> = spec.bias.as_ref().map(|rb| {
-            let mut out = vec![0.0; h * lq * lk];
-            for i in 0..lq {
-                for j in 0..lk {
-                    let rel = j as i64 - (q_offset + i) as i64;
-                    let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
-                    for hh in 0..h {
-                        out[(hh * lq + i) * lk + j] = rb.table.data[bucket * h + hh];
-                    }
-                }
-            }
-            out
-        });
+        let bias = spec.bias.as_ref().map(|rb| bias_grid(rb, h, lq, lk, q_offset));
         let mut out = vec![0.0f32; b * lq * inner];
         out.par_chunks_mut(lq * inner).enumerate().for_each(|(bi, ob)| {
             let mut scores = vec![0.0f32; lk];

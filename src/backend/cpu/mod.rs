@@ -1,6 +1,7 @@
 //! The f32 CPU reference backend: plain loops a reader can check against the formulas, with
 //! matrixmultiply for the products and rayon where rows are independent. Every other backend is
-//! tested against this one.
+//! tested against this one. This file holds the tensor type and the `Device` impl; each op family
+//! is the file of its name, as in cuda/.
 
 mod attention;
 mod elementwise;
@@ -13,7 +14,7 @@ mod sampling;
 
 use super::relpos::relative_bucket;
 use super::rng::{dropout_keep, dropout_key, uniform};
-use super::{Activation, AdamSlot, AdamStep, AttnSpec, LoraGrad, LoraRef, Position, Prec, SampleSpec, Shaped};
+use super::{Activation, AdamSlot, AdamStep, AttnSpec, LoraGrad, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, ensure};

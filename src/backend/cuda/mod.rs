@@ -1,6 +1,8 @@
 //! The CUDA backend: every operation of `Backend` as a kernel from kernels/ or a cuBLAS product.
 //! Weights live in fp16; activations in f32, or in half where their only consumer is a matrix
-//! product or attention (DESIGN.md's precision policy).
+//! product or attention (DESIGN.md's precision policy). This file holds the tensor types, the
+//! helpers every family uses and the `Device` impl; each op family is the file of its name, beside
+//! kernels/<family>.cu.
 
 mod attention;
 mod device;
