@@ -2,7 +2,7 @@
 //! trait's public method runs its rule here before the backend's `*_impl`, so a backend only
 //! checks what is its own (precisions, device limits). Every message names the op and the shapes.
 
-use super::{AttnSpec, Device, LoraGrad, LoraRef, Position, Shaped};
+use super::{AdamSlot, AttnSpec, Device, LoraGrad, LoraRef, Position, Shaped};
 use anyhow::{Result, bail, ensure};
 
 fn rows_cols(s: &[usize]) -> (usize, usize) {
@@ -214,5 +214,20 @@ pub fn select_tokens(logits: &[usize], eos: u32, per_row: [&[usize]; 4]) -> Resu
         ensure!(s.iter().product::<usize>() == b, "select_tokens: {s:?} for {b} rows of logits {logits:?}");
     }
     ensure!((eos as usize) < v, "select_tokens: EOS id {eos} is outside the vocabulary of {v}");
+    Ok(())
+}
+
+/// Every slot's parameter, gradient and moments share one shape.
+pub fn adam<B: Device>(slots: &[AdamSlot<'_, B>]) -> Result<()> {
+    for (i, s) in slots.iter().enumerate() {
+        let g = s.g.shape();
+        ensure!(
+            s.p.shape() == g && s.m.shape() == g && s.v.shape() == g,
+            "adam: tensor {i}'s parameter {:?}, gradient {g:?} and moments {:?} / {:?} do not agree",
+            s.p.shape(),
+            s.m.shape(),
+            s.v.shape()
+        );
+    }
     Ok(())
 }

@@ -623,9 +623,13 @@ pub trait SamplingOps: Device {
 
 /// The optimiser: Adam over many tensors at once, and Σx² for gradient norms.
 pub trait OptimOps: Device {
-    /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
-    /// since one launch per tensor of a few thousand values costs more than the update itself.
-    fn adam(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()>;
+    checked_op! {
+        /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
+        /// since one launch per tensor of a few thousand values costs more than the update itself.
+        fn adam / adam_impl(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()> => {
+            check::adam(slots)?;
+        }
+    }
 
     /// Σ x² over every element of every tensor of `xs`, for gradient norms: one read-back for all
     /// of them, so a step's norm waits on the device once, not once per tensor.

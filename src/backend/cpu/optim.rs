@@ -13,10 +13,9 @@ pub fn adam_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, f: &crate::ba
 }
 
 impl OptimOps for Cpu {
-    fn adam(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()> {
+    fn adam_impl(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()> {
         for s in slots.iter_mut() {
             let (p, g, m, v) = (&mut *s.p, s.g, &mut *s.m, &mut *s.v);
-            ensure!(p.shape == g.shape && m.shape == g.shape && v.shape == g.shape, "adam: shapes do not agree");
             let f = h.factors(s.weight_decay);
             for i in 0..p.data.len() {
                 adam_element(&mut p.data[i], g.data[i] * h.grad_scale, &mut m.data[i], &mut v.data[i], &f);

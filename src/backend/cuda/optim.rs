@@ -11,13 +11,11 @@ const SUM_SQUARES_VALUES_PER_BLOCK: u64 = (SUM_SQUARES_THREADS * SUM_SQUARES_PER
 impl OptimOps for Cuda {
     /// Every slot in one launch: a table of the tensors (kernels/optim.cu's `AdamTensor`, eight
     /// 64-bit words each) goes up with the launch, and each block finds its tensor in it.
-    fn adam(&self, slots: &mut [AdamSlot<'_, Cuda>], h: &AdamStep) -> Result<()> {
+    fn adam_impl(&self, slots: &mut [AdamSlot<'_, Cuda>], h: &AdamStep) -> Result<()> {
         let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 8);
         let mut blocks = 0u64;
         for (i, s) in slots.iter_mut().enumerate() {
             let n = s.g.numel();
-            let same = s.p.shape == s.g.shape && s.m.shape == s.g.shape && s.v.shape == s.g.shape;
-            ensure!(same, "adam: the shapes of tensor {i} do not agree");
             let copy = match s.copy.as_deref() {
                 Some(CudaTensor { buf: Buf::F16(c), .. }) if c.len() >= n => self.gpu.ptr(c),
                 Some(_) => bail!("adam: tensor {i}'s copy is not a half tensor of its size"),
