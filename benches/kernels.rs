@@ -23,15 +23,16 @@
 
 use anyhow::{Result, ensure};
 use detox::backend::cuda::{Buf, Cuda};
-use detox::backend::{Activation, AttnSpec, Backend, LoraRef, Position, Prec, RelBias, SampleSpec};
+use detox::backend::prelude::*;
+use detox::backend::{Activation, AttnSpec, LoraRef, Position, Prec, RelBias, SampleSpec};
 use detox::checkpoint::{DType, HostTensor};
 use half::f16;
 use std::process::ExitCode;
 use std::time::Instant;
 
-type Tensor = <Cuda as Backend>::Tensor;
-type Weight = <Cuda as Backend>::Weight;
-type Graph = <Cuda as Backend>::Graph;
+type Tensor = <Cuda as Device>::Tensor;
+type Weight = <Cuda as Device>::Weight;
+type Graph = <Cuda as Device>::Graph;
 /// One call of the op under test, on buffer set `i`.
 type Run<'b> = Box<dyn FnMut(usize) -> Result<()> + 'b>;
 

@@ -1,48 +1,19 @@
-// Attention with T5's relative position bias, key padding and causal masks, softmax in fp32.
-// Two shapes of work: many queries at once (the encoder, teacher-forced decoding), tiled over keys
-// with an online softmax; and a few queries against a long cache (a decoding step), one block per
-// (query, head, row) spreading the keys over its threads.
-#include "common.cuh"
+// Attention with T5's relative position bias, key padding and causal masks, softmax in fp32, and
+// its backward forms. Forward: many queries at once (the encoder, teacher-forced decoding), tiled
+// over keys with an online softmax; a few queries against a long cache (a decoding step), one block
+// per (query, head, row) spreading the keys over its threads. Backward: dq, dk, dv and the
+// relative-position bias table's gradient.
+#include "attention.cuh"
 
-struct AttnParams {
-    const uint32_t* key_lengths;  // [B] or null: every key is real
-    const uint32_t* counter;      // or null; when set, q_offset = *counter and Lk = *counter + Lq
-    const __half* bias_table;     // [buckets, H] or null: no position bias
-    const uint32_t* bucket_lut;   // bucket of rel = key − query for rel in [−max_distance, max_distance]
-    int B, Lq, Lk, cap, H, dk;
-    int q_offset, causal, max_distance;
-    float scale;
-};
 
-__device__ __forceinline__ float rel_bias(const AttnParams& p, int h, int rel) {
-    if (!p.bias_table) return 0.f;
-    rel = max(-p.max_distance, min(p.max_distance, rel));
-    return __half2float(p.bias_table[p.bucket_lut[rel + p.max_distance] * p.H + h]);
-}
-
-// Resolves the decoding position from the counter, for a step replayed as a graph.
-__device__ __forceinline__ void resolve(AttnParams& p) {
-    if (p.counter) {
-        p.q_offset = (int)*p.counter;
-        p.Lk = p.q_offset + p.Lq;
-    }
-}
-
-__device__ __forceinline__ int key_count(const AttnParams& p, int b) {
-    return p.key_lengths ? min((int)p.key_lengths[b], p.Lk) : p.Lk;
-}
-
-#define QT 64
-#define KT 32
-
-// One thread per query; K and V tiles of KT keys staged in shared memory as f32.
+// One thread per query; K and V tiles of ATTN_PREFILL_KEYS keys staged in shared memory as f32.
 template <typename T, int DK>
 __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* out, AttnParams p) {
     extern __shared__ float smem[];
     resolve(p);
-    float* ks = smem;              // [KT][dk]
-    float* vs = smem + KT * p.dk;  // [KT][dk]
-    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * QT + threadIdx.x;
+    float* ks = smem;              // [ATTN_PREFILL_KEYS][dk]
+    float* vs = smem + ATTN_PREFILL_KEYS * p.dk;  // [ATTN_PREFILL_KEYS][dk]
+    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * ATTN_ROWS + threadIdx.x;
     int inner = p.H * p.dk;
     bool active = i < p.Lq;
     float qr[DK], acc[DK];
@@ -54,11 +25,11 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
     int klen = key_count(p, b);
     int qpos = p.q_offset + i;
     int visible = p.causal ? min(qpos + 1, klen) : klen;
-    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * QT + QT, klen) : klen;
+    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * ATTN_ROWS + ATTN_ROWS, klen) : klen;
     float m = -INFINITY, l = 0.f;
-    for (int j0 = 0; j0 < block_keys; j0 += KT) {
+    for (int j0 = 0; j0 < block_keys; j0 += ATTN_PREFILL_KEYS) {
         __syncthreads();
-        for (int e = threadIdx.x; e < KT * p.dk; e += blockDim.x) {
+        for (int e = threadIdx.x; e < ATTN_PREFILL_KEYS * p.dk; e += blockDim.x) {
             int jj = e / p.dk, d = e % p.dk, j = j0 + jj;
             long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
             ks[e] = j < block_keys ? to_f(k[off]) : 0.f;
@@ -66,7 +37,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
         }
         __syncthreads();
         if (!active) continue;
-        for (int jj = 0; jj < KT && j0 + jj < visible; jj++) {
+        for (int jj = 0; jj < ATTN_PREFILL_KEYS && j0 + jj < visible; jj++) {
             const float* kr = ks + jj * p.dk;
             float s = 0.f;
 #pragma unroll
@@ -96,7 +67,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
 }
 
 #define PREFILL(T, NAME, DK) \
-    extern "C" __global__ void __launch_bounds__(QT) NAME(const T* q, const T* k, const T* v, __half* o, AttnParams p) { \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) NAME(const T* q, const T* k, const T* v, __half* o, AttnParams p) { \
         attention_prefill<T, DK>(q, k, v, o, p); \
     }
 PREFILL(__half, attention_prefill_f16_32, 32)
@@ -198,25 +169,13 @@ extern "C" __global__ void attention_decode_64(const __half* q, const __half* k,
 extern "C" __global__ void attention_decode_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<32>(q, k, v, o, p); }
 extern "C" __global__ void attention_decode_any(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_decode<0>(q, k, v, o, p); }
 
-__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Tensor-core attention for many queries (FlashAttention-2's scheme): 4 warps × 16 queries per block,
 // K and V tiles of 64 keys in shared memory, S = Q·Kᵀ and O += P·V with mma.sync m16n8k16 (f16 in,
 // f32 accumulate), an online softmax in f32 on the S fragments, the position bias of the tile staged
 // once in shared memory. Grid (⌈Lq/64⌉, H, B), 128 threads; dk == DK.
 template <int DK>
 __device__ void attention_mma(const __half* q, const __half* k, const __half* v, __half* out, AttnParams p) {
-    constexpr int QB = 64, KB = 64, PAD = DK + 8;
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
     __shared__ __align__(16) __half vs[KB * PAD];
     __shared__ float bias_s[QB + KB];
@@ -334,5 +293,512 @@ __device__ void attention_mma(const __half* q, const __half* k, const __half* v,
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(128) attention_mma_64(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<64>(q, k, v, o, p); }
-extern "C" __global__ void __launch_bounds__(128) attention_mma_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<32>(q, k, v, o, p); }
+extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_64(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<64>(q, k, v, o, p); }
+extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<32>(q, k, v, o, p); }
+
+// ---- attention backward ----
+//
+// FlashAttention-2's backward split in two launches without atomics: the first (one block per 64
+// queries) recomputes each query row's softmax statistics, lse = m + ln Σ e^(s−m) and
+// D = Σ_j p_j·dp_j with dp_j = dout·v_j, then dq = scale · Σ_j p_j (dp_j − D) k_j in a second pass
+// over the keys; the second (one block per 64 keys) recomputes p and dp from lse and D and
+// accumulates dv = Σ_i p_i dout_i and dk = scale · Σ_i p_i (dp_i − D_i) q_i over the queries that see
+// its keys. Every row of dk and dv up to the cache's capacity is written (zero past the real keys).
+// Head sizes 16, 32 and 64 use the tensor cores (mma.sync m16n8k16, f16 in, f32 accumulate); any
+// other head size up to 128 takes a plain f32 form.
+
+// The plain form: one thread per query (first kernel) or per key (second), tiles of BT rows of
+// the other side staged in shared memory as f32. DK ≥ dk is the compile-time row size.
+#define BT 32
+
+template <int DK>
+__device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half* v, const __half* dout, float* dq,
+                                  float* lse_out, float* dsum_out, AttnParams p) {
+    __shared__ float ks[BT * DK];
+    __shared__ float vs[BT * DK];
+    resolve(p);
+    int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * ATTN_ROWS + threadIdx.x;
+    int inner = p.H * p.dk;
+    bool active = i < p.Lq;
+    long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
+    float qr[DK], gr[DK], acc[DK];
+#pragma unroll
+    for (int d = 0; d < DK; d++) {
+        bool in = active && d < p.dk;
+        qr[d] = in ? __half2float(q[qoff + d]) : 0.f;
+        gr[d] = in ? __half2float(dout[qoff + d]) : 0.f;
+        acc[d] = 0.f;
+    }
+    int klen = key_count(p, b);
+    int qpos = p.q_offset + i;
+    int visible = p.causal ? min(qpos + 1, klen) : klen;
+    int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * ATTN_ROWS + ATTN_ROWS, klen) : klen;
+    float m = -INFINITY, l = 0.f, dsum = 0.f, lse = INFINITY, D = 0.f;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int j0 = 0; j0 < block_keys; j0 += BT) {
+            __syncthreads();
+            // Columns dk..DK are zero too: the dot products run over DK.
+            for (int e = threadIdx.x; e < BT * DK; e += blockDim.x) {
+                int jj = e / DK, d = e % DK, j = j0 + jj;
+                bool in = j < block_keys && d < p.dk;
+                long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
+                ks[e] = in ? __half2float(k[off]) : 0.f;
+                vs[e] = in ? __half2float(v[off]) : 0.f;
+            }
+            __syncthreads();
+            if (!active) continue;
+            for (int jj = 0; jj < BT && j0 + jj < visible; jj++) {
+                float s = 0.f, dp = 0.f;
+#pragma unroll
+                for (int d = 0; d < DK; d++) {
+                    s += qr[d] * ks[jj * DK + d];
+                    dp += gr[d] * vs[jj * DK + d];
+                }
+                s = s * p.scale + rel_bias(p, h, j0 + jj - qpos);
+                if (pass == 0) {
+                    if (s > m) {
+                        float c = expf(m - s);
+                        l *= c;
+                        dsum *= c;
+                        m = s;
+                    }
+                    float e = expf(s - m);
+                    l += e;
+                    dsum += e * dp;
+                } else {
+                    float ds = expf(s - lse) * (dp - D);
+#pragma unroll
+                    for (int d = 0; d < DK; d++) acc[d] += ds * ks[jj * DK + d];
+                }
+            }
+        }
+        if (pass == 0 && l > 0.f) {
+            lse = m + logf(l);
+            D = dsum / l;
+        }
+    }
+    if (!active) return;
+    long row = ((long)b * p.H + h) * p.Lq + i;
+    lse_out[row] = lse;
+    dsum_out[row] = D;
+#pragma unroll
+    for (int d = 0; d < DK; d++)
+        if (d < p.dk) dq[qoff + d] = acc[d] * p.scale;
+}
+
+template <int DK>
+__device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
+                                    float* dv, const float* lse, const float* dsum, AttnParams p) {
+    __shared__ float qs[BT * DK];
+    __shared__ float gs[BT * DK];
+    __shared__ float ls[BT], ds_[BT];
+    resolve(p);
+    int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * ATTN_ROWS, j = j0 + threadIdx.x;
+    int inner = p.H * p.dk;
+    int klen = key_count(p, b);
+    bool live = j < klen;  // keys past the real ones (padding, spare capacity) get zero gradients
+    long koff = ((long)b * p.cap + j) * inner + h * p.dk;
+    float kr[DK], vr[DK], adk[DK], adv[DK];
+#pragma unroll
+    for (int d = 0; d < DK; d++) {
+        bool in = live && d < p.dk;
+        kr[d] = in ? __half2float(k[koff + d]) : 0.f;
+        vr[d] = in ? __half2float(v[koff + d]) : 0.f;
+        adk[d] = adv[d] = 0.f;
+    }
+    // Causal: only queries at positions ≥ the block's first key see any of its keys.
+    int i_start = p.causal ? max(0, j0 - p.q_offset) : 0;
+    long stats = ((long)b * p.H + h) * p.Lq;
+    if (j0 < klen) {
+        for (int i0 = i_start; i0 < p.Lq; i0 += BT) {
+            __syncthreads();
+            for (int e = threadIdx.x; e < BT * DK; e += blockDim.x) {
+                int ii = e / DK, d = e % DK, i = i0 + ii;
+                bool in = i < p.Lq && d < p.dk;
+                long off = ((long)b * p.Lq + i) * inner + h * p.dk + d;
+                qs[e] = in ? __half2float(q[off]) : 0.f;
+                gs[e] = in ? __half2float(dout[off]) : 0.f;
+            }
+            for (int ii = threadIdx.x; ii < BT; ii += blockDim.x) {
+                bool in = i0 + ii < p.Lq;
+                ls[ii] = in ? lse[stats + i0 + ii] : INFINITY;
+                ds_[ii] = in ? dsum[stats + i0 + ii] : 0.f;
+            }
+            __syncthreads();
+            if (!live) continue;
+            for (int ii = 0; ii < BT && i0 + ii < p.Lq; ii++) {
+                int qpos = p.q_offset + i0 + ii;
+                if (p.causal && j > qpos) continue;
+                float s = 0.f, dp = 0.f;
+#pragma unroll
+                for (int d = 0; d < DK; d++) {
+                    s += kr[d] * qs[ii * DK + d];
+                    dp += vr[d] * gs[ii * DK + d];
+                }
+                s = s * p.scale + rel_bias(p, h, j - qpos);
+                float pr = expf(s - ls[ii]);
+                float ds = pr * (dp - ds_[ii]);
+#pragma unroll
+                for (int d = 0; d < DK; d++) {
+                    adv[d] += pr * gs[ii * DK + d];
+                    adk[d] += ds * qs[ii * DK + d];
+                }
+            }
+        }
+    }
+    if (j >= p.cap) return;
+#pragma unroll
+    for (int d = 0; d < DK; d++) {
+        if (d < p.dk) {
+            dk[koff + d] = adk[d] * p.scale;
+            dv[koff + d] = adv[d];
+        }
+    }
+}
+
+#define PLAIN(DK) \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dq_plain_##DK( \
+        const __half* q, const __half* k, const __half* v, const __half* g, float* dq, float* lse, float* ds, AttnParams p) { \
+        attn_bwd_dq_plain<DK>(q, k, v, g, dq, lse, ds, p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dkdv_plain_##DK( \
+        const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
+        const float* ds, AttnParams p) { \
+        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, lse, ds, p); \
+    }
+PLAIN(32)
+PLAIN(64)
+PLAIN(128)
+
+// The A fragments (16 rows × DK) of rows `r0` and `r0 + 8` of a [rows, H·DK] half tensor at head
+// column `col0`; rows at or past `limit` read as zero.
+template <int DK>
+__device__ __forceinline__ void load_a(uint32_t (&a)[DK / 16][4], const __half* x, long row_base, int r0, int limit,
+                                       int inner, int col0, int tq) {
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; kk++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = r0 + (e & 1) * 8, col = kk * 16 + tq * 2 + (e >> 1) * 8;
+            a[kk][e] = r < limit ? *reinterpret_cast<const uint32_t*>(x + (row_base + r) * inner + col0 + col) : 0u;
+        }
+    }
+}
+
+// c[nt] = A · Bᵀ over DK for 8 n-tiles of 8 rows of `tile` ([64][PAD] half): S = Q·Kᵀ and the like.
+template <int DK, int PAD>
+__device__ __forceinline__ void product_nt(float (&c)[8][4], const uint32_t (&a)[DK / 16][4], const __half* tile, int g,
+                                           int tq) {
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) {
+            const __half* r = &tile[(nt * 8 + g) * PAD + kk * 16 + tq * 2];
+            mma16816(c[nt], a[kk], *reinterpret_cast<const uint32_t*>(r), *reinterpret_cast<const uint32_t*>(r + 8));
+        }
+    }
+}
+
+// acc[n] += X · tile where X (16 × 64) is given as C fragments x[8][4] (rounded to half here) and
+// tile ([64][PAD] half) is the k-major B operand: dQ += dS·K, dV += Pᵀ·dO, dK += dSᵀ·Q.
+template <int DK, int PAD>
+__device__ __forceinline__ void product_nn(float (&acc)[DK / 8][4], const float (&x)[8][4], const __half* tile, int g,
+                                           int tq) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        uint32_t a[4] = {pack_half2(x[2 * kk][0], x[2 * kk][1]), pack_half2(x[2 * kk][2], x[2 * kk][3]),
+                         pack_half2(x[2 * kk + 1][0], x[2 * kk + 1][1]), pack_half2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+        for (int n = 0; n < DK / 8; n++) {
+            const __half* c = &tile[(kk * 16 + tq * 2) * PAD + n * 8 + g];
+            __half2 b0 = __halves2half2(c[0], c[PAD]);
+            __half2 b1 = __halves2half2(c[8 * PAD], c[9 * PAD]);
+            mma16816(acc[n], a, *reinterpret_cast<uint32_t*>(&b0), *reinterpret_cast<uint32_t*>(&b1));
+        }
+    }
+}
+
+// Rows row0..row0+63 of two [rows, H·DK] half tensors into [64][PAD] tiles, 16 bytes at a time;
+// rows at or past `limit` are zero (so masked rows can never carry NaN from unwritten memory).
+template <int DK, int PAD>
+__device__ __forceinline__ void load_tiles(__half* ta, __half* tb, const __half* a, const __half* b, long row_base,
+                                           int row0, int limit, int inner, int col0) {
+    for (int idx = threadIdx.x; idx < 64 * DK / 8; idx += blockDim.x) {
+        int row = idx / (DK / 8), c = idx % (DK / 8), r = row0 + row;
+        uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+        if (r < limit) {
+            long off = (row_base + r) * inner + col0;
+            va = reinterpret_cast<const uint4*>(a + off)[c];
+            vb = reinterpret_cast<const uint4*>(b + off)[c];
+        }
+        *reinterpret_cast<uint4*>(&ta[row * PAD + c * 8]) = va;
+        *reinterpret_cast<uint4*>(&tb[row * PAD + c * 8]) = vb;
+    }
+}
+
+// First launch, tensor cores: grid (⌈Lq/64⌉, H, B), 128 threads; warp w owns queries
+// q0 + 16w .. q0 + 16w + 15 (fragment rows g and g + 8).
+template <int DK>
+__device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dq,
+                                float* lse_out, float* dsum_out, AttnParams p) {
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
+    __shared__ __align__(16) __half ks[KB * PAD];
+    __shared__ __align__(16) __half vs[KB * PAD];
+    __shared__ float bias_s[QB + KB];
+    resolve(p);
+    int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * QB;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    int inner = p.H * DK;
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    uint32_t qa[DK / 16][4], ga[DK / 16][4];
+    load_a<DK>(qa, q, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
+    load_a<DK>(ga, dout, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
+    int klen = key_count(p, b);
+    int kmax = p.causal ? min(p.q_offset + q0 + QB, klen) : klen;
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, d_r[2] = {0.f, 0.f};
+    float lse[2] = {INFINITY, INFINITY}, D[2] = {0.f, 0.f};
+    float acc[DK / 8][4];
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int kt0 = 0; kt0 < kmax; kt0 += KB) {
+            __syncthreads();
+            load_tiles<DK, PAD>(ks, vs, k, v, (long)b * p.cap, kt0, kmax, inner, h * DK);
+            // rel = key − query_pos spans [base, base + QB + KB − 2] over this tile.
+            int base = kt0 - p.q_offset - q0 - (QB - 1);
+            for (int idx = threadIdx.x; idx < QB + KB - 1; idx += blockDim.x) bias_s[idx] = rel_bias(p, h, base + idx);
+            __syncthreads();
+            float s[KB / 8][4], dp[KB / 8][4];
+            product_nt<DK, PAD>(s, qa, ks, g, tq);
+            product_nt<DK, PAD>(dp, ga, vs, g, tq);
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                int qpos = p.q_offset + rows[rr];
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < KB / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        int key = kt0 + nt * 8 + tq * 2 + e;
+                        bool masked = key >= klen || (p.causal && key > qpos);
+                        float val = masked ? -INFINITY : s[nt][rr * 2 + e] * p.scale + bias_s[key - qpos - base];
+                        s[nt][rr * 2 + e] = val;
+                        mx = fmaxf(mx, val);
+                    }
+                }
+                if (pass == 0) {
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    float m_new = fmaxf(m_r[rr], mx);
+                    float corr = m_new == -INFINITY ? 1.f : __expf(m_r[rr] - m_new);
+                    float sum = 0.f, dsum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < KB / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            float pe = m_new == -INFINITY ? 0.f : __expf(s[nt][rr * 2 + e] - m_new);
+                            sum += pe;
+                            dsum += pe * dp[nt][rr * 2 + e];
+                        }
+                    }
+                    l_r[rr] = l_r[rr] * corr + sum;
+                    d_r[rr] = d_r[rr] * corr + dsum;
+                    m_r[rr] = m_new;
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < KB / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            float val = s[nt][rr * 2 + e];
+                            // Masked scores are −∞, so e^(s − lse) is 0; the select also keeps a
+                            // row without keys (lse = +∞) at 0.
+                            float pr = val == -INFINITY ? 0.f : __expf(val - lse[rr]);
+                            s[nt][rr * 2 + e] = pr * (dp[nt][rr * 2 + e] - D[rr]);
+                        }
+                    }
+                }
+            }
+            if (pass == 1) product_nn<DK, PAD>(acc, s, ks, g, tq);
+        }
+        if (pass == 0) {
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                float l = l_r[rr], d = d_r[rr];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                d += __shfl_xor_sync(0xffffffffu, d, 1);
+                d += __shfl_xor_sync(0xffffffffu, d, 2);
+                if (l > 0.f) {
+                    lse[rr] = m_r[rr] + logf(l);
+                    D[rr] = d / l;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        int r = rows[rr];
+        if (r >= p.Lq) continue;
+        if (tq == 0) {
+            long row = ((long)b * p.H + h) * p.Lq + r;
+            lse_out[row] = lse[rr];
+            dsum_out[row] = D[rr];
+        }
+#pragma unroll
+        for (int n = 0; n < DK / 8; n++) {
+            float2 o = make_float2(acc[n][rr * 2] * p.scale, acc[n][rr * 2 + 1] * p.scale);
+            *reinterpret_cast<float2*>(dq + ((long)b * p.Lq + r) * inner + h * DK + n * 8 + tq * 2) = o;
+        }
+    }
+}
+
+// Second launch, tensor cores: grid (⌈cap/64⌉, H, B), 128 threads; warp w owns keys
+// k0 + 16w .. k0 + 16w + 15. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ per tile of 64 queries, then
+// dV += Pᵀ·dO and dK += dSᵀ·Q.
+template <int DK>
+__device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
+                                  float* dv, const float* lse, const float* dsum, AttnParams p) {
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
+    __shared__ __align__(16) __half qs[QB * PAD];
+    __shared__ __align__(16) __half gs[QB * PAD];
+    __shared__ float ls[QB], dl[QB], bias_s[QB + KB];
+    resolve(p);
+    int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * KB;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    int inner = p.H * DK;
+    int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    int klen = key_count(p, b);
+    uint32_t ka[DK / 16][4], va[DK / 16][4];
+    load_a<DK>(ka, k, (long)b * p.cap, keys[0], klen, inner, h * DK, tq);
+    load_a<DK>(va, v, (long)b * p.cap, keys[0], klen, inner, h * DK, tq);
+    float adk[DK / 8][4], adv[DK / 8][4];
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) {
+        adk[n][0] = adk[n][1] = adk[n][2] = adk[n][3] = 0.f;
+        adv[n][0] = adv[n][1] = adv[n][2] = adv[n][3] = 0.f;
+    }
+    long stats = ((long)b * p.H + h) * p.Lq;
+    // Causal: only queries at positions ≥ the block's first key see any of its keys.
+    int i_start = p.causal ? max(0, k0 - p.q_offset) : 0;
+    if (k0 < klen) {
+        for (int i0 = i_start; i0 < p.Lq; i0 += QB) {
+            __syncthreads();
+            load_tiles<DK, PAD>(qs, gs, q, dout, (long)b * p.Lq, i0, p.Lq, inner, h * DK);
+            for (int idx = threadIdx.x; idx < QB; idx += blockDim.x) {
+                bool in = i0 + idx < p.Lq;
+                ls[idx] = in ? lse[stats + i0 + idx] : INFINITY;
+                dl[idx] = in ? dsum[stats + i0 + idx] : 0.f;
+            }
+            int base = k0 - p.q_offset - i0 - (QB - 1);
+            for (int idx = threadIdx.x; idx < QB + KB - 1; idx += blockDim.x) bias_s[idx] = rel_bias(p, h, base + idx);
+            __syncthreads();
+            float s[QB / 8][4], dp[QB / 8][4];
+            product_nt<DK, PAD>(s, ka, qs, g, tq);
+            product_nt<DK, PAD>(dp, va, gs, g, tq);
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                int key = keys[rr];
+#pragma unroll
+                for (int nt = 0; nt < QB / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        int col = nt * 8 + tq * 2 + e, qpos = p.q_offset + i0 + col;
+                        bool masked = key >= klen || i0 + col >= p.Lq || (p.causal && key > qpos);
+                        float pr = masked ? 0.f
+                                          : __expf(s[nt][rr * 2 + e] * p.scale + bias_s[key - qpos - base] - ls[col]);
+                        s[nt][rr * 2 + e] = pr;
+                        dp[nt][rr * 2 + e] = pr * (dp[nt][rr * 2 + e] - dl[col]);
+                    }
+                }
+            }
+            product_nn<DK, PAD>(adv, s, gs, g, tq);
+            product_nn<DK, PAD>(adk, dp, qs, g, tq);
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        int key = keys[rr];
+        if (key >= p.cap) continue;
+        long off = ((long)b * p.cap + key) * inner + h * DK + tq * 2;
+#pragma unroll
+        for (int n = 0; n < DK / 8; n++) {
+            *reinterpret_cast<float2*>(dk + off + n * 8) = make_float2(adk[n][rr * 2] * p.scale, adk[n][rr * 2 + 1] * p.scale);
+            *reinterpret_cast<float2*>(dv + off + n * 8) = make_float2(adv[n][rr * 2], adv[n][rr * 2 + 1]);
+        }
+    }
+}
+
+#define MMA(DK) \
+    extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dq_mma_##DK( \
+        const __half* q, const __half* k, const __half* v, const __half* g, float* dq, float* lse, float* ds, AttnParams p) { \
+        attn_bwd_dq_mma<DK>(q, k, v, g, dq, lse, ds, p); \
+    } \
+    extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dkdv_mma_##DK( \
+        const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
+        const float* ds, AttnParams p) { \
+        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, lse, ds, p); \
+    }
+MMA(16)
+MMA(32)
+MMA(64)
+
+// The relative-position bias table's gradient: d_table[bucket, h] += Σ_j ds_ij over the keys j of
+// query i in that bucket, ds = p·(dp − D). One block per (query, head, row) recomputes the row's
+// scores and dp = dout·v in f32 (dynamic shared memory: 2·cap floats), then gathers ds per bucket
+// in shared memory first, so that global atomics number buckets rather than keys.
+extern "C" __global__ void attention_bias_grad(const __half* q, const __half* k, const __half* v, const __half* dout,
+                                               float* d_table, int buckets, AttnParams p) {
+    extern __shared__ float bias_smem[];
+    __shared__ float scratch[32];
+    __shared__ float qs[ATTN_MAX_DK], gs[ATTN_MAX_DK];
+    resolve(p);
+    int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    float* s = bias_smem;
+    float* dp = bias_smem + p.cap;
+    float* hist = dp + p.cap;
+    int inner = p.H * p.dk;
+    long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
+    for (int d = threadIdx.x; d < p.dk; d += blockDim.x) {
+        qs[d] = __half2float(q[qoff + d]);
+        gs[d] = __half2float(dout[qoff + d]);
+    }
+    for (int t = threadIdx.x; t < buckets; t += blockDim.x) hist[t] = 0.f;
+    int qpos = p.q_offset + i, klen = key_count(p, b);
+    int visible = p.causal ? min(qpos + 1, klen) : klen;
+    __syncthreads();
+    if (visible <= 0) return;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        long koff = ((long)b * p.cap + j) * inner + h * p.dk;
+        float sj = 0.f, dj = 0.f;
+        for (int d = 0; d < p.dk; d++) {
+            sj += qs[d] * __half2float(k[koff + d]);
+            dj += gs[d] * __half2float(v[koff + d]);
+        }
+        sj = sj * p.scale + rel_bias(p, h, j - qpos);
+        s[j] = sj;
+        dp[j] = dj;
+        mx = fmaxf(mx, sj);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    sum = block_sum(sum, scratch);
+    float dsum = 0.f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        s[j] /= sum;
+        dsum += s[j] * dp[j];
+    }
+    dsum = block_sum(dsum, scratch);
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+        int rel = max(-p.max_distance, min(p.max_distance, j - qpos));
+        atomicAdd(hist + p.bucket_lut[rel + p.max_distance], s[j] * (dp[j] - dsum));
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < buckets; t += blockDim.x)
+        if (hist[t] != 0.f) atomicAdd(d_table + (long)t * p.H + h, hist[t]);
+}

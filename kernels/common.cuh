@@ -3,8 +3,12 @@
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include "launch.cuh"
 
 typedef unsigned long long u64;
+
+// A grid-stride loop over n elements.
+#define GRID_STRIDE(i, n) for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

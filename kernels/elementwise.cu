@@ -1,5 +1,5 @@
-// Element-wise and data-movement kernels: casts, residual adds, bias, activations, gated-gelu,
-// embedding and row gathers, KV-cache appends.
+// Element-wise kernels: casts, residual adds, scaling, bias, activations, gated-gelu and its
+// backward (one gelu_new), and dropout of f16 and f32 values with the shared counter RNG.
 #include "common.cuh"
 
 extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) {
@@ -40,9 +40,12 @@ extern "C" __global__ void bias_add_f32_f16(float* x, const __half* b, long rows
 extern "C" __global__ void bias_add_f16_f16(__half* x, const __half* b, long rows, int d) { bias_add(x, b, rows, d); }
 extern "C" __global__ void bias_add_f32_f32(float* x, const float* b, long rows, int d) { bias_add(x, b, rows, d); }
 
+// T5 v1.1's tanh approximation; the CPU reference writes the constant as 0.797_884_6 (the same
+// f32 as √(2/π)).
+#define GELU_C 0.7978846f
+
 __device__ __forceinline__ float gelu_new(float x) {
-    const float c = 0.7978845608028654f;
-    return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+    return 0.5f * x * (1.f + tanhf(GELU_C * (x + 0.044715f * x * x * x)));
 }
 
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
@@ -57,56 +60,6 @@ __device__ void activation(const T* x, float* y, long n, int act) {
 }
 extern "C" __global__ void activation_f32(const float* x, float* y, long n, int act) { activation(x, y, n, act); }
 extern "C" __global__ void activation_f16(const __half* x, float* y, long n, int act) { activation(x, y, n, act); }
-
-// Ids are validated on the host before upload and generated ones come from the vocabulary, so an
-// out-of-range id is clamped rather than read out of bounds.
-extern "C" __global__ void embedding(const __half* table, const uint32_t* ids, float* out, long n_ids, int d, int rows) {
-    long n = n_ids * d;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        uint32_t id = min(ids[i / d], (uint32_t)(rows - 1));
-        out[i] = __half2float(table[(long)id * d + i % d]);
-    }
-}
-
-template <typename T>
-__device__ void gather_rows(const T* x, const uint32_t* rows, T* y, long m, int d) {
-    long n = m * d;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        y[i] = x[(long)rows[i / d] * d + i % d];
-}
-extern "C" __global__ void gather_rows_f32(const float* x, const uint32_t* r, float* y, long m, int d) { gather_rows(x, r, y, m, d); }
-extern "C" __global__ void gather_rows_f16(const __half* x, const uint32_t* r, __half* y, long m, int d) { gather_rows(x, r, y, m, d); }
-
-// dst [b, cap, d] rows pos..pos+n ← src [b, n, d], the position from `counter` when it is set (a
-// step replayed as a graph); the source may be f32 or half.
-template <typename TD, typename TS>
-__device__ void write_rows(TD* dst, const TS* src, int b, int cap, int n, int d, int pos, const uint32_t* counter) {
-    if (counter) pos = (int)*counter;
-    long total = (long)b * n * d;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long bi = i / ((long)n * d), rem = i % ((long)n * d);
-        dst[(bi * cap + pos) * d + rem] = from_f<TD>(to_f(src[i]));
-    }
-}
-#define WRITE_ROWS(NAME, TD, TS) \
-    extern "C" __global__ void NAME(TD* dst, const TS* s, int b, int cap, int n, int d, int pos, const uint32_t* c) { \
-        write_rows(dst, s, b, cap, n, d, pos, c); \
-    }
-WRITE_ROWS(write_rows_f32_f32, float, float)
-WRITE_ROWS(write_rows_f16_f16, __half, __half)
-WRITE_ROWS(write_rows_f16_f32, __half, float)
-WRITE_ROWS(write_rows_f32_f16, float, __half)
-
-extern "C" __global__ void write_ids(uint32_t* dst, const uint32_t* src, int b, int cap, int n, int pos, const uint32_t* counter) {
-    if (counter) pos = (int)*counter;
-    long total = (long)b * n;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
-        dst[(i / n) * cap + pos + i % n] = src[i];
-}
-
-extern "C" __global__ void advance(uint32_t* counter, uint32_t n) {
-    if (threadIdx.x == 0 && blockIdx.x == 0) *counter += n;
-}
 
 __device__ __forceinline__ __half dropout_half(__half v, float p, float keep_scale, u64 key, long i) {
     return dropout_keep(p, key, (u64)i) ? __float2half_rn(__half2float(v) * keep_scale) : __float2half_rn(0.f);
@@ -129,53 +82,19 @@ extern "C" __global__ void dropout_f16(const __half* x, __half* y, long n, float
     for (long i = vec * 8 + first; i < n; i += stride) y[i] = dropout_half(x[i], p, keep_scale, key, i);
 }
 
-// y[m, n] = x[m, k] · w[n, k]ᵀ (+ b) for a handful of outputs (the value head), one warp per
-// output element: a library product for n = 1 would waste almost all of its tile.
-template <typename T>
-__device__ void affine_narrow(const T* x, const float* w, const float* b, float* y, int m, int k, int n) {
-    long warps = (long)gridDim.x * blockDim.x / 32;
-    for (long o = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32; o < (long)m * n; o += warps) {
-        long row = o / n;
-        int col = o % n, lane = threadIdx.x % 32;
-        float s = 0.f;
-        for (int i = lane; i < k; i += 32) s += to_f(x[row * k + i]) * w[(long)col * k + i];
-        s = warp_sum(s);
-        if (lane == 0) y[o] = s + (b ? b[col] : 0.f);
-    }
+// Inverted dropout of f32 values with the shared counter RNG: the CPU's `apply_dropout` for the same
+// (seed, stream, flat index), bit for bit (one IEEE multiply by the same f32 scale).
+extern "C" __global__ void dropout_f32(const float* x, float* y, long n, float p, u64 seed, u64 stream) {
+    float keep_scale = 1.f / (1.f - p);
+    u64 key = dropout_key(seed, stream);
+    GRID_STRIDE(i, n) y[i] = dropout_keep(p, key, (u64)i) ? x[i] * keep_scale : 0.f;
 }
-extern "C" __global__ void affine_narrow_f32(const float* x, const float* w, const float* b, float* y, int m, int k, int n) { affine_narrow(x, w, b, y, m, k, n); }
-extern "C" __global__ void affine_narrow_f16(const __half* x, const float* w, const float* b, float* y, int m, int k, int n) { affine_narrow(x, w, b, y, m, k, n); }
 
-// Up to four consecutive column ranges of x [rows, d] into separate tensors, one pass: the pieces
-// of a stacked projection (q, k, v), without one launch per piece.
-struct SplitParams {
-    void* out[4];
-    int width[4];
-    int pieces;
-};
-template <typename T>
-__device__ void split_last(const T* x, SplitParams p, long rows, int d) {
-    long n = rows * d;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        long r = i / d;
-        int c = i % d, piece = 0;
-        while (piece + 1 < p.pieces && c >= p.width[piece]) c -= p.width[piece++];
-        static_cast<T*>(p.out[piece])[r * p.width[piece] + c] = x[i];
-    }
-}
-extern "C" __global__ void split_last_f32(const float* x, SplitParams p, long rows, int d) { split_last(x, p, rows, d); }
-extern "C" __global__ void split_last_f16(const __half* x, SplitParams p, long rows, int d) { split_last(x, p, rows, d); }
-
-// The same in 16-byte units, when every width is a multiple of one (the usual case: 64-wide heads).
-// `units` are 16-byte units per row and widths are given in units.
-extern "C" __global__ void split_last_vec(const uint4* x, SplitParams p, long rows, int units) {
-    long n = rows * units;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        long r = i / units;
-        int c = i % units, piece = 0;
-        while (piece + 1 < p.pieces && c >= p.width[piece]) c -= p.width[piece++];
-        static_cast<uint4*>(p.out[piece])[r * p.width[piece] + c] = x[i];
-    }
+// y += dropout(x): a LoRA branch's input gradient passes back through its dropout mask.
+extern "C" __global__ void dropout_add_f32(const float* x, float* y, long n, float p, u64 seed, u64 stream) {
+    float keep_scale = 1.f / (1.f - p);
+    u64 key = dropout_key(seed, stream);
+    GRID_STRIDE(i, n) if (dropout_keep(p, key, (u64)i)) y[i] += x[i] * keep_scale;
 }
 
 // gate_up [rows, 2f] (gate then up, from the stacked wi_0/wi_1 product) → gelu_new(gate)·up [rows, f].
@@ -190,3 +109,30 @@ __device__ void gated_gelu_split(const T* gu, __half* y, long rows, int f) {
 }
 extern "C" __global__ void gated_gelu_split_f32(const float* gu, __half* y, long rows, int f) { gated_gelu_split(gu, y, rows, f); }
 extern "C" __global__ void gated_gelu_split_f16(const __half* gu, __half* y, long rows, int f) { gated_gelu_split(gu, y, rows, f); }
+
+__device__ __forceinline__ float gelu_new_grad(float x) {
+    float t = tanhf(GELU_C * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * GELU_C * (1.f + 3.f * 0.044715f * x * x);
+}
+
+// gate_up [rows, 2f] and dy [rows, f] → d gate_up [rows, 2f]: d gate = dy·up·gelu'(gate),
+// d up = dy·gelu(gate).
+template <typename TU, typename TG>
+__device__ void gated_gelu_backward(const TU* gu, const TG* dy, float* out, long rows, int f) {
+    GRID_STRIDE(i, rows * f) {
+        long r = i / f;
+        int c = i % f;
+        long base = r * 2 * f + c;
+        float gate = to_f(gu[base]), up = to_f(gu[base + f]), g = to_f(dy[i]);
+        out[base] = g * up * gelu_new_grad(gate);
+        out[base + f] = g * gelu_new(gate);
+    }
+}
+#define GG_BWD(NAME, TU, TG) \
+    extern "C" __global__ void NAME(const TU* gu, const TG* dy, float* out, long rows, int f) { \
+        gated_gelu_backward(gu, dy, out, rows, f); \
+    }
+GG_BWD(gated_gelu_backward_f32_f32, float, float)
+GG_BWD(gated_gelu_backward_f32_f16, float, __half)
+GG_BWD(gated_gelu_backward_f16_f32, __half, float)
+GG_BWD(gated_gelu_backward_f16_f16, __half, __half)

@@ -1,20 +1,7 @@
-// Log-softmax over the vocabulary and the choice of the next token (greedy, or a draw after
-// temperature, top-k and top-p), one block per row. The draw inverts the CDF of the kept tokens in
-// vocabulary order with the shared counter RNG, exactly as the CPU reference does.
+// The choice of the next token (greedy, or a draw after temperature, top-k and top-p), one block
+// per row. The draw inverts the CDF of the kept tokens in vocabulary order with the shared counter
+// RNG, exactly as the CPU reference does.
 #include "common.cuh"
-
-extern "C" __global__ void log_softmax_f32(const float* x, float* y, int V) {
-    __shared__ float scratch[32];
-    const float* xr = x + (long)blockIdx.x * V;
-    float* yr = y + (long)blockIdx.x * V;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, xr[i]);
-    mx = block_max(mx, scratch);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += __expf(xr[i] - mx);
-    float lse = mx + logf(block_sum(s, scratch));
-    for (int i = threadIdx.x; i < V; i += blockDim.x) yr[i] = xr[i] - lse;
-}
 
 struct SampleParams {
     const uint32_t* streams;
@@ -64,10 +51,10 @@ __device__ double mass_at_least(const float* x, const SampleParams& p, uint32_t 
     return s;
 }
 
-extern "C" __global__ void __launch_bounds__(1024) select_tokens(const float* logits, SampleParams p) {
+extern "C" __global__ void __launch_bounds__(VOCAB_THREADS) select_tokens(const float* logits, SampleParams p) {
     __shared__ float scratch[32];
     __shared__ double dscratch[32];
-    __shared__ double prefix[1024];
+    __shared__ double prefix[VOCAB_THREADS];
     __shared__ int chosen;
     int row = blockIdx.x;
     if (p.step_counter) p.step = (int)*p.step_counter;

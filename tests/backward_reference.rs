@@ -5,7 +5,8 @@
 mod oracles;
 
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
-use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias};
+use detox::backend::prelude::*;
+use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias};
 use detox::checkpoint::{DType, HostTensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -5,8 +5,9 @@ mod common;
 
 use common::{Expected, fixture, rel_max_err};
 use detox::backend::cpu::{Cpu, gelu_new};
+use detox::backend::prelude::*;
 use detox::backend::relpos::relative_bucket;
-use detox::backend::{Backend, Dropout, Shaped};
+use detox::backend::{Dropout, Shaped};
 use detox::checkpoint::{DType, HostTensor};
 
 fn ops() -> Expected {

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{rel_max_err, shared};
-use detox::backend::Backend;
 use detox::backend::cpu::Cpu;
+use detox::backend::prelude::*;
 use detox::parallel::Solo;
 use detox::sft::SftSettings;
 use detox::sft::settings::Method;

@@ -1,6 +1,10 @@
 //! The operations every model is written against, once, and the backends that run them: an f32 CPU
-//! reference and CUDA. A backend owns its memory; model code only sees the associated types.
+//! reference and CUDA. A backend owns its memory; model code only sees the associated types. This
+//! file holds the op families' traits (`Device` plus one trait per family, `Backend` their sum);
+//! args.rs holds the argument types they take and check.rs their shape rules.
 
+mod args;
+mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod relpos;
@@ -8,6 +12,7 @@ pub mod rng;
 
 use crate::checkpoint::HostTensor;
 use anyhow::Result;
+pub use args::*;
 
 /// The shape of a backend tensor, row-major, innermost dimension last.
 pub trait Shaped {
@@ -25,393 +30,463 @@ pub trait Shaped {
     }
 }
 
-/// Inverted dropout whose mask is a pure function of (seed, stream, element index), so the forward
-/// and backward passes, and the CPU and the GPU, draw the same mask without storing it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Dropout {
-    pub p: f32,
-    pub seed: u64,
-    pub stream: u64,
-}
-
-/// The low-rank branch of one LoRA module: `y[:, col..col + out] += scale · B(A(dropout(x)))`. A
-/// product may carry several, one per module whose rows its weight stacks.
-pub struct LoraRef<'a, B: Backend> {
-    /// `[r, in]`
-    pub a: &'a B::Tensor,
-    /// `[out, r]`
-    pub b: &'a B::Tensor,
-    /// a and b as `Backend::matmul_copy` made them, if it did.
-    pub shadow: Option<(&'a B::Tensor, &'a B::Tensor)>,
-    pub scale: f32,
-    /// First output column of this module.
-    pub col: usize,
-    pub dropout: Option<Dropout>,
-}
-
-/// Where one LoRA branch's gradients accumulate (`Backend::linear_backward`).
-pub struct LoraGrad<'a, B: Backend> {
-    /// `[r, in]`
-    pub a: &'a mut B::Tensor,
-    /// `[out, r]`
-    pub b: &'a mut B::Tensor,
-}
-
-/// Adam's hyper-parameters for one update (torch.optim.Adam's, bias-corrected).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamStep {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// 1 for the first update.
-    pub step: u64,
-    /// Every gradient is multiplied by this first (undoing loss scaling, clipping the norm).
-    pub grad_scale: f32,
-}
-
-/// One tensor of a multi-tensor Adam update: the parameter `p` with gradient `g` and moments `m`,
-/// `v` (all f32, one shape).
-pub struct AdamSlot<'a, B: Backend> {
-    pub p: &'a mut B::Tensor,
-    pub g: &'a B::Tensor,
-    pub m: &'a mut B::Tensor,
-    pub v: &'a mut B::Tensor,
-    /// AdamW's decoupled weight decay: `p ← p · (1 − lr · weight_decay)` before the update (0: Adam).
-    pub weight_decay: f64,
-    /// `matmul_copy`'s copy of `p`, rewritten with the updated values in the same pass.
-    pub copy: Option<&'a mut B::Tensor>,
-}
-
-/// The f32 constants of one Adam update, derived in f64 as torch derives them.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamFactors {
-    /// 1 − β₁ (the weight of torch's lerp of the first moment)
-    pub w1: f32,
-    pub beta2: f32,
-    /// 1 − β₂
-    pub w2: f32,
-    /// −lr / (1 − β₁ᵗ)
-    pub neg_step: f32,
-    /// √(1 − β₂ᵗ)
-    pub bc2_sqrt: f32,
-    pub eps: f32,
-    /// 1 − lr · weight_decay
-    pub decay: f32,
-}
-
-impl AdamStep {
-    pub fn factors(&self, weight_decay: f64) -> AdamFactors {
-        let t = self.step as f64;
-        AdamFactors {
-            w1: (1.0 - self.beta1) as f32,
-            beta2: self.beta2 as f32,
-            w2: (1.0 - self.beta2) as f32,
-            neg_step: (-self.lr / (1.0 - self.beta1.powf(t))) as f32,
-            bc2_sqrt: (1.0 - self.beta2.powf(t)).sqrt() as f32,
-            eps: self.eps as f32,
-            decay: (1.0 - self.lr * weight_decay) as f32,
+/// One op of a family trait from one signature: the public method runs the op's shared check
+/// (check.rs) and then `$imp`, the method each backend implements, so that no backend writes the
+/// checks again.
+macro_rules! checked_op {
+    ($(#[$m:meta])* fn $name:ident / $imp:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty => $check:block) => {
+        $(#[$m])*
+        fn $name(&self $(, $arg: $ty)*) -> $ret {
+            $check
+            self.$imp($($arg),*)
         }
-    }
+        #[doc(hidden)]
+        $(#[$m])*
+        fn $imp(&self $(, $arg: $ty)*) -> $ret;
+    };
 }
 
-/// T5's learned relative position bias, looked up inside attention.
-pub struct RelBias<'a, B: Backend> {
-    /// `relative_attention_bias.weight`, `[num_buckets, heads]`
-    pub table: &'a B::Weight,
-    pub bidirectional: bool,
-    pub num_buckets: usize,
-    pub max_distance: usize,
-}
-
-/// The storage a backend may give a tensor whose only consumers are matrix products or attention:
-/// `Half` lets the GPU keep it in fp16 (DESIGN.md's precision policy); the CPU keeps f32 always.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Prec {
-    F32,
-    Half,
-}
-
-/// Element-wise activations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// BERT's exact GELU, `0.5 x (1 + erf(x / √2))`.
-    GeluErf,
-    /// T5 v1.1's tanh approximation.
-    GeluNew,
-    Tanh,
-}
-
-/// Where a decoding loop stands. `Counter` is a one-element ids tensor that the loop moves with
-/// `advance`, so that a step captured once as a GPU graph replays at the current position.
-pub enum Position<'a, B: Backend> {
-    At(usize),
-    Counter(&'a B::Ids),
-}
-
-impl<B: Backend> Clone for Position<'_, B> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<B: Backend> Copy for Position<'_, B> {}
-
-/// What one attention call needs beyond q, k and v.
-pub struct AttnSpec<'a, B: Backend> {
-    pub heads: usize,
-    pub d_kv: usize,
-    /// Multiplies q·k: 1 for T5 (unscaled), 1/√d_kv for BERT.
-    pub scale: f32,
-    /// Keys `0..kv_len` of k and v take part (k and v may hold more rows: a KV cache); with a
-    /// `Counter` offset, keys `0..counter + Lq` instead, the cache so far.
-    pub kv_len: usize,
-    /// Per batch row, how many leading keys are real (the rest is right padding).
-    pub key_lengths: Option<&'a B::Ids>,
-    /// Query `i` sits at position `q_offset + i` and, when causal, sees keys `0..=q_offset + i`.
-    pub causal: bool,
-    pub q_offset: Position<'a, B>,
-    pub bias: Option<RelBias<'a, B>>,
-}
-
-/// How the next token is chosen (Hugging Face's processor order: min-length, temperature, top-k,
-/// top-p, then a draw).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SampleSpec {
-    /// Argmax instead of a draw; temperature, top-k, top-p and the seed are then unused.
-    pub greedy: bool,
-    pub temperature: f32,
-    /// 0 keeps every token.
-    pub top_k: usize,
-    /// 1.0 keeps every token.
-    pub top_p: f32,
-    pub seed: u64,
-    pub eos: u32,
-    pub pad: u32,
-    /// EOS is forbidden while fewer than this many tokens have been generated.
-    pub min_new_tokens: usize,
-}
-
-pub trait Backend: Sized + Send + Sync {
+/// What a backend is before it computes: its tensor types, memory, transfers, synchronisation and
+/// recorded steps.
+pub trait Device: Sized + Send + Sync {
     /// f32 values: activations, trainable parameters, gradients.
     type Tensor: Shaped + Send + Sync;
+
     /// A frozen parameter in the backend's storage precision.
     type Weight: Shaped + Send + Sync;
+
     /// u32 indices: token ids, lengths, flags.
     type Ids: Shaped + Send + Sync;
 
     fn name(&self) -> String;
+
     /// The CUDA device ordinal this backend runs on (None on the CPU): NVML's index for GPU stats.
     fn ordinal(&self) -> Option<usize>;
+
     /// The loss scale a run uses when its settings give none: 1 where products are f32, a power
     /// of two where they are half and small gradients would underflow.
     fn default_loss_scale(&self) -> f32;
 
     /// Waits for all queued work (for timing; results are read with download, which waits itself).
     fn sync(&self) -> Result<()>;
+
     /// The most memory the backend has held since the last reset, where it can tell.
     fn peak_memory(&self) -> Option<usize>;
+
     fn reset_peak_memory(&self);
+
     /// Opens (`true`) or closes the range a profiler started with collection off records, such as
     /// `ncu --profile-from-start off`; nothing where there is no such profiler.
     fn profiler_range(&self, _open: bool) -> Result<()> {
         Ok(())
     }
+
     /// Fails with a clear message when the device cannot hold `bytes` more for `what`.
     fn reserve(&self, bytes: usize, what: &str) -> Result<()>;
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
     fn zeros_as(&self, shape: &[usize], prec: Prec) -> Result<Self::Tensor>;
+
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
         self.zeros_as(shape, Prec::F32)
     }
+
     fn upload_weight(&self, w: &HostTensor<'_>) -> Result<Self::Weight>;
+
     fn upload_ids(&self, ids: &[u32], shape: &[usize]) -> Result<Self::Ids>;
+
     /// The same values under another shape of as many elements (row-major: no data moves).
     fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
-
-    /// `table[ids]`: `[..ids] → [..ids, d]`.
-    fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
-    /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
-    fn linear_to(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        out: Prec,
-    ) -> Result<Self::Tensor>;
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Tensor> {
-        self.linear_to(x, w, lora, Prec::F32)
-    }
-    /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
-    fn linear_add(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        acc: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// `w + Σ scale · B · A` over each branch's rows (PEFT's merge): one product per projection
-    /// instead of three while an adapter stays fixed, as it does through a rollout.
-    fn merge_lora(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight>;
-    /// A copy of trainable values in the precision this backend's products read, or None when
-    /// they read the f32 values themselves (made once per update, not once per product).
-    fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>>;
-    /// Splits the last dimension into consecutive pieces of the given widths (the outputs of a
-    /// stacked projection), each keeping the input's precision.
-    fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
-    /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
-    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
-    /// `x += bias` on every row (`bias` has the last dimension's size).
-    fn bias_add(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()>;
-    /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
-    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
-    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
-    /// Rows `rows[i]` of `x [N, d]` (x viewed as rows of its last dimension) → `[M, d]`.
-    fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor>;
-    /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
-    /// feeds matrix products, so a backend may store it in half.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
-    /// `x *= s`.
-    fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
-    /// `x += y`, same shapes.
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
-    /// `wo`, so a backend may store it in half.
-    fn gated_gelu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
-    /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
-    /// projection, so a backend may store it in half).
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<Self::Tensor>;
-    /// Writes `src [B, n, D]` into rows `pos..pos + n` of `dst [B, cap, D]` (KV-cache append).
-    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: Position<'_, Self>) -> Result<()>;
-    /// `write_rows` for ids: `src [B, n]` into columns `pos..pos + n` of `dst [B, cap]`.
-    fn write_ids(&self, dst: &mut Self::Ids, src: &Self::Ids, pos: Position<'_, Self>) -> Result<()>;
-    /// Adds `n` to a one-element counter.
-    fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()>;
-    /// Copies `src` into `dst` starting at flat element `offset`.
-    fn copy_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
-    /// Log-softmax over the last dimension.
-    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
-    /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
-    /// log-probability under the model's own distribution (the raw logits, before any processor).
-    /// Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are flagged. Row
-    /// `i` draws from RNG stream `streams[i]` (its prompt's index in the data set), so a sample
-    /// does not depend on batch composition.
-    #[allow(clippy::too_many_arguments)]
-    fn select_tokens(
-        &self,
-        logits: &Self::Tensor,
-        spec: &SampleSpec,
-        step: Position<'_, Self>,
-        streams: &Self::Ids,
-        finished: &mut Self::Ids,
-        tokens: &mut Self::Ids,
-        logprobs: &mut Self::Tensor,
-    ) -> Result<()>;
-
-    // ---- training: the backward forms, written to accumulate where gradients meet ----
-
-    /// Inverted dropout `y = x · mask / (1 − p)`; the same call on a gradient is its backward.
-    fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
-    /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
-    /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
-    fn linear_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        lora: &[LoraRef<'_, Self>],
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        grads: &mut [LoraGrad<'_, Self>],
-    ) -> Result<()>;
-    /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
-    fn affine_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        dy: &Self::Tensor,
-        dx: Option<&mut Self::Tensor>,
-        dw: &mut Self::Tensor,
-        db: Option<&mut Self::Tensor>,
-    ) -> Result<()>;
-    /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
-    fn rms_norm_backward(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        eps: f32,
-        dy: &Self::Tensor,
-        dx: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
-    fn gated_gelu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
-    fn attention_backward(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
-    /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
-    fn concat_last(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor>;
-    /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
-    fn token_logprobs(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
-    fn token_logprobs_backward(
-        &self,
-        logits: &Self::Tensor,
-        tokens: &Self::Ids,
-        dlogp: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
-    /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
-    /// since one launch per tensor of a few thousand values costs more than the update itself.
-    fn adam(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()>;
-    /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
-    fn weight_grad(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
-    /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
-    fn rms_norm_weight_grad(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()>;
-    /// Backward of `embedding`: `d_table[ids[i]] += dy[i]`.
-    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()>;
-    /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
-    /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
-    fn attention_bias_grad(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-        d_table: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
-    /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
-    /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
-    fn cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        targets: &Self::Ids,
-        weights: &Self::Tensor,
-        smoothing: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
-    fn set_weight(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()>;
-    /// Σ x² over every element of every tensor of `xs`, for gradient norms: one read-back for all
-    /// of them, so a step's norm waits on the device once, not once per tensor.
-    fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
 
     /// A recorded decoding step (a CUDA graph; nothing on the CPU).
     type Graph;
+
     /// Runs `step`, or replays it: the first call records it into `graph` (on backends that can),
     /// later calls replay the recording. A recorded step may only touch buffers that outlive the
     /// graph and must take every position from counters (`Position::Counter`).
     fn run_step(&self, graph: &mut Option<Self::Graph>, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+}
+
+/// Products with frozen weights (plus LoRA branches) and trainable affine layers, embedding lookups,
+/// and their gradients.
+pub trait LinearOps: Device {
+    /// `table[ids]`: `[..ids] → [..ids, d]`.
+    fn embedding(&self, table: &Self::Weight, ids: &Self::Ids) -> Result<Self::Tensor>;
+
+    checked_op! {
+        /// `x · wᵀ (+ lora)`: `[.., in] × [out, in] → [.., out]`, stored as `out`.
+        fn linear_to / linear_to_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            lora: &[LoraRef<'_, Self>],
+            out: Prec,
+        ) -> Result<Self::Tensor> => {
+            check::linear("linear_to", x.shape(), w.shape(), lora)?;
+        }
+    }
+
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Tensor> {
+        self.linear_to(x, w, lora, Prec::F32)
+    }
+
+    checked_op! {
+        /// `acc += x · wᵀ (+ lora)`: the residual stream takes a product without a separate add.
+        fn linear_add / linear_add_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            lora: &[LoraRef<'_, Self>],
+            acc: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::linear_add(x.shape(), w.shape(), lora, acc.shape())?;
+        }
+    }
+
+    checked_op! {
+        /// `w + Σ scale · B · A` over each branch's rows (PEFT's merge): one product per projection
+        /// instead of three while an adapter stays fixed, as it does through a rollout.
+        fn merge_lora / merge_lora_impl(&self, w: &Self::Weight, lora: &[LoraRef<'_, Self>]) -> Result<Self::Weight> => {
+            check::linear("merge_lora", &w.shape()[1..], w.shape(), lora)?;
+        }
+    }
+
+    /// A copy of trainable values in the precision this backend's products read, or None when
+    /// they read the f32 values themselves (made once per update, not once per product).
+    fn matmul_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>>;
+
+    checked_op! {
+        /// `x · wᵀ + bias` with an f32 (trainable) weight: `[.., in] × [out, in] → [.., out]`.
+        fn affine / affine_impl(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor> => {
+            check::affine(x.shape(), w.shape(), bias.map(Shaped::shape))?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
+        /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
+        fn linear_backward / linear_backward_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            lora: &[LoraRef<'_, Self>],
+            dy: &Self::Tensor,
+            dx: Option<&mut Self::Tensor>,
+            grads: &mut [LoraGrad<'_, Self>],
+        ) -> Result<()> => {
+            check::linear_backward(x.shape(), w.shape(), lora, dy.shape(), dx.as_deref().map(Shaped::shape), grads)?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of `affine`: `dx += dy · w` (when given), `dw += dyᵀ · x`, `db += Σ dy`.
+        fn affine_backward / affine_backward_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Tensor,
+            dy: &Self::Tensor,
+            dx: Option<&mut Self::Tensor>,
+            dw: &mut Self::Tensor,
+            db: Option<&mut Self::Tensor>,
+        ) -> Result<()> => {
+            check::affine_backward(
+                x.shape(),
+                w.shape(),
+                dy.shape(),
+                dx.as_deref().map(Shaped::shape),
+                dw.shape(),
+                db.as_deref().map(Shaped::shape),
+            )?;
+        }
+    }
+
+    checked_op! {
+        /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
+        fn weight_grad / weight_grad_impl(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> => {
+            check::weight_grad(x.shape(), dy.shape(), dw.shape())?;
+        }
+    }
+
+    /// Backward of `embedding`: `d_table[ids[i]] += dy[i]`.
+    fn embedding_backward(&self, ids: &Self::Ids, dy: &Self::Tensor, d_table: &mut Self::Tensor) -> Result<()>;
+
+    checked_op! {
+        /// Overwrites a weight with new values (a trained f32 master), in the weight's precision.
+        fn set_weight / set_weight_impl(&self, w: &mut Self::Weight, values: &Self::Tensor) -> Result<()> => {
+            check::set_weight(w.shape(), values.shape())?;
+        }
+    }
+}
+
+/// Data movement: the pieces of a stacked projection, row gathers, KV-cache appends and counters.
+pub trait LayoutOps: Device {
+    checked_op! {
+        /// Splits the last dimension into consecutive pieces of the given widths (the outputs of a
+        /// stacked projection), each keeping the input's precision.
+        fn split_last / split_last_impl(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>> => {
+            check::split_last(x.shape(), widths)?;
+        }
+    }
+
+    /// Rows `rows[i]` of `x [N, d]` (x viewed as rows of its last dimension) → `[M, d]`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &Self::Ids) -> Result<Self::Tensor>;
+
+    /// Writes `src [B, n, D]` into rows `pos..pos + n` of `dst [B, cap, D]` (KV-cache append).
+    fn write_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor, pos: Position<'_, Self>) -> Result<()>;
+
+    /// `write_rows` for ids: `src [B, n]` into columns `pos..pos + n` of `dst [B, cap]`.
+    fn write_ids(&self, dst: &mut Self::Ids, src: &Self::Ids, pos: Position<'_, Self>) -> Result<()>;
+
+    /// Adds `n` to a one-element counter.
+    fn advance(&self, counter: &mut Self::Ids, n: u32) -> Result<()>;
+
+    checked_op! {
+        /// Copies `src` into `dst` starting at flat element `offset`.
+        fn copy_into / copy_into_impl(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()> => {
+            check::copy_into(dst.shape(), offset, src.shape())?;
+        }
+    }
+
+    checked_op! {
+        /// The inverse of `split_last`: pieces side by side along the last dimension (f32).
+        fn concat_last / concat_last_impl(&self, pieces: &[&Self::Tensor]) -> Result<Self::Tensor> => {
+            check::concat_last(&pieces.iter().map(|p| p.shape()).collect::<Vec<_>>())?;
+        }
+    }
+}
+
+/// Element-wise arithmetic, activations, gated-gelu and dropout, with their backward forms.
+pub trait ElementwiseOps: Device {
+    checked_op! {
+        /// `x += bias` on every row (`bias` has the last dimension's size).
+        fn bias_add / bias_add_impl(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<()> => {
+            check::per_feature("bias_add", x.shape(), bias.shape())?;
+        }
+    }
+
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+
+    /// `x *= s`.
+    fn scale_assign(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+
+    checked_op! {
+        /// `x += y`, same shapes.
+        fn add_assign / add_assign_impl(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> => {
+            check::same("add_assign", x.shape(), y.shape())?;
+        }
+    }
+
+    checked_op! {
+        /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
+        /// `wo`, so a backend may store it in half.
+        fn gated_gelu / gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> => {
+            check::gated_gelu(gate_up.shape())?;
+        }
+    }
+
+    /// Inverted dropout `y = x · mask / (1 − p)`; the same call on a gradient is its backward.
+    fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
+
+    checked_op! {
+        /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
+        fn gated_gelu_backward / gated_gelu_backward_impl(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> => {
+            check::gated_gelu_backward(gate_up.shape(), dy.shape())?;
+        }
+    }
+}
+
+/// RMS norm and LayerNorm, and the RMS norm's input and weight gradients.
+pub trait NormOps: Device {
+    checked_op! {
+        /// LayerNorm with mean subtraction and bias: `(x − μ) · rsqrt(σ² + eps) · w + b`.
+        fn layer_norm / layer_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Tensor> => {
+            check::per_feature("layer_norm", x.shape(), w.shape())?;
+            check::per_feature("layer_norm", x.shape(), b.shape())?;
+        }
+    }
+
+    checked_op! {
+        /// T5LayerNorm: `x · rsqrt(mean(x²) + eps) · w` over the last dimension. The result only
+        /// feeds matrix products, so a backend may store it in half.
+        fn rms_norm / rms_norm_impl(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor> => {
+            check::per_feature("rms_norm", x.shape(), w.shape())?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of `rms_norm` (frozen weight): `dx += ∂/∂x`.
+        fn rms_norm_backward / rms_norm_backward_impl(
+            &self,
+            x: &Self::Tensor,
+            w: &Self::Weight,
+            eps: f32,
+            dy: &Self::Tensor,
+            dx: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::rms_norm_backward(x.shape(), w.shape(), dy.shape(), dx.shape())?;
+        }
+    }
+
+    checked_op! {
+        /// The weight's gradient of `rms_norm`: `dw += Σ_rows dy · x · rsqrt(mean(x²) + eps)`.
+        fn rms_norm_weight_grad / rms_norm_weight_grad_impl(&self, x: &Self::Tensor, eps: f32, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> => {
+            check::rms_norm_weight_grad(x.shape(), dy.shape(), dw.shape())?;
+        }
+    }
+}
+
+/// Attention with T5's relative position bias, its backward and the bias table's gradient.
+pub trait AttentionOps: Device {
+    checked_op! {
+        /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
+        /// projection, so a backend may store it in half).
+        fn attention / attention_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+        ) -> Result<Self::Tensor> => {
+            check::attention("attention", q.shape(), k.shape(), v.shape(), None, spec)?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
+        fn attention_backward / attention_backward_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            dout: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+        ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> => {
+            check::attention("attention_backward", q.shape(), k.shape(), v.shape(), Some(dout.shape()), spec)?;
+        }
+    }
+
+    checked_op! {
+        /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
+        /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
+        fn attention_bias_grad / attention_bias_grad_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            dout: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+            d_table: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::attention_bias_grad(q.shape(), k.shape(), v.shape(), dout.shape(), spec, d_table.shape())?;
+        }
+    }
+}
+
+/// Log-probabilities over the vocabulary: log-softmax, chosen tokens' log-probabilities with
+/// entropy, cross-entropy, and their gradients.
+pub trait LossOps: Device {
+    /// Log-softmax over the last dimension.
+    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
+
+    checked_op! {
+        /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
+        fn token_logprobs / token_logprobs_impl(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> => {
+            check::per_row("token_logprobs", logits.shape(), tokens.shape(), None)?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of the log-probabilities: `dlogits = dlogp · (onehot(token) − softmax(logits))`.
+        fn token_logprobs_backward / token_logprobs_backward_impl(
+            &self,
+            logits: &Self::Tensor,
+            tokens: &Self::Ids,
+            dlogp: &Self::Tensor,
+        ) -> Result<Self::Tensor> => {
+            check::per_row("token_logprobs_backward", logits.shape(), tokens.shape(), Some(dlogp.shape()))?;
+        }
+    }
+
+    checked_op! {
+        /// Token cross-entropy with label smoothing `smoothing` (torch's `CrossEntropyLoss(label_smoothing)`
+        /// for each row) of f32 `logits [n, V]` against `targets [n]`: the per-row loss `[n]`, and the
+        /// logits' gradient `[n, V]` with each row scaled by `weights[n]` (0 for padding).
+        fn cross_entropy / cross_entropy_impl(
+            &self,
+            logits: &Self::Tensor,
+            targets: &Self::Ids,
+            weights: &Self::Tensor,
+            smoothing: f32,
+        ) -> Result<(Self::Tensor, Self::Tensor)> => {
+            check::per_row("cross_entropy", logits.shape(), targets.shape(), Some(weights.shape()))?;
+        }
+    }
+}
+
+/// Choosing the next token on the device.
+pub trait SamplingOps: Device {
+    checked_op! {
+        /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
+        /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
+        /// log-probability under the model's own distribution (the raw logits, before any processor).
+        /// Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are flagged. Row
+        /// `i` draws from RNG stream `streams[i]` (its prompt's index in the data set), so a sample
+        /// does not depend on batch composition.
+        #[allow(clippy::too_many_arguments)]
+        fn select_tokens / select_tokens_impl(
+            &self,
+            logits: &Self::Tensor,
+            spec: &SampleSpec,
+            step: Position<'_, Self>,
+            streams: &Self::Ids,
+            finished: &mut Self::Ids,
+            tokens: &mut Self::Ids,
+            logprobs: &mut Self::Tensor,
+        ) -> Result<()> => {
+            check::select_tokens(
+                logits.shape(),
+                spec.eos,
+                [streams.shape(), finished.shape(), tokens.shape(), logprobs.shape()],
+            )?;
+        }
+    }
+}
+
+/// The optimiser: Adam over many tensors at once, and Σx² for gradient norms.
+pub trait OptimOps: Device {
+    checked_op! {
+        /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
+        /// since one launch per tensor of a few thousand values costs more than the update itself.
+        fn adam / adam_impl(&self, slots: &mut [AdamSlot<'_, Self>], h: &AdamStep) -> Result<()> => {
+            check::adam(slots)?;
+        }
+    }
+
+    /// Σ x² over every element of every tensor of `xs`, for gradient norms: one read-back for all
+    /// of them, so a step's norm waits on the device once, not once per tensor.
+    fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
+}
+
+/// Every family at once: what model code is written against (`B: Backend`). Any type that
+/// implements them all is a `Backend`.
+pub trait Backend:
+    Device + LinearOps + LayoutOps + ElementwiseOps + NormOps + AttentionOps + LossOps + SamplingOps + OptimOps
+{
+}
+
+impl<T: Device + LinearOps + LayoutOps + ElementwiseOps + NormOps + AttentionOps + LossOps + SamplingOps + OptimOps>
+    Backend for T
+{
+}
+
+/// The traits whose methods a caller on a concrete backend (`Cpu`, `Cuda`) needs in scope.
+pub mod prelude {
+    pub use super::{
+        AttentionOps, Backend, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps,
+    };
 }

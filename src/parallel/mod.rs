@@ -159,6 +159,7 @@ impl<B: Backend> Collective<B> for Threads {
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
+    use crate::backend::prelude::*;
 
     #[test]
     fn shards_cover_the_batch_in_order() {

@@ -7,7 +7,8 @@
 
 use crate::common::{F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
-use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
+use detox::backend::prelude::*;
+use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
 use half::f16;
 
 /// `t` as the half activation a GPU forward pass would hand over (the backend's half copy), when

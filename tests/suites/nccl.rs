@@ -1,8 +1,8 @@
 //! The NCCL group on the GPUs of this machine (one is enough): sums and gathers against the values
 //! the workers put in.
 
-use detox::backend::Backend;
 use detox::backend::cuda::Cuda;
+use detox::backend::prelude::*;
 use detox::parallel::nccl::{Nccl, new_id};
 use detox::parallel::{Collective, gather_tokens, sum_host};
 

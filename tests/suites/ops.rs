@@ -4,7 +4,8 @@
 
 use crate::common::{F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
-use detox::backend::{Activation, AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
+use detox::backend::prelude::*;
+use detox::backend::{Activation, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
 
 pub fn embedding_and_gather<B: Backend>(be: &B) {
     let mut r = Rand::new(1);

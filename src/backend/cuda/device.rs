@@ -2,6 +2,7 @@
 //! modules and their functions, allocation with readable out-of-memory errors, and kernel launches
 //! by raw device pointer.
 
+use super::launch::{ELEMENTWISE_MAX_BLOCKS, ELEMENTWISE_THREADS};
 use anyhow::{Context, Result, anyhow, bail};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -235,6 +236,6 @@ impl Gpu {
 
 /// A grid-stride launch over `n` elements.
 pub fn elementwise(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 132 * 16);
-    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    let blocks = n.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, ELEMENTWISE_MAX_BLOCKS);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (ELEMENTWISE_THREADS, 1, 1), shared_mem_bytes: 0 }
 }

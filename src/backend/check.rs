@@ -1,0 +1,233 @@
+//! The argument and shape rules of the operations, written once for every backend: each family
+//! trait's public method runs its rule here before the backend's `*_impl`, so a backend only
+//! checks what is its own (precisions, device limits). Every message names the op and the shapes.
+
+use super::{AdamSlot, AttnSpec, Device, LoraGrad, LoraRef, Position, Shaped};
+use anyhow::{Result, bail, ensure};
+
+fn rows_cols(s: &[usize]) -> (usize, usize) {
+    let cols = *s.last().unwrap_or(&1);
+    (s.iter().product::<usize>().checked_div(cols).unwrap_or(0), cols)
+}
+
+/// `x [m, k] · w [n, k]ᵀ` with LoRA branches over the output columns: returns (m, k, n).
+pub fn linear<B: Device>(op: &str, x: &[usize], w: &[usize], lora: &[LoraRef<'_, B>]) -> Result<(usize, usize, usize)> {
+    let (m, k) = rows_cols(x);
+    let (n, wk) = rows_cols(w);
+    ensure!(k == wk, "{op}: input {x:?} has {k} features, weight {w:?} expects {wk}");
+    for l in lora {
+        let (a, b) = (l.a.shape(), l.b.shape());
+        let (r, out) = (a[0], b[0]);
+        ensure!(
+            a == [r, k] && b == [out, r] && l.col + out <= n,
+            "{op}: LoRA shapes {a:?} / {b:?} at column {} do not fit {n} outputs of {k} features",
+            l.col
+        );
+    }
+    Ok((m, k, n))
+}
+
+pub fn linear_add<B: Device>(x: &[usize], w: &[usize], lora: &[LoraRef<'_, B>], acc: &[usize]) -> Result<()> {
+    let (m, _, n) = linear("linear_add", x, w, lora)?;
+    ensure!(rows_cols(acc) == (m, n), "linear_add: output {acc:?} does not fit {m}×{n}");
+    Ok(())
+}
+
+pub fn linear_backward<B: Device>(
+    x: &[usize],
+    w: &[usize],
+    lora: &[LoraRef<'_, B>],
+    dy: &[usize],
+    dx: Option<&[usize]>,
+    grads: &[LoraGrad<'_, B>],
+) -> Result<()> {
+    let (m, k, n) = linear("linear_backward", x, w, lora)?;
+    ensure!(rows_cols(dy) == (m, n), "linear_backward: dy {dy:?} for x {x:?} and w {w:?}");
+    if let Some(dx) = dx {
+        ensure!(rows_cols(dx) == (m, k), "linear_backward: dx {dx:?} for input {x:?}");
+    }
+    ensure!(grads.len() == lora.len(), "linear_backward: {} gradients for {} branches", grads.len(), lora.len());
+    for (l, g) in lora.iter().zip(grads) {
+        ensure!(
+            g.a.shape() == l.a.shape() && g.b.shape() == l.b.shape(),
+            "linear_backward: gradients {:?} / {:?} for LoRA {:?} / {:?}",
+            g.a.shape(),
+            g.b.shape(),
+            l.a.shape(),
+            l.b.shape()
+        );
+    }
+    Ok(())
+}
+
+/// `x [m, k] · w [n, k]ᵀ + bias [n]`: returns (m, k, n).
+pub fn affine(x: &[usize], w: &[usize], bias: Option<&[usize]>) -> Result<(usize, usize, usize)> {
+    let (m, k) = rows_cols(x);
+    let (n, wk) = rows_cols(w);
+    ensure!(k == wk, "affine: input {x:?} has {k} features, weight {w:?} expects {wk}");
+    if let Some(b) = bias {
+        ensure!(b.iter().product::<usize>() == n, "affine: bias {b:?} for {n} outputs");
+    }
+    Ok((m, k, n))
+}
+
+pub fn affine_backward(
+    x: &[usize],
+    w: &[usize],
+    dy: &[usize],
+    dx: Option<&[usize]>,
+    dw: &[usize],
+    db: Option<&[usize]>,
+) -> Result<()> {
+    let (m, k, n) = affine(x, w, db)?;
+    ensure!(rows_cols(dy) == (m, n) && dw == w, "affine_backward: x {x:?}, w {w:?}, dy {dy:?}, dw {dw:?}");
+    if let Some(dx) = dx {
+        ensure!(rows_cols(dx) == (m, k), "affine_backward: dx {dx:?} for input {x:?}");
+    }
+    Ok(())
+}
+
+pub fn weight_grad(x: &[usize], dy: &[usize], dw: &[usize]) -> Result<()> {
+    let (m, k) = rows_cols(x);
+    let (dm, n) = rows_cols(dy);
+    ensure!(dm == m && dw == [n, k], "weight_grad: x {x:?}, dy {dy:?}, dw {dw:?}");
+    Ok(())
+}
+
+pub fn set_weight(w: &[usize], values: &[usize]) -> Result<()> {
+    ensure!(w == values, "set_weight: {values:?} for a weight of {w:?}");
+    Ok(())
+}
+
+/// A per-feature parameter (bias, norm weight) of `x`'s last dimension.
+pub fn per_feature(op: &str, x: &[usize], p: &[usize]) -> Result<()> {
+    let d = rows_cols(x).1;
+    ensure!(p.iter().product::<usize>() == d, "{op}: parameter {p:?} for {d} features of {x:?}");
+    Ok(())
+}
+
+pub fn same(op: &str, a: &[usize], b: &[usize]) -> Result<()> {
+    ensure!(a == b, "{op}: shapes {a:?} and {b:?} differ");
+    Ok(())
+}
+
+pub fn gated_gelu(gate_up: &[usize]) -> Result<()> {
+    let d2 = rows_cols(gate_up).1;
+    ensure!(d2.is_multiple_of(2), "gated_gelu: last dimension of {gate_up:?} is not gate and up halves");
+    Ok(())
+}
+
+pub fn gated_gelu_backward(gate_up: &[usize], dy: &[usize]) -> Result<()> {
+    let (rows, d2) = rows_cols(gate_up);
+    ensure!(d2.is_multiple_of(2) && rows_cols(dy) == (rows, d2 / 2), "gated_gelu_backward: dy {dy:?} for {gate_up:?}");
+    Ok(())
+}
+
+pub fn rms_norm_backward(x: &[usize], w: &[usize], dy: &[usize], dx: &[usize]) -> Result<()> {
+    per_feature("rms_norm_backward", x, w)?;
+    ensure!(dy == x && dx == x, "rms_norm_backward: x {x:?}, dy {dy:?}, dx {dx:?}");
+    Ok(())
+}
+
+pub fn rms_norm_weight_grad(x: &[usize], dy: &[usize], dw: &[usize]) -> Result<()> {
+    per_feature("rms_norm_weight_grad", x, dw)?;
+    ensure!(dy == x, "rms_norm_weight_grad: dy {dy:?} for x {x:?}");
+    Ok(())
+}
+
+/// q `[B, Lq, H·dk]` against k and v `[B, cap, H·dk]` (and `dout` like q, for the backward forms);
+/// with a host position, `kv_len` keys of the cache.
+pub fn attention<B: Device>(
+    op: &str,
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    dout: Option<&[usize]>,
+    spec: &AttnSpec<'_, B>,
+) -> Result<()> {
+    let inner = spec.heads * spec.d_kv;
+    ensure!(q.len() == 3 && q[2] == inner, "{op}: q {q:?} is not [B, Lq, {} heads × {}]", spec.heads, spec.d_kv);
+    ensure!(k.len() == 3 && k[0] == q[0] && k[2] == inner && k == v, "{op}: k {k:?} / v {v:?} do not match q {q:?}");
+    if let Some(dout) = dout {
+        ensure!(dout == q, "{op}: dout {dout:?} for q {q:?}");
+    }
+    if let Position::At(_) = spec.q_offset {
+        ensure!(spec.kv_len <= k[1], "{op}: kv_len {} exceeds the {} rows of k", spec.kv_len, k[1]);
+    }
+    if let Some(l) = spec.key_lengths {
+        ensure!(l.numel() == q[0], "{op}: {} key lengths for batch {}", l.numel(), q[0]);
+    }
+    Ok(())
+}
+
+pub fn attention_bias_grad<B: Device>(
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    dout: &[usize],
+    spec: &AttnSpec<'_, B>,
+    d_table: &[usize],
+) -> Result<()> {
+    attention("attention_bias_grad", q, k, v, Some(dout), spec)?;
+    let Some(rb) = &spec.bias else { bail!("attention_bias_grad: the call has no bias") };
+    ensure!(
+        d_table == [rb.num_buckets, spec.heads],
+        "attention_bias_grad: d_table {d_table:?} for {} buckets × {} heads",
+        rb.num_buckets,
+        spec.heads
+    );
+    Ok(())
+}
+
+pub fn split_last(x: &[usize], widths: &[usize]) -> Result<()> {
+    let d = rows_cols(x).1;
+    ensure!(widths.iter().sum::<usize>() == d, "split_last: widths {widths:?} do not add up to {d} of {x:?}");
+    Ok(())
+}
+
+pub fn concat_last(pieces: &[&[usize]]) -> Result<()> {
+    let Some(first) = pieces.first() else { bail!("concat_last: no pieces") };
+    let rows = rows_cols(first).0;
+    ensure!(pieces.iter().all(|p| rows_cols(p).0 == rows), "concat_last: pieces {pieces:?} differ in rows");
+    Ok(())
+}
+
+pub fn copy_into(dst: &[usize], offset: usize, src: &[usize]) -> Result<()> {
+    let n: usize = src.iter().product();
+    ensure!(offset + n <= dst.iter().product(), "copy_into: {n} values at {offset} overflow {dst:?}");
+    Ok(())
+}
+
+/// Rows of logits `[n, V]` and one id (and optionally one value) per row.
+pub fn per_row(op: &str, logits: &[usize], ids: &[usize], values: Option<&[usize]>) -> Result<()> {
+    let n = rows_cols(logits).0;
+    ensure!(ids.iter().product::<usize>() == n, "{op}: ids {ids:?} for {n} rows of {logits:?}");
+    if let Some(v) = values {
+        ensure!(v.iter().product::<usize>() == n, "{op}: values {v:?} for {n} rows of {logits:?}");
+    }
+    Ok(())
+}
+
+pub fn select_tokens(logits: &[usize], eos: u32, per_row: [&[usize]; 4]) -> Result<()> {
+    let (b, v) = rows_cols(logits);
+    for s in per_row {
+        ensure!(s.iter().product::<usize>() == b, "select_tokens: {s:?} for {b} rows of logits {logits:?}");
+    }
+    ensure!((eos as usize) < v, "select_tokens: EOS id {eos} is outside the vocabulary of {v}");
+    Ok(())
+}
+
+/// Every slot's parameter, gradient and moments share one shape.
+pub fn adam<B: Device>(slots: &[AdamSlot<'_, B>]) -> Result<()> {
+    for (i, s) in slots.iter().enumerate() {
+        let g = s.g.shape();
+        ensure!(
+            s.p.shape() == g && s.m.shape() == g && s.v.shape() == g,
+            "adam: tensor {i}'s parameter {:?}, gradient {g:?} and moments {:?} / {:?} do not agree",
+            s.p.shape(),
+            s.m.shape(),
+            s.v.shape()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The CPU reference of attention with T5's relative position bias: forward, backward and the
+//! bias table's gradient, the backward forms sharing one walk that recomputes each row's softmax.
+
+use super::*;
+
+/// One query row of an attention backward: the recomputed probabilities over its visible keys,
+/// and their scores' gradient without the `scale` factor, ds_j = p_j (dp_j − Σ p·dp).
+struct AttnRow<'a> {
+    b: usize,
+    head: usize,
+    i: usize,
+    dout: &'a [f32],
+    p: &'a [f32],
+    dp: &'a [f32],
+    avg: f32,
+}
+
+impl AttnRow<'_> {
+    fn ds(&self, j: usize) -> f32 {
+        self.p[j] * (self.dp[j] - self.avg)
+    }
+}
+
+/// Where the queries of a call sit, how many keys it sees (`Position::Counter` resolved), and
+/// each batch row's real keys among them.
+fn keys(q: &CpuTensor<f32>, spec: &AttnSpec<'_, Cpu>) -> (usize, usize, Vec<usize>) {
+    let q_offset = at(spec.q_offset);
+    let lk = match spec.q_offset {
+        Position::At(_) => spec.kv_len,
+        Position::Counter(_) => q_offset + q.shape[1],
+    };
+    let key_len = match spec.key_lengths {
+        Some(l) => l.data.iter().map(|&n| (n as usize).min(lk)).collect(),
+        None => vec![lk; q.shape[0]],
+    };
+    (q_offset, lk, key_len)
+}
+
+/// The position bias `[h][lq][lk]` of queries `q_offset..q_offset + lq` against keys `0..lk`,
+/// looked up once per call rather than once per head and row.
+fn bias_grid(rb: &RelBias<'_, Cpu>, h: usize, lq: usize, lk: usize, q_offset: usize) -> Vec<f32> {
+    let mut out = vec![0.0; h * lq * lk];
+    for i in 0..lq {
+        for j in 0..lk {
+            let rel = j as i64 - (q_offset + i) as i64;
+            let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+            for hh in 0..h {
+                out[(hh * lq + i) * lk + j] = rb.table.data[bucket * h + hh];
+            }
+        }
+    }
+    out
+}
+
+/// Recomputes the softmax of every query row of an attention call (bias, padding and causality as
+/// the forward applies them) and hands each row to `f`: the walk both backward forms share.
+fn attention_rows(
+    q: &CpuTensor<f32>,
+    k: &CpuTensor<f32>,
+    v: &CpuTensor<f32>,
+    dout: &CpuTensor<f32>,
+    spec: &AttnSpec<'_, Cpu>,
+    mut f: impl FnMut(AttnRow<'_>),
+) -> Result<()> {
+    let (h, dk) = (spec.heads, spec.d_kv);
+    let inner = h * dk;
+    let lq = q.shape[1];
+    let cap = k.shape[1];
+    let (q_offset, lk, key_len) = keys(q, spec);
+    let mut p = vec![0.0f32; lk];
+    for (bi, &len) in key_len.iter().enumerate() {
+        for hh in 0..h {
+            for i in 0..lq {
+                let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk }.min(len);
+                if visible == 0 {
+                    continue;
+                }
+                let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                let di = &dout.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                let mut max = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate().take(visible) {
+                    let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                    let mut s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+                    if let Some(rb) = &spec.bias {
+                        let rel = j as i64 - (q_offset + i) as i64;
+                        let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+                        s += rb.table.data[bucket * h + hh];
+                    }
+                    *pj = s;
+                    max = max.max(s);
+                }
+                let sum: f32 = p[..visible]
+                    .iter_mut()
+                    .map(|s| {
+                        *s = (*s - max).exp();
+                        *s
+                    })
+                    .sum();
+                p[..visible].iter_mut().for_each(|s| *s /= sum);
+                // dp_j = dout_i · v_j
+                let dp: Vec<f32> = (0..visible)
+                    .map(|j| di.iter().zip(&v.data[(bi * cap + j) * inner + hh * dk..][..dk]).map(|(a, b)| a * b).sum())
+                    .collect();
+                let avg: f32 = p[..visible].iter().zip(&dp).map(|(a, b)| a * b).sum();
+                f(AttnRow { b: bi, head: hh, i, dout: di, p: &p[..visible], dp: &dp, avg });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl AttentionOps for Cpu {
+    fn attention_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let inner = h * dk;
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        let cap = k.shape[1];
+        let (q_offset, lk, key_len) = keys(q, spec);
+        // A counter's position is only known here, so its cache bound is checked here too.
+        ensure!(lk <= cap, "attention: kv_len {lk} exceeds the {cap} rows of k");
+        let bias = spec.bias.as_ref().map(|rb| bias_grid(rb, h, lq, lk, q_offset));
+        let mut out = vec![0.0f32; b * lq * inner];
+        out.par_chunks_mut(lq * inner).enumerate().for_each(|(bi, ob)| {
+            let mut scores = vec![0.0f32; lk];
+            for hh in 0..h {
+                for i in 0..lq {
+                    let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                    let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk };
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        if j >= visible || j >= key_len[bi] {
+                            *s = f32::NEG_INFINITY;
+                            continue;
+                        }
+                        let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        let mut dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+                        if let Some(bias) = &bias {
+                            dot += bias[(hh * lq + i) * lk + j];
+                        }
+                        *s = dot;
+                        max = max.max(dot);
+                    }
+                    let o = &mut ob[i * inner + hh * dk..][..dk];
+                    o.fill(0.0);
+                    if max == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    for (j, s) in scores.iter().enumerate() {
+                        if *s == 0.0 {
+                            continue;
+                        }
+                        let p = s / sum;
+                        let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        o.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
+                    }
+                }
+            }
+        });
+        CpuTensor::new(out, &q.shape)
+    }
+
+    fn attention_backward_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let (inner, lq, cap) = (h * dk, q.shape[1], k.shape[1]);
+        let mut dq = vec![0.0f32; q.data.len()];
+        let mut dkk = vec![0.0f32; k.data.len()];
+        let mut dv = vec![0.0f32; v.data.len()];
+        attention_rows(q, k, v, dout, spec, |r| {
+            let qi = &q.data[(r.b * lq + r.i) * inner + r.head * dk..][..dk];
+            for j in 0..r.p.len() {
+                let ds = r.ds(j) * spec.scale;
+                let base = (r.b * cap + j) * inner + r.head * dk;
+                for t in 0..dk {
+                    dv[base + t] += r.p[j] * r.dout[t];
+                    dq[(r.b * lq + r.i) * inner + r.head * dk + t] += ds * k.data[base + t];
+                    dkk[base + t] += ds * qi[t];
+                }
+            }
+        })?;
+        Ok((CpuTensor::new(dq, &q.shape)?, CpuTensor::new(dkk, &k.shape)?, CpuTensor::new(dv, &v.shape)?))
+    }
+
+    fn attention_bias_grad_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+        d_table: &mut Self::Tensor,
+    ) -> Result<()> {
+        let rb = spec.bias.as_ref().ok_or_else(|| anyhow::anyhow!("attention_bias_grad: the call has no bias"))?;
+        let h = spec.heads;
+        let q_offset = at(spec.q_offset);
+        attention_rows(q, k, v, dout, spec, |r| {
+            for j in 0..r.p.len() {
+                let rel = j as i64 - (q_offset + r.i) as i64;
+                let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+                d_table.data[bucket * h + r.head] += r.ds(j);
+            }
+        })
+    }
+}

@@ -1,0 +1,238 @@
+//! The CUDA attention of kernels/attention.cu: the forward forms (tensor cores, plain tiles,
+//! decoding), the backward and the bias table's gradient, with the one `AttnParams` they share.
+
+use super::*;
+
+/// Mirrors `AttnParams` in kernels/attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnParams {
+    key_lengths: u64,
+    counter: u64,
+    bias_table: u64,
+    bucket_lut: u64,
+    b: i32,
+    lq: i32,
+    lk: i32,
+    cap: i32,
+    h: i32,
+    dk: i32,
+    q_offset: i32,
+    causal: i32,
+    max_distance: i32,
+    scale: f32,
+}
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl DeviceRepr for AttnParams {}
+
+impl Cuda {
+    fn bucket_lut(&self, bidirectional: bool, buckets: usize, max_distance: usize) -> Result<u64> {
+        let mut luts = self.bucket_luts.lock().expect("bucket table lock");
+        let key = (bidirectional, buckets, max_distance);
+        if let std::collections::hash_map::Entry::Vacant(e) = luts.entry(key) {
+            let md = max_distance as i64;
+            let lut: Vec<u32> =
+                (-md..=md).map(|rel| relative_bucket(rel, bidirectional, buckets, max_distance) as u32).collect();
+            e.insert(self.gpu.upload(&lut)?);
+        }
+        Ok(self.gpu.ptr(&luts[&key]))
+    }
+    /// The kernels' parameter block for one call: q `[B, Lq, ·]` against k's `cap` rows under
+    /// `spec`, the position from its counter when it has one.
+    fn attn_params(&self, q: &CudaTensor, k: &CudaTensor, spec: &AttnSpec<'_, Self>) -> Result<AttnParams> {
+        let (q_offset, counter) = self.position(spec.q_offset);
+        let (bias_table, bucket_lut, max_distance) = match &spec.bias {
+            Some(rb) => (
+                self.gpu.ptr(&rb.table.buf),
+                self.bucket_lut(rb.bidirectional, rb.num_buckets, rb.max_distance)?,
+                rb.max_distance as i32,
+            ),
+            None => (0, 0, 0),
+        };
+        Ok(AttnParams {
+            key_lengths: spec.key_lengths.map(|l| self.gpu.ptr(&l.buf)).unwrap_or(0),
+            counter,
+            bias_table,
+            bucket_lut,
+            b: q.shape[0] as i32,
+            lq: q.shape[1] as i32,
+            lk: spec.kv_len as i32,
+            cap: k.shape[1] as i32,
+            h: spec.heads as i32,
+            dk: spec.d_kv as i32,
+            q_offset,
+            causal: spec.causal as i32,
+            max_distance,
+            scale: spec.scale,
+        })
+    }
+}
+
+impl AttentionOps for Cuda {
+    fn attention_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        ensure!(dk <= ATTN_MAX_DK as usize, "attention: d_kv {dk} > {ATTN_MAX_DK} is not supported on CUDA");
+        // q, k and v must share a precision: convert the odd one out to half.
+        let (qh, kh, vh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?);
+        let params = self.attn_params(q, k, spec)?;
+        let out = self.empty(&q.shape, Prec::Half)?;
+        let (qp, kp, vp, op) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.ptr_t(&out));
+        if lq <= 4 {
+            let vec = dk == 64 || dk == 32;
+            let width = if vec { dk / 8 } else { dk };
+            let groups = ATTN_ROW_THREADS as usize / width;
+            let smem = (dk + k.shape[1] + groups * dk) * 4;
+            ensure!(
+                smem <= SHARED_MEMORY_LIMIT as usize,
+                "attention: {} keys exceed the decode kernel's shared memory",
+                k.shape[1]
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (h as u32, b as u32, lq as u32),
+                block_dim: (ATTN_ROW_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let name = if vec { format!("attention_decode_{dk}") } else { "attention_decode_any".to_string() };
+            self.gpu.launch(&name, cfg, &[&qp, &kp, &vp, &op, &params])?;
+        } else if dk == 64 || dk == 32 {
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
+                block_dim: (ATTN_MMA_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
+        } else {
+            let dk_tile = if dk <= 32 {
+                32
+            } else if dk <= 64 {
+                64
+            } else {
+                128
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
+                block_dim: (ATTN_ROWS, 1, 1),
+                shared_mem_bytes: (2 * ATTN_PREFILL_KEYS as usize * dk * 4) as u32,
+            };
+            self.gpu.launch(&format!("attention_prefill_f16_{dk_tile}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
+        }
+        Ok(out)
+    }
+
+    /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, the softmax
+    /// statistics and dq; then per `ATTN_ROWS` keys, dk and dv. q, k, v and dout are read as half.
+    fn attention_backward_impl(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        dout: &CudaTensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        ensure!(
+            (1..=ATTN_MAX_DK as usize).contains(&dk),
+            "attention_backward: d_kv {dk} is outside 1..={ATTN_MAX_DK} on CUDA"
+        );
+        ensure!(h <= 65535 && b <= 65535, "attention_backward: {h} heads × {b} rows exceed the grid");
+        let cap = k.shape[1];
+        let dq = self.empty(&q.shape, Prec::F32)?;
+        let dkt = self.empty(&k.shape, Prec::F32)?;
+        let dvt = self.empty(&v.shape, Prec::F32)?;
+        if b == 0 || h == 0 {
+            return Ok((dq, dkt, dvt));
+        }
+        let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
+        let params = self.attn_params(q, k, spec)?;
+        // Per (row, head, query): the log-sum-exp of the scores and D = Σ p·dp.
+        let lse = self.gpu.alloc::<f32>(b * h * lq)?;
+        let dsum = self.gpu.alloc::<f32>(b * h * lq)?;
+        // Head sizes of whole m16n8k16 tiles take the tensor cores; others the f32 form, whose row
+        // size is fixed at compile time.
+        let (form, threads) = match dk {
+            16 | 32 | 64 => (format!("mma_{dk}"), ATTN_MMA_THREADS),
+            1..=32 => ("plain_32".to_string(), ATTN_ROWS),
+            33..=64 => ("plain_64".to_string(), ATTN_ROWS),
+            _ => ("plain_128".to_string(), ATTN_ROWS),
+        };
+        let grid = |rows: usize| LaunchConfig {
+            grid_dim: (rows.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, kp, vp, gp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.gpu.ptr(&gh));
+        let (lp, dp) = (self.gpu.ptr(&lse), self.gpu.ptr(&dsum));
+        if lq > 0 {
+            self.gpu.launch(
+                &format!("attention_backward_dq_{form}"),
+                grid(lq),
+                &[&qp, &kp, &vp, &gp, &self.ptr_t(&dq), &lp, &dp, &params],
+            )?;
+        }
+        if cap > 0 {
+            self.gpu.launch(
+                &format!("attention_backward_dkdv_{form}"),
+                grid(cap),
+                &[&qp, &kp, &vp, &gp, &self.ptr_t(&dkt), &self.ptr_t(&dvt), &lp, &dp, &params],
+            )?;
+        }
+        Ok((dq, dkt, dvt))
+    }
+
+    fn attention_bias_grad_impl(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        dout: &CudaTensor,
+        spec: &AttnSpec<'_, Self>,
+        d_table: &mut CudaTensor,
+    ) -> Result<()> {
+        let rb = spec.bias.as_ref().ok_or_else(|| anyhow::anyhow!("attention_bias_grad: the call has no bias"))?;
+        let (h, dk) = (spec.heads, spec.d_kv);
+        let (b, lq) = (q.shape[0], q.shape[1]);
+        ensure!(
+            (1..=ATTN_MAX_DK as usize).contains(&dk),
+            "attention_bias_grad: d_kv {dk} is outside 1..={ATTN_MAX_DK} on CUDA"
+        );
+        let cap = k.shape[1];
+        let smem = (2 * cap + rb.num_buckets) * 4;
+        ensure!(
+            smem <= SHARED_MEMORY_LIMIT as usize,
+            "attention_bias_grad: {cap} keys need {smem} bytes of shared memory, over {SHARED_MEMORY_LIMIT}"
+        );
+        ensure!(lq < 1 << 31 && h <= 65535 && b <= 65535, "attention_bias_grad: {b}×{h}×{lq} exceeds the grid");
+        let tp = self.grad_ptr(d_table, "attention_bias_grad d_table")?;
+        if b == 0 || lq == 0 || h == 0 {
+            return Ok(());
+        }
+        let params = self.attn_params(q, k, spec)?;
+        let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
+        let cfg = LaunchConfig {
+            grid_dim: (lq as u32, h as u32, b as u32),
+            block_dim: (ATTN_ROW_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        self.gpu.launch(
+            "attention_bias_grad",
+            cfg,
+            &[
+                &self.gpu.ptr(&qh),
+                &self.gpu.ptr(&kh),
+                &self.gpu.ptr(&vh),
+                &self.gpu.ptr(&gh),
+                &tp,
+                &(rb.num_buckets as i32),
+                &params,
+            ],
+        )
+    }
+}

@@ -1,0 +1,37 @@
+//! Launch geometry, written once for the kernels and the launches that must agree with them:
+//! build.rs turns every `pub const` below into a `#define` of the generated `launch.cuh` that
+//! kernels/ include, so block sizes, tiles and limits cannot drift apart between .cu and Rust.
+//! Values are plain integer expressions that C and Rust read alike.
+
+/// Threads per block of the grid-stride kernels.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+/// At most this many blocks of them: 16 per SM of an H200's 132 keep every SM busy, and more only
+/// add scheduling.
+pub const ELEMENTWISE_MAX_BLOCKS: usize = 132 * 16;
+/// Threads per row of the row-wise norms and column sums.
+pub const ROW_THREADS: u32 = 256;
+/// Rows per block of `rms_weight_grad`: tall inputs spread over the machine.
+pub const RMS_ROWS: u32 = 64;
+/// Threads per row of the log-probability kernels (token log-probs, their backward, cross-entropy).
+pub const LP_THREADS: u32 = 512;
+/// Threads per row of log-softmax and of `select_tokens` (whose prefix sums hold one value each).
+pub const VOCAB_THREADS: u32 = 1024;
+/// Threads of one block of `adam_multi`, and the values each thread updates.
+pub const ADAM_THREADS: u32 = 256;
+pub const ADAM_PER_THREAD: u32 = 4;
+/// Threads of one block of `sum_squares_multi`, and the values each thread reads.
+pub const SUM_SQUARES_THREADS: u32 = 256;
+pub const SUM_SQUARES_PER_THREAD: u32 = 8;
+/// Queries (or keys) per block of the many-query attention kernels, forward and backward; the plain
+/// forms run one thread per row.
+pub const ATTN_ROWS: u32 = 64;
+/// Keys per shared-memory tile of the plain attention forward.
+pub const ATTN_PREFILL_KEYS: u32 = 32;
+/// Threads of the tensor-core attention kernels: 4 warps of 16 rows each.
+pub const ATTN_MMA_THREADS: u32 = 128;
+/// Threads of the decoding attention and of the bias table's gradient (one block per query row).
+pub const ATTN_ROW_THREADS: u32 = 128;
+/// The largest head size the attention kernels take.
+pub const ATTN_MAX_DK: u32 = 128;
+/// The shared memory a launch may ask for without opting in to more.
+pub const SHARED_MEMORY_LIMIT: u32 = 48 << 10;
