@@ -126,7 +126,14 @@ pub fn discard_after(out: &Path, step: usize) -> Result<Vec<String>> {
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE);
     let text = crate::fsutil::read_text(&p)?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a detox trainer state", p.display()))
+    let bad = || format!("{} is not a detox trainer state", p.display());
+    let mut v: serde_json::Value = serde_json::from_str(&text).with_context(bad)?;
+    // Checkpoints written before `[ppo] seed` was removed carry it; it never seeded anything, so
+    // dropping it resumes them unchanged.
+    if let Some(ppo) = v.pointer_mut("/settings/ppo").and_then(|x| x.as_object_mut()) {
+        ppo.remove("seed");
+    }
+    serde_json::from_value(v).with_context(bad)
 }
 
 /// Loads a checkpoint's adapter, value head and optimiser moments into `policy` and `opt`.
@@ -144,4 +151,32 @@ pub fn load<B: Backend>(be: &B, dir: &Path, policy: &mut Policy<B>, opt: &mut Op
     }
     opt.steps = state.optimizer_steps;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ppo::PpoConfig;
+
+    #[test]
+    fn a_state_written_with_the_removed_ppo_seed_still_reads() {
+        let settings = TrainSettings::default();
+        let state = TrainerState {
+            step: 3,
+            kl: KlController::from_config(&PpoConfig::default()),
+            optimizer_steps: 12,
+            settings: settings.clone(),
+        };
+        let mut v = serde_json::to_value(&state).unwrap();
+        v["settings"]["ppo"]["seed"] = serde_json::json!(0);
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(STATE), v.to_string()).unwrap();
+        let back = read_state(d.path()).unwrap();
+        assert_eq!((back.step, back.optimizer_steps), (3, 12));
+        assert_eq!(back.settings, settings);
+        v["settings"]["ppo"]["sede"] = serde_json::json!(0);
+        std::fs::write(d.path().join(STATE), v.to_string()).unwrap();
+        let e = format!("{:#}", read_state(d.path()).unwrap_err());
+        assert!(e.contains("trainer_state.json") && e.contains("sede"), "{e}");
+    }
 }
