@@ -2,6 +2,11 @@
 //! forward: for a random direction u and output weights r, ⟨backward(r), u⟩ must equal
 //! (⟨r, f(x + εu)⟩ − ⟨r, f(x − εu)⟩) / 2ε. Adam against the independent `ppo::optim` reference.
 
+// The backend suite, CPU against CPU here (CUDA against CPU in tests/gpu.rs): every case runs.
+#[path = "suites/backward_ops.rs"]
+mod backward_ops;
+mod common;
+
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Backend, Dropout, LoraGrad, LoraRef, Position, RelBias};
 use detox::checkpoint::{DType, HostTensor};

@@ -129,3 +129,6 @@ pub fn ppo_step_matches_trl<B: Backend>(be: &B) {
     }
     assert!(report.minibatches.iter().all(|m| m.grad_norm > 0.0));
 }
+
+// Registration only: tests/gpu.rs runs it on CUDA; tests/ppo_parity.rs runs it on the CPU.
+crate::common::suite!("ppo_step": gpu ppo_step_matches_trl);
