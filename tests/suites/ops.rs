@@ -406,6 +406,24 @@ fn attention_table() -> Vec<(&'static str, AttnCase)> {
                 scale: 1.0,
             },
         ),
+        // teacher-forced cross-attention: several queries, an odd number of padded encoder keys
+        (
+            "cross, teacher-forced",
+            AttnCase {
+                b: 2,
+                lq: 7,
+                cap: 129,
+                kv_len: 129,
+                h: 4,
+                dk: 64,
+                causal: false,
+                q_offset: 0,
+                counter: false,
+                lengths: Some(vec![129, 65]),
+                bias: None,
+                scale: 1.0,
+            },
+        ),
         // the first decoding step: a single key
         (
             "decode step, first position",
