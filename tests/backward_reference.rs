@@ -4,6 +4,11 @@
 
 mod oracles;
 
+// The backend suite, CPU against CPU here (CUDA against CPU in tests/gpu.rs): every case runs.
+#[path = "suites/backward_ops.rs"]
+mod backward_ops;
+mod common;
+
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
 use detox::backend::prelude::*;
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias};

@@ -1,45 +1,15 @@
-//! The reward model on the CPU (bodies in tests/suites/classifier.rs, which tests/gpu.rs also runs on
-//! CUDA), and `detox score` end to end on SAMSum with clear errors for bad inputs.
+//! The reward model on the CPU (the `#[test]` twins `common::suite!` makes of the bodies in
+//! tests/suites/classifier.rs, which tests/gpu.rs also runs on CUDA), and `detox score` end to
+//! end on SAMSum with clear errors for bad inputs.
 
 #[path = "suites/classifier.rs"]
 mod classifier;
 mod common;
 
 use common::{fixture, shared};
-use detox::backend::cpu::Cpu;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
-
-#[test]
-fn minilm_matches_transformers_cpu() {
-    classifier::minilm_matches_transformers(&Cpu);
-}
-
-#[test]
-fn truncation_keeps_the_closing_token_cpu() {
-    classifier::truncation_keeps_the_closing_token(&Cpu);
-}
-
-#[test]
-fn model_card_sanity_values_cpu() {
-    classifier::model_card_sanity_values(&Cpu);
-}
-
-#[test]
-fn roberta_matches_transformers_cpu() {
-    classifier::roberta_matches_transformers(&Cpu);
-}
-
-#[test]
-fn converted_detoxify_matches_transformers_cpu() {
-    classifier::converted_detoxify_matches_transformers(&Cpu);
-}
-
-#[test]
-fn loader_errors_name_the_problem_cpu() {
-    classifier::loader_errors_name_the_problem(&Cpu);
-}
 
 fn detox(args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;

@@ -2,6 +2,9 @@
 //! (tests/fixtures/ops.safetensors): gelu_new, T5LayerNorm, relative-position buckets.
 
 mod common;
+// The backend suite, CPU against CPU here (CUDA against CPU in tests/gpu.rs): every case runs.
+#[path = "suites/ops.rs"]
+mod ops;
 
 use common::{Expected, fixture, rel_max_err};
 use detox::backend::cpu::{Cpu, gelu_new};

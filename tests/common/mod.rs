@@ -109,3 +109,120 @@ pub fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
 /// rounding.
 pub const HALF: f32 = 2e-3;
 pub const F32: f32 = 1e-5;
+
+/// One registered test of a suite: its name (the op and shape for a table's case), its body over
+/// a backend, and, for a case that needs more than a backend, why it cannot run here.
+pub struct Case<B> {
+    pub name: String,
+    pub body: Box<dyn Fn(&B) + Send + Sync>,
+    pub skip: Option<fn() -> Option<String>>,
+}
+
+impl<B> Case<B> {
+    pub fn new(name: impl Into<String>, body: impl Fn(&B) + Send + Sync + 'static) -> Self {
+        Case { name: name.into(), body: Box::new(body), skip: None }
+    }
+}
+
+/// Runs every case on `be`, each past the others' failures, then fails naming each failed case.
+pub fn run_cases<B>(be: &B, cases: Vec<Case<B>>) {
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|c| {
+            let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.body)(be))).err()?;
+            let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+            Some(format!("{}: {}", c.name, msg.unwrap_or_default()))
+        })
+        .collect();
+    assert!(failed.is_empty(), "{} of {} cases failed:\n{}", failed.len(), cases.len(), failed.join("\n"));
+}
+
+/// Registers a suite's test bodies once, for every test binary that includes the suite:
+///
+/// ```ignore
+/// crate::common::suite!("ops": each norms, table attention, cpu model_card, gpu full_size skip why_not);
+/// ```
+///
+/// declares `pub fn cases<B>(make: fn() -> B) -> Vec<Case<B>>`, the list tests/gpu.rs runs on
+/// CUDA, and a `#[test]` CPU twin of each body that runs on the CPU (only where the including
+/// binary uses the standard harness: tests/gpu.rs has none). Kinds:
+/// - `each f`: `f(&B)`, on every backend;
+/// - `table f`: `f::<B>()` gives a table of cases (op × shape × variant), each named for its
+///   shape; the CPU twin runs them all and names each one that failed;
+/// - `cpu f`: `f(&Cpu)` on the CPU only; `gpu f`: `f(&B)` in tests/gpu.rs only (its CPU run,
+///   if any, is elsewhere);
+/// - `workers f`: `f(make)`, each worker making its own backend; `cuda f`: `f(&Cuda)`.
+///
+/// `skip why` after an entry: `why()` says why the case cannot run here (missing inputs).
+/// A body that is not registered is dead code, which clippy's `-D warnings` refuses, so a body
+/// cannot be written and forgotten.
+#[allow(unused_macros)]
+macro_rules! suite {
+    (@cases $s:literal each $f:ident $make:ident) => {
+        vec![$crate::common::Case::new(concat!($s, "::", stringify!($f)), $f::<B>)]
+    };
+    (@cases $s:literal gpu $f:ident $make:ident) => {
+        vec![$crate::common::Case::new(concat!($s, "::", stringify!($f)), $f::<B>)]
+    };
+    (@cases $s:literal table $f:ident $make:ident) => {
+        $f::<B>()
+            .into_iter()
+            .map(|mut c| {
+                c.name = format!("{}::{}", $s, c.name);
+                c
+            })
+            .collect()
+    };
+    (@cases $s:literal cpu $f:ident $make:ident) => {{
+        let _ = $f::<detox::backend::cpu::Cpu>;
+        Vec::new()
+    }};
+    (@cases $s:literal workers $f:ident $make:ident) => {
+        vec![$crate::common::Case::new(concat!($s, "::", stringify!($f)), move |_: &B| $f::<B>($make))]
+    };
+    (@cases $s:literal cuda $f:ident $make:ident) => {
+        vec![$crate::common::Case::new(concat!($s, "::", stringify!($f)), |be: &B| {
+            $f((be as &dyn std::any::Any).downcast_ref::<detox::backend::cuda::Cuda>().expect("a CUDA backend"))
+        })]
+    };
+    (@twin each $f:ident) => {
+        #[test]
+        fn $f() {
+            super::$f(&detox::backend::cpu::Cpu);
+        }
+    };
+    (@twin cpu $f:ident) => {
+        $crate::common::suite!(@twin each $f);
+    };
+    (@twin table $f:ident) => {
+        #[test]
+        fn $f() {
+            $crate::common::run_cases(&detox::backend::cpu::Cpu, super::$f::<detox::backend::cpu::Cpu>());
+        }
+    };
+    (@twin $other:ident $f:ident) => {};
+    ($suite:literal: $($kind:ident $f:ident $(skip $skip:path)?),* $(,)?) => {
+        /// Every case of this suite on a backend `B` (`make` makes another, for the workers).
+        #[allow(dead_code)]
+        pub fn cases<B: detox::backend::Backend + 'static>(make: fn() -> B) -> Vec<$crate::common::Case<B>> {
+            let _ = make;
+            let mut all: Vec<$crate::common::Case<B>> = Vec::new();
+            $(
+                #[allow(unused_mut)]
+                let mut these: Vec<$crate::common::Case<B>> = $crate::common::suite!(@cases $suite $kind $f make);
+                $(for c in &mut these {
+                    c.skip = Some($skip);
+                })?
+                all.extend(these);
+            )*
+            all
+        }
+
+        #[cfg(test)]
+        mod cpu {
+            $($crate::common::suite!(@twin $kind $f);)*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use suite;

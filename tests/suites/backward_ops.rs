@@ -5,7 +5,7 @@
 //! Inputs are rounded to fp16 first so that both backends read the same values; errors are
 //! relative L2.
 
-use crate::common::{F32, HALF, Rand, close, weight};
+use crate::common::{Case, F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
@@ -317,8 +317,8 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     }
 }
 
-pub fn attention_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(106);
+/// The attention-backward table: (what, shape and variant) cases, each on its own inputs.
+fn attention_backward_table() -> Vec<(&'static str, AttnCase)> {
     let base = AttnCase {
         b: 2,
         lq: 70,
@@ -334,7 +334,7 @@ pub fn attention_backward_matches_cpu<B: Backend>(be: &B) {
         scale: 1.0,
         half_inputs: false,
     };
-    let cases = [
+    vec![
         // encoder: bidirectional bias, padded keys (one row with a single key), several query and
         // key tiles
         (
@@ -427,10 +427,51 @@ pub fn attention_backward_matches_cpu<B: Backend>(be: &B) {
             "d_kv 128",
             AttnCase { b: 1, lq: 40, cap: 40, kv_len: 40, dk: 128, causal: true, bias: Some(false), ..base.clone() },
         ),
-    ];
-    for (what, c) in &cases {
-        attention_backward_case(be, &mut r, c, what);
+        // d_kv 64 (the fast kernels) at lengths that are no multiple of a tile
+        (
+            "cross, d_kv 64, odd lengths",
+            AttnCase { lq: 17, cap: 31, kv_len: 31, h: 4, lengths: Some(vec![31, 5]), ..base.clone() },
+        ),
+    ]
+}
+
+/// `[B=2 Lq=5 Lk=7/8 H=4 dk=64 causal bias …]`: a case's shape and variant, for its name.
+fn attn_label(c: &AttnCase) -> String {
+    let mut s = format!("[B={} Lq={} Lk={}/{} H={} dk={}", c.b, c.lq, c.kv_len, c.cap, c.h, c.dk);
+    if c.causal {
+        s += " causal";
     }
+    if c.q_offset > 0 || c.counter {
+        s += &format!(" offset={}{}", c.q_offset, if c.counter { " (counter)" } else { "" });
+    }
+    match c.bias {
+        Some(true) => s += " bidirectional-bias",
+        Some(false) => s += " causal-bias",
+        None => {}
+    }
+    if let Some(l) = &c.lengths {
+        s += &format!(" key-lengths={l:?}");
+    }
+    if c.scale != 1.0 {
+        s += &format!(" scale={}", c.scale);
+    }
+    if c.half_inputs {
+        s += " half-inputs";
+    }
+    s + "]"
+}
+
+/// Attention backward, one case per row of the table.
+pub fn attention_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    attention_backward_table()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (what, c))| {
+            let name = format!("attention_backward {what} {}", attn_label(&c));
+            let what = name.clone();
+            Case::new(name, move |be: &B| attention_backward_case(be, &mut Rand::new(106 + i as u64), &c, &what))
+        })
+        .collect()
 }
 
 pub fn concat_last_matches_cpu<B: Backend>(be: &B) {
@@ -636,3 +677,21 @@ pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
     assert!((got - want).abs() <= 1e-12 * want, "sum_squares of several: {got} vs {want}");
     assert_eq!(be.sum_squares(&[]).unwrap(), 0.0);
 }
+
+crate::common::suite!("backward":
+    each dropout_matches_cpu,
+    each linear_backward_matches_cpu,
+    each affine_backward_matches_cpu,
+    each rms_norm_backward_matches_cpu,
+    each gated_gelu_backward_matches_cpu,
+    table attention_backward_matches_cpu,
+    each concat_last_matches_cpu,
+    each token_logprobs_matches_cpu,
+    each adam_matches_cpu,
+    each sum_squares_matches_cpu,
+    each weight_grad_matches_cpu,
+    each rms_norm_weight_grad_matches_cpu,
+    each embedding_backward_matches_cpu,
+    each cross_entropy_matches_cpu,
+    each set_weight_matches_cpu,
+);

@@ -241,3 +241,13 @@ pub fn loader_errors_name_the_problem<B: Backend>(be: &B) {
     let e = load_err(be, &fixture("classifier/detoxify_original_tiny"), None);
     assert!(e.contains("tokenizer.json") && e.contains("does not exist"), "{e}");
 }
+
+crate::common::suite!("classifier":
+    each minilm_matches_transformers,
+    each truncation_keeps_the_closing_token,
+    // The model card's four-decimal values are checked on the CPU only.
+    cpu model_card_sanity_values,
+    each roberta_matches_transformers,
+    each converted_detoxify_matches_transformers,
+    each loader_errors_name_the_problem,
+);

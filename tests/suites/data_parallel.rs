@@ -186,3 +186,10 @@ pub fn an_sft_step_is_the_same_on_one_worker_and_on_two_or_three<B: Backend>(mak
         }
     }
 }
+
+// Registration only: each worker makes its own backend (in tests/gpu.rs, its own stream and cuBLAS
+// handle on GPU 0, as on N GPUs); tests/data_parallel.rs runs them on the CPU.
+crate::common::suite!("data_parallel":
+    workers a_ppo_step_is_the_same_on_one_worker_and_on_two,
+    workers an_sft_step_is_the_same_on_one_worker_and_on_two_or_three,
+);

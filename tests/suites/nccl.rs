@@ -21,3 +21,10 @@ pub fn nccl_group_sums_and_gathers(be: &Cuda) {
     assert_eq!(gather_tokens(c, be, &seqs).unwrap(), seqs);
     assert_eq!(c.all_gather(be, &[]).unwrap(), vec![Vec::<f32>::new()]);
 }
+
+/// Why the NCCL group cannot be made here.
+fn nccl_missing() -> Option<String> {
+    detox::parallel::nccl::available().err().map(|e| format!("NCCL: {e:#}"))
+}
+
+crate::common::suite!("nccl": cuda nccl_group_sums_and_gathers skip nccl_missing);

@@ -2,7 +2,7 @@
 //! test-backend-ops, here for the CUDA backend): fresh inputs each check, weights rounded to fp16
 //! first so both backends see the same values, errors as relative L2.
 
-use crate::common::{F32, HALF, Rand, close, weight};
+use crate::common::{Case, F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{Activation, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
@@ -179,6 +179,7 @@ pub fn norms<B: Backend>(be: &B) {
 }
 
 /// One attention configuration on both backends.
+#[derive(Clone)]
 struct AttnCase {
     b: usize,
     lq: usize,
@@ -242,9 +243,9 @@ fn attention_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
     close(&be.download(&got).unwrap(), &want.data, 3e-3, what);
 }
 
-pub fn attention<B: Backend>(be: &B) {
-    let mut r = Rand::new(5);
-    let cases = [
+/// The attention table: (what, shape and variant) cases, each checked on its own inputs.
+fn attention_table() -> Vec<(&'static str, AttnCase)> {
+    vec![
         // encoder: bidirectional bias, padded keys, more queries than one tile
         (
             "encoder",
@@ -388,10 +389,97 @@ pub fn attention<B: Backend>(be: &B) {
                 scale: 1.0,
             },
         ),
-    ];
-    for (what, c) in &cases {
-        attention_case(be, &mut r, c, what);
+        // d_kv 64 (the fast kernels) at lengths that are no multiple of a tile, fewer queries than keys
+        (
+            "encoder, odd lengths",
+            AttnCase {
+                b: 2,
+                lq: 33,
+                cap: 47,
+                kv_len: 47,
+                h: 4,
+                dk: 64,
+                causal: false,
+                q_offset: 0,
+                counter: false,
+                lengths: Some(vec![47, 13]),
+                bias: Some(true),
+                scale: 1.0,
+            },
+        ),
+        // teacher-forced cross-attention: several queries, an odd number of padded encoder keys
+        (
+            "cross, teacher-forced",
+            AttnCase {
+                b: 2,
+                lq: 7,
+                cap: 129,
+                kv_len: 129,
+                h: 4,
+                dk: 64,
+                causal: false,
+                q_offset: 0,
+                counter: false,
+                lengths: Some(vec![129, 65]),
+                bias: None,
+                scale: 1.0,
+            },
+        ),
+        // the first decoding step: a single key
+        (
+            "decode step, first position",
+            AttnCase {
+                b: 3,
+                lq: 1,
+                cap: 16,
+                kv_len: 1,
+                h: 4,
+                dk: 64,
+                causal: true,
+                q_offset: 0,
+                counter: false,
+                lengths: None,
+                bias: Some(false),
+                scale: 1.0,
+            },
+        ),
+    ]
+}
+
+/// `[B=2 Lq=5 Lk=7/8 H=4 dk=64 causal bias …]`: a case's shape and variant, for its name.
+fn attn_label(c: &AttnCase) -> String {
+    let mut s = format!("[B={} Lq={} Lk={}/{} H={} dk={}", c.b, c.lq, c.kv_len, c.cap, c.h, c.dk);
+    if c.causal {
+        s += " causal";
     }
+    if c.q_offset > 0 || c.counter {
+        s += &format!(" offset={}{}", c.q_offset, if c.counter { " (counter)" } else { "" });
+    }
+    match c.bias {
+        Some(true) => s += " bidirectional-bias",
+        Some(false) => s += " causal-bias",
+        None => {}
+    }
+    if let Some(l) = &c.lengths {
+        s += &format!(" key-lengths={l:?}");
+    }
+    if c.scale != 1.0 {
+        s += &format!(" scale={}", c.scale);
+    }
+    s + "]"
+}
+
+/// Attention forward, one case per row of the table.
+pub fn attention<B: Backend + 'static>() -> Vec<Case<B>> {
+    attention_table()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (what, c))| {
+            let name = format!("attention {what} {}", attn_label(&c));
+            let what = name.clone();
+            Case::new(name, move |be: &B| attention_case(be, &mut Rand::new(5 + i as u64), &c, &what))
+        })
+        .collect()
 }
 
 pub fn kv_writes_and_copies<B: Backend>(be: &B) {
@@ -531,3 +619,14 @@ pub fn log_softmax_and_token_choice<B: Backend>(be: &B) {
         }
     }
 }
+
+crate::common::suite!("ops":
+    each embedding_and_gather,
+    each linear_with_and_without_lora,
+    each affine_and_elementwise,
+    each split_and_gated_gelu,
+    each norms,
+    table attention,
+    each kv_writes_and_copies,
+    each log_softmax_and_token_choice,
+);

@@ -196,3 +196,6 @@ pub fn rollout_dropout_applies_masks<B: Backend>(be: &B) {
     let mean = moved / tokens as f64;
     assert!(mean > 1e-3, "the first minibatch's ratio stayed at 1 (mean |ratio − 1| = {mean}) with rollout_dropout on");
 }
+
+// Registration only: tests/gpu.rs runs them on CUDA; tests/ppo_parity.rs runs them on the CPU.
+crate::common::suite!("ppo_step": gpu ppo_step_matches_trl, gpu rollout_dropout_applies_masks);

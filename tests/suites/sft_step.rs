@@ -91,3 +91,6 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
         }
     }
 }
+
+// Registration only: tests/gpu.rs runs it on CUDA; tests/sft_parity.rs runs it on the CPU.
+crate::common::suite!("sft_step": gpu sft_step_matches_pytorch);

@@ -231,3 +231,21 @@ pub fn full_size_matches_transformers<B: Backend>(be: &B) {
     eprintln!("full size: {same}/{} greedy generations identical", want.len());
     assert!(same * 64 >= 60 * want.len(), "only {same} of {} greedy generations match transformers", want.len());
 }
+
+/// Why the full-size check cannot run here: the environment variables naming its inputs.
+fn full_size_inputs_missing() -> Option<String> {
+    let missing: Vec<&str> =
+        ["DETOX_FULL_SIZE", "DETOX_FULL_SIZE_ORACLE"].into_iter().filter(|v| std::env::var_os(v).is_none()).collect();
+    (!missing.is_empty()).then(|| format!("{} not set", missing.join(" and ")))
+}
+
+crate::common::suite!("t5":
+    each encoder_matches,
+    each logits_match,
+    each lora_logits_and_values_match,
+    each greedy_generations_match,
+    each generation_logprobs_and_values_match_teacher_forcing,
+    each merged_lora_matches_unmerged,
+    // It needs a GPU-machine oracle.
+    gpu full_size_matches_transformers skip full_size_inputs_missing,
+);
