@@ -2,7 +2,8 @@
 # On the GPU machine, in one call: every GPU test, then `detox bench ppo` of two binaries in turns
 # (A B A B, so the machine's drift falls on both) beside the PyTorch anchor. The anchor's own time
 # swings by half between calls, so only figures from one call are compared.
-#   Here:  BASELINE=/path/to/old/detox tools/gpu_pack.sh models/minilm-toxicity tokenizers/t5 bench
+#   Here:  BASELINE=/path/to/old/detox tools/gpu_pack.sh models/minilm-toxicity/{config.json,model.safetensors,tokenizer.json} \
+#            tokenizers/{t5,bert-base-uncased,roberta-base}/tokenizer.json bench data/samsum/test.jsonl
 #   There: bash tools/gpu_ab.sh             (results and logs under $OUT, or runs/gpu-ab)
 # Environment: BATCH (64), MINI (16), SIZE (base), ROUNDS (2), TESTS (1: run the GPU tests first),
 # ANCHOR (1: run ../shared/bench/torch_baseline.py).
@@ -15,6 +16,7 @@ SIZE=${SIZE:-base}
 ROUNDS=${ROUNDS:-2}
 mkdir -p "$OUT"
 tar -xJf .carry/bin.tar.xz -C .carry
+mkdir -p .carry/shared && { [ ! -f .carry/shared.tar.xz ] || tar -xJf .carry/shared.tar.xz -C .carry/shared; }
 S=$PWD/.carry/shared
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
