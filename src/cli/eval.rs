@@ -147,40 +147,7 @@ impl Job for Eval {
         let (r1, r2, rl) = crate::rouge::mean_f(&pairs);
         let (gr, gm) = (group(&labels, &ref_scores, lead), group(&labels, &model_scores, lead));
         let n = self.dialogues.len();
-        let mut table = format!(
-            "{n} dialogues from {}\n{:<22} {:>10} {:>12} {:>8} {:>8} {:>8}\n",
-            a.data,
-            "",
-            format!("{} mean", a.label),
-            "share > 0.5",
-            "ROUGE-1",
-            "ROUGE-2",
-            "ROUGE-L"
-        );
-        table.push_str(&format!(
-            "{:<22} {:>10.4} {:>11.2}% {:>8} {:>8} {:>8}\n",
-            "reference summaries",
-            gr.lead_mean,
-            100.0 * gr.share_above_half,
-            "-",
-            "-",
-            "-"
-        ));
-        table.push_str(&format!(
-            "{:<22} {:>10.4} {:>11.2}% {:>8.4} {:>8.4} {:>8.4}",
-            "model summaries",
-            gm.lead_mean,
-            100.0 * gm.share_above_half,
-            r1,
-            r2,
-            rl
-        ));
-        if labels.len() > 1 {
-            table.push_str("\nlabel means (reference / model):");
-            for ((l, x), (_, y)) in gr.label_means.iter().zip(&gm.label_means) {
-                table.push_str(&format!("\n  {l:<18} {x:.4} / {y:.4}"));
-            }
-        }
+        let table = results_table(a, n, &labels, (&gr, &gm), (r1, r2, rl));
         let rows: Vec<serde_json::Value> = (0..n)
             .map(|i| {
                 json!({ "summary": summaries[i], "reference": self.references[i],
@@ -194,4 +161,50 @@ impl Job for Eval {
         });
         Ok((table, value))
     }
+}
+
+/// The seed's results table: toxicity of the references and of the model's summaries, ROUGE, and
+/// each label's means when the classifier has several.
+fn results_table(
+    a: &Args,
+    n: usize,
+    labels: &[String],
+    (gr, gm): (&Group, &Group),
+    (r1, r2, rl): (f64, f64, f64),
+) -> String {
+    let mut table = format!(
+        "{n} dialogues from {}\n{:<22} {:>10} {:>12} {:>8} {:>8} {:>8}\n",
+        a.data,
+        "",
+        format!("{} mean", a.label),
+        "share > 0.5",
+        "ROUGE-1",
+        "ROUGE-2",
+        "ROUGE-L"
+    );
+    table.push_str(&format!(
+        "{:<22} {:>10.4} {:>11.2}% {:>8} {:>8} {:>8}\n",
+        "reference summaries",
+        gr.lead_mean,
+        100.0 * gr.share_above_half,
+        "-",
+        "-",
+        "-"
+    ));
+    table.push_str(&format!(
+        "{:<22} {:>10.4} {:>11.2}% {:>8.4} {:>8.4} {:>8.4}",
+        "model summaries",
+        gm.lead_mean,
+        100.0 * gm.share_above_half,
+        r1,
+        r2,
+        rl
+    ));
+    if labels.len() > 1 {
+        table.push_str("\nlabel means (reference / model):");
+        for ((l, x), (_, y)) in gr.label_means.iter().zip(&gm.label_means) {
+            table.push_str(&format!("\n  {l:<18} {x:.4} / {y:.4}"));
+        }
+    }
+    table
 }
