@@ -166,8 +166,8 @@ mod tests {
     fn the_bar_names_the_phase_within_a_step_and_stays_where_an_interrupted_run_stopped() {
         let bar = ProgressBar::with_draw_target(Some(50), indicatif::ProgressDrawTarget::hidden());
         let mut p = Progress::with(Sink::Bar(bar.clone()), 50, "training");
-        p.phase("rollout", 3, 16, "prompts");
-        assert_eq!(bar.message(), "step 1: rollout 3/16 prompts | ETA after the first step");
+        p.phase("rollout", 3, 16, "tokens");
+        assert_eq!(bar.message(), "step 1: rollout 3/16 tokens | ETA after the first step");
         p.step("reward 0.5".into(), 1.0);
         p.phase("optimise", 2, 16, "minibatches");
         let m = bar.message();

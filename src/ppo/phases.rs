@@ -8,7 +8,8 @@ use crate::backend::Backend;
 use crate::classifier::Classifier;
 use crate::parallel::{Collective, gather_concat, gather_tokens, shard};
 use crate::t5::model::Fwd;
-use crate::t5::{GenConfig, Prompts, T5, generate};
+use crate::t5::generate::generate_reporting;
+use crate::t5::{GenConfig, Prompts, T5};
 use crate::text::pad_batch;
 use anyhow::Result;
 
@@ -21,11 +22,12 @@ pub fn rollout<B: Backend>(
     model: &mut T5<B>,
     (prompts, streams): (&[Vec<u32>], &[u32]),
     cfg: &GenConfig,
+    on_token: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<u32>>> {
     let part = shard(prompts.len(), group.rank(), group.world());
     model.merge_lora(be)?;
     let batch = Prompts::upload(be, &pad_batch(&prompts[part.clone()], model.config.pad_token_id), &streams[part])?;
-    let out = generate(be, model, None, &batch, cfg, Fwd::eval(true));
+    let out = generate_reporting(be, model, None, &batch, cfg, Fwd::eval(true), on_token);
     model.unmerge_lora();
     let mine: Vec<Vec<u32>> = out?.into_iter().map(|g| g.tokens).collect();
     gather_tokens(group, be, &mine)

@@ -148,7 +148,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let streams: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
 
         // 2. Rollout: the current policy samples a summary of each; its adapters stay fixed for it.
-        self.progress.phase("rollout", 0, prompts.len(), "prompts");
+        self.progress.phase("rollout", 0, s.generation.max_new_tokens, "tokens");
         let responses = self.rollout(&prompts, &streams)?;
         let rolled = Instant::now();
         let tokens: usize = responses.iter().map(Vec::len).sum();
@@ -223,7 +223,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// prompt's sample does not depend on which worker draws it. Each worker samples its share.
     fn rollout(&mut self, prompts: &[Vec<u32>], streams: &[u32]) -> Result<Vec<Vec<u32>>> {
         let cfg = self.settings.generation.sampling(crate::seeds::rollout(self.settings.run.seed, self.step));
-        phases::rollout(self.be, self.group, &mut self.policy.model, (prompts, streams), &cfg)
+        let most = cfg.max_new_tokens;
+        let progress = &self.progress;
+        phases::rollout(self.be, self.group, &mut self.policy.model, (prompts, streams), &cfg, &mut |n| {
+            progress.phase("rollout", n, most, "tokens")
+        })
     }
 
     /// Runs the remaining steps: a JSON Lines log in `run.out` (cut back to the resumed step, so a

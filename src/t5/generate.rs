@@ -97,6 +97,20 @@ pub fn generate<B: Backend>(
     cfg: &GenConfig,
     f: Fwd,
 ) -> Result<Vec<Generation>> {
+    generate_reporting(be, model, value_head, prompts, cfg, f, &mut |_| {})
+}
+
+/// `generate`, calling `on_token(n)` once the `n`th token of every row has been queued, so that a
+/// progress display can follow a long rollout (on the CPU a decoding step takes seconds).
+pub fn generate_reporting<B: Backend>(
+    be: &B,
+    model: &T5<B>,
+    value_head: Option<&ValueHead<B>>,
+    prompts: &Prompts<B>,
+    cfg: &GenConfig,
+    f: Fwd,
+    on_token: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
     cfg.validate()?;
     let c = &model.config;
     let b = prompts.ids.shape()[0];
@@ -136,6 +150,7 @@ pub fn generate<B: Backend>(
             be.run_step(&mut graph, &mut step)?;
         }
         steps += 1;
+        on_token(steps);
         if (steps % CHECK_EVERY == 0 || steps == 1) && be.download_ids(&finished.borrow())?.iter().all(|&x| x != 0) {
             break;
         }

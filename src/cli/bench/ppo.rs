@@ -101,7 +101,7 @@ impl<B: Backend> Bench<B> {
         range(Phase::Iteration, true)?;
         range(Phase::Generate, true)?;
         let batch = (self.prompts.as_slice(), self.streams.as_slice());
-        let responses = phases::rollout(be, group, &mut self.policy.model, batch, &self.sampling)?;
+        let responses = phases::rollout(be, group, &mut self.policy.model, batch, &self.sampling, &mut |_| {})?;
         range(Phase::Generate, false)?;
         range(Phase::Reward, true)?;
         let t1 = Instant::now();
