@@ -122,7 +122,6 @@ enum Op {
     WriteRows { b: usize },
     WriteIds { b: usize },
     Advance,
-    LogSoftmax { rows: usize },
     SelectTokens { rows: usize, choice: Choice },
     ScaleAssign { rows: usize },
     Affine { rows: usize },
@@ -222,7 +221,6 @@ fn cases() -> Vec<Case> {
     push("advance dec".into(), Op::Advance, false);
     for w in &WORKLOADS {
         let (b, n) = (w.batch, w.name);
-        push(format!("log_softmax dec {n}"), Op::LogSoftmax { rows: b }, false);
         for (what, choice) in
             [("greedy", Choice::Greedy), ("sample", Choice::Sample), ("sample k50 p0.9", Choice::SampleTopKP)]
         {
@@ -262,7 +260,7 @@ fn describe(op: &Op) -> String {
         Op::WriteRows { b } => format!("{b}×1×{D} → {b}×{GEN}×{D} f16"),
         Op::WriteIds { b } => format!("{b}×1 → {b}×{}", GEN + 1),
         Op::Advance => "1 counter".into(),
-        Op::LogSoftmax { rows } | Op::SelectTokens { rows, .. } | Op::ScaleAssign { rows } => {
+        Op::SelectTokens { rows, .. } | Op::ScaleAssign { rows } => {
             format!("{rows}×{VOCAB} f32")
         }
         Op::Affine { rows } => format!("{rows}×{D} f16 · 1×{D}ᵀ f32"),
@@ -513,11 +511,6 @@ fn prepare<'b>(be: &'b Cuda, op: &Op, g: &mut Gen) -> Result<Bench<'b>> {
         Op::Advance => {
             let mut counter = be.upload_ids(&[0], &[1])?;
             Bench::graph(8, 0.0, 1, Box::new(move |_| be.advance(&mut counter, 1)))
-        }
-        Op::LogSoftmax { rows } => {
-            let sets = sets_for(rows * VOCAB * 4);
-            let logits = f32_sets(be, &[rows, VOCAB], sets, 8.0, g)?;
-            Bench::graph(rows * VOCAB * 8, 0.0, sets, Box::new(move |i| be.log_softmax(&logits[i]).map(drop)))
         }
         Op::SelectTokens { rows, choice } => {
             let sets = sets_for(rows * VOCAB * 4);

@@ -1,19 +1,6 @@
-// Log-probabilities over the vocabulary: log-softmax, the chosen tokens' log-probabilities with the
-// rows' entropy and their backward, and cross-entropy with label smoothing. All in f32.
+// Log-probabilities over the vocabulary: the chosen tokens' log-probabilities with the rows'
+// entropy and their backward, and cross-entropy with label smoothing. All in f32.
 #include "common.cuh"
-
-extern "C" __global__ void log_softmax_f32(const float* x, float* y, int V) {
-    __shared__ float scratch[32];
-    const float* xr = x + (long)blockIdx.x * V;
-    float* yr = y + (long)blockIdx.x * V;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, xr[i]);
-    mx = block_max(mx, scratch);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += __expf(xr[i] - mx);
-    float lse = mx + logf(block_sum(s, scratch));
-    for (int i = threadIdx.x; i < V; i += blockDim.x) yr[i] = xr[i] - lse;
-}
 
 // A row's softmax statistics about a running maximum m: s = Σ e^(x−m) and t = Σ e^(x−m)·(x−m).
 // Then lse = m + ln s and the entropy is ln s − t/s, a sum of two non-negative terms (no

@@ -387,12 +387,9 @@ pub trait AttentionOps: Device {
     }
 }
 
-/// Log-probabilities over the vocabulary: log-softmax, chosen tokens' log-probabilities with
-/// entropy, cross-entropy, and their gradients.
+/// Log-probabilities over the vocabulary: chosen tokens' log-probabilities with entropy,
+/// cross-entropy, and their gradients.
 pub trait LossOps: Device {
-    /// Log-softmax over the last dimension.
-    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor>;
-
     checked_op! {
         /// For `logits [N, V]` and `tokens [N]`: each token's log-probability and each row's entropy.
         fn token_logprobs / token_logprobs_impl(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> => {

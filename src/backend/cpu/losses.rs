@@ -1,5 +1,5 @@
-//! The CPU reference of log-softmax, chosen tokens' log-probabilities with entropy, cross-entropy
-//! and their gradients.
+//! The CPU reference of chosen tokens' log-probabilities with entropy, cross-entropy and their
+//! gradients, over one row's log-softmax.
 
 use super::*;
 
@@ -12,13 +12,6 @@ pub fn log_softmax_row(row: &mut [f32]) {
 }
 
 impl LossOps for Cpu {
-    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor> {
-        let (_, v) = logits.rows_cols();
-        let mut y = logits.data.clone();
-        y.par_chunks_mut(v.max(1)).for_each(log_softmax_row);
-        CpuTensor::new(y, &logits.shape)
-    }
-
     fn token_logprobs_impl(&self, logits: &Self::Tensor, tokens: &Self::Ids) -> Result<(Self::Tensor, Self::Tensor)> {
         let (n, v) = logits.rows_cols();
         let mut lp = Vec::with_capacity(n);

@@ -1,5 +1,5 @@
-//! The CUDA log-probabilities of kernels/losses.cu: log-softmax, chosen tokens' log-probabilities
-//! with entropy, cross-entropy, and their gradients.
+//! The CUDA log-probabilities of kernels/losses.cu: chosen tokens' log-probabilities with entropy,
+//! cross-entropy, and their gradients.
 
 use super::*;
 
@@ -15,15 +15,6 @@ impl Cuda {
 }
 
 impl LossOps for Cuda {
-    fn log_softmax(&self, logits: &Self::Tensor) -> Result<Self::Tensor> {
-        let (rows, v) = logits.rows_cols();
-        let Buf::F32(_) = &logits.buf else { bail!("log_softmax expects f32 logits") };
-        let y = self.empty(&logits.shape, Prec::F32)?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (VOCAB_THREADS, 1, 1), shared_mem_bytes: 0 };
-        self.gpu.launch("log_softmax_f32", cfg, &[&self.ptr_t(logits), &self.ptr_t(&y), &(v as i32)])?;
-        Ok(y)
-    }
-
     fn token_logprobs_impl(&self, logits: &CudaTensor, tokens: &CudaIds) -> Result<(CudaTensor, CudaTensor)> {
         let (n, v) = self.logit_rows(logits, "token_logprobs")?;
         let lp = self.empty(&[n], Prec::F32)?;
