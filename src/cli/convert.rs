@@ -44,7 +44,7 @@ impl safetensors::View for &LazyF16<'_> {
     fn data(&self) -> Cow<'_, [u8]> {
         match self.src.dtype {
             DType::F16 => Cow::Borrowed(self.src.bytes),
-            _ => Cow::Owned(self.src.to_f16().iter().flat_map(|v| v.to_le_bytes()).collect()),
+            _ => Cow::Owned(bytemuck::cast_slice(&self.src.to_f16()).to_vec()),
         }
     }
     fn data_len(&self) -> usize {

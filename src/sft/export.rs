@@ -27,15 +27,15 @@ fn f32_config(src: &Path) -> Result<Vec<u8>> {
 }
 
 /// Adds every adapter's `scale · B · A` to its module's weight.
-fn merge_adapters<B: Backend>(be: &B, model: &mut T5<B>, tensors: &mut BTreeMap<String, OwnedTensor>) -> Result<()> {
+fn merge_adapters<B: Backend>(be: &B, model: &T5<B>, tensors: &mut BTreeMap<String, OwnedTensor>) -> Result<()> {
     let Some(scale) = model.lora.as_ref().map(|l| l.scale()) else { return Ok(()) };
-    for (inp, part) in model.modules_mut() {
+    for (inp, part) in model.modules() {
         let Some(l) = &part.lora else { continue };
         let (a, b) = (be.download(&l.a)?, be.download(&l.b)?);
         let r = l.a.shape()[0];
         let name = format!("{}.weight", part.path);
         let t = tensors.get_mut(&name).ok_or_else(|| anyhow!("no weight {name} to merge the adapter into"))?;
-        let mut w: Vec<f32> = t.bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mut w: Vec<f32> = bytemuck::pod_collect_to_vec(&t.bytes);
         for (o, row) in w.chunks_mut(inp).enumerate() {
             for k in 0..r {
                 let bk = scale * b[o * r + k];
