@@ -31,10 +31,10 @@ pub struct SftOptimizer<B: Backend> {
 
 impl<B: Backend> SftOptimizer<B> {
     /// Full-parameter training: masters read in f32 from the checkpoint the model came from.
-    pub fn full(be: &B, model: &mut T5<B>, ckpt: &Checkpoint) -> Result<Self> {
+    pub fn full(be: &B, model: &T5<B>, ckpt: &Checkpoint) -> Result<Self> {
         ensure!(model.lora.is_none(), "full-parameter training runs on a model without LoRA adapters");
         let masters = read_masters(be, model, ckpt)?;
-        let names = model.params_mut().into_iter().map(|p| p.names[0].0.clone()).collect();
+        let names = model.params().into_iter().map(|p| p.names[0].0.clone()).collect();
         let moments = zero_moments(be, masters.iter().map(|m| m.shape()))?;
         Ok(Self { trainables: Trainables::Full { masters, moments, names }, steps: 0 })
     }

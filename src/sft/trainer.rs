@@ -82,7 +82,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         );
         let mut model = T5::load(be, &s.model.path)?;
         let opt = match s.optim.method {
-            Method::Full => SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&s.model.path)?)?,
+            Method::Full => SftOptimizer::full(be, &model, &Checkpoint::open_dir(&s.model.path)?)?,
             Method::Lora => {
                 model.attach_lora(be, s.lora_settings(), s.lora.init_seed)?;
                 SftOptimizer::lora(be, &model)?

@@ -14,54 +14,66 @@ pub struct Param<'a, B: Backend> {
     pub weight: &'a mut B::Weight,
 }
 
-fn proj_param<B: Backend>(p: &mut Proj<B>) -> Param<'_, B> {
-    Param {
-        names: p.parts.iter().map(|part| (format!("{}.weight", part.path), part.out)).collect(),
-        weight: &mut p.weight,
-    }
+/// `Param` for reading: the same names, the weight behind a shared reference.
+pub struct ParamRef<'a, B: Backend> {
+    pub names: Vec<(String, usize)>,
+    pub weight: &'a B::Weight,
 }
 
-fn named<B: Backend>(name: String, w: &mut B::Weight) -> Param<'_, B> {
-    let rows = w.shape()[0];
-    Param { names: vec![(name, rows)], weight: w }
-}
-
-fn stack_params<'a, B: Backend>(stack: &'a mut Stack<B>, prefix: &str, out: &mut Vec<Param<'a, B>>) {
-    for (i, block) in stack.blocks.iter_mut().enumerate() {
-        let p = format!("{prefix}.block.{i}.layer");
-        let sa = &mut block.self_attention;
-        out.push(proj_param(&mut sa.qkv));
-        out.push(proj_param(&mut sa.o));
-        if let Some(table) = sa.relative_attention_bias.as_mut() {
-            out.push(named(format!("{p}.0.SelfAttention.relative_attention_bias.weight"), table));
+/// Writes the walk over every weight once, for shared and for mutable access (the two differ only
+/// in `&` against `&mut`, `iter` against `iter_mut` and `as_ref` against `as_mut`), so the order the
+/// optimiser, the gradients and the checkpoints share is stated in one place.
+macro_rules! param_walk {
+    ($walk:ident, $param:ident, [$($m:ident)?], $iter:ident, $opt:ident) => {
+        impl<B: Backend> T5<B> {
+            /// Every weight, in the order `FullGrads::tensors_mut` and the optimiser use.
+            pub fn $walk(&$($m)? self) -> Vec<$param<'_, B>> {
+                fn proj<B: Backend>(p: &$($m)? Proj<B>) -> $param<'_, B> {
+                    $param {
+                        names: p.parts.iter().map(|part| (format!("{}.weight", part.path), part.out)).collect(),
+                        weight: &$($m)? p.weight,
+                    }
+                }
+                fn named<B: Backend>(name: String, w: &$($m)? B::Weight) -> $param<'_, B> {
+                    let rows = w.shape()[0];
+                    $param { names: vec![(name, rows)], weight: w }
+                }
+                fn stack<'a, B: Backend>(stack: &'a $($m)? Stack<B>, prefix: &str, out: &mut Vec<$param<'a, B>>) {
+                    for (i, block) in stack.blocks.$iter().enumerate() {
+                        let p = format!("{prefix}.block.{i}.layer");
+                        let sa = &$($m)? block.self_attention;
+                        out.push(proj(&$($m)? sa.qkv));
+                        out.push(proj(&$($m)? sa.o));
+                        if let Some(table) = sa.relative_attention_bias.$opt() {
+                            out.push(named(format!("{p}.0.SelfAttention.relative_attention_bias.weight"), table));
+                        }
+                        out.push(named(format!("{p}.0.layer_norm.weight"), &$($m)? block.self_attention_norm));
+                        let ff_layer = if let Some((ca, norm)) = block.cross_attention.$opt() {
+                            out.extend([proj(&$($m)? ca.q), proj(&$($m)? ca.kv), proj(&$($m)? ca.o)]);
+                            out.push(named(format!("{p}.1.layer_norm.weight"), norm));
+                            2
+                        } else {
+                            1
+                        };
+                        out.push(proj(&$($m)? block.ff.wi));
+                        out.push(proj(&$($m)? block.ff.wo));
+                        out.push(named(format!("{p}.{ff_layer}.layer_norm.weight"), &$($m)? block.ff_norm));
+                    }
+                    out.push(named(format!("{prefix}.final_layer_norm.weight"), &$($m)? stack.final_layer_norm));
+                }
+                let mut out = vec![named("shared.weight".into(), &$($m)? self.shared)];
+                if let Some(head) = self.lm_head.$opt() {
+                    out.push(named("lm_head.weight".into(), head));
+                }
+                stack(&$($m)? self.encoder, "encoder", &mut out);
+                stack(&$($m)? self.decoder, "decoder", &mut out);
+                out
+            }
         }
-        out.push(named(format!("{p}.0.layer_norm.weight"), &mut block.self_attention_norm));
-        let ff_layer = if let Some((ca, norm)) = block.cross_attention.as_mut() {
-            out.extend([proj_param(&mut ca.q), proj_param(&mut ca.kv), proj_param(&mut ca.o)]);
-            out.push(named(format!("{p}.1.layer_norm.weight"), norm));
-            2
-        } else {
-            1
-        };
-        out.push(proj_param(&mut block.ff.wi));
-        out.push(proj_param(&mut block.ff.wo));
-        out.push(named(format!("{p}.{ff_layer}.layer_norm.weight"), &mut block.ff_norm));
-    }
-    out.push(named(format!("{prefix}.final_layer_norm.weight"), &mut stack.final_layer_norm));
+    };
 }
-
-impl<B: Backend> T5<B> {
-    /// Every weight, in the order `FullGrads::tensors_mut` and the optimiser use.
-    pub fn params_mut(&mut self) -> Vec<Param<'_, B>> {
-        let mut out = vec![named("shared.weight".into(), &mut self.shared)];
-        if let Some(head) = self.lm_head.as_mut() {
-            out.push(named("lm_head.weight".into(), head));
-        }
-        stack_params(&mut self.encoder, "encoder", &mut out);
-        stack_params(&mut self.decoder, "decoder", &mut out);
-        out
-    }
-}
+param_walk!(params_mut, Param, [mut], iter_mut, as_mut);
+param_walk!(params, ParamRef, [], iter, as_ref);
 
 /// The gradients of one block's weights, named as the model's fields.
 pub struct BlockGrads<B: Backend> {
@@ -160,9 +172,9 @@ impl<B: Backend> FullGrads<B> {
 
 /// Reads the f32 value of every parameter from the checkpoint the model was loaded from, in
 /// `params_mut`'s order (the embedding under either of its stored names).
-pub fn read_masters<B: Backend>(be: &B, model: &mut T5<B>, ckpt: &Checkpoint) -> Result<Vec<B::Tensor>> {
+pub fn read_masters<B: Backend>(be: &B, model: &T5<B>, ckpt: &Checkpoint) -> Result<Vec<B::Tensor>> {
     let mut out = Vec::new();
-    for p in model.params_mut() {
+    for p in model.params() {
         let mut values = Vec::with_capacity(p.weight.numel());
         for (name, _) in &p.names {
             let stored =
@@ -185,10 +197,10 @@ pub fn read_masters<B: Backend>(be: &B, model: &mut T5<B>, ckpt: &Checkpoint) ->
 /// projections split back into their modules, f32.
 pub fn named_tensors<B: Backend>(
     be: &B,
-    model: &mut T5<B>,
+    model: &T5<B>,
     masters: &[&B::Tensor],
 ) -> Result<BTreeMap<String, OwnedTensor>> {
-    let params = model.params_mut();
+    let params = model.params();
     ensure!(params.len() == masters.len(), "{} masters for {} parameters", masters.len(), params.len());
     let mut out = BTreeMap::new();
     for (p, m) in params.iter().zip(masters) {

@@ -143,7 +143,7 @@ fn pairs() -> Vec<Pair> {
 fn sft<B: Backend>(be: &B, group: &dyn Collective<B>) -> (f64, f64, Vec<Vec<f32>>) {
     let dir = fixture("sft/flan/model");
     let mut model = T5::load(be, &dir).unwrap();
-    let mut opt = SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&dir).unwrap()).unwrap();
+    let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir).unwrap()).unwrap();
     let masters = |opt: &SftOptimizer<B>| -> Vec<Vec<f32>> {
         let Trainables::Full { masters, .. } = &opt.trainables else { panic!("full-parameter training") };
         masters.iter().map(|m| be.download(m).unwrap()).collect()

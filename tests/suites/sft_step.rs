@@ -39,7 +39,7 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
             width: ds[1],
         };
         let mut model = T5::load(be, &dir.join("model")).unwrap();
-        let mut opt = SftOptimizer::full(be, &mut model, &Checkpoint::open_dir(&dir.join("model")).unwrap()).unwrap();
+        let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir.join("model")).unwrap()).unwrap();
         let h = Hyper {
             lr: num("lr"),
             beta1: num("beta1"),
@@ -57,7 +57,7 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
 
         let SftGrads::Full(g) = &mut grads else { panic!("full-parameter gradients expected") };
         let refs: Vec<&B::Tensor> = g.tensors_mut().into_iter().map(|t| &*t).collect();
-        let got = named_tensors(be, &mut model, &refs).unwrap();
+        let got = named_tensors(be, &model, &refs).unwrap();
         let want = Expected::open(dir.join("grads.safetensors"));
         assert_eq!(got.len(), Checkpoint::open_file(&dir.join("grads.safetensors")).unwrap().names().len());
         let scale = h.loss_scale;
@@ -78,7 +78,7 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
             "{name}: norm {norm} vs {want_norm}"
         );
         let detox::sft::step::Trainables::Full { masters, .. } = &opt.trainables else { panic!("full") };
-        let after = named_tensors(be, &mut model, &masters.iter().collect::<Vec<_>>()).unwrap();
+        let after = named_tensors(be, &model, &masters.iter().collect::<Vec<_>>()).unwrap();
         let want_after = Expected::open(dir.join("after.safetensors"));
         for (n, t) in &after {
             let stored = if n == "shared.weight" { n.as_str() } else { n };
