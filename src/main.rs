@@ -3,8 +3,10 @@
 use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> std::process::ExitCode {
-    // Negative numbers are values (`--seed -1` is an invalid seed, not an unknown flag).
-    let cmd = detox::cli::Cli::command().mut_subcommands(|s| s.allow_negative_numbers(true));
+    // Negative numbers are values (`--seed -1` is an invalid seed, not an unknown flag), in every
+    // subcommand and in bench's own subcommands.
+    let cmd = detox::cli::Cli::command()
+        .mut_subcommands(|s| s.allow_negative_numbers(true).mut_subcommands(|s| s.allow_negative_numbers(true)));
     let cli = detox::cli::Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
     match detox::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

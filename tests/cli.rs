@@ -396,6 +396,9 @@ fn usage_details() {
     let o = detox(&["summarize", "--model", "m", "--input", "x", "--seed", "-1"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("invalid value '-1' for '--seed"), "{}", stderr(&o));
+    let o = detox(&["bench", "generate", "--batch", "-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("invalid value '-1' for '--batch"), "bench's subcommands too: {}", stderr(&o));
     let d = tempfile::tempdir().unwrap();
     let input = d.path().join("in.jsonl");
     std::fs::write(&input, "{\"dialogue\":\"hi\",\"summary\":\"hi\"}\n").unwrap();
