@@ -185,42 +185,66 @@ pub fn affine_backward_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn rms_norm_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(104);
-    for (rows, d) in [(5, 48), (33, 512), (3, 768)] {
-        let x = r.vec(rows * d, 3.0);
-        let w = r.vec(d, 2.0);
-        let dy = r.vec(rows * d, 1.0);
-        let dx0 = r.vec(rows * d, 1.0);
-        let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
-        let xh = half_copy(be, &xg);
-        let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
-        let (dyc, dyg) = (Cpu.upload(&dy, &[rows, d]).unwrap(), be.upload(&dy, &[rows, d]).unwrap());
-        let mut dxc = Cpu.upload(&dx0, &[rows, d]).unwrap();
-        Cpu.rms_norm_backward(&xc, &wc, 1e-6, &dyc, &mut dxc).unwrap();
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let mut dxg = be.upload(&dx0, &[rows, d]).unwrap();
-            be.rms_norm_backward(xin, &wg, 1e-6, &dyg, &mut dxg).unwrap();
-            // A half x holds the same values, and the kernel computes in f32 either way.
-            close(&be.download(&dxg).unwrap(), &dxc.data, F32, &format!("rms_norm_backward {rows}×{d}"));
-        }
+fn rms_norm_backward_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, d: usize, what: &str) {
+    let x = r.vec(rows * d, 3.0);
+    let w = r.vec(d, 2.0);
+    let dy = r.vec(rows * d, 1.0);
+    let dx0 = r.vec(rows * d, 1.0);
+    let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
+    let xh = half_copy(be, &xg);
+    let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
+    let (dyc, dyg) = (Cpu.upload(&dy, &[rows, d]).unwrap(), be.upload(&dy, &[rows, d]).unwrap());
+    let mut dxc = Cpu.upload(&dx0, &[rows, d]).unwrap();
+    Cpu.rms_norm_backward(&xc, &wc, 1e-6, &dyc, &mut dxc).unwrap();
+    for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+        let mut dxg = be.upload(&dx0, &[rows, d]).unwrap();
+        be.rms_norm_backward(xin, &wg, 1e-6, &dyg, &mut dxg).unwrap();
+        // A half x holds the same values, and the kernel computes in f32 either way.
+        close(&be.download(&dxg).unwrap(), &dxc.data, F32, what);
     }
 }
 
-pub fn gated_gelu_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(105);
-    for (rows, f) in [(23, 48), (4, 2048)] {
-        let gu = r.vec(rows * 2 * f, 3.0);
-        let dy = r.vec(rows * f, 1.0);
-        let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
-        let gh = half_copy(be, &gg);
-        let (dyc, dyg) = (Cpu.upload(&dy, &[rows, f]).unwrap(), be.upload(&dy, &[rows, f]).unwrap());
-        let want = Cpu.gated_gelu_backward(&gc, &dyc).unwrap();
-        for gin in std::iter::once(&gg).chain(gh.as_ref()) {
-            let got = be.gated_gelu_backward(gin, &dyg).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, F32, &format!("gated_gelu_backward {rows}×{f}"));
-        }
+/// rms_norm_backward, one case per shape: odd widths, one row, flan-t5-base's d_model.
+pub fn rms_norm_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(5, 48), (33, 512), (3, 768), (1, 768), (7, 1001)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, d))| {
+            let name = format!("rms_norm_backward [rows={rows} d={d}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                rms_norm_backward_case(be, &mut Rand::new(104 + 100 * i as u64), rows, d, &what)
+            })
+        })
+        .collect()
+}
+
+fn gated_gelu_backward_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, what: &str) {
+    let gu = r.vec(rows * 2 * f, 3.0);
+    let dy = r.vec(rows * f, 1.0);
+    let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
+    let gh = half_copy(be, &gg);
+    let (dyc, dyg) = (Cpu.upload(&dy, &[rows, f]).unwrap(), be.upload(&dy, &[rows, f]).unwrap());
+    let want = Cpu.gated_gelu_backward(&gc, &dyc).unwrap();
+    for gin in std::iter::once(&gg).chain(gh.as_ref()) {
+        let got = be.gated_gelu_backward(gin, &dyg).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, F32, what);
     }
+}
+
+/// gated_gelu_backward, one case per shape: an odd width, one and a few rows at flan-t5-base's d_ff.
+pub fn gated_gelu_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(23, 48), (4, 2048), (1, 2048), (5, 1001)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, f))| {
+            let name = format!("gated_gelu_backward [rows={rows} d_ff={f}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                gated_gelu_backward_case(be, &mut Rand::new(105 + 100 * i as u64), rows, f, &what)
+            })
+        })
+        .collect()
 }
 
 /// One attention configuration for the backward on both backends.
@@ -500,30 +524,42 @@ pub fn concat_last_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn token_logprobs_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(108);
-    // The vocabulary in 16-byte pieces, and an odd size that is not.
-    for (rows, v) in [(33, 32128), (7, 1001)] {
-        let mut logits = r.vec(rows * v, 6.0);
-        let mut tokens = r.ids(rows, v as u32);
-        // A peaked row, its token the likely one (entropy near 0), and the first and last ids.
-        logits[5] = 40.0;
-        tokens[0] = 5;
-        tokens[1] = 0;
+fn token_logprobs_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, v: usize, what: &str) {
+    let mut logits = r.vec(rows * v, 6.0);
+    let mut tokens = r.ids(rows, v as u32);
+    // A peaked row, its token the likely one (entropy near 0), and the first and last ids.
+    logits[5] = 40.0;
+    tokens[0] = 5;
+    tokens[1] = 0;
+    if rows > 2 {
         tokens[2] = v as u32 - 1;
-        let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
-        let (tc, tg) = (Cpu.upload_ids(&tokens, &[rows]).unwrap(), be.upload_ids(&tokens, &[rows]).unwrap());
-        let (lp_c, ent_c) = Cpu.token_logprobs(&lc, &tc).unwrap();
-        let (lp_g, ent_g) = be.token_logprobs(&lg, &tg).unwrap();
-        // The CPU sums the row sequentially in f32: about 4e-6 from the exact entropy at this size.
-        close(&be.download(&lp_g).unwrap(), &lp_c.data, F32, &format!("token log-probs, V {v}"));
-        close(&be.download(&ent_g).unwrap(), &ent_c.data, F32, &format!("entropy, V {v}"));
-        let dlogp = r.vec(rows, 1.0);
-        let (dc, dg) = (Cpu.upload(&dlogp, &[rows]).unwrap(), be.upload(&dlogp, &[rows]).unwrap());
-        let want = Cpu.token_logprobs_backward(&lc, &tc, &dc).unwrap();
-        let got = be.token_logprobs_backward(&lg, &tg, &dg).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, F32, &format!("token log-prob backward, V {v}"));
     }
+    let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+    let (tc, tg) = (Cpu.upload_ids(&tokens, &[rows]).unwrap(), be.upload_ids(&tokens, &[rows]).unwrap());
+    let (lp_c, ent_c) = Cpu.token_logprobs(&lc, &tc).unwrap();
+    let (lp_g, ent_g) = be.token_logprobs(&lg, &tg).unwrap();
+    // The CPU sums the row sequentially in f32: about 4e-6 from the exact entropy at this size.
+    close(&be.download(&lp_g).unwrap(), &lp_c.data, F32, &format!("{what}: token log-probs"));
+    close(&be.download(&ent_g).unwrap(), &ent_c.data, F32, &format!("{what}: entropy"));
+    let dlogp = r.vec(rows, 1.0);
+    let (dc, dg) = (Cpu.upload(&dlogp, &[rows]).unwrap(), be.upload(&dlogp, &[rows]).unwrap());
+    let want = Cpu.token_logprobs_backward(&lc, &tc, &dc).unwrap();
+    let got = be.token_logprobs_backward(&lg, &tg, &dg).unwrap();
+    close(&be.download(&got).unwrap(), &want.data, F32, &format!("{what}: token log-prob backward"));
+}
+
+/// token_logprobs (log-probs, entropy, backward), one case per shape.
+pub fn token_logprobs_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    // The vocabulary in 16-byte pieces, and an odd size that is not.
+    [(33, 32128), (7, 1001), (2, 32128)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, v))| {
+            let name = format!("token_logprobs [rows={rows} vocab={v}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| token_logprobs_case(be, &mut Rand::new(108 + 100 * i as u64), rows, v, &what))
+        })
+        .collect()
 }
 
 /// Several tensors in one update (sizes below, at and across a block's 1,024 values), each with its
@@ -574,38 +610,60 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn weight_grad_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(111);
-    for (m, k, n) in [(37, 96, 64), (300, 48, 200), (1, 5, 3)] {
-        let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
-        let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
-        Cpu.weight_grad(&Cpu.upload(&x, &[m, k]).unwrap(), &Cpu.upload(&dy, &[m, n]).unwrap(), &mut want).unwrap();
-        let xg = be.upload(&x, &[m, k]).unwrap();
-        let xh = half_copy(be, &xg);
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let mut got = be.upload(&dw0, &[n, k]).unwrap();
-            be.weight_grad(xin, &be.upload(&dy, &[m, n]).unwrap(), &mut got).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, HALF, &format!("weight_grad {m}×{k}→{n}"));
-        }
+fn weight_grad_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
+    let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
+    let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
+    Cpu.weight_grad(&Cpu.upload(&x, &[m, k]).unwrap(), &Cpu.upload(&dy, &[m, n]).unwrap(), &mut want).unwrap();
+    let xg = be.upload(&x, &[m, k]).unwrap();
+    let xh = half_copy(be, &xg);
+    for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+        let mut got = be.upload(&dw0, &[n, k]).unwrap();
+        be.weight_grad(xin, &be.upload(&dy, &[m, n]).unwrap(), &mut got).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, HALF, what);
     }
 }
 
-pub fn rms_norm_weight_grad_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(112);
-    // Row counts below, at and past one chunk of rows per block.
-    for (rows, d) in [(5, 48), (64, 512), (333, 768)] {
-        let (x, dy, dw0) = (r.vec(rows * d, 3.0), r.vec(rows * d, 1.0), r.vec(d, 1.0));
-        let mut want = Cpu.upload(&dw0, &[d]).unwrap();
-        let (xc, dyc) = (Cpu.upload(&x, &[rows, d]).unwrap(), Cpu.upload(&dy, &[rows, d]).unwrap());
-        Cpu.rms_norm_weight_grad(&xc, 1e-6, &dyc, &mut want).unwrap();
-        let xg = be.upload(&x, &[rows, d]).unwrap();
-        let xh = half_copy(be, &xg);
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let mut got = be.upload(&dw0, &[d]).unwrap();
-            be.rms_norm_weight_grad(xin, 1e-6, &be.upload(&dy, &[rows, d]).unwrap(), &mut got).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, F32, &format!("rms_norm_weight_grad {rows}×{d}"));
-        }
+/// weight_grad, one case per shape: odd sizes, one row, flan-t5-base's feed-forward widths.
+pub fn weight_grad_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(37, 96, 64), (300, 48, 200), (1, 5, 3), (3, 768, 2048), (4, 2048, 768)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, k, n))| {
+            let name = format!("weight_grad [rows={m} in={k} out={n}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| weight_grad_case(be, &mut Rand::new(111 + 100 * i as u64), m, k, n, &what))
+        })
+        .collect()
+}
+
+fn rms_norm_weight_grad_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, d: usize, what: &str) {
+    let (x, dy, dw0) = (r.vec(rows * d, 3.0), r.vec(rows * d, 1.0), r.vec(d, 1.0));
+    let mut want = Cpu.upload(&dw0, &[d]).unwrap();
+    let (xc, dyc) = (Cpu.upload(&x, &[rows, d]).unwrap(), Cpu.upload(&dy, &[rows, d]).unwrap());
+    Cpu.rms_norm_weight_grad(&xc, 1e-6, &dyc, &mut want).unwrap();
+    let xg = be.upload(&x, &[rows, d]).unwrap();
+    let xh = half_copy(be, &xg);
+    for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+        let mut got = be.upload(&dw0, &[d]).unwrap();
+        be.rms_norm_weight_grad(xin, 1e-6, &be.upload(&dy, &[rows, d]).unwrap(), &mut got).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, F32, what);
     }
+}
+
+/// rms_norm_weight_grad, one case per shape.
+pub fn rms_norm_weight_grad_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    // Row counts below, at and past one chunk of rows per block.
+    [(5, 48), (64, 512), (333, 768), (1, 768), (7, 1001)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, d))| {
+            let name = format!("rms_norm_weight_grad [rows={rows} d={d}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                rms_norm_weight_grad_case(be, &mut Rand::new(112 + 100 * i as u64), rows, d, &what)
+            })
+        })
+        .collect()
 }
 
 pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
@@ -622,23 +680,37 @@ pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
     close(&be.download(&got).unwrap(), &want.data, F32, "embedding_backward");
 }
 
-pub fn cross_entropy_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(114);
-    for (rows, v, smoothing) in [(33, 32128, 0.1), (7, 1001, 0.0)] {
-        let logits = r.vec(rows * v, 6.0);
-        let mut targets = r.ids(rows, v as u32);
-        targets[0] = 0;
-        targets[1] = v as u32 - 1;
-        let mut weights = r.vec(rows, 1.0);
+fn cross_entropy_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, v: usize, smoothing: f32, what: &str) {
+    let logits = r.vec(rows * v, 6.0);
+    let mut targets = r.ids(rows, v as u32);
+    targets[0] = 0;
+    targets[1] = v as u32 - 1;
+    let mut weights = r.vec(rows, 1.0);
+    if rows > 2 {
         weights[2] = 0.0;
-        let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
-        let (tc, tg) = (Cpu.upload_ids(&targets, &[rows]).unwrap(), be.upload_ids(&targets, &[rows]).unwrap());
-        let (wc, wg) = (Cpu.upload(&weights, &[rows]).unwrap(), be.upload(&weights, &[rows]).unwrap());
-        let (loss_c, grad_c) = Cpu.cross_entropy(&lc, &tc, &wc, smoothing).unwrap();
-        let (loss_g, grad_g) = be.cross_entropy(&lg, &tg, &wg, smoothing).unwrap();
-        close(&be.download(&loss_g).unwrap(), &loss_c.data, F32, &format!("cross-entropy, V {v}"));
-        close(&be.download(&grad_g).unwrap(), &grad_c.data, F32, &format!("cross-entropy gradient, V {v}"));
     }
+    let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+    let (tc, tg) = (Cpu.upload_ids(&targets, &[rows]).unwrap(), be.upload_ids(&targets, &[rows]).unwrap());
+    let (wc, wg) = (Cpu.upload(&weights, &[rows]).unwrap(), be.upload(&weights, &[rows]).unwrap());
+    let (loss_c, grad_c) = Cpu.cross_entropy(&lc, &tc, &wc, smoothing).unwrap();
+    let (loss_g, grad_g) = be.cross_entropy(&lg, &tg, &wg, smoothing).unwrap();
+    close(&be.download(&loss_g).unwrap(), &loss_c.data, F32, &format!("{what}: loss"));
+    close(&be.download(&grad_g).unwrap(), &grad_c.data, F32, &format!("{what}: gradient"));
+}
+
+/// cross_entropy (loss and gradient), one case per shape.
+pub fn cross_entropy_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(33, 32128, 0.1), (7, 1001, 0.0), (2, 32128, 0.1)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, v, smoothing))| {
+            let name = format!("cross_entropy [rows={rows} vocab={v} smoothing={smoothing}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                cross_entropy_case(be, &mut Rand::new(114 + 100 * i as u64), rows, v, smoothing, &what)
+            })
+        })
+        .collect()
 }
 
 pub fn set_weight_matches_cpu<B: Backend>(be: &B) {
@@ -682,16 +754,16 @@ crate::common::suite!("backward":
     each dropout_matches_cpu,
     each linear_backward_matches_cpu,
     each affine_backward_matches_cpu,
-    each rms_norm_backward_matches_cpu,
-    each gated_gelu_backward_matches_cpu,
+    table rms_norm_backward_matches_cpu,
+    table gated_gelu_backward_matches_cpu,
     table attention_backward_matches_cpu,
     each concat_last_matches_cpu,
-    each token_logprobs_matches_cpu,
+    table token_logprobs_matches_cpu,
     each adam_matches_cpu,
     each sum_squares_matches_cpu,
-    each weight_grad_matches_cpu,
-    each rms_norm_weight_grad_matches_cpu,
+    table weight_grad_matches_cpu,
+    table rms_norm_weight_grad_matches_cpu,
     each embedding_backward_matches_cpu,
-    each cross_entropy_matches_cpu,
+    table cross_entropy_matches_cpu,
     each set_weight_matches_cpu,
 );
