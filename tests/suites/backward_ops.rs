@@ -38,11 +38,16 @@ pub fn dropout_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(102);
-    // A stacked projection of three 32-wide modules, adapters on the first (rank 8) and the last
-    // (rank 4); the middle module's columns of dy reach no branch.
-    let (m, k, n) = (37, 96, 96);
+/// A stacked projection of three `n / 3`-wide modules, adapters (ranks `ranks`) on the first and
+/// the last; the middle module's columns of dy reach no branch. `branches` of them take part.
+fn linear_backward_case<B: Backend>(
+    be: &B,
+    r: &mut Rand,
+    (m, k, n, ranks): (usize, usize, usize, [usize; 2]),
+    branches: usize,
+    what: &str,
+) {
+    let module = n / 3;
     let x = r.vec(m * k, 1.0);
     let w = r.vec(n * k, 0.2);
     let dy = r.vec(m * n, 1.0);
@@ -50,19 +55,18 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
     let xh = half_copy(be, &xg);
     let (wc, wg) = (weight(&Cpu, &w, &[n, k]), weight(be, &w, &[n, k]));
     let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
-    let ranks = [8, 4];
-    let cols = [0, 64];
+    let cols = [0, 2 * module];
     let scales = [1.5, 0.5];
     let adapters: Vec<_> = ranks
         .iter()
         .map(|&rank| {
             let a = r.vec(rank * k, 0.2);
-            let b = r.vec(32 * rank, 0.2);
+            let b = r.vec(module * rank, 0.2);
             (
                 Cpu.upload(&a, &[rank, k]).unwrap(),
-                Cpu.upload(&b, &[32, rank]).unwrap(),
+                Cpu.upload(&b, &[module, rank]).unwrap(),
                 be.upload(&a, &[rank, k]).unwrap(),
-                be.upload(&b, &[32, rank]).unwrap(),
+                be.upload(&b, &[module, rank]).unwrap(),
             )
         })
         .collect();
@@ -74,13 +78,11 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
             (true, Some(h)) => h,
             (true, None) => continue,
         };
-        for branches in 0..=2 {
+        {
             for dropout in [None, Some(Dropout { p: 0.1, seed: 9, stream: 4 })] {
                 for use_shadow in [false, true] {
                     for with_dx in [false, true] {
-                        let what = format!(
-                            "linear_backward: half x {half_x}, {branches} branches, {dropout:?}, shadow {use_shadow}, dx {with_dx}"
-                        );
+                        let what = format!("{what}: half x {half_x}, {dropout:?}, shadow {use_shadow}, dx {with_dx}");
                         let lc: Vec<LoraRef<Cpu>> = (0..branches)
                             .map(|i| LoraRef {
                                 a: &adapters[i].0,
@@ -106,19 +108,19 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
                             .collect();
                         // Gradients accumulate: start them from random values.
                         let init: Vec<(Vec<f32>, Vec<f32>)> =
-                            (0..branches).map(|i| (r.vec(ranks[i] * k, 0.1), r.vec(32 * ranks[i], 0.1))).collect();
+                            (0..branches).map(|i| (r.vec(ranks[i] * k, 0.1), r.vec(module * ranks[i], 0.1))).collect();
                         let mut gc: Vec<_> = init
                             .iter()
                             .zip(ranks)
                             .map(|((a, b), rank)| {
-                                (Cpu.upload(a, &[rank, k]).unwrap(), Cpu.upload(b, &[32, rank]).unwrap())
+                                (Cpu.upload(a, &[rank, k]).unwrap(), Cpu.upload(b, &[module, rank]).unwrap())
                             })
                             .collect();
                         let mut gg: Vec<_> = init
                             .iter()
                             .zip(ranks)
                             .map(|((a, b), rank)| {
-                                (be.upload(a, &[rank, k]).unwrap(), be.upload(b, &[32, rank]).unwrap())
+                                (be.upload(a, &[rank, k]).unwrap(), be.upload(b, &[module, rank]).unwrap())
                             })
                             .collect();
                         let dx0 = r.vec(m * k, 1.0);
@@ -147,6 +149,26 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
             }
         }
     }
+}
+
+/// linear_backward, one case per shape × number of LoRA branches: the original 32-wide modules,
+/// an odd size, one row at flan-t5-base's stacked q/k/v widths, a few rows of its feed-forward
+/// output projection.
+pub fn linear_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let shapes = [(37, 96, 96, [8, 4]), (5, 50, 75, [3, 2]), (1, 768, 2304, [8, 8]), (3, 2048, 768, [4, 8])];
+    let mut cases = Vec::new();
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let (m, k, n, ranks) = shape;
+        for branches in 0..=2 {
+            let name = format!("linear_backward [rows={m} in={k} out={n} lora={branches}×r{ranks:?}]");
+            let what = name.clone();
+            let seed = 102 + 100 * (3 * i + branches) as u64;
+            cases.push(Case::new(name, move |be: &B| {
+                linear_backward_case(be, &mut Rand::new(seed), shape, branches, &what)
+            }));
+        }
+    }
+    cases
 }
 
 pub fn affine_backward_matches_cpu<B: Backend>(be: &B) {
@@ -752,7 +774,7 @@ pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
 
 crate::common::suite!("backward":
     each dropout_matches_cpu,
-    each linear_backward_matches_cpu,
+    table linear_backward_matches_cpu,
     each affine_backward_matches_cpu,
     table rms_norm_backward_matches_cpu,
     table gated_gelu_backward_matches_cpu,
