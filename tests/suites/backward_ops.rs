@@ -17,25 +17,41 @@ fn half_copy<B: Backend>(be: &B, t: &B::Tensor) -> Option<B::Tensor> {
     be.matmul_copy(t).unwrap()
 }
 
-pub fn dropout_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(101);
-    for (shape, p, seed, stream) in
-        [(vec![1], 0.1, 1, 0), (vec![4099], 0.1, 7, 3), (vec![40, 501], 0.5, 8, 11), (vec![300], 0.0, 2, 2)]
-    {
-        let n = shape.iter().product();
-        let x = r.vec(n, 2.0);
-        let d = Dropout { p, seed, stream };
-        let want = Cpu.dropout(&Cpu.upload(&x, &shape).unwrap(), &d).unwrap().data;
-        let xg = be.upload(&x, &shape).unwrap();
-        // One f32 multiply by the same scale: the f32 form equals the CPU bit for bit.
-        assert_eq!(be.download(&be.dropout(&xg, &d).unwrap()).unwrap(), want, "dropout {shape:?} p {p}");
-        if let Some(xh) = half_copy(be, &xg) {
-            let got = be.download(&be.dropout(&xh, &d).unwrap()).unwrap();
-            let same_mask = got.iter().zip(&want).all(|(g, w)| (*g == 0.0) == (*w == 0.0));
-            assert!(same_mask, "half dropout {shape:?} p {p}: the mask differs from the CPU's");
-            close(&got, &want, HALF, "half dropout");
-        }
+fn dropout_case<B: Backend>(be: &B, r: &mut Rand, shape: &[usize], d: &Dropout, what: &str) {
+    let n = shape.iter().product();
+    let x = r.vec(n, 2.0);
+    let want = Cpu.dropout(&Cpu.upload(&x, shape).unwrap(), d).unwrap().data;
+    let xg = be.upload(&x, shape).unwrap();
+    // One f32 multiply by the same scale: the f32 form equals the CPU bit for bit.
+    assert_eq!(be.download(&be.dropout(&xg, d).unwrap()).unwrap(), want, "{what}");
+    if let Some(xh) = half_copy(be, &xg) {
+        let got = be.download(&be.dropout(&xh, d).unwrap()).unwrap();
+        let same_mask = got.iter().zip(&want).all(|(g, w)| (*g == 0.0) == (*w == 0.0));
+        assert!(same_mask, "{what}, half: the mask differs from the CPU's");
+        close(&got, &want, HALF, &format!("{what}, half"));
     }
+}
+
+/// Dropout, one case per shape and rate: one value, sizes past a block, p 0 and 0.5, and a few
+/// rows at flan-t5-base's d_model.
+pub fn dropout_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let rows: [(Vec<usize>, f32, u64, u64); 5] = [
+        (vec![1], 0.1, 1, 0),
+        (vec![4099], 0.1, 7, 3),
+        (vec![40, 501], 0.5, 8, 11),
+        (vec![300], 0.0, 2, 2),
+        (vec![3, 768], 0.1, 5, 6),
+    ];
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, (shape, p, seed, stream))| {
+            let name = format!("dropout [shape={shape:?} p={p}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                dropout_case(be, &mut Rand::new(101 + 100 * i as u64), &shape, &Dropout { p, seed, stream }, &what)
+            })
+        })
+        .collect()
 }
 
 /// A stacked projection of three `n / 3`-wide modules, adapters (ranks `ranks`) on the first and
@@ -688,10 +704,7 @@ pub fn rms_norm_weight_grad_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> 
         .collect()
 }
 
-pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(113);
-    // Many repeats of few ids, so that rows collide.
-    let (vocab, d, n) = (50, 96, 700);
+fn embedding_backward_case<B: Backend>(be: &B, r: &mut Rand, vocab: usize, d: usize, n: usize, what: &str) {
     let ids = r.ids(n, vocab as u32);
     let (dy, t0) = (r.vec(n * d, 1.0), r.vec(vocab * d, 1.0));
     let mut want = Cpu.upload(&t0, &[vocab, d]).unwrap();
@@ -699,7 +712,23 @@ pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
     Cpu.embedding_backward(&ic, &Cpu.upload(&dy, &[n, d]).unwrap(), &mut want).unwrap();
     let mut got = be.upload(&t0, &[vocab, d]).unwrap();
     be.embedding_backward(&be.upload_ids(&ids, &[n]).unwrap(), &be.upload(&dy, &[n, d]).unwrap(), &mut got).unwrap();
-    close(&be.download(&got).unwrap(), &want.data, F32, "embedding_backward");
+    close(&be.download(&got).unwrap(), &want.data, F32, what);
+}
+
+/// embedding_backward, one case per shape: many repeats of few ids, so that rows collide; one
+/// token; flan-t5-base's d_model over its vocabulary at a few tokens.
+pub fn embedding_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(50, 96, 700), (7, 33, 1), (32128, 768, 5)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (vocab, d, n))| {
+            let name = format!("embedding_backward [vocab={vocab} d={d} tokens={n}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                embedding_backward_case(be, &mut Rand::new(113 + 100 * i as u64), vocab, d, n, &what)
+            })
+        })
+        .collect()
 }
 
 fn cross_entropy_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, v: usize, smoothing: f32, what: &str) {
@@ -773,7 +802,7 @@ pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
 }
 
 crate::common::suite!("backward":
-    each dropout_matches_cpu,
+    table dropout_matches_cpu,
     table linear_backward_matches_cpu,
     each affine_backward_matches_cpu,
     table rms_norm_backward_matches_cpu,
@@ -785,7 +814,7 @@ crate::common::suite!("backward":
     each sum_squares_matches_cpu,
     table weight_grad_matches_cpu,
     table rms_norm_weight_grad_matches_cpu,
-    each embedding_backward_matches_cpu,
+    table embedding_backward_matches_cpu,
     table cross_entropy_matches_cpu,
     each set_weight_matches_cpu,
 );
