@@ -600,12 +600,7 @@ pub fn token_logprobs_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
         .collect()
 }
 
-/// Several tensors in one update (sizes below, at and across a block's 1,024 values), each with its
-/// own weight decay and a half copy where the backend keeps one, gradients scaled first.
-pub fn adam_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(109);
-    let shapes = [vec![1003], vec![7, 13], vec![1024], vec![3, 1500]];
-    let decays = [0.01, 0.0, 0.1, 0.0];
+fn adam_case<B: Backend>(be: &B, r: &mut Rand, shapes: &[Vec<usize>], decays: &[f64], what: &str) {
     let p0: Vec<Vec<f32>> = shapes.iter().map(|s| r.vec(s.iter().product(), 1.0)).collect();
     let mut pc: Vec<_> = shapes.iter().zip(&p0).map(|(s, p)| Cpu.upload(p, s).unwrap()).collect();
     let mut pg: Vec<_> = shapes.iter().zip(&p0).map(|(s, p)| be.upload(p, s).unwrap()).collect();
@@ -623,7 +618,7 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
             .iter_mut()
             .zip(&gc)
             .zip(mc.iter_mut().zip(vc.iter_mut()))
-            .zip(decays)
+            .zip(decays.iter().copied())
             .map(|(((p, g), (m, v)), weight_decay)| AdamSlot { p, g, m, v, weight_decay, copy: None })
             .collect();
         Cpu.adam(&mut slots, &h).unwrap();
@@ -631,12 +626,12 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
             .iter_mut()
             .zip(&gg)
             .zip(mg.iter_mut().zip(vg.iter_mut()))
-            .zip(decays.into_iter().zip(copies.iter_mut()))
+            .zip(decays.iter().copied().zip(copies.iter_mut()))
             .map(|(((p, g), (m, v)), (weight_decay, copy))| AdamSlot { p, g, m, v, weight_decay, copy: copy.as_mut() })
             .collect();
         be.adam(&mut slots, &h).unwrap();
         for i in 0..shapes.len() {
-            let what = format!("adam step {step}, tensor {i}");
+            let what = format!("{what} step {step}, tensor {i}");
             close(&be.download(&pg[i]).unwrap(), &pc[i].data, F32, &format!("{what}: p"));
             close(&be.download(&mg[i]).unwrap(), &mc[i].data, F32, &format!("{what}: m"));
             close(&be.download(&vg[i]).unwrap(), &vc[i].data, F32, &format!("{what}: v"));
@@ -646,6 +641,25 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
             }
         }
     }
+}
+
+/// Adam, one case per set of tensors updated together: several (sizes below, at and across a
+/// block's 1,024 values), each with its own weight decay and a half copy where the backend keeps
+/// one, gradients scaled first; a single value; flan-t5-base's feed-forward weight.
+pub fn adam_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let rows: [(Vec<Vec<usize>>, Vec<f64>); 3] = [
+        (vec![vec![1003], vec![7, 13], vec![1024], vec![3, 1500]], vec![0.01, 0.0, 0.1, 0.0]),
+        (vec![vec![1]], vec![0.01]),
+        (vec![vec![2048, 768]], vec![0.01]),
+    ];
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, (shapes, decays))| {
+            let name = format!("adam [shapes={shapes:?} decays={decays:?}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| adam_case(be, &mut Rand::new(109 + 100 * i as u64), &shapes, &decays, &what))
+        })
+        .collect()
 }
 
 fn weight_grad_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
@@ -810,7 +824,7 @@ crate::common::suite!("backward":
     table attention_backward_matches_cpu,
     each concat_last_matches_cpu,
     table token_logprobs_matches_cpu,
-    each adam_matches_cpu,
+    table adam_matches_cpu,
     each sum_squares_matches_cpu,
     table weight_grad_matches_cpu,
     table rms_norm_weight_grad_matches_cpu,
