@@ -7,20 +7,33 @@ use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{Activation, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
 
-pub fn embedding_and_gather<B: Backend>(be: &B) {
-    let mut r = Rand::new(1);
-    let table = r.vec(50 * 24, 1.0);
-    let ids = r.ids(7 * 3, 50);
-    let (wc, wg) = (weight(&Cpu, &table, &[50, 24]), weight(be, &table, &[50, 24]));
-    let (ic, ig) = (Cpu.upload_ids(&ids, &[7, 3]).unwrap(), be.upload_ids(&ids, &[7, 3]).unwrap());
+fn embedding_case<B: Backend>(be: &B, r: &mut Rand, vocab: usize, d: usize, (b, l): (usize, usize), what: &str) {
+    let table = r.vec(vocab * d, 1.0);
+    let ids = r.ids(b * l, vocab as u32);
+    let (wc, wg) = (weight(&Cpu, &table, &[vocab, d]), weight(be, &table, &[vocab, d]));
+    let (ic, ig) = (Cpu.upload_ids(&ids, &[b, l]).unwrap(), be.upload_ids(&ids, &[b, l]).unwrap());
     let want = Cpu.embedding(&wc, &ic).unwrap();
     let got = be.embedding(&wg, &ig).unwrap();
-    assert_eq!(got.shape(), &[7, 3, 24]);
-    close(&be.download(&got).unwrap(), &want.data, F32, "embedding");
-    let rows = [4u32, 0, 20, 20, 9];
+    assert_eq!(got.shape(), &[b, l, d], "{what}: shape");
+    close(&be.download(&got).unwrap(), &want.data, F32, &format!("{what}: embedding"));
+    let rows = [4u32, 0, 20, 20, 9].map(|i| i % (b * l) as u32);
     let g = be.gather_rows(&got, &be.upload_ids(&rows, &[5]).unwrap()).unwrap();
     let c = Cpu.gather_rows(&want, &Cpu.upload_ids(&rows, &[5]).unwrap()).unwrap();
-    close(&be.download(&g).unwrap(), &c.data, F32, "gather_rows");
+    close(&be.download(&g).unwrap(), &c.data, F32, &format!("{what}: gather_rows"));
+}
+
+/// embedding and gather_rows, one case per shape: the original small table, one token, and
+/// flan-t5-base's vocabulary and d_model at a few tokens.
+pub fn embedding_and_gather<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(50, 24, (7, 3)), (9, 17, (1, 1)), (32128, 768, (2, 3))]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (vocab, d, ids))| {
+            let name = format!("embedding [vocab={vocab} d={d} ids={}×{}]", ids.0, ids.1);
+            let what = name.clone();
+            Case::new(name, move |be: &B| embedding_case(be, &mut Rand::new(1 + 100 * i as u64), vocab, d, ids, &what))
+        })
+        .collect()
 }
 
 /// One linear configuration: a stacked projection of three `out / 3`-wide modules, with rank
@@ -703,7 +716,7 @@ pub fn log_softmax_and_token_choice<B: Backend>(be: &B) {
 }
 
 crate::common::suite!("ops":
-    each embedding_and_gather,
+    table embedding_and_gather,
     table linear,
     each affine_and_elementwise,
     table split_and_gated_gelu,
