@@ -187,40 +187,53 @@ pub fn linear_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
     cases
 }
 
-pub fn affine_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(103);
-    // The value head (one output) and a few outputs.
-    for (m, k, n) in [(45, 64, 1), (19, 96, 3)] {
-        let x = r.vec(m * k, 1.0);
-        let w = r.vec(n * k, 0.5);
-        let dy = r.vec(m * n, 1.0);
-        let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
-        let xh = half_copy(be, &xg);
-        let (wc, wg) = (Cpu.upload(&w, &[n, k]).unwrap(), be.upload(&w, &[n, k]).unwrap());
-        let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
-        for half_x in [false, true] {
-            let xin = match (half_x, &xh) {
-                (false, _) => &xg,
-                (true, Some(h)) => h,
-                (true, None) => continue,
-            };
-            for (with_dx, with_db) in [(false, false), (true, false), (false, true), (true, true)] {
-                let what = format!("affine_backward {m}×{k}→{n}: half x {half_x}, dx {with_dx}, db {with_db}");
-                let (dx0, dw0, db0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0));
-                let (mut dxc, mut dxg) = (Cpu.upload(&dx0, &[m, k]).unwrap(), be.upload(&dx0, &[m, k]).unwrap());
-                let (mut dwc, mut dwg) = (Cpu.upload(&dw0, &[n, k]).unwrap(), be.upload(&dw0, &[n, k]).unwrap());
-                let (mut dbc, mut dbg) = (Cpu.upload(&db0, &[n]).unwrap(), be.upload(&db0, &[n]).unwrap());
-                Cpu.affine_backward(&xc, &wc, &dyc, with_dx.then_some(&mut dxc), &mut dwc, with_db.then_some(&mut dbc))
-                    .unwrap();
-                be.affine_backward(xin, &wg, &dyg, with_dx.then_some(&mut dxg), &mut dwg, with_db.then_some(&mut dbg))
-                    .unwrap();
-                close(&be.download(&dxg).unwrap(), &dxc.data, HALF, &format!("{what}: dx"));
-                close(&be.download(&dwg).unwrap(), &dwc.data, HALF, &format!("{what}: dw"));
-                // The bias gradient sums f32 dy in f32.
-                close(&be.download(&dbg).unwrap(), &dbc.data, F32, &format!("{what}: db"));
-            }
+fn affine_backward_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
+    let x = r.vec(m * k, 1.0);
+    let w = r.vec(n * k, 0.5);
+    let dy = r.vec(m * n, 1.0);
+    let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+    let xh = half_copy(be, &xg);
+    let (wc, wg) = (Cpu.upload(&w, &[n, k]).unwrap(), be.upload(&w, &[n, k]).unwrap());
+    let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
+    for half_x in [false, true] {
+        let xin = match (half_x, &xh) {
+            (false, _) => &xg,
+            (true, Some(h)) => h,
+            (true, None) => continue,
+        };
+        for (with_dx, with_db) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("{what}: half x {half_x}, dx {with_dx}, db {with_db}");
+            let (dx0, dw0, db0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0));
+            let (mut dxc, mut dxg) = (Cpu.upload(&dx0, &[m, k]).unwrap(), be.upload(&dx0, &[m, k]).unwrap());
+            let (mut dwc, mut dwg) = (Cpu.upload(&dw0, &[n, k]).unwrap(), be.upload(&dw0, &[n, k]).unwrap());
+            let (mut dbc, mut dbg) = (Cpu.upload(&db0, &[n]).unwrap(), be.upload(&db0, &[n]).unwrap());
+            Cpu.affine_backward(&xc, &wc, &dyc, with_dx.then_some(&mut dxc), &mut dwc, with_db.then_some(&mut dbc))
+                .unwrap();
+            be.affine_backward(xin, &wg, &dyg, with_dx.then_some(&mut dxg), &mut dwg, with_db.then_some(&mut dbg))
+                .unwrap();
+            close(&be.download(&dxg).unwrap(), &dxc.data, HALF, &format!("{what}: dx"));
+            close(&be.download(&dwg).unwrap(), &dwc.data, HALF, &format!("{what}: dw"));
+            // The bias gradient sums f32 dy in f32.
+            close(&be.download(&dbg).unwrap(), &dbc.data, F32, &format!("{what}: db"));
         }
     }
+}
+
+/// affine_backward, one case per shape: the value head (one output) and a few outputs, at small
+/// and flan-t5-base widths, one row.
+pub fn affine_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    // The value head (one output) and a few outputs.
+    [(45, 64, 1), (19, 96, 3), (1, 768, 1), (6, 768, 2)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, k, n))| {
+            let name = format!("affine_backward [rows={m} in={k} out={n}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                affine_backward_case(be, &mut Rand::new(103 + 100 * i as u64), m, k, n, &what)
+            })
+        })
+        .collect()
 }
 
 fn rms_norm_backward_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, d: usize, what: &str) {
@@ -818,7 +831,7 @@ pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
 crate::common::suite!("backward":
     table dropout_matches_cpu,
     table linear_backward_matches_cpu,
-    each affine_backward_matches_cpu,
+    table affine_backward_matches_cpu,
     table rms_norm_backward_matches_cpu,
     table gated_gelu_backward_matches_cpu,
     table attention_backward_matches_cpu,
