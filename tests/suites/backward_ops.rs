@@ -17,32 +17,53 @@ fn half_copy<B: Backend>(be: &B, t: &B::Tensor) -> Option<B::Tensor> {
     be.matmul_copy(t).unwrap()
 }
 
-pub fn dropout_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(101);
-    for (shape, p, seed, stream) in
-        [(vec![1], 0.1, 1, 0), (vec![4099], 0.1, 7, 3), (vec![40, 501], 0.5, 8, 11), (vec![300], 0.0, 2, 2)]
-    {
-        let n = shape.iter().product();
-        let x = r.vec(n, 2.0);
-        let d = Dropout { p, seed, stream };
-        let want = Cpu.dropout(&Cpu.upload(&x, &shape).unwrap(), &d).unwrap().data;
-        let xg = be.upload(&x, &shape).unwrap();
-        // One f32 multiply by the same scale: the f32 form equals the CPU bit for bit.
-        assert_eq!(be.download(&be.dropout(&xg, &d).unwrap()).unwrap(), want, "dropout {shape:?} p {p}");
-        if let Some(xh) = half_copy(be, &xg) {
-            let got = be.download(&be.dropout(&xh, &d).unwrap()).unwrap();
-            let same_mask = got.iter().zip(&want).all(|(g, w)| (*g == 0.0) == (*w == 0.0));
-            assert!(same_mask, "half dropout {shape:?} p {p}: the mask differs from the CPU's");
-            close(&got, &want, HALF, "half dropout");
-        }
+fn dropout_case<B: Backend>(be: &B, r: &mut Rand, shape: &[usize], d: &Dropout, what: &str) {
+    let n = shape.iter().product();
+    let x = r.vec(n, 2.0);
+    let want = Cpu.dropout(&Cpu.upload(&x, shape).unwrap(), d).unwrap().data;
+    let xg = be.upload(&x, shape).unwrap();
+    // One f32 multiply by the same scale: the f32 form equals the CPU bit for bit.
+    assert_eq!(be.download(&be.dropout(&xg, d).unwrap()).unwrap(), want, "{what}");
+    if let Some(xh) = half_copy(be, &xg) {
+        let got = be.download(&be.dropout(&xh, d).unwrap()).unwrap();
+        let same_mask = got.iter().zip(&want).all(|(g, w)| (*g == 0.0) == (*w == 0.0));
+        assert!(same_mask, "{what}, half: the mask differs from the CPU's");
+        close(&got, &want, HALF, &format!("{what}, half"));
     }
 }
 
-pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(102);
-    // A stacked projection of three 32-wide modules, adapters on the first (rank 8) and the last
-    // (rank 4); the middle module's columns of dy reach no branch.
-    let (m, k, n) = (37, 96, 96);
+/// Dropout, one case per shape and rate: one value, sizes past a block, p 0 and 0.5, and a few
+/// rows at flan-t5-base's d_model.
+pub fn dropout_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let rows: [(Vec<usize>, f32, u64, u64); 5] = [
+        (vec![1], 0.1, 1, 0),
+        (vec![4099], 0.1, 7, 3),
+        (vec![40, 501], 0.5, 8, 11),
+        (vec![300], 0.0, 2, 2),
+        (vec![3, 768], 0.1, 5, 6),
+    ];
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, (shape, p, seed, stream))| {
+            let name = format!("dropout [shape={shape:?} p={p}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                dropout_case(be, &mut Rand::new(101 + 100 * i as u64), &shape, &Dropout { p, seed, stream }, &what)
+            })
+        })
+        .collect()
+}
+
+/// A stacked projection of three `n / 3`-wide modules, adapters (ranks `ranks`) on the first and
+/// the last; the middle module's columns of dy reach no branch. `branches` of them take part.
+fn linear_backward_case<B: Backend>(
+    be: &B,
+    r: &mut Rand,
+    (m, k, n, ranks): (usize, usize, usize, [usize; 2]),
+    branches: usize,
+    what: &str,
+) {
+    let module = n / 3;
     let x = r.vec(m * k, 1.0);
     let w = r.vec(n * k, 0.2);
     let dy = r.vec(m * n, 1.0);
@@ -50,19 +71,18 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
     let xh = half_copy(be, &xg);
     let (wc, wg) = (weight(&Cpu, &w, &[n, k]), weight(be, &w, &[n, k]));
     let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
-    let ranks = [8, 4];
-    let cols = [0, 64];
+    let cols = [0, 2 * module];
     let scales = [1.5, 0.5];
     let adapters: Vec<_> = ranks
         .iter()
         .map(|&rank| {
             let a = r.vec(rank * k, 0.2);
-            let b = r.vec(32 * rank, 0.2);
+            let b = r.vec(module * rank, 0.2);
             (
                 Cpu.upload(&a, &[rank, k]).unwrap(),
-                Cpu.upload(&b, &[32, rank]).unwrap(),
+                Cpu.upload(&b, &[module, rank]).unwrap(),
                 be.upload(&a, &[rank, k]).unwrap(),
-                be.upload(&b, &[32, rank]).unwrap(),
+                be.upload(&b, &[module, rank]).unwrap(),
             )
         })
         .collect();
@@ -74,13 +94,11 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
             (true, Some(h)) => h,
             (true, None) => continue,
         };
-        for branches in 0..=2 {
+        {
             for dropout in [None, Some(Dropout { p: 0.1, seed: 9, stream: 4 })] {
                 for use_shadow in [false, true] {
                     for with_dx in [false, true] {
-                        let what = format!(
-                            "linear_backward: half x {half_x}, {branches} branches, {dropout:?}, shadow {use_shadow}, dx {with_dx}"
-                        );
+                        let what = format!("{what}: half x {half_x}, {dropout:?}, shadow {use_shadow}, dx {with_dx}");
                         let lc: Vec<LoraRef<Cpu>> = (0..branches)
                             .map(|i| LoraRef {
                                 a: &adapters[i].0,
@@ -106,19 +124,19 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
                             .collect();
                         // Gradients accumulate: start them from random values.
                         let init: Vec<(Vec<f32>, Vec<f32>)> =
-                            (0..branches).map(|i| (r.vec(ranks[i] * k, 0.1), r.vec(32 * ranks[i], 0.1))).collect();
+                            (0..branches).map(|i| (r.vec(ranks[i] * k, 0.1), r.vec(module * ranks[i], 0.1))).collect();
                         let mut gc: Vec<_> = init
                             .iter()
                             .zip(ranks)
                             .map(|((a, b), rank)| {
-                                (Cpu.upload(a, &[rank, k]).unwrap(), Cpu.upload(b, &[32, rank]).unwrap())
+                                (Cpu.upload(a, &[rank, k]).unwrap(), Cpu.upload(b, &[module, rank]).unwrap())
                             })
                             .collect();
                         let mut gg: Vec<_> = init
                             .iter()
                             .zip(ranks)
                             .map(|((a, b), rank)| {
-                                (be.upload(a, &[rank, k]).unwrap(), be.upload(b, &[32, rank]).unwrap())
+                                (be.upload(a, &[rank, k]).unwrap(), be.upload(b, &[module, rank]).unwrap())
                             })
                             .collect();
                         let dx0 = r.vec(m * k, 1.0);
@@ -149,78 +167,135 @@ pub fn linear_backward_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn affine_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(103);
+/// linear_backward, one case per shape × number of LoRA branches: the original 32-wide modules,
+/// an odd size, one row at flan-t5-base's stacked q/k/v widths, a few rows of its feed-forward
+/// output projection.
+pub fn linear_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let shapes = [(37, 96, 96, [8, 4]), (5, 50, 75, [3, 2]), (1, 768, 2304, [8, 8]), (3, 2048, 768, [4, 8])];
+    let mut cases = Vec::new();
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let (m, k, n, ranks) = shape;
+        for branches in 0..=2 {
+            let name = format!("linear_backward [rows={m} in={k} out={n} lora={branches}×r{ranks:?}]");
+            let what = name.clone();
+            let seed = 102 + 100 * (3 * i + branches) as u64;
+            cases.push(Case::new(name, move |be: &B| {
+                linear_backward_case(be, &mut Rand::new(seed), shape, branches, &what)
+            }));
+        }
+    }
+    cases
+}
+
+fn affine_backward_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
+    let x = r.vec(m * k, 1.0);
+    let w = r.vec(n * k, 0.5);
+    let dy = r.vec(m * n, 1.0);
+    let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
+    let xh = half_copy(be, &xg);
+    let (wc, wg) = (Cpu.upload(&w, &[n, k]).unwrap(), be.upload(&w, &[n, k]).unwrap());
+    let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
+    for half_x in [false, true] {
+        let xin = match (half_x, &xh) {
+            (false, _) => &xg,
+            (true, Some(h)) => h,
+            (true, None) => continue,
+        };
+        for (with_dx, with_db) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("{what}: half x {half_x}, dx {with_dx}, db {with_db}");
+            let (dx0, dw0, db0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0));
+            let (mut dxc, mut dxg) = (Cpu.upload(&dx0, &[m, k]).unwrap(), be.upload(&dx0, &[m, k]).unwrap());
+            let (mut dwc, mut dwg) = (Cpu.upload(&dw0, &[n, k]).unwrap(), be.upload(&dw0, &[n, k]).unwrap());
+            let (mut dbc, mut dbg) = (Cpu.upload(&db0, &[n]).unwrap(), be.upload(&db0, &[n]).unwrap());
+            Cpu.affine_backward(&xc, &wc, &dyc, with_dx.then_some(&mut dxc), &mut dwc, with_db.then_some(&mut dbc))
+                .unwrap();
+            be.affine_backward(xin, &wg, &dyg, with_dx.then_some(&mut dxg), &mut dwg, with_db.then_some(&mut dbg))
+                .unwrap();
+            close(&be.download(&dxg).unwrap(), &dxc.data, HALF, &format!("{what}: dx"));
+            close(&be.download(&dwg).unwrap(), &dwc.data, HALF, &format!("{what}: dw"));
+            // The bias gradient sums f32 dy in f32.
+            close(&be.download(&dbg).unwrap(), &dbc.data, F32, &format!("{what}: db"));
+        }
+    }
+}
+
+/// affine_backward, one case per shape: the value head (one output) and a few outputs, at small
+/// and flan-t5-base widths, one row.
+pub fn affine_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
     // The value head (one output) and a few outputs.
-    for (m, k, n) in [(45, 64, 1), (19, 96, 3)] {
-        let x = r.vec(m * k, 1.0);
-        let w = r.vec(n * k, 0.5);
-        let dy = r.vec(m * n, 1.0);
-        let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
-        let xh = half_copy(be, &xg);
-        let (wc, wg) = (Cpu.upload(&w, &[n, k]).unwrap(), be.upload(&w, &[n, k]).unwrap());
-        let (dyc, dyg) = (Cpu.upload(&dy, &[m, n]).unwrap(), be.upload(&dy, &[m, n]).unwrap());
-        for half_x in [false, true] {
-            let xin = match (half_x, &xh) {
-                (false, _) => &xg,
-                (true, Some(h)) => h,
-                (true, None) => continue,
-            };
-            for (with_dx, with_db) in [(false, false), (true, false), (false, true), (true, true)] {
-                let what = format!("affine_backward {m}×{k}→{n}: half x {half_x}, dx {with_dx}, db {with_db}");
-                let (dx0, dw0, db0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0));
-                let (mut dxc, mut dxg) = (Cpu.upload(&dx0, &[m, k]).unwrap(), be.upload(&dx0, &[m, k]).unwrap());
-                let (mut dwc, mut dwg) = (Cpu.upload(&dw0, &[n, k]).unwrap(), be.upload(&dw0, &[n, k]).unwrap());
-                let (mut dbc, mut dbg) = (Cpu.upload(&db0, &[n]).unwrap(), be.upload(&db0, &[n]).unwrap());
-                Cpu.affine_backward(&xc, &wc, &dyc, with_dx.then_some(&mut dxc), &mut dwc, with_db.then_some(&mut dbc))
-                    .unwrap();
-                be.affine_backward(xin, &wg, &dyg, with_dx.then_some(&mut dxg), &mut dwg, with_db.then_some(&mut dbg))
-                    .unwrap();
-                close(&be.download(&dxg).unwrap(), &dxc.data, HALF, &format!("{what}: dx"));
-                close(&be.download(&dwg).unwrap(), &dwc.data, HALF, &format!("{what}: dw"));
-                // The bias gradient sums f32 dy in f32.
-                close(&be.download(&dbg).unwrap(), &dbc.data, F32, &format!("{what}: db"));
-            }
-        }
+    [(45, 64, 1), (19, 96, 3), (1, 768, 1), (6, 768, 2)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, k, n))| {
+            let name = format!("affine_backward [rows={m} in={k} out={n}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                affine_backward_case(be, &mut Rand::new(103 + 100 * i as u64), m, k, n, &what)
+            })
+        })
+        .collect()
+}
+
+fn rms_norm_backward_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, d: usize, what: &str) {
+    let x = r.vec(rows * d, 3.0);
+    let w = r.vec(d, 2.0);
+    let dy = r.vec(rows * d, 1.0);
+    let dx0 = r.vec(rows * d, 1.0);
+    let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
+    let xh = half_copy(be, &xg);
+    let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
+    let (dyc, dyg) = (Cpu.upload(&dy, &[rows, d]).unwrap(), be.upload(&dy, &[rows, d]).unwrap());
+    let mut dxc = Cpu.upload(&dx0, &[rows, d]).unwrap();
+    Cpu.rms_norm_backward(&xc, &wc, 1e-6, &dyc, &mut dxc).unwrap();
+    for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+        let mut dxg = be.upload(&dx0, &[rows, d]).unwrap();
+        be.rms_norm_backward(xin, &wg, 1e-6, &dyg, &mut dxg).unwrap();
+        // A half x holds the same values, and the kernel computes in f32 either way.
+        close(&be.download(&dxg).unwrap(), &dxc.data, F32, what);
     }
 }
 
-pub fn rms_norm_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(104);
-    for (rows, d) in [(5, 48), (33, 512), (3, 768)] {
-        let x = r.vec(rows * d, 3.0);
-        let w = r.vec(d, 2.0);
-        let dy = r.vec(rows * d, 1.0);
-        let dx0 = r.vec(rows * d, 1.0);
-        let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
-        let xh = half_copy(be, &xg);
-        let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
-        let (dyc, dyg) = (Cpu.upload(&dy, &[rows, d]).unwrap(), be.upload(&dy, &[rows, d]).unwrap());
-        let mut dxc = Cpu.upload(&dx0, &[rows, d]).unwrap();
-        Cpu.rms_norm_backward(&xc, &wc, 1e-6, &dyc, &mut dxc).unwrap();
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let mut dxg = be.upload(&dx0, &[rows, d]).unwrap();
-            be.rms_norm_backward(xin, &wg, 1e-6, &dyg, &mut dxg).unwrap();
-            // A half x holds the same values, and the kernel computes in f32 either way.
-            close(&be.download(&dxg).unwrap(), &dxc.data, F32, &format!("rms_norm_backward {rows}×{d}"));
-        }
+/// rms_norm_backward, one case per shape: odd widths, one row, flan-t5-base's d_model.
+pub fn rms_norm_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(5, 48), (33, 512), (3, 768), (1, 768), (7, 1001)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, d))| {
+            let name = format!("rms_norm_backward [rows={rows} d={d}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                rms_norm_backward_case(be, &mut Rand::new(104 + 100 * i as u64), rows, d, &what)
+            })
+        })
+        .collect()
+}
+
+fn gated_gelu_backward_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, what: &str) {
+    let gu = r.vec(rows * 2 * f, 3.0);
+    let dy = r.vec(rows * f, 1.0);
+    let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
+    let gh = half_copy(be, &gg);
+    let (dyc, dyg) = (Cpu.upload(&dy, &[rows, f]).unwrap(), be.upload(&dy, &[rows, f]).unwrap());
+    let want = Cpu.gated_gelu_backward(&gc, &dyc).unwrap();
+    for gin in std::iter::once(&gg).chain(gh.as_ref()) {
+        let got = be.gated_gelu_backward(gin, &dyg).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, F32, what);
     }
 }
 
-pub fn gated_gelu_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(105);
-    for (rows, f) in [(23, 48), (4, 2048)] {
-        let gu = r.vec(rows * 2 * f, 3.0);
-        let dy = r.vec(rows * f, 1.0);
-        let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
-        let gh = half_copy(be, &gg);
-        let (dyc, dyg) = (Cpu.upload(&dy, &[rows, f]).unwrap(), be.upload(&dy, &[rows, f]).unwrap());
-        let want = Cpu.gated_gelu_backward(&gc, &dyc).unwrap();
-        for gin in std::iter::once(&gg).chain(gh.as_ref()) {
-            let got = be.gated_gelu_backward(gin, &dyg).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, F32, &format!("gated_gelu_backward {rows}×{f}"));
-        }
-    }
+/// gated_gelu_backward, one case per shape: an odd width, one and a few rows at flan-t5-base's d_ff.
+pub fn gated_gelu_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(23, 48), (4, 2048), (1, 2048), (5, 1001)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, f))| {
+            let name = format!("gated_gelu_backward [rows={rows} d_ff={f}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                gated_gelu_backward_case(be, &mut Rand::new(105 + 100 * i as u64), rows, f, &what)
+            })
+        })
+        .collect()
 }
 
 /// One attention configuration for the backward on both backends.
@@ -500,38 +575,45 @@ pub fn concat_last_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn token_logprobs_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(108);
-    // The vocabulary in 16-byte pieces, and an odd size that is not.
-    for (rows, v) in [(33, 32128), (7, 1001)] {
-        let mut logits = r.vec(rows * v, 6.0);
-        let mut tokens = r.ids(rows, v as u32);
-        // A peaked row, its token the likely one (entropy near 0), and the first and last ids.
-        logits[5] = 40.0;
-        tokens[0] = 5;
-        tokens[1] = 0;
+fn token_logprobs_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, v: usize, what: &str) {
+    let mut logits = r.vec(rows * v, 6.0);
+    let mut tokens = r.ids(rows, v as u32);
+    // A peaked row, its token the likely one (entropy near 0), and the first and last ids.
+    logits[5] = 40.0;
+    tokens[0] = 5;
+    tokens[1] = 0;
+    if rows > 2 {
         tokens[2] = v as u32 - 1;
-        let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
-        let (tc, tg) = (Cpu.upload_ids(&tokens, &[rows]).unwrap(), be.upload_ids(&tokens, &[rows]).unwrap());
-        let (lp_c, ent_c) = Cpu.token_logprobs(&lc, &tc).unwrap();
-        let (lp_g, ent_g) = be.token_logprobs(&lg, &tg).unwrap();
-        // The CPU sums the row sequentially in f32: about 4e-6 from the exact entropy at this size.
-        close(&be.download(&lp_g).unwrap(), &lp_c.data, F32, &format!("token log-probs, V {v}"));
-        close(&be.download(&ent_g).unwrap(), &ent_c.data, F32, &format!("entropy, V {v}"));
-        let dlogp = r.vec(rows, 1.0);
-        let (dc, dg) = (Cpu.upload(&dlogp, &[rows]).unwrap(), be.upload(&dlogp, &[rows]).unwrap());
-        let want = Cpu.token_logprobs_backward(&lc, &tc, &dc).unwrap();
-        let got = be.token_logprobs_backward(&lg, &tg, &dg).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, F32, &format!("token log-prob backward, V {v}"));
     }
+    let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+    let (tc, tg) = (Cpu.upload_ids(&tokens, &[rows]).unwrap(), be.upload_ids(&tokens, &[rows]).unwrap());
+    let (lp_c, ent_c) = Cpu.token_logprobs(&lc, &tc).unwrap();
+    let (lp_g, ent_g) = be.token_logprobs(&lg, &tg).unwrap();
+    // The CPU sums the row sequentially in f32: about 4e-6 from the exact entropy at this size.
+    close(&be.download(&lp_g).unwrap(), &lp_c.data, F32, &format!("{what}: token log-probs"));
+    close(&be.download(&ent_g).unwrap(), &ent_c.data, F32, &format!("{what}: entropy"));
+    let dlogp = r.vec(rows, 1.0);
+    let (dc, dg) = (Cpu.upload(&dlogp, &[rows]).unwrap(), be.upload(&dlogp, &[rows]).unwrap());
+    let want = Cpu.token_logprobs_backward(&lc, &tc, &dc).unwrap();
+    let got = be.token_logprobs_backward(&lg, &tg, &dg).unwrap();
+    close(&be.download(&got).unwrap(), &want.data, F32, &format!("{what}: token log-prob backward"));
 }
 
-/// Several tensors in one update (sizes below, at and across a block's 1,024 values), each with its
-/// own weight decay and a half copy where the backend keeps one, gradients scaled first.
-pub fn adam_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(109);
-    let shapes = [vec![1003], vec![7, 13], vec![1024], vec![3, 1500]];
-    let decays = [0.01, 0.0, 0.1, 0.0];
+/// token_logprobs (log-probs, entropy, backward), one case per shape.
+pub fn token_logprobs_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    // The vocabulary in 16-byte pieces, and an odd size that is not.
+    [(33, 32128), (7, 1001), (2, 32128)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, v))| {
+            let name = format!("token_logprobs [rows={rows} vocab={v}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| token_logprobs_case(be, &mut Rand::new(108 + 100 * i as u64), rows, v, &what))
+        })
+        .collect()
+}
+
+fn adam_case<B: Backend>(be: &B, r: &mut Rand, shapes: &[Vec<usize>], decays: &[f64], what: &str) {
     let p0: Vec<Vec<f32>> = shapes.iter().map(|s| r.vec(s.iter().product(), 1.0)).collect();
     let mut pc: Vec<_> = shapes.iter().zip(&p0).map(|(s, p)| Cpu.upload(p, s).unwrap()).collect();
     let mut pg: Vec<_> = shapes.iter().zip(&p0).map(|(s, p)| be.upload(p, s).unwrap()).collect();
@@ -549,7 +631,7 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
             .iter_mut()
             .zip(&gc)
             .zip(mc.iter_mut().zip(vc.iter_mut()))
-            .zip(decays)
+            .zip(decays.iter().copied())
             .map(|(((p, g), (m, v)), weight_decay)| AdamSlot { p, g, m, v, weight_decay, copy: None })
             .collect();
         Cpu.adam(&mut slots, &h).unwrap();
@@ -557,12 +639,12 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
             .iter_mut()
             .zip(&gg)
             .zip(mg.iter_mut().zip(vg.iter_mut()))
-            .zip(decays.into_iter().zip(copies.iter_mut()))
+            .zip(decays.iter().copied().zip(copies.iter_mut()))
             .map(|(((p, g), (m, v)), (weight_decay, copy))| AdamSlot { p, g, m, v, weight_decay, copy: copy.as_mut() })
             .collect();
         be.adam(&mut slots, &h).unwrap();
         for i in 0..shapes.len() {
-            let what = format!("adam step {step}, tensor {i}");
+            let what = format!("{what} step {step}, tensor {i}");
             close(&be.download(&pg[i]).unwrap(), &pc[i].data, F32, &format!("{what}: p"));
             close(&be.download(&mg[i]).unwrap(), &mc[i].data, F32, &format!("{what}: m"));
             close(&be.download(&vg[i]).unwrap(), &vc[i].data, F32, &format!("{what}: v"));
@@ -574,44 +656,82 @@ pub fn adam_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-pub fn weight_grad_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(111);
-    for (m, k, n) in [(37, 96, 64), (300, 48, 200), (1, 5, 3)] {
-        let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
-        let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
-        Cpu.weight_grad(&Cpu.upload(&x, &[m, k]).unwrap(), &Cpu.upload(&dy, &[m, n]).unwrap(), &mut want).unwrap();
-        let xg = be.upload(&x, &[m, k]).unwrap();
-        let xh = half_copy(be, &xg);
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let mut got = be.upload(&dw0, &[n, k]).unwrap();
-            be.weight_grad(xin, &be.upload(&dy, &[m, n]).unwrap(), &mut got).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, HALF, &format!("weight_grad {m}×{k}→{n}"));
-        }
+/// Adam, one case per set of tensors updated together: several (sizes below, at and across a
+/// block's 1,024 values), each with its own weight decay and a half copy where the backend keeps
+/// one, gradients scaled first; a single value; flan-t5-base's feed-forward weight.
+pub fn adam_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let rows: [(Vec<Vec<usize>>, Vec<f64>); 3] = [
+        (vec![vec![1003], vec![7, 13], vec![1024], vec![3, 1500]], vec![0.01, 0.0, 0.1, 0.0]),
+        (vec![vec![1]], vec![0.01]),
+        (vec![vec![2048, 768]], vec![0.01]),
+    ];
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, (shapes, decays))| {
+            let name = format!("adam [shapes={shapes:?} decays={decays:?}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| adam_case(be, &mut Rand::new(109 + 100 * i as u64), &shapes, &decays, &what))
+        })
+        .collect()
+}
+
+fn weight_grad_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
+    let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
+    let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
+    Cpu.weight_grad(&Cpu.upload(&x, &[m, k]).unwrap(), &Cpu.upload(&dy, &[m, n]).unwrap(), &mut want).unwrap();
+    let xg = be.upload(&x, &[m, k]).unwrap();
+    let xh = half_copy(be, &xg);
+    for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+        let mut got = be.upload(&dw0, &[n, k]).unwrap();
+        be.weight_grad(xin, &be.upload(&dy, &[m, n]).unwrap(), &mut got).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, HALF, what);
     }
 }
 
-pub fn rms_norm_weight_grad_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(112);
+/// weight_grad, one case per shape: odd sizes, one row, flan-t5-base's feed-forward widths.
+pub fn weight_grad_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(37, 96, 64), (300, 48, 200), (1, 5, 3), (3, 768, 2048), (4, 2048, 768)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, k, n))| {
+            let name = format!("weight_grad [rows={m} in={k} out={n}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| weight_grad_case(be, &mut Rand::new(111 + 100 * i as u64), m, k, n, &what))
+        })
+        .collect()
+}
+
+fn rms_norm_weight_grad_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, d: usize, what: &str) {
+    let (x, dy, dw0) = (r.vec(rows * d, 3.0), r.vec(rows * d, 1.0), r.vec(d, 1.0));
+    let mut want = Cpu.upload(&dw0, &[d]).unwrap();
+    let (xc, dyc) = (Cpu.upload(&x, &[rows, d]).unwrap(), Cpu.upload(&dy, &[rows, d]).unwrap());
+    Cpu.rms_norm_weight_grad(&xc, 1e-6, &dyc, &mut want).unwrap();
+    let xg = be.upload(&x, &[rows, d]).unwrap();
+    let xh = half_copy(be, &xg);
+    for xin in std::iter::once(&xg).chain(xh.as_ref()) {
+        let mut got = be.upload(&dw0, &[d]).unwrap();
+        be.rms_norm_weight_grad(xin, 1e-6, &be.upload(&dy, &[rows, d]).unwrap(), &mut got).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, F32, what);
+    }
+}
+
+/// rms_norm_weight_grad, one case per shape.
+pub fn rms_norm_weight_grad_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
     // Row counts below, at and past one chunk of rows per block.
-    for (rows, d) in [(5, 48), (64, 512), (333, 768)] {
-        let (x, dy, dw0) = (r.vec(rows * d, 3.0), r.vec(rows * d, 1.0), r.vec(d, 1.0));
-        let mut want = Cpu.upload(&dw0, &[d]).unwrap();
-        let (xc, dyc) = (Cpu.upload(&x, &[rows, d]).unwrap(), Cpu.upload(&dy, &[rows, d]).unwrap());
-        Cpu.rms_norm_weight_grad(&xc, 1e-6, &dyc, &mut want).unwrap();
-        let xg = be.upload(&x, &[rows, d]).unwrap();
-        let xh = half_copy(be, &xg);
-        for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-            let mut got = be.upload(&dw0, &[d]).unwrap();
-            be.rms_norm_weight_grad(xin, 1e-6, &be.upload(&dy, &[rows, d]).unwrap(), &mut got).unwrap();
-            close(&be.download(&got).unwrap(), &want.data, F32, &format!("rms_norm_weight_grad {rows}×{d}"));
-        }
-    }
+    [(5, 48), (64, 512), (333, 768), (1, 768), (7, 1001)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, d))| {
+            let name = format!("rms_norm_weight_grad [rows={rows} d={d}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                rms_norm_weight_grad_case(be, &mut Rand::new(112 + 100 * i as u64), rows, d, &what)
+            })
+        })
+        .collect()
 }
 
-pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(113);
-    // Many repeats of few ids, so that rows collide.
-    let (vocab, d, n) = (50, 96, 700);
+fn embedding_backward_case<B: Backend>(be: &B, r: &mut Rand, vocab: usize, d: usize, n: usize, what: &str) {
     let ids = r.ids(n, vocab as u32);
     let (dy, t0) = (r.vec(n * d, 1.0), r.vec(vocab * d, 1.0));
     let mut want = Cpu.upload(&t0, &[vocab, d]).unwrap();
@@ -619,26 +739,56 @@ pub fn embedding_backward_matches_cpu<B: Backend>(be: &B) {
     Cpu.embedding_backward(&ic, &Cpu.upload(&dy, &[n, d]).unwrap(), &mut want).unwrap();
     let mut got = be.upload(&t0, &[vocab, d]).unwrap();
     be.embedding_backward(&be.upload_ids(&ids, &[n]).unwrap(), &be.upload(&dy, &[n, d]).unwrap(), &mut got).unwrap();
-    close(&be.download(&got).unwrap(), &want.data, F32, "embedding_backward");
+    close(&be.download(&got).unwrap(), &want.data, F32, what);
 }
 
-pub fn cross_entropy_matches_cpu<B: Backend>(be: &B) {
-    let mut r = Rand::new(114);
-    for (rows, v, smoothing) in [(33, 32128, 0.1), (7, 1001, 0.0)] {
-        let logits = r.vec(rows * v, 6.0);
-        let mut targets = r.ids(rows, v as u32);
-        targets[0] = 0;
-        targets[1] = v as u32 - 1;
-        let mut weights = r.vec(rows, 1.0);
+/// embedding_backward, one case per shape: many repeats of few ids, so that rows collide; one
+/// token; flan-t5-base's d_model over its vocabulary at a few tokens.
+pub fn embedding_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(50, 96, 700), (7, 33, 1), (32128, 768, 5)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (vocab, d, n))| {
+            let name = format!("embedding_backward [vocab={vocab} d={d} tokens={n}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                embedding_backward_case(be, &mut Rand::new(113 + 100 * i as u64), vocab, d, n, &what)
+            })
+        })
+        .collect()
+}
+
+fn cross_entropy_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, v: usize, smoothing: f32, what: &str) {
+    let logits = r.vec(rows * v, 6.0);
+    let mut targets = r.ids(rows, v as u32);
+    targets[0] = 0;
+    targets[1] = v as u32 - 1;
+    let mut weights = r.vec(rows, 1.0);
+    if rows > 2 {
         weights[2] = 0.0;
-        let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
-        let (tc, tg) = (Cpu.upload_ids(&targets, &[rows]).unwrap(), be.upload_ids(&targets, &[rows]).unwrap());
-        let (wc, wg) = (Cpu.upload(&weights, &[rows]).unwrap(), be.upload(&weights, &[rows]).unwrap());
-        let (loss_c, grad_c) = Cpu.cross_entropy(&lc, &tc, &wc, smoothing).unwrap();
-        let (loss_g, grad_g) = be.cross_entropy(&lg, &tg, &wg, smoothing).unwrap();
-        close(&be.download(&loss_g).unwrap(), &loss_c.data, F32, &format!("cross-entropy, V {v}"));
-        close(&be.download(&grad_g).unwrap(), &grad_c.data, F32, &format!("cross-entropy gradient, V {v}"));
     }
+    let (lc, lg) = (Cpu.upload(&logits, &[rows, v]).unwrap(), be.upload(&logits, &[rows, v]).unwrap());
+    let (tc, tg) = (Cpu.upload_ids(&targets, &[rows]).unwrap(), be.upload_ids(&targets, &[rows]).unwrap());
+    let (wc, wg) = (Cpu.upload(&weights, &[rows]).unwrap(), be.upload(&weights, &[rows]).unwrap());
+    let (loss_c, grad_c) = Cpu.cross_entropy(&lc, &tc, &wc, smoothing).unwrap();
+    let (loss_g, grad_g) = be.cross_entropy(&lg, &tg, &wg, smoothing).unwrap();
+    close(&be.download(&loss_g).unwrap(), &loss_c.data, F32, &format!("{what}: loss"));
+    close(&be.download(&grad_g).unwrap(), &grad_c.data, F32, &format!("{what}: gradient"));
+}
+
+/// cross_entropy (loss and gradient), one case per shape.
+pub fn cross_entropy_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(33, 32128, 0.1), (7, 1001, 0.0), (2, 32128, 0.1)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, v, smoothing))| {
+            let name = format!("cross_entropy [rows={rows} vocab={v} smoothing={smoothing}]");
+            let what = name.clone();
+            Case::new(name, move |be: &B| {
+                cross_entropy_case(be, &mut Rand::new(114 + 100 * i as u64), rows, v, smoothing, &what)
+            })
+        })
+        .collect()
 }
 
 pub fn set_weight_matches_cpu<B: Backend>(be: &B) {
@@ -679,19 +829,19 @@ pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
 }
 
 crate::common::suite!("backward":
-    each dropout_matches_cpu,
-    each linear_backward_matches_cpu,
-    each affine_backward_matches_cpu,
-    each rms_norm_backward_matches_cpu,
-    each gated_gelu_backward_matches_cpu,
+    table dropout_matches_cpu,
+    table linear_backward_matches_cpu,
+    table affine_backward_matches_cpu,
+    table rms_norm_backward_matches_cpu,
+    table gated_gelu_backward_matches_cpu,
     table attention_backward_matches_cpu,
     each concat_last_matches_cpu,
-    each token_logprobs_matches_cpu,
-    each adam_matches_cpu,
+    table token_logprobs_matches_cpu,
+    table adam_matches_cpu,
     each sum_squares_matches_cpu,
-    each weight_grad_matches_cpu,
-    each rms_norm_weight_grad_matches_cpu,
-    each embedding_backward_matches_cpu,
-    each cross_entropy_matches_cpu,
+    table weight_grad_matches_cpu,
+    table rms_norm_weight_grad_matches_cpu,
+    table embedding_backward_matches_cpu,
+    table cross_entropy_matches_cpu,
     each set_weight_matches_cpu,
 );

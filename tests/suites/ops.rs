@@ -7,26 +7,60 @@ use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{Activation, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
 
-pub fn embedding_and_gather<B: Backend>(be: &B) {
-    let mut r = Rand::new(1);
-    let table = r.vec(50 * 24, 1.0);
-    let ids = r.ids(7 * 3, 50);
-    let (wc, wg) = (weight(&Cpu, &table, &[50, 24]), weight(be, &table, &[50, 24]));
-    let (ic, ig) = (Cpu.upload_ids(&ids, &[7, 3]).unwrap(), be.upload_ids(&ids, &[7, 3]).unwrap());
+fn embedding_case<B: Backend>(be: &B, r: &mut Rand, vocab: usize, d: usize, (b, l): (usize, usize), what: &str) {
+    let table = r.vec(vocab * d, 1.0);
+    let ids = r.ids(b * l, vocab as u32);
+    let (wc, wg) = (weight(&Cpu, &table, &[vocab, d]), weight(be, &table, &[vocab, d]));
+    let (ic, ig) = (Cpu.upload_ids(&ids, &[b, l]).unwrap(), be.upload_ids(&ids, &[b, l]).unwrap());
     let want = Cpu.embedding(&wc, &ic).unwrap();
     let got = be.embedding(&wg, &ig).unwrap();
-    assert_eq!(got.shape(), &[7, 3, 24]);
-    close(&be.download(&got).unwrap(), &want.data, F32, "embedding");
-    let rows = [4u32, 0, 20, 20, 9];
+    assert_eq!(got.shape(), &[b, l, d], "{what}: shape");
+    close(&be.download(&got).unwrap(), &want.data, F32, &format!("{what}: embedding"));
+    let rows = [4u32, 0, 20, 20, 9].map(|i| i % (b * l) as u32);
     let g = be.gather_rows(&got, &be.upload_ids(&rows, &[5]).unwrap()).unwrap();
     let c = Cpu.gather_rows(&want, &Cpu.upload_ids(&rows, &[5]).unwrap()).unwrap();
-    close(&be.download(&g).unwrap(), &c.data, F32, "gather_rows");
+    close(&be.download(&g).unwrap(), &c.data, F32, &format!("{what}: gather_rows"));
 }
 
-pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
-    let mut r = Rand::new(2);
-    // A stacked projection of three 32-wide modules, with adapters on the first and the last.
-    let (m, k, n, rank) = (37, 96, 96, 8);
+/// embedding and gather_rows, one case per shape: the original small table, one token, and
+/// flan-t5-base's vocabulary and d_model at a few tokens.
+pub fn embedding_and_gather<B: Backend + 'static>() -> Vec<Case<B>> {
+    [(50, 24, (7, 3)), (9, 17, (1, 1)), (32128, 768, (2, 3))]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (vocab, d, ids))| {
+            let name = format!("embedding [vocab={vocab} d={d} ids={}×{}]", ids.0, ids.1);
+            let what = name.clone();
+            Case::new(name, move |be: &B| embedding_case(be, &mut Rand::new(1 + 100 * i as u64), vocab, d, ids, &what))
+        })
+        .collect()
+}
+
+/// One linear configuration: a stacked projection of three `out / 3`-wide modules, with rank
+/// `rank` adapters on the first and the last when `lora`.
+#[derive(Clone, Copy)]
+struct LinearCase {
+    rows: usize,
+    k: usize,
+    n: usize,
+    rank: usize,
+    lora: bool,
+    prec: Prec,
+}
+
+/// `[rows=37 in=96 out=96 lora=2×r8 out=f32]`: a linear case's shape and variant, for its name.
+fn linear_label(c: &LinearCase) -> String {
+    let lora = if c.lora { format!("2×r{}", c.rank) } else { "none".to_string() };
+    let prec = match c.prec {
+        Prec::F32 => "f32",
+        Prec::Half => "half",
+    };
+    format!("[rows={} in={} out={} lora={lora} out={prec}]", c.rows, c.k, c.n)
+}
+
+fn linear_case<B: Backend>(be: &B, r: &mut Rand, c: &LinearCase, what: &str) {
+    let (m, k, n, rank, prec) = (c.rows, c.k, c.n, c.rank, c.prec);
+    let module = n / 3;
     let x = r.vec(m * k, 1.0);
     let w = r.vec(n * k, 0.2);
     let (xc, xg) = (Cpu.upload(&x, &[m, k]).unwrap(), be.upload(&x, &[m, k]).unwrap());
@@ -34,23 +68,24 @@ pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
     let mut adapters = Vec::new();
     for _ in 0..2 {
         let a = r.vec(rank * k, 0.2);
-        let b = r.vec(32 * rank, 0.2);
+        let b = r.vec(module * rank, 0.2);
         adapters.push((
             Cpu.upload(&a, &[rank, k]).unwrap(),
-            Cpu.upload(&b, &[32, rank]).unwrap(),
+            Cpu.upload(&b, &[module, rank]).unwrap(),
             be.upload(&a, &[rank, k]).unwrap(),
-            be.upload(&b, &[32, rank]).unwrap(),
+            be.upload(&b, &[module, rank]).unwrap(),
         ));
     }
     let shadows: Vec<_> =
         adapters.iter().map(|(_, _, a, b)| (be.matmul_copy(a).unwrap(), be.matmul_copy(b).unwrap())).collect();
-    for prec in [Prec::F32, Prec::Half] {
+    if !c.lora {
         let want = Cpu.linear_to(&xc, &wc, &[], prec).unwrap();
         let got = be.linear_to(&xg, &wg, &[], prec).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, HALF, &format!("linear {prec:?}"));
+        close(&be.download(&got).unwrap(), &want.data, HALF, what);
+    } else {
         for dropout in [None, Some(Dropout { p: 0.1, seed: 9, stream: 4 })] {
             for use_shadow in [false, true] {
-                let cols = [0, 64];
+                let cols = [0, 2 * module];
                 let lc: Vec<LoraRef<Cpu>> = adapters
                     .iter()
                     .zip(cols)
@@ -74,61 +109,102 @@ pub fn linear_with_and_without_lora<B: Backend>(be: &B) {
                     .collect();
                 let want = Cpu.linear_to(&xc, &wc, &lc, prec).unwrap();
                 let got = be.linear_to(&xg, &wg, &lg, prec).unwrap();
-                let what = format!("LoRA linear {prec:?} {dropout:?} shadow {use_shadow}");
+                let what = format!("{what} {dropout:?} shadow {use_shadow}");
                 close(&be.download(&got).unwrap(), &want.data, HALF, &what);
                 // The middle module has no adapter: its columns equal the plain product's.
                 let plain = Cpu.linear_to(&xc, &wc, &[], prec).unwrap();
                 let mid: Vec<(f32, f32)> = (0..m)
-                    .flat_map(|row| (32..64).map(move |c| row * n + c))
+                    .flat_map(|row| (module..2 * module).map(move |c| row * n + c))
                     .map(|i| (want.data[i], plain.data[i]))
                     .collect();
                 assert!(mid.iter().all(|(a, b)| a == b), "{what}: an adapter leaked into another module's columns");
             }
         }
-        // Accumulating into an f32 residual, with and without the adapters.
-        let acc0 = r.vec(m * n, 1.0);
-        for with_lora in [false, true] {
-            let (mut acc_c, mut acc_g) = (Cpu.upload(&acc0, &[m, n]).unwrap(), be.upload(&acc0, &[m, n]).unwrap());
-            let (a, b, ag, bg) = &adapters[0];
-            let lc = [LoraRef { a, b, shadow: None, scale: 0.5, col: 32, dropout: None }];
-            let lg = [LoraRef { a: ag, b: bg, shadow: None, scale: 0.5, col: 32, dropout: None }];
-            let (lc, lg): (&[LoraRef<Cpu>], &[LoraRef<B>]) = if with_lora { (&lc, &lg) } else { (&[], &[]) };
-            Cpu.linear_add(&xc, &wc, lc, &mut acc_c).unwrap();
-            be.linear_add(&xg, &wg, lg, &mut acc_g).unwrap();
-            close(&be.download(&acc_g).unwrap(), &acc_c.data, HALF, &format!("linear_add, LoRA {with_lora}"));
+    }
+    // Accumulating into an f32 residual, with the adapters when the case has them.
+    let acc0 = r.vec(m * n, 1.0);
+    let (mut acc_c, mut acc_g) = (Cpu.upload(&acc0, &[m, n]).unwrap(), be.upload(&acc0, &[m, n]).unwrap());
+    let (a, b, ag, bg) = &adapters[0];
+    let lc = [LoraRef { a, b, shadow: None, scale: 0.5, col: module, dropout: None }];
+    let lg = [LoraRef { a: ag, b: bg, shadow: None, scale: 0.5, col: module, dropout: None }];
+    let (lc, lg): (&[LoraRef<Cpu>], &[LoraRef<B>]) = if c.lora { (&lc, &lg) } else { (&[], &[]) };
+    Cpu.linear_add(&xc, &wc, lc, &mut acc_c).unwrap();
+    be.linear_add(&xg, &wg, lg, &mut acc_g).unwrap();
+    close(&be.download(&acc_g).unwrap(), &acc_c.data, HALF, &format!("{what}: linear_add"));
+}
+
+/// Linear (and linear_add), one case per shape × LoRA or not × output precision: the 32-wide
+/// modules of the original case, an odd size, one row at flan-t5-base's stacked q/k/v widths,
+/// and a few rows of its feed-forward output projection.
+pub fn linear<B: Backend + 'static>() -> Vec<Case<B>> {
+    let shapes = [(37, 96, 96, 8), (5, 50, 75, 3), (1, 768, 2304, 8), (3, 2048, 768, 4)];
+    let mut cases = Vec::new();
+    for (rows, k, n, rank) in shapes {
+        for lora in [false, true] {
+            for prec in [Prec::F32, Prec::Half] {
+                cases.push(LinearCase { rows, k, n, rank, lora, prec });
+            }
+        }
+    }
+    cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = format!("linear {}", linear_label(&c));
+            let what = name.clone();
+            Case::new(name, move |be: &B| linear_case(be, &mut Rand::new(200 + i as u64), &c, &what))
+        })
+        .collect()
+}
+
+fn gated_gelu_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, what: &str) {
+    let gu = r.vec(rows * 2 * f, 3.0);
+    let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
+    let want = Cpu.gated_gelu(&gc).unwrap();
+    close(&be.download(&be.gated_gelu(&gg).unwrap()).unwrap(), &want.data, HALF, what);
+}
+
+fn split_last_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, prec: Prec, what: &str) {
+    let w: Vec<f32> = r.vec(2 * f * 16, 0.3);
+    let x = r.vec(rows * 16, 1.0);
+    let y = be.linear_to(&be.upload(&x, &[rows, 16]).unwrap(), &weight(be, &w, &[2 * f, 16]), &[], prec).unwrap();
+    let whole = be.download(&y).unwrap();
+    // Widths of whole 16-byte units take the vectorised path; 10 does not.
+    for widths in [[10, f, f - 10], [16, 32, 2 * f - 48]] {
+        let pieces = be.split_last(&y, &widths).unwrap();
+        let mut col = 0;
+        for p in &pieces {
+            let width = p.shape()[1];
+            let got = be.download(p).unwrap();
+            for row in 0..rows {
+                assert_eq!(
+                    &got[row * width..(row + 1) * width],
+                    &whole[row * 2 * f + col..row * 2 * f + col + width],
+                    "{what} widths {widths:?}: row {row} of the piece at column {col}"
+                );
+            }
+            col += width;
         }
     }
 }
 
-pub fn split_and_gated_gelu<B: Backend>(be: &B) {
-    let mut r = Rand::new(8);
-    let (rows, f) = (23, 48);
-    let gu = r.vec(rows * 2 * f, 3.0);
-    let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
-    let want = Cpu.gated_gelu(&gc).unwrap();
-    close(&be.download(&be.gated_gelu(&gg).unwrap()).unwrap(), &want.data, HALF, "gated_gelu");
-    for prec in [Prec::F32, Prec::Half] {
-        let w: Vec<f32> = r.vec(2 * f * 16, 0.3);
-        let x = r.vec(rows * 16, 1.0);
-        let y = be.linear_to(&be.upload(&x, &[rows, 16]).unwrap(), &weight(be, &w, &[2 * f, 16]), &[], prec).unwrap();
-        let whole = be.download(&y).unwrap();
-        // Widths of whole 16-byte units take the vectorised path; 10 does not.
-        for widths in [[10, f, f - 10], [16, 32, 2 * f - 48]] {
-            let pieces = be.split_last(&y, &widths).unwrap();
-            let mut col = 0;
-            for p in &pieces {
-                let width = p.shape()[1];
-                let got = be.download(p).unwrap();
-                for row in 0..rows {
-                    assert_eq!(
-                        &got[row * width..(row + 1) * width],
-                        &whole[row * 2 * f + col..row * 2 * f + col + width]
-                    );
-                }
-                col += width;
-            }
+/// gated_gelu and split_last, one case per shape (× output precision for split_last): the
+/// original 48-wide case, an odd width, one row and a few rows at flan-t5-base's d_ff.
+pub fn split_and_gated_gelu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let shapes = [(23, 48), (5, 1001), (1, 2048), (4, 2048)];
+    let mut cases = Vec::new();
+    for (i, (rows, f)) in shapes.into_iter().enumerate() {
+        let name = format!("gated_gelu [rows={rows} d_ff={f}]");
+        let what = name.clone();
+        cases.push(Case::new(name, move |be: &B| gated_gelu_case(be, &mut Rand::new(8 + i as u64), rows, f, &what)));
+        for (j, (prec, p)) in [(Prec::F32, "f32"), (Prec::Half, "half")].into_iter().enumerate() {
+            let name = format!("split_last [rows={rows} width={} out={p}]", 2 * f);
+            let what = name.clone();
+            let seed = 300 + 2 * i as u64 + j as u64;
+            cases.push(Case::new(name, move |be: &B| split_last_case(be, &mut Rand::new(seed), rows, f, prec, &what)));
         }
     }
+    cases
 }
 
 pub fn affine_and_elementwise<B: Backend>(be: &B) {
@@ -162,20 +238,39 @@ pub fn affine_and_elementwise<B: Backend>(be: &B) {
     }
 }
 
-pub fn norms<B: Backend>(be: &B) {
-    let mut r = Rand::new(4);
-    for (rows, d) in [(5, 48), (33, 512), (2, 2048)] {
-        let x: Vec<f32> = r.vec(rows * d, 40.0);
-        let w = r.vec(d, 2.0);
-        let b = r.vec(d, 1.0);
-        let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
-        let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
-        let (bc, bg) = (weight(&Cpu, &b, &[d]), weight(be, &b, &[d]));
-        let want = Cpu.rms_norm(&xc, &wc, 1e-6).unwrap();
-        close(&be.download(&be.rms_norm(&xg, &wg, 1e-6).unwrap()).unwrap(), &want.data, HALF, "rms_norm");
-        let want = Cpu.layer_norm(&xc, &wc, &bc, 1e-12).unwrap();
-        close(&be.download(&be.layer_norm(&xg, &wg, &bg, 1e-12).unwrap()).unwrap(), &want.data, 1e-5, "layer_norm");
+/// rms_norm and layer_norm, one case per op × shape: the original shapes, an odd width, and one
+/// row at flan-t5-base's d_model.
+pub fn norms<B: Backend + 'static>() -> Vec<Case<B>> {
+    let shapes = [(5, 48), (33, 512), (2, 2048), (7, 1001), (1, 768)];
+    let mut cases = Vec::new();
+    for (i, (rows, d)) in shapes.into_iter().enumerate() {
+        let seed = 4 + i as u64;
+        let name = format!("rms_norm [rows={rows} d={d}]");
+        let what = name.clone();
+        cases.push(Case::new(name, move |be: &B| {
+            let mut r = Rand::new(seed);
+            let x: Vec<f32> = r.vec(rows * d, 40.0);
+            let w = r.vec(d, 2.0);
+            let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
+            let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
+            let want = Cpu.rms_norm(&xc, &wc, 1e-6).unwrap();
+            close(&be.download(&be.rms_norm(&xg, &wg, 1e-6).unwrap()).unwrap(), &want.data, HALF, &what);
+        }));
+        let name = format!("layer_norm [rows={rows} d={d}]");
+        let what = name.clone();
+        cases.push(Case::new(name, move |be: &B| {
+            let mut r = Rand::new(100 + seed);
+            let x: Vec<f32> = r.vec(rows * d, 40.0);
+            let w = r.vec(d, 2.0);
+            let b = r.vec(d, 1.0);
+            let (xc, xg) = (Cpu.upload(&x, &[rows, d]).unwrap(), be.upload(&x, &[rows, d]).unwrap());
+            let (wc, wg) = (weight(&Cpu, &w, &[d]), weight(be, &w, &[d]));
+            let (bc, bg) = (weight(&Cpu, &b, &[d]), weight(be, &b, &[d]));
+            let want = Cpu.layer_norm(&xc, &wc, &bc, 1e-12).unwrap();
+            close(&be.download(&be.layer_norm(&xg, &wg, &bg, 1e-12).unwrap()).unwrap(), &want.data, 1e-5, &what);
+        }));
     }
+    cases
 }
 
 /// One attention configuration on both backends.
@@ -615,11 +710,11 @@ pub fn token_choice<B: Backend>(be: &B) {
 }
 
 crate::common::suite!("ops":
-    each embedding_and_gather,
-    each linear_with_and_without_lora,
+    table embedding_and_gather,
+    table linear,
     each affine_and_elementwise,
-    each split_and_gated_gelu,
-    each norms,
+    table split_and_gated_gelu,
+    table norms,
     table attention,
     each kv_writes_and_copies,
     each token_choice,
