@@ -157,10 +157,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // 3. Reward: the classifier's verdict on each decoded summary.
         let (scores, toxicity) = self.reward(&responses)?;
         let rewarded = Instant::now();
-        let minibatches = s.ppo.ppo_epochs * s.ppo.batch_size.div_ceil(s.ppo.mini_batch_size);
+        let per_epoch = s.ppo.batch_size.div_ceil(s.ppo.mini_batch_size);
+        let minibatches = s.ppo.ppo_epochs * per_epoch;
         self.progress.phase("optimise", 0, minibatches, "minibatches");
         let progress = &self.progress;
-        let per_epoch = s.ppo.batch_size.div_ceil(s.ppo.mini_batch_size);
 
         // 4–5. Advantages and optimisation: the reference and rollout passes, KL-shaped rewards,
         // minibatch epochs of the clipped losses with the backward and Adam, the KL controller.
