@@ -3,7 +3,7 @@
 mod common;
 
 use common::{fixture, shared};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn detox(args: &[&str]) -> Output {
@@ -219,13 +219,13 @@ fn convert_writes_fp16_that_loads_and_matches() {
     assert!(e.contains("--out must differ"), "{e}");
 }
 
-#[test]
-fn sft_trains_logs_and_saves_a_model_that_summarize_loads_then_plot_draws_the_log() {
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("tiny");
+/// A tiny model under `dir` and an SFT config of two steps on 12 SAMSum rows, on the CPU: the
+/// model, config and run directory paths.
+fn tiny_sft(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let model = dir.join("tiny");
     init_tiny(&model, "3");
-    let out = d.path().join("run");
-    let cfg = d.path().join("sft.toml");
+    let out = dir.join("run");
+    let cfg = dir.join("sft.toml");
     let data = shared("data/samsum/train.jsonl");
     std::fs::write(
         &cfg,
@@ -236,6 +236,13 @@ fn sft_trains_logs_and_saves_a_model_that_summarize_loads_then_plot_draws_the_lo
         ),
     )
     .unwrap();
+    (model, cfg, out)
+}
+
+#[test]
+fn sft_trains_logs_and_saves_a_model_that_summarize_loads_then_plot_draws_the_log() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, cfg, out) = tiny_sft(d.path());
     let o = detox(&["sft", "--config", cfg.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let log = rows(&std::fs::read_to_string(out.join("log.jsonl")).unwrap());
@@ -446,20 +453,7 @@ fn usage_details() {
 #[test]
 fn an_interrupted_sft_saves_and_exits_130() {
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("tiny");
-    init_tiny(&model, "3");
-    let out = d.path().join("run");
-    let cfg = d.path().join("sft.toml");
-    let data = shared("data/samsum/train.jsonl");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[model]\npath = {model:?}\n[data]\ntrain = {data:?}\neval = {data:?}\ntrain_limit = 12\n\
-             max_source_len = 48\nmax_target_len = 16\n[optim]\nbatch_size = 6\nwarmup_steps = 1\n\
-             [eval]\nlimit = 3\nmax_new_tokens = 4\n[run]\nepochs = 1\ndevice = \"cpu\"\nout = {out:?}\n"
-        ),
-    )
-    .unwrap();
+    let (_, cfg, out) = tiny_sft(d.path());
     let o = Command::new(env!("CARGO_BIN_EXE_detox"))
         .args(["sft", "--config", cfg.to_str().unwrap()])
         .env("DETOX_TEST_INTERRUPT_AT", "sft-step-1")
