@@ -12,6 +12,7 @@ use crate::t5::model::Fwd;
 use crate::t5::{GenConfig, Prompts, T5};
 use crate::text::pad_batch;
 use anyhow::Result;
+use rayon::prelude::*;
 
 /// Samples one response per prompt with the policy's adapters merged (they are fixed until the
 /// optimisation), each row's sampling keyed by `cfg.seed` and its prompt's `streams` entry (its
@@ -38,7 +39,8 @@ pub fn rollout<B: Backend>(
 pub struct RewardModel<'a, B: Backend> {
     pub settings: &'a RewardSettings,
     pub classifier: Option<(&'a Classifier<B>, usize)>,
-    pub decode: &'a dyn Fn(&[u32]) -> Result<String>,
+    /// Called from several threads at once: the rollout's responses are decoded in parallel.
+    pub decode: &'a (dyn Fn(&[u32]) -> Result<String> + Sync),
 }
 
 /// Each response's reward, and the classifier's probability of the reward label (0 for the toy
@@ -54,7 +56,7 @@ pub fn reward<B: Backend>(
     let mine = &responses[shard(responses.len(), group.rank(), group.world())];
     let (scores, toxicity): (Vec<f32>, Vec<f32>) = match (r.kind, rm.classifier) {
         (RewardKind::Classifier, Some((clf, label))) => {
-            let texts: Vec<String> = mine.iter().map(|t| (rm.decode)(t)).collect::<Result<_>>()?;
+            let texts: Vec<String> = mine.par_iter().map(|t| (rm.decode)(t)).collect::<Result<_>>()?;
             let mut scored = 0;
             let logits = clf.logits(be, &texts, r.batch_size, |n| {
                 scored += n;

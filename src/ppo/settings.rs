@@ -133,6 +133,8 @@ pub struct RewardSettings {
     /// The label whose score is the reward's input.
     pub label: String,
     pub transform: RewardTransform,
+    /// Responses per classifier batch, longest first. A rollout of up to this many is scored in
+    /// one batch: each batch costs a launch sequence and a wait for its logits.
     pub batch_size: usize,
 }
 
@@ -194,7 +196,7 @@ impl Default for RewardSettings {
             classifier: PathBuf::from("../shared/models/minilm-toxicity"),
             label: "toxicity".into(),
             transform: RewardTransform::NegLogit,
-            batch_size: 64,
+            batch_size: 256,
         }
     }
 }
