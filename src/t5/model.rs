@@ -116,7 +116,8 @@ impl Fwd {
 
 /// The places T5's own dropout acts in a training pass, as transformers' T5 applies it: the
 /// embeddings' output, each attention's probabilities, each sublayer's output before its residual
-/// add, the gated FFN's hidden before wo, and the final layer norm's output; each stack's.
+/// add, the gated FFN's hidden before wo, and the final layer norm's output; each stack's. The
+/// order gives the streams (`stream`), so it is part of a run's reproducibility: append only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropSite {
     Embedding,

@@ -177,7 +177,7 @@ impl AttentionOps for Cpu {
                     if max == f32::NEG_INFINITY {
                         continue;
                     }
-                    let drop = drop_row(spec, (bi, hh, i), lq, lk, lk);
+                    let drop = spec.dropout.map(|_| drop_row(spec, (bi, hh, i), lq, lk, lk));
                     let mut sum = 0.0;
                     for s in scores.iter_mut() {
                         *s = (*s - max).exp();
@@ -187,7 +187,7 @@ impl AttentionOps for Cpu {
                         if *s == 0.0 {
                             continue;
                         }
-                        let p = s / sum * drop[j];
+                        let p = s / sum * drop.as_ref().map_or(1.0, |d| d[j]);
                         let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
                         o.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
                     }
