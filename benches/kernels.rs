@@ -470,7 +470,7 @@ fn prepare<'b>(be: &'b Cuda, op: &Op, g: &mut Gen) -> Result<Bench<'b>> {
                 Prec::Half => half_sets(be, &[rows, 2 * FF], sets, g)?,
             };
             let bytes = rows * 2 * FF * prec_bytes(input) + rows * FF * 2;
-            Bench::graph(bytes, 0.0, sets, Box::new(move |i| be.gated_gelu(&gate_ups[i]).map(drop)))
+            Bench::graph(bytes, 0.0, sets, Box::new(move |i| be.gated_gelu(&gate_ups[i], None).map(drop)))
         }
         Op::Embedding { b, l } => {
             // The table is what a cache could keep: rotate it.
@@ -642,7 +642,8 @@ fn attention<'b>(be: &'b Cuda, b: usize, kind: Attn, g: &mut Gen) -> Result<Benc
             Attn::Cross => (SRC, Some(&key_lengths), false, Position::At(0), None),
             Attn::SelfCausal => (GEN, None, true, Position::Counter(&counter), Some(bias(false))),
         };
-        let spec = AttnSpec { heads: HEADS, d_kv: DK, scale: 1.0, kv_len, key_lengths, causal, q_offset, bias };
+        let spec =
+            AttnSpec { heads: HEADS, d_kv: DK, scale: 1.0, kv_len, key_lengths, causal, q_offset, bias, dropout: None };
         be.attention(&qs[i], &ks[i], &vs[i], &spec).map(drop)
     };
     Ok(Bench::graph(bytes, flops, sets, Box::new(run)))

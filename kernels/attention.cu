@@ -2,7 +2,10 @@
 // its backward forms. Forward: many queries at once (the encoder, teacher-forced decoding), tiled
 // over keys with an online softmax; a few queries against a long cache (a decoding step), one block
 // per (query, head, row) spreading the keys over its threads. Backward: dq, dk, dv and the
-// relative-position bias table's gradient.
+// relative-position bias table's gradient. Dropout on the probabilities (training) is drawn inside
+// the many-query forms and the backward from the counter hash (`attn_drop`), never stored: the
+// forward's normaliser counts every key and only kept ones reach P·V; the backward's
+// dp_j = factor_j · dout·v_j and dV takes the kept probabilities.
 #include "attention.cuh"
 
 
@@ -53,6 +56,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
             }
             float e = __expf(s - m);
             l += e;
+            e *= attn_drop(p, b, h, i, j0 + jj);
             const float* vr = vs + jj * p.dk;
 #pragma unroll
             for (int d = 0; d < DK; d++)
@@ -253,8 +257,9 @@ __device__ void attention_mma(const __half* q, const __half* k, const __half* v,
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float pe = m_new == -INFINITY ? 0.f : __expf(s[nt][rr * 2 + e] - m_new);
-                    s[nt][rr * 2 + e] = pe;
                     sum += pe;
+                    // The normaliser counts every key; only the kept ones reach P·V.
+                    s[nt][rr * 2 + e] = pe * attn_drop(p, b, h, r, kt0 + nt * 8 + tq * 2 + e);
                 }
             }
             l_r[rr] = l_r[rr] * corr + sum;
@@ -355,6 +360,7 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
                     dp += gr[d] * vs[jj * DK + d];
                 }
                 s = s * p.scale + rel_bias(p, h, j0 + jj - qpos);
+                dp *= attn_drop(p, b, h, i, j0 + jj);
                 if (pass == 0) {
                     if (s > m) {
                         float c = expf(m - s);
@@ -436,11 +442,13 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
                     dp += vr[d] * gs[ii * DK + d];
                 }
                 s = s * p.scale + rel_bias(p, h, j - qpos);
+                float drop = attn_drop(p, b, h, i0 + ii, j);
                 float pr = expf(s - ls[ii]);
-                float ds = pr * (dp - ds_[ii]);
+                float ds = pr * (dp * drop - ds_[ii]);
+                float kept = pr * drop;
 #pragma unroll
                 for (int d = 0; d < DK; d++) {
-                    adv[d] += pr * gs[ii * DK + d];
+                    adv[d] += kept * gs[ii * DK + d];
                     adk[d] += ds * qs[ii * DK + d];
                 }
             }
@@ -584,6 +592,7 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
                         bool masked = key >= klen || (p.causal && key > qpos);
                         float val = masked ? -INFINITY : s[nt][rr * 2 + e] * p.scale + bias_s[key - qpos - base];
                         s[nt][rr * 2 + e] = val;
+                        dp[nt][rr * 2 + e] *= attn_drop(p, b, h, rows[rr], key);
                         mx = fmaxf(mx, val);
                     }
                 }
@@ -707,8 +716,9 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
                         bool masked = key >= klen || i0 + col >= p.Lq || (p.causal && key > qpos);
                         float pr = masked ? 0.f
                                           : __expf(s[nt][rr * 2 + e] * p.scale + bias_s[key - qpos - base] - ls[col]);
-                        s[nt][rr * 2 + e] = pr;
-                        dp[nt][rr * 2 + e] = pr * (dp[nt][rr * 2 + e] - dl[col]);
+                        float drop = attn_drop(p, b, h, i0 + col, key);
+                        s[nt][rr * 2 + e] = pr * drop;
+                        dp[nt][rr * 2 + e] = pr * (dp[nt][rr * 2 + e] * drop - dl[col]);
                     }
                 }
             }
@@ -778,7 +788,7 @@ extern "C" __global__ void attention_bias_grad(const __half* q, const __half* k,
         }
         sj = sj * p.scale + rel_bias(p, h, j - qpos);
         s[j] = sj;
-        dp[j] = dj;
+        dp[j] = dj * attn_drop(p, b, h, i, j);
         mx = fmaxf(mx, sj);
     }
     mx = block_max(mx, scratch);

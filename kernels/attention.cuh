@@ -1,6 +1,6 @@
 // What every attention kernel shares: the parameter block (mirrored by `AttnParams` in
-// src/backend/cuda/attention.rs), the position bias lookup, the graph-replay position and the
-// tensor-core helpers.
+// src/backend/cuda/attention.rs), the position bias lookup, the probabilities' dropout mask, the
+// graph-replay position and the tensor-core helpers.
 #pragma once
 #include "common.cuh"
 
@@ -9,15 +9,24 @@ struct AttnParams {
     const uint32_t* counter;      // or null; when set, q_offset = *counter and Lk = *counter + Lq
     const __half* bias_table;     // [buckets, H] or null: no position bias
     const uint32_t* bucket_lut;   // bucket of rel = key − query for rel in [−max_distance, max_distance]
+    u64 drop_key;                 // the probabilities' dropout mask (rng.rs's dropout_key)
     int B, Lq, Lk, cap, H, dk;
     int q_offset, causal, max_distance;
     float scale;
+    float drop_p;                 // 0: no dropout on the probabilities
 };
 
 __device__ __forceinline__ float rel_bias(const AttnParams& p, int h, int rel) {
     if (!p.bias_table) return 0.f;
     rel = max(-p.max_distance, min(p.max_distance, rel));
     return __half2float(p.bias_table[p.bucket_lut[rel + p.max_distance] * p.H + h]);
+}
+
+// What probability (b, h, query i, key j) is multiplied by after the softmax: dropout's 0 or
+// 1/(1 − p) for element ((b·H + h)·Lq + i)·Lk + j of the probabilities (AttnSpec::dropout's index,
+// which the CPU draws too); 1 without dropout.
+__device__ __forceinline__ float attn_drop(const AttnParams& p, int b, int h, int i, int j) {
+    return dropout_factor(p.drop_p, p.drop_key, (((u64)b * p.H + h) * p.Lq + i) * (u64)p.Lk + j);
 }
 
 // Resolves the decoding position from the counter, for a step replayed as a graph.

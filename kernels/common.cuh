@@ -38,6 +38,13 @@ __device__ __forceinline__ bool dropout_keep(float p, u64 key, u64 index) {
     return (float)(h >> 40) * (1.0f / 16777216.0f) >= p;
 }
 
+// What dropout with probability p multiplies element `index` of the mask keyed `key` by: 0 or
+// 1/(1 − p), and 1 when p is 0 (rng.rs's `dropout_factor`).
+__device__ __forceinline__ float dropout_factor(float p, u64 key, u64 index) {
+    if (p <= 0.f) return 1.f;
+    return dropout_keep(p, key, index) ? 1.f / (1.f - p) : 0.f;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

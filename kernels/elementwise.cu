@@ -1,5 +1,6 @@
-// Element-wise kernels: casts, residual adds, scaling, bias, activations, gated-gelu and its
-// backward (one gelu_new), and dropout of f16 and f32 values with the shared counter RNG.
+// Element-wise kernels: casts, residual adds, scaling, bias, activations, gated-gelu with its fused
+// dropout and its backward (one gelu_new), and dropout of f16 and f32 values with the shared
+// counter RNG.
 #include "common.cuh"
 
 extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) {
@@ -90,47 +91,61 @@ extern "C" __global__ void dropout_f32(const float* x, float* y, long n, float p
     GRID_STRIDE(i, n) y[i] = dropout_keep(p, key, (u64)i) ? x[i] * keep_scale : 0.f;
 }
 
-// y += dropout(x): a LoRA branch's input gradient passes back through its dropout mask.
-extern "C" __global__ void dropout_add_f32(const float* x, float* y, long n, float p, u64 seed, u64 stream) {
+// y += dropout(x) into f32 y: a LoRA branch's input gradient passes back through its dropout mask,
+// and a T5 sublayer's output joins the residual stream through its own.
+template <typename T>
+__device__ void dropout_add(const T* x, float* y, long n, float p, u64 seed, u64 stream) {
     float keep_scale = 1.f / (1.f - p);
     u64 key = dropout_key(seed, stream);
-    GRID_STRIDE(i, n) if (dropout_keep(p, key, (u64)i)) y[i] += x[i] * keep_scale;
+    GRID_STRIDE(i, n) if (dropout_keep(p, key, (u64)i)) y[i] += to_f(x[i]) * keep_scale;
+}
+extern "C" __global__ void dropout_add_f32(const float* x, float* y, long n, float p, u64 seed, u64 stream) {
+    dropout_add(x, y, n, p, seed, stream);
+}
+extern "C" __global__ void dropout_add_f16(const __half* x, float* y, long n, float p, u64 seed, u64 stream) {
+    dropout_add(x, y, n, p, seed, stream);
 }
 
-// gate_up [rows, 2f] (gate then up, from the stacked wi_0/wi_1 product) → gelu_new(gate)·up [rows, f].
+// gate_up [rows, 2f] (gate then up, from the stacked wi_0/wi_1 product) → dropout(gelu_new(gate)·up)
+// [rows, f], the mask keyed `key` over the output's flat index (drop_p 0: none).
 template <typename T>
-__device__ void gated_gelu_split(const T* gu, __half* y, long rows, int f) {
+__device__ void gated_gelu_split(const T* gu, __half* y, long rows, int f, float drop_p, u64 key) {
     long n = rows * f;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long r = i / f;
         int c = i % f;
-        y[i] = __float2half_rn(gelu_new(to_f(gu[r * 2 * f + c])) * to_f(gu[r * 2 * f + f + c]));
+        float v = gelu_new(to_f(gu[r * 2 * f + c])) * to_f(gu[r * 2 * f + f + c]);
+        y[i] = __float2half_rn(v * dropout_factor(drop_p, key, (u64)i));
     }
 }
-extern "C" __global__ void gated_gelu_split_f32(const float* gu, __half* y, long rows, int f) { gated_gelu_split(gu, y, rows, f); }
-extern "C" __global__ void gated_gelu_split_f16(const __half* gu, __half* y, long rows, int f) { gated_gelu_split(gu, y, rows, f); }
+extern "C" __global__ void gated_gelu_split_f32(const float* gu, __half* y, long rows, int f, float drop_p, u64 key) {
+    gated_gelu_split(gu, y, rows, f, drop_p, key);
+}
+extern "C" __global__ void gated_gelu_split_f16(const __half* gu, __half* y, long rows, int f, float drop_p, u64 key) {
+    gated_gelu_split(gu, y, rows, f, drop_p, key);
+}
 
 __device__ __forceinline__ float gelu_new_grad(float x) {
     float t = tanhf(GELU_C * (x + 0.044715f * x * x * x));
     return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * GELU_C * (1.f + 3.f * 0.044715f * x * x);
 }
 
-// gate_up [rows, 2f] and dy [rows, f] → d gate_up [rows, 2f]: d gate = dy·up·gelu'(gate),
-// d up = dy·gelu(gate).
+// gate_up [rows, 2f] and dy [rows, f] → d gate_up [rows, 2f] through the forward's dropout mask
+// (g = dropout(dy)): d gate = g·up·gelu'(gate), d up = g·gelu(gate).
 template <typename TU, typename TG>
-__device__ void gated_gelu_backward(const TU* gu, const TG* dy, float* out, long rows, int f) {
+__device__ void gated_gelu_backward(const TU* gu, const TG* dy, float* out, long rows, int f, float drop_p, u64 key) {
     GRID_STRIDE(i, rows * f) {
         long r = i / f;
         int c = i % f;
         long base = r * 2 * f + c;
-        float gate = to_f(gu[base]), up = to_f(gu[base + f]), g = to_f(dy[i]);
+        float gate = to_f(gu[base]), up = to_f(gu[base + f]), g = to_f(dy[i]) * dropout_factor(drop_p, key, (u64)i);
         out[base] = g * up * gelu_new_grad(gate);
         out[base + f] = g * gelu_new(gate);
     }
 }
 #define GG_BWD(NAME, TU, TG) \
-    extern "C" __global__ void NAME(const TU* gu, const TG* dy, float* out, long rows, int f) { \
-        gated_gelu_backward(gu, dy, out, rows, f); \
+    extern "C" __global__ void NAME(const TU* gu, const TG* dy, float* out, long rows, int f, float drop_p, u64 key) { \
+        gated_gelu_backward(gu, dy, out, rows, f, drop_p, key); \
     }
 GG_BWD(gated_gelu_backward_f32_f32, float, float)
 GG_BWD(gated_gelu_backward_f32_f16, float, __half)

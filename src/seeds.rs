@@ -56,6 +56,12 @@ pub fn sft_dropout(run_seed: u64, step: usize) -> u64 {
     derive(run_seed, step as u64 + 0xd50)
 }
 
+/// T5's own dropout masks (`Fwd::model_dropout`) of a training pass whose adapters' masks come
+/// from `dropout_seed`: one seed per step (and per worker) serves both, apart.
+pub fn model_dropout(dropout_seed: u64) -> u64 {
+    derive(dropout_seed, 0x7d5)
+}
+
 /// Data-parallel worker `rank`'s seed (rank 0 keeps `seed`, so a single worker is unchanged).
 pub fn worker(seed: u64, rank: usize) -> u64 {
     if rank == 0 { seed } else { derive(seed, rank as u64) }

@@ -74,8 +74,11 @@ fn gated_gelu_backward_matches_finite_differences() {
     let (rows, f) = (5, 16);
     let gu = r.vec(rows * 2 * f, 3.0);
     let dy = r.vec(rows * f, 1.0);
-    let g = Cpu.gated_gelu_backward(&t(&gu, &[rows, 2 * f]), &t(&dy, &[rows, f])).unwrap();
-    check("gated_gelu", &gu, &g.data, &dy, |x| Cpu.gated_gelu(&t(x, &[rows, 2 * f])).unwrap().data, 4);
+    for dropout in [None, Some(Dropout { p: 0.4, seed: 2, stream: 6 })] {
+        let g = Cpu.gated_gelu_backward(&t(&gu, &[rows, 2 * f]), &t(&dy, &[rows, f]), dropout).unwrap();
+        let forward = |x: &[f32]| Cpu.gated_gelu(&t(x, &[rows, 2 * f]), dropout).unwrap().data;
+        check(&format!("gated_gelu dropout {dropout:?}"), &gu, &g.data, &dy, forward, 4);
+    }
 }
 
 #[test]
@@ -85,9 +88,15 @@ fn attention_backward_matches_finite_differences() {
     let inner = h * dk;
     let table = weight(&r.vec(8 * h, 1.0), &[8, h]);
     let lengths = Cpu.upload_ids(&[7, 4], &[2]).unwrap();
-    for (causal, bias, lens, scale) in
-        [(false, Some(true), true, 1.0), (true, Some(false), false, 1.0), (false, None, true, 0.35)]
-    {
+    let drop = Some(Dropout { p: 0.3, seed: 5, stream: 77 });
+    for (causal, bias, lens, scale, dropout) in [
+        (false, Some(true), true, 1.0, None),
+        (true, Some(false), false, 1.0, None),
+        (false, None, true, 0.35, None),
+        (false, Some(true), true, 1.0, drop),
+        (true, Some(false), false, 1.0, drop),
+        (false, None, true, 0.35, drop),
+    ] {
         let spec = AttnSpec::<Cpu> {
             heads: h,
             d_kv: dk,
@@ -97,6 +106,7 @@ fn attention_backward_matches_finite_differences() {
             causal,
             q_offset: Position::At(0),
             bias: bias.map(|bidirectional| RelBias { table: &table, bidirectional, num_buckets: 8, max_distance: 12 }),
+            dropout,
         };
         let shape = [b, l, inner];
         let (q, k, v) = (r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0));
@@ -106,7 +116,7 @@ fn attention_backward_matches_finite_differences() {
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
             Cpu.attention(&t(q, &shape), &t(k, &shape), &t(v, &shape), &spec).unwrap().data
         };
-        let what = format!("attention causal {causal} bias {bias:?}");
+        let what = format!("attention causal {causal} bias {bias:?} dropout {dropout:?}");
         check(&format!("{what} dq"), &q, &dq.data, &dout, |x| run(x, &k, &v), 6);
         check(&format!("{what} dk"), &k, &dkk.data, &dout, |x| run(&q, x, &v), 7);
         check(&format!("{what} dv"), &v, &dv.data, &dout, |x| run(&q, &k, x), 8);
@@ -274,7 +284,10 @@ fn attention_bias_gradient_matches_finite_differences() {
     let dout = r.vec(b * l * inner, 1.0);
     let table = r.vec(buckets * h, 1.0);
     let lengths = Cpu.upload_ids(&[9, 5], &[2]).unwrap();
-    for (causal, bidirectional, lens) in [(false, true, true), (true, false, false)] {
+    let drop = Some(Dropout { p: 0.25, seed: 8, stream: 3 });
+    for (causal, bidirectional, lens, dropout) in
+        [(false, true, true, None), (true, false, false, None), (false, true, true, drop), (true, false, false, drop)]
+    {
         let run = |tb: &[f32]| {
             let w = weight(tb, &[buckets, h]);
             let spec = AttnSpec::<Cpu> {
@@ -286,6 +299,7 @@ fn attention_bias_gradient_matches_finite_differences() {
                 causal,
                 q_offset: Position::At(0),
                 bias: Some(RelBias { table: &w, bidirectional, num_buckets: buckets, max_distance: 7 }),
+                dropout,
             };
             Cpu.attention(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &spec).unwrap().data
         };
@@ -299,11 +313,12 @@ fn attention_bias_gradient_matches_finite_differences() {
             causal,
             q_offset: Position::At(0),
             bias: Some(RelBias { table: &w, bidirectional, num_buckets: buckets, max_distance: 7 }),
+            dropout,
         };
         let mut dt = t(&vec![0.0; buckets * h], &[buckets, h]);
         Cpu.attention_bias_grad(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &t(&dout, &shape), &spec, &mut dt)
             .unwrap();
-        check(&format!("attention bias causal {causal}"), &table, &dt.data, &dout, run, 36);
+        check(&format!("attention bias causal {causal} dropout {dropout:?}"), &table, &dt.data, &dout, run, 36);
     }
 }
 

@@ -1,8 +1,8 @@
 //! Data parallelism on the CPU. The step-level bodies (tests/suites/data_parallel.rs; tests/gpu.rs
 //! runs them with a CUDA backend per worker) compare one worker against groups of workers. Here,
 //! also whole runs: `detox train` and `detox sft` through their trainers, one worker against two,
-//! with dropout off (each worker draws its own masks): the same log and the same files written,
-//! by worker 0 alone.
+//! with dropout off (each worker draws its own masks; for SFT T5's own too, through the model's
+//! `dropout_rate`): the same log and the same files written, by worker 0 alone.
 
 mod common;
 #[path = "suites/data_parallel.rs"]
@@ -40,6 +40,14 @@ fn init_tiny(dir: &Path) -> PathBuf {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     model
+}
+
+/// Sets `dropout_rate` 0 in the model's config.json: SFT's training passes apply T5's own dropout.
+fn without_model_dropout(model: &Path) {
+    let path = model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["dropout_rate"] = serde_json::json!(0.0);
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }
 
 /// Runs `work` on one worker, then on a group of two (threads), each returning what it wrote.
@@ -133,6 +141,7 @@ fn a_ppo_run_is_the_same_on_one_worker_and_on_two() {
 fn an_sft_run_is_the_same_on_one_worker_and_on_two() {
     let d = tempfile::tempdir().unwrap();
     let model = init_tiny(d.path());
+    without_model_dropout(&model);
     let run = |group: &dyn Collective<Cpu>, name: &str| -> PathBuf {
         let mut s = SftSettings::default();
         s.model.path = model.clone();

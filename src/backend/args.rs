@@ -13,6 +13,13 @@ pub struct Dropout {
     pub stream: u64,
 }
 
+impl Dropout {
+    /// The mask's key (`rng::dropout_key`), drawn once per call rather than once per element.
+    pub fn key(&self) -> u64 {
+        super::rng::dropout_key(self.seed, self.stream)
+    }
+}
+
 /// The low-rank branch of one LoRA module: `y[:, col..col + out] += scale · B(A(dropout(x)))`. A
 /// product may carry several, one per module whose rows its weight stacks.
 pub struct LoraRef<'a, B: Device> {
@@ -150,6 +157,10 @@ pub struct AttnSpec<'a, B: Device> {
     pub causal: bool,
     pub q_offset: Position<'a, B>,
     pub bias: Option<RelBias<'a, B>>,
+    /// Dropout on the probabilities (T5's training mode), applied inside the kernels and drawn
+    /// again in the backward: element `((b·H + h)·Lq + i)·Lk + j` of the `[B, H, Lq, Lk]`
+    /// probabilities, `Lk` being `kv_len`. Needs a host position.
+    pub dropout: Option<Dropout>,
 }
 
 /// How the next token is chosen (Hugging Face's processor order: min-length, temperature, top-k,

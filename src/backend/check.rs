@@ -2,7 +2,7 @@
 //! trait's public method runs its rule here before the backend's `*_impl`, so a backend only
 //! checks what is its own (precisions, device limits). Every message names the op and the shapes.
 
-use super::{AdamSlot, AttnSpec, Device, LoraGrad, LoraRef, Position, Shaped};
+use super::{AdamSlot, AttnSpec, Device, Dropout, LoraGrad, LoraRef, Position, Shaped};
 use anyhow::{Result, bail, ensure};
 
 fn rows_cols(s: &[usize]) -> (usize, usize) {
@@ -111,6 +111,14 @@ pub fn same(op: &str, a: &[usize], b: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// A dropout probability in [0, 1): 1 would scale the kept (no) elements by infinity.
+pub fn dropout(op: &str, d: Option<Dropout>) -> Result<()> {
+    if let Some(d) = d {
+        ensure!((0.0..1.0).contains(&d.p), "{op}: dropout probability {} is outside [0, 1)", d.p);
+    }
+    Ok(())
+}
+
 pub fn gated_gelu(gate_up: &[usize]) -> Result<()> {
     let d2 = rows_cols(gate_up).1;
     ensure!(d2.is_multiple_of(2), "gated_gelu: last dimension of {gate_up:?} is not gate and up halves");
@@ -157,6 +165,11 @@ pub fn attention<B: Device>(
     if let Some(l) = spec.key_lengths {
         ensure!(l.numel() == q[0], "{op}: {} key lengths for batch {}", l.numel(), q[0]);
     }
+    dropout(op, spec.dropout)?;
+    ensure!(
+        spec.dropout.is_none() || matches!(spec.q_offset, Position::At(_)),
+        "{op}: dropout on the probabilities needs a host position (a training pass), not a counter"
+    );
     Ok(())
 }
 

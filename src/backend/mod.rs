@@ -282,10 +282,12 @@ pub trait ElementwiseOps: Device {
     }
 
     checked_op! {
-        /// `gelu_new(gate) · up` where `gate_up [.., 2F]` holds gate then up: `[.., F]`. It only feeds
-        /// `wo`, so a backend may store it in half.
-        fn gated_gelu / gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> => {
+        /// `dropout(gelu_new(gate) · up)` where `gate_up [.., 2F]` holds gate then up: `[.., F]`, the
+        /// mask over the flat index of the output (T5's FFN dropout, fused). It only feeds `wo`, so
+        /// a backend may store it in half.
+        fn gated_gelu / gated_gelu_impl(&self, gate_up: &Self::Tensor, dropout: Option<Dropout>) -> Result<Self::Tensor> => {
             check::gated_gelu(gate_up.shape())?;
+            check::dropout("gated_gelu", dropout)?;
         }
     }
 
@@ -293,9 +295,24 @@ pub trait ElementwiseOps: Device {
     fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor>;
 
     checked_op! {
-        /// Backward of `gated_gelu`: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
-        fn gated_gelu_backward / gated_gelu_backward_impl(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> => {
+        /// `acc += dropout(x)` (f32): a sublayer's output joins the residual stream through its
+        /// dropout in one pass.
+        fn dropout_add / dropout_add_impl(&self, acc: &mut Self::Tensor, x: &Self::Tensor, d: &Dropout) -> Result<()> => {
+            check::same("dropout_add", acc.shape(), x.shape())?;
+            check::dropout("dropout_add", Some(*d))?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of `gated_gelu` under the same dropout: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
+        fn gated_gelu_backward / gated_gelu_backward_impl(
+            &self,
+            gate_up: &Self::Tensor,
+            dy: &Self::Tensor,
+            dropout: Option<Dropout>,
+        ) -> Result<Self::Tensor> => {
             check::gated_gelu_backward(gate_up.shape(), dy.shape())?;
+            check::dropout("gated_gelu_backward", dropout)?;
         }
     }
 }

@@ -29,6 +29,18 @@ pub fn dropout_keep(p: f32, key: u64, index: u64) -> bool {
     (h >> 40) as f32 * (1.0 / 16_777_216.0) >= p
 }
 
+/// What dropout with probability `p` multiplies element `index` of the mask keyed `key` by: 0 or
+/// 1/(1 − p), and 1 when `p` is 0 (`dropout_factor` in kernels/common.cuh).
+pub fn dropout_factor(p: f32, key: u64, index: u64) -> f32 {
+    if p <= 0.0 {
+        1.0
+    } else if dropout_keep(p, key, index) {
+        1.0 / (1.0 - p)
+    } else {
+        0.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,6 +153,7 @@ impl<B: Backend> SequenceClassifier<B> {
             causal: false,
             q_offset: crate::backend::Position::At(0),
             bias: None,
+            dropout: None,
         };
         for layer in &self.layers {
             let (q, k, v) = (dense(be, &h, &layer.query)?, dense(be, &h, &layer.key)?, dense(be, &h, &layer.value)?);

@@ -61,7 +61,7 @@ pub struct Hyper {
     /// The loss is multiplied by this before the backward and the gradients divided by it after,
     /// so that small gradients survive the half-precision products.
     pub loss_scale: f32,
-    /// Seeds the adapters' dropout masks.
+    /// Seeds the dropout masks: the adapters', and T5's own (`seeds::model_dropout` of it).
     pub dropout_seed: u64,
 }
 
@@ -169,7 +169,12 @@ pub fn sft_gradients<B: Backend>(
     let weights = be.upload(&batch.mask.iter().map(|m| m * w).collect::<Vec<_>>(), &[batch.mask.len()])?;
 
     // 2. Teacher-forced forward, keeping the tape.
-    let f = Fwd { lora: !full, dropout_seed: Some(h.dropout_seed) };
+    // Train mode: the adapters' dropout and T5's own (`dropout_rate` of config.json).
+    let f = Fwd {
+        lora: !full,
+        dropout_seed: Some(h.dropout_seed),
+        model_dropout: Some(crate::seeds::model_dropout(h.dropout_seed)),
+    };
     let (hidden, tape) = model.forward_train(be, &x.ids, &x.lengths, &x.decoder_input, f)?;
 
     // 3. Cross-entropy at the LM head.

@@ -106,6 +106,11 @@ impl T5Config {
             ensure!(v > 0, "{name} must be positive");
         }
         ensure!(self.relative_attention_num_buckets >= 4, "relative_attention_num_buckets must be at least 4");
+        ensure!(
+            (0.0..1.0).contains(&self.dropout_rate),
+            "dropout_rate {} is outside [0, 1) (T5's dropout probability)",
+            self.dropout_rate
+        );
         for (name, id) in [
             ("eos_token_id", self.eos_token_id),
             ("pad_token_id", self.pad_token_id),

@@ -6,7 +6,7 @@ use super::config::T5Config;
 use super::lora::{LoraPair, LoraSettings};
 use crate::backend::{AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, Shaped};
 use crate::checkpoint::{Checkpoint, DType, HostTensor};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// One Hugging Face linear module inside a projection: where its rows sit in the projection's
 /// output, and its LoRA adapter.
@@ -94,17 +94,51 @@ pub struct Fwd {
     /// Apply the adapters' dropout with masks drawn from this seed (training passes); None is
     /// evaluation mode.
     pub dropout_seed: Option<u64>,
+    /// Apply T5's own dropout (`config.dropout_rate`, where transformers' T5 applies it in train
+    /// mode) with masks drawn from this seed: training passes of the base model (SFT) only, read by
+    /// `forward_train`. None everywhere else: inference, and PPO, whose base model runs in eval
+    /// mode as the seed's does.
+    pub model_dropout: Option<u64>,
 }
 
 impl Fwd {
     /// Evaluation mode, with the adapters on or off.
     pub fn eval(lora: bool) -> Self {
-        Self { lora, dropout_seed: None }
+        Self { lora, dropout_seed: None, model_dropout: None }
     }
 
-    /// A training pass: adapters on, their dropout drawn from `seed`.
+    /// A training pass of the adapters (PPO): adapters on, their dropout drawn from `seed`, the
+    /// base model in eval mode.
     pub fn train(seed: u64) -> Self {
-        Self { lora: true, dropout_seed: Some(seed) }
+        Self { lora: true, dropout_seed: Some(seed), model_dropout: None }
+    }
+}
+
+/// The places T5's own dropout acts in a training pass, as transformers' T5 applies it: the
+/// embeddings' output, each attention's probabilities, each sublayer's output before its residual
+/// add, the gated FFN's hidden before wo, and the final layer norm's output; each stack's. The
+/// order gives the streams (`stream`), so it is part of a run's reproducibility: append only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropSite {
+    Embedding,
+    SelfProbs,
+    SelfOut,
+    CrossProbs,
+    CrossOut,
+    FfHidden,
+    FfOut,
+    FinalNorm,
+}
+
+impl DropSite {
+    /// The mask stream of this site in layer `layer` of `stack` (0 for the stack-wide sites):
+    /// distinct for every site of the model.
+    pub fn stream(self, stack: StackKind, layer: usize) -> u64 {
+        let stack = match stack {
+            StackKind::Encoder => 0u64,
+            StackKind::Decoder => 1,
+        };
+        (stack << 40) | ((layer as u64) << 8) | self as u64
     }
 }
 
@@ -355,7 +389,7 @@ impl<B: Backend> T5<B> {
     /// producing it in fp16 is what overflows in T5 v1.1.
     fn feed_forward(&self, be: &B, x: &B::Tensor, ff: &DenseReluDense<B>, f: Fwd, h: &mut B::Tensor) -> Result<()> {
         let gate_up = self.project(be, x, &ff.wi, f, Prec::F32)?;
-        let inner = be.gated_gelu(&gate_up)?;
+        let inner = be.gated_gelu(&gate_up, None)?;
         self.project_add(be, &inner, &ff.wo, f, h)
     }
 
@@ -380,6 +414,7 @@ impl<B: Backend> T5<B> {
 
     /// `ids [B, L]` right-padded, `lengths [B]` real tokens per row → final encoder states `[B, L, d]`.
     pub fn encode(&self, be: &B, ids: &B::Ids, lengths: &B::Ids, f: Fwd) -> Result<B::Tensor> {
+        ensure!(f.model_dropout.is_none(), "T5's own dropout runs in training passes (forward_train) only");
         let c = &self.config;
         let l = ids.shape()[1];
         let mut h = be.embedding(&self.shared, ids)?;
@@ -397,6 +432,7 @@ impl<B: Backend> T5<B> {
                 causal: false,
                 q_offset: Position::At(0),
                 bias: Some(self.rel_bias(table, true)),
+                dropout: None,
             };
             let ctx = be.attention(&q, &k, &v, &spec)?;
             self.project_add(be, &ctx, &a.o, f, &mut h)?;
@@ -442,6 +478,7 @@ impl<B: Backend> T5<B> {
     /// (after `final_layer_norm`: what the LM head and the value head read). The caller keeps the
     /// total within the cache's capacity; positions come from the cache's counter.
     pub fn decode(&self, be: &B, ids: &B::Ids, cache: &mut DecodeCache<'_, B>, f: Fwd) -> Result<B::Tensor> {
+        ensure!(f.model_dropout.is_none(), "T5's own dropout runs in training passes (forward_train) only");
         let c = &self.config;
         let n = ids.shape()[1];
         if n > cache.capacity {
@@ -465,6 +502,7 @@ impl<B: Backend> T5<B> {
                 causal: true,
                 q_offset: Position::Counter(&cache.pos),
                 bias: Some(self.rel_bias(table, false)),
+                dropout: None,
             };
             let ctx = be.attention(&q, &cache.self_k[i], &cache.self_v[i], &spec)?;
             self.project_add(be, &ctx, &a.o, f, &mut h)?;
@@ -481,6 +519,7 @@ impl<B: Backend> T5<B> {
                 causal: false,
                 q_offset: Position::At(0),
                 bias: None,
+                dropout: None,
             };
             let ctx = be.attention(&q, &cache.cross_k[i], &cache.cross_v[i], &spec)?;
             self.project_add(be, &ctx, &ca.o, f, &mut h)?;

@@ -2,11 +2,15 @@
 //! what the backward needs (the tape), and the hand-written backward from the decoder's final
 //! states back through every layer of the decoder and the encoder to the LoRA matrices, or, in
 //! full-parameter training, to every weight including the embeddings and the position-bias tables.
+//! With `Fwd::model_dropout`, T5's own dropout acts where transformers' T5 applies it in train mode
+//! (`DropSite`); its masks come from the counter hash, so the backward draws them again instead of
+//! keeping them: fused into the attention kernels, the gated-gelu and its backward, and the
+//! residual adds.
 
-use super::model::{DenseReluDense, Fwd, Proj, SelfAttention, T5};
+use super::model::{DenseReluDense, DropSite, Fwd, Proj, SelfAttention, StackKind, T5};
 use super::params::{BlockGrads, FullGrads, StackGrads};
 use super::trainable::a_then_b;
-use crate::backend::{AttnSpec, Backend, LoraGrad, Position, Prec, Shaped};
+use crate::backend::{AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped};
 use anyhow::{Result, ensure};
 
 /// One encoder block's saved activations.
@@ -22,6 +26,7 @@ pub struct EncoderLayerTape<B: Backend> {
     v: B::Tensor,
     ctx: B::Tensor,
     gate_up: B::Tensor,
+    /// The FFN's hidden as wo read it (after its dropout).
     inner: B::Tensor,
 }
 
@@ -48,7 +53,7 @@ pub struct DecoderLayerTape<B: Backend> {
 /// Everything `backward` reads, from one `forward_train`.
 pub struct Tape<B: Backend> {
     encoder: Vec<EncoderLayerTape<B>>,
-    /// The encoder's residual stream before its final norm, and its output.
+    /// The encoder's residual stream before its final norm, and its output (after its dropout).
     enc_last: B::Tensor,
     enc_out: B::Tensor,
     decoder: Vec<DecoderLayerTape<B>>,
@@ -85,13 +90,29 @@ impl<B: Backend> LoraGrads<B> {
     }
 }
 
+/// `x` through dropout `d`, or `x` itself without one.
+fn dropped<B: Backend>(be: &B, x: B::Tensor, d: Option<Dropout>) -> Result<B::Tensor> {
+    match d {
+        Some(d) => be.dropout(&x, &d),
+        None => Ok(x),
+    }
+}
+
 impl<B: Backend> T5<B> {
+    /// T5's own dropout at `site` of layer `layer` of `stack` in a pass under `f` (`layer` 0 for
+    /// the stack-wide sites): None unless `f.model_dropout` is set and `dropout_rate` is positive.
+    pub fn model_drop(&self, f: Fwd, stack: StackKind, layer: usize, site: DropSite) -> Option<Dropout> {
+        let p = self.config.dropout_rate;
+        f.model_dropout.filter(|_| p > 0.0).map(|seed| Dropout { p, seed, stream: site.stream(stack, layer) })
+    }
+
     fn attn_spec<'a>(
         &'a self,
         lengths: Option<&'a B::Ids>,
         keys: usize,
         causal: bool,
         bias: Option<bool>,
+        dropout: Option<Dropout>,
     ) -> AttnSpec<'a, B> {
         let c = &self.config;
         let table = |bidirectional: bool| {
@@ -107,6 +128,7 @@ impl<B: Backend> T5<B> {
             causal,
             q_offset: Position::At(0),
             bias: bias.map(table),
+            dropout,
         }
     }
 
@@ -122,13 +144,9 @@ impl<B: Backend> T5<B> {
         be.linear_to(x, &p.weight, &self.loras(p, f), out)
     }
 
-    fn project_add_train(&self, be: &B, x: &B::Tensor, p: &Proj<B>, f: Fwd, acc: &mut B::Tensor) -> Result<()> {
-        be.linear_add(x, &p.weight, &self.loras(p, f), acc)
-    }
-
     /// The teacher-forced pass of `dec_ids [B, T]` against prompts `ids [B, L]`, keeping the tape:
     /// returns the decoder's final states `[B, T, d]`. Adapters run unmerged, with dropout when
-    /// `f.dropout_seed` is set.
+    /// `f.dropout_seed` is set; T5's own dropout acts when `f.model_dropout` is.
     pub fn forward_train(
         &self,
         be: &B,
@@ -137,50 +155,56 @@ impl<B: Backend> T5<B> {
         dec_ids: &B::Ids,
         f: Fwd,
     ) -> Result<(B::Tensor, Tape<B>)> {
+        use DropSite::*;
+        use StackKind::{Decoder, Encoder};
         let c = &self.config;
         let eps = c.layer_norm_epsilon;
         let l = ids.shape()[1];
         let t = dec_ids.shape()[1];
         let inner = c.inner_dim();
+        let drop = |stack, layer, site| self.model_drop(f, stack, layer, site);
 
-        let mut h = be.embedding(&self.shared, ids)?;
+        let mut h = dropped(be, be.embedding(&self.shared, ids)?, drop(Encoder, 0, Embedding))?;
         let mut encoder = Vec::with_capacity(self.encoder.blocks.len());
-        for block in &self.encoder.blocks {
+        for (i, block) in self.encoder.blocks.iter().enumerate() {
             let a: &SelfAttention<B> = &block.self_attention;
             let x_attn = be.rms_norm(&h, &block.self_attention_norm, eps)?;
             let (q, k, v) = self.split3(be, &self.project_train(be, &x_attn, &a.qkv, f, Prec::Half)?)?;
-            let ctx = be.attention(&q, &k, &v, &self.attn_spec(Some(lengths), l, false, Some(true)))?;
-            let h_in = self.residual(be, &mut h, &ctx, &a.o, f)?;
+            let spec = self.attn_spec(Some(lengths), l, false, Some(true), drop(Encoder, i, SelfProbs));
+            let ctx = be.attention(&q, &k, &v, &spec)?;
+            let h_in = self.residual(be, &mut h, &ctx, &a.o, f, drop(Encoder, i, SelfOut))?;
             let x_ff = be.rms_norm(&h, &block.ff_norm, eps)?;
             let gate_up = self.project_train(be, &x_ff, &block.ff.wi, f, Prec::F32)?;
-            let ff_inner = be.gated_gelu(&gate_up)?;
-            let h_mid = self.residual(be, &mut h, &ff_inner, &block.ff.wo, f)?;
+            let ff_inner = be.gated_gelu(&gate_up, drop(Encoder, i, FfHidden))?;
+            let h_mid = self.residual(be, &mut h, &ff_inner, &block.ff.wo, f, drop(Encoder, i, FfOut))?;
             encoder.push(EncoderLayerTape { h_in, h_mid, x_attn, x_ff, q, k, v, ctx, gate_up, inner: ff_inner });
         }
         let enc_out = be.rms_norm(&h, &self.encoder.final_layer_norm, eps)?;
+        let enc_out = dropped(be, enc_out, drop(Encoder, 0, FinalNorm))?;
         let enc_last = h;
 
-        let mut h = be.embedding(&self.shared, dec_ids)?;
+        let mut h = dropped(be, be.embedding(&self.shared, dec_ids)?, drop(Decoder, 0, Embedding))?;
         let mut decoder = Vec::with_capacity(self.decoder.blocks.len());
-        for block in &self.decoder.blocks {
+        for (i, block) in self.decoder.blocks.iter().enumerate() {
             let a = &block.self_attention;
             let x_self = be.rms_norm(&h, &block.self_attention_norm, eps)?;
             let (q, k, v) = self.split3(be, &self.project_train(be, &x_self, &a.qkv, f, Prec::Half)?)?;
-            let ctx = be.attention(&q, &k, &v, &self.attn_spec(None, t, true, Some(false)))?;
-            let h_in = self.residual(be, &mut h, &ctx, &a.o, f)?;
+            let spec = self.attn_spec(None, t, true, Some(false), drop(Decoder, i, SelfProbs));
+            let ctx = be.attention(&q, &k, &v, &spec)?;
+            let h_in = self.residual(be, &mut h, &ctx, &a.o, f, drop(Decoder, i, SelfOut))?;
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
             let x_cross = be.rms_norm(&h, ca_norm, eps)?;
             let q_cross = self.project_train(be, &x_cross, &ca.q, f, Prec::Half)?;
             let mut kv = be.split_last(&self.project_train(be, &enc_out, &ca.kv, f, Prec::Half)?, &[inner, inner])?;
             let v_cross = kv.pop().expect("two parts");
             let k_cross = kv.pop().expect("two parts");
-            let ctx_cross =
-                be.attention(&q_cross, &k_cross, &v_cross, &self.attn_spec(Some(lengths), l, false, None))?;
-            let h_self = self.residual(be, &mut h, &ctx_cross, &ca.o, f)?;
+            let spec = self.attn_spec(Some(lengths), l, false, None, drop(Decoder, i, CrossProbs));
+            let ctx_cross = be.attention(&q_cross, &k_cross, &v_cross, &spec)?;
+            let h_self = self.residual(be, &mut h, &ctx_cross, &ca.o, f, drop(Decoder, i, CrossOut))?;
             let x_ff = be.rms_norm(&h, &block.ff_norm, eps)?;
             let gate_up = self.project_train(be, &x_ff, &block.ff.wi, f, Prec::F32)?;
-            let ff_inner = be.gated_gelu(&gate_up)?;
-            let h_cross = self.residual(be, &mut h, &ff_inner, &block.ff.wo, f)?;
+            let ff_inner = be.gated_gelu(&gate_up, drop(Decoder, i, FfHidden))?;
+            let h_cross = self.residual(be, &mut h, &ff_inner, &block.ff.wo, f, drop(Decoder, i, FfOut))?;
             decoder.push(DecoderLayerTape {
                 h_in,
                 h_self,
@@ -201,15 +225,28 @@ impl<B: Backend> T5<B> {
             });
         }
         let hidden = be.rms_norm(&h, &self.decoder.final_layer_norm, eps)?;
+        let hidden = dropped(be, hidden, drop(Decoder, 0, FinalNorm))?;
         Ok((hidden, Tape { encoder, enc_last, enc_out, decoder, dec_last: h, f }))
     }
 
-    /// `h ← h + p(x)` in a new tensor, returning the old residual (the input of the sublayer's
-    /// norm, which the backward reads).
-    fn residual(&self, be: &B, h: &mut B::Tensor, x: &B::Tensor, p: &Proj<B>, f: Fwd) -> Result<B::Tensor> {
+    /// `h ← h + dropout(p(x))` in a new tensor, returning the old residual (the input of the
+    /// sublayer's norm, which the backward reads). Without dropout the product adds straight into
+    /// the copy; with it, the product lands in f32 and joins through `dropout_add`.
+    fn residual(
+        &self,
+        be: &B,
+        h: &mut B::Tensor,
+        x: &B::Tensor,
+        p: &Proj<B>,
+        f: Fwd,
+        d: Option<Dropout>,
+    ) -> Result<B::Tensor> {
         let mut next = be.zeros(h.shape())?;
         be.copy_into(&mut next, 0, h)?;
-        self.project_add_train(be, x, p, f, &mut next)?;
+        match d {
+            None => be.linear_add(x, &p.weight, &self.loras(p, f), &mut next)?,
+            Some(d) => be.dropout_add(&mut next, &self.project_train(be, x, p, f, Prec::F32)?, &d)?,
+        }
         Ok(std::mem::replace(h, next))
     }
 }
@@ -282,20 +319,33 @@ impl<B: Backend> Backprop<'_, B> {
         self.be.attention_backward(q, k, v, d_ctx, spec)
     }
 
-    /// Through `wo(gelu_new(wi_0 x) · wi_1 x)`: the gradient at the FFN's normed input.
-    /// `dw` takes the gradients of wi and wo.
+    /// T5's own dropout at a site of the training pass being differentiated.
+    fn site(&self, stack: StackKind, layer: usize, site: DropSite) -> Option<Dropout> {
+        self.model.model_drop(self.f, stack, layer, site)
+    }
+
+    /// The gradient before a dropout site from the one after it (dropout is its own backward);
+    /// None without dropout, where the gradient passes unchanged.
+    fn through(&self, dy: &B::Tensor, d: Option<Dropout>) -> Result<Option<B::Tensor>> {
+        d.map(|d| self.be.dropout(dy, &d)).transpose()
+    }
+
+    /// Through `dropout_out(wo(dropout_hidden(gelu_new(wi_0 x) · wi_1 x)))`: the gradient at the
+    /// FFN's normed input. `dw` takes the gradients of wi and wo.
     fn ffn(
         &mut self,
         ff: &DenseReluDense<B>,
         (gate_up, inner): (&B::Tensor, &B::Tensor),
         x: &B::Tensor,
         dh: &B::Tensor,
+        (out, hidden): (Option<Dropout>, Option<Dropout>),
         dw: Option<(&mut B::Tensor, &mut B::Tensor)>,
     ) -> Result<B::Tensor> {
         let (d_wi, d_wo) = dw.unzip();
+        let dy = self.through(dh, out)?;
         let mut d_inner = self.be.zeros(inner.shape())?;
-        self.proj(&ff.wo, inner, dh, Some(&mut d_inner), d_wo)?;
-        let d_gate_up = self.be.gated_gelu_backward(gate_up, &d_inner)?;
+        self.proj(&ff.wo, inner, dy.as_ref().unwrap_or(dh), Some(&mut d_inner), d_wo)?;
+        let d_gate_up = self.be.gated_gelu_backward(gate_up, &d_inner, hidden)?;
         let mut d_x = self.be.zeros(x.shape())?;
         self.proj(&ff.wi, x, &d_gate_up, Some(&mut d_x), d_wi)?;
         Ok(d_x)
@@ -354,8 +404,10 @@ impl<B: Backend> T5<B> {
         ensure!(self.lora.is_none(), "full-parameter training runs without LoRA adapters");
         let mut no_adapters = LoraGrads { slots: Vec::new() };
         let (d_dec, d_enc) = self.backprop(be, tape, lengths, d_hidden, &mut no_adapters, Some(grads))?;
-        be.embedding_backward(dec_ids, &d_dec, &mut grads.shared)?;
-        be.embedding_backward(ids, &d_enc, &mut grads.shared)
+        // Through the embeddings' dropout to the table.
+        let embedded = |d: B::Tensor, stack| dropped(be, d, self.model_drop(tape.f, stack, 0, DropSite::Embedding));
+        be.embedding_backward(dec_ids, &embedded(d_dec, StackKind::Decoder)?, &mut grads.shared)?;
+        be.embedding_backward(ids, &embedded(d_enc, StackKind::Encoder)?, &mut grads.shared)
     }
 
     /// Logits `= s · hidden · headᵀ` backwards: returns the gradient at `hidden`, and adds the
@@ -391,8 +443,8 @@ impl<B: Backend> T5<B> {
         Ok(d_hidden)
     }
 
-    /// The backward through both stacks; returns the gradients at the decoder's and the
-    /// encoder's embedding outputs.
+    /// The backward through both stacks; returns the gradients at the start of the decoder's and
+    /// the encoder's residual streams (after the embeddings' dropout).
     fn backprop(
         &self,
         be: &B,
@@ -402,6 +454,8 @@ impl<B: Backend> T5<B> {
         grads: &mut LoraGrads<B>,
         full: Option<&mut FullGrads<B>>,
     ) -> Result<(B::Tensor, B::Tensor)> {
+        use DropSite::*;
+        use StackKind::{Decoder, Encoder};
         let l = tape.enc_out.shape()[1];
         let t = d_hidden.shape()[1];
         ensure!(tape.decoder.len() == self.decoder.blocks.len(), "the tape does not belong to this model");
@@ -413,12 +467,15 @@ impl<B: Backend> T5<B> {
 
         let mut bp = Backprop { be, model: self, f: tape.f, grads };
         let mut dh = be.zeros(tape.dec_last.shape())?;
-        bp.norm(&tape.dec_last, &self.decoder.final_layer_norm, d_hidden, &mut dh, dec_g.final_norm.take())?;
+        let d_final = bp.through(d_hidden, bp.site(Decoder, 0, FinalNorm))?;
+        let d_final = d_final.as_ref().unwrap_or(d_hidden);
+        bp.norm(&tape.dec_last, &self.decoder.final_layer_norm, d_final, &mut dh, dec_g.final_norm.take())?;
         let mut d_enc = be.zeros(tape.enc_out.shape())?;
         for (i, (block, s)) in self.decoder.blocks.iter().zip(&tape.decoder).enumerate().rev() {
             let mut g = dec_g.block(i);
             let d_ff = g.as_deref_mut().map(|g| (&mut g.wi, &mut g.wo));
-            let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, d_ff)?;
+            let drops = (bp.site(Decoder, i, FfOut), bp.site(Decoder, i, FfHidden));
+            let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, drops, d_ff)?;
             bp.norm(&s.h_cross, &block.ff_norm, &d_x, &mut dh, g.as_deref_mut().map(|g| &mut g.ff_norm))?;
 
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
@@ -427,8 +484,9 @@ impl<B: Backend> T5<B> {
                 None => [None, None, None, None],
             };
             let mut d_ctx = be.zeros(s.ctx_cross.shape())?;
-            bp.proj(&ca.o, &s.ctx_cross, &dh, Some(&mut d_ctx), d_o)?;
-            let spec = self.attn_spec(Some(lengths), l, false, None);
+            let dy = bp.through(&dh, bp.site(Decoder, i, CrossOut))?;
+            bp.proj(&ca.o, &s.ctx_cross, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), d_o)?;
+            let spec = self.attn_spec(Some(lengths), l, false, None, bp.site(Decoder, i, CrossProbs));
             let (dq, dk, dv) = bp.attention((&s.q_cross, &s.k_cross, &s.v_cross), &d_ctx, &spec, None)?;
             let mut d_x = be.zeros(s.x_cross.shape())?;
             bp.proj(&ca.q, &s.x_cross, &dq, Some(&mut d_x), d_q)?;
@@ -438,8 +496,9 @@ impl<B: Backend> T5<B> {
 
             let a = &block.self_attention;
             let mut d_ctx = be.zeros(s.ctx.shape())?;
-            bp.proj(&a.o, &s.ctx, &dh, Some(&mut d_ctx), g.map(|g| &mut g.o))?;
-            let spec = self.attn_spec(None, t, true, Some(false));
+            let dy = bp.through(&dh, bp.site(Decoder, i, SelfOut))?;
+            bp.proj(&a.o, &s.ctx, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
+            let spec = self.attn_spec(None, t, true, Some(false), bp.site(Decoder, i, SelfProbs));
             let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &d_ctx, &spec, dec_g.table.as_deref_mut())?;
             let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
             let mut d_x = be.zeros(s.x_self.shape())?;
@@ -451,16 +510,19 @@ impl<B: Backend> T5<B> {
         let d_dec = dh;
 
         let mut dh = be.zeros(tape.enc_last.shape())?;
+        let d_enc = dropped(be, d_enc, bp.site(Encoder, 0, FinalNorm))?;
         bp.norm(&tape.enc_last, &self.encoder.final_layer_norm, &d_enc, &mut dh, enc_g.final_norm.take())?;
         for (i, (block, s)) in self.encoder.blocks.iter().zip(&tape.encoder).enumerate().rev() {
             let mut g = enc_g.block(i);
             let d_ff = g.as_deref_mut().map(|g| (&mut g.wi, &mut g.wo));
-            let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, d_ff)?;
+            let drops = (bp.site(Encoder, i, FfOut), bp.site(Encoder, i, FfHidden));
+            let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, drops, d_ff)?;
             bp.norm(&s.h_mid, &block.ff_norm, &d_x, &mut dh, g.as_deref_mut().map(|g| &mut g.ff_norm))?;
             let a = &block.self_attention;
             let mut d_ctx = be.zeros(s.ctx.shape())?;
-            bp.proj(&a.o, &s.ctx, &dh, Some(&mut d_ctx), g.map(|g| &mut g.o))?;
-            let spec = self.attn_spec(Some(lengths), l, false, Some(true));
+            let dy = bp.through(&dh, bp.site(Encoder, i, SelfOut))?;
+            bp.proj(&a.o, &s.ctx, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
+            let spec = self.attn_spec(Some(lengths), l, false, Some(true), bp.site(Encoder, i, SelfProbs));
             let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &d_ctx, &spec, enc_g.table.as_deref_mut())?;
             let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
             let mut d_x = be.zeros(s.x_attn.shape())?;

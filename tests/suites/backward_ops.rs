@@ -270,30 +270,73 @@ pub fn rms_norm_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
         .collect()
 }
 
-fn gated_gelu_backward_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, what: &str) {
+fn gated_gelu_backward_case<B: Backend>(
+    be: &B,
+    r: &mut Rand,
+    (rows, f): (usize, usize),
+    dropout: Option<Dropout>,
+    what: &str,
+) {
     let gu = r.vec(rows * 2 * f, 3.0);
     let dy = r.vec(rows * f, 1.0);
     let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
     let gh = half_copy(be, &gg);
     let (dyc, dyg) = (Cpu.upload(&dy, &[rows, f]).unwrap(), be.upload(&dy, &[rows, f]).unwrap());
-    let want = Cpu.gated_gelu_backward(&gc, &dyc).unwrap();
+    let want = Cpu.gated_gelu_backward(&gc, &dyc, dropout).unwrap();
     for gin in std::iter::once(&gg).chain(gh.as_ref()) {
-        let got = be.gated_gelu_backward(gin, &dyg).unwrap();
+        let got = be.gated_gelu_backward(gin, &dyg, dropout).unwrap();
         close(&be.download(&got).unwrap(), &want.data, F32, what);
     }
 }
 
-/// gated_gelu_backward, one case per shape: an odd width, one and a few rows at flan-t5-base's d_ff.
+/// gated_gelu_backward, one case per shape and dropout: an odd width, one and a few rows at
+/// flan-t5-base's d_ff, with T5's FFN dropout of its hidden drawn again.
 pub fn gated_gelu_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
-    [(23, 48), (4, 2048), (1, 2048), (5, 1001)]
+    let drop = Some(Dropout { p: 0.1, seed: 12, stream: 1 << 40 | 3 << 8 | 5 });
+    [((23, 48), None), ((4, 2048), None), ((1, 2048), None), ((5, 1001), None), ((23, 48), drop), ((4, 2048), drop)]
         .into_iter()
         .enumerate()
-        .map(|(i, (rows, f))| {
-            let name = format!("gated_gelu_backward [rows={rows} d_ff={f}]");
+        .map(|(i, ((rows, f), dropout))| {
+            let p = dropout.map_or(0.0, |d| d.p);
+            let name = format!("gated_gelu_backward [rows={rows} d_ff={f} dropout={p}]");
             let what = name.clone();
             Case::new(name, move |be: &B| {
-                gated_gelu_backward_case(be, &mut Rand::new(105 + 100 * i as u64), rows, f, &what)
+                gated_gelu_backward_case(be, &mut Rand::new(105 + 100 * i as u64), (rows, f), dropout, &what)
             })
+        })
+        .collect()
+}
+
+/// T5's dropout sites outside attention: the gated-gelu's fused dropout of its output (f32 and half
+/// inputs), and `dropout_add` of a sublayer's f32 output into the residual stream. The mask must be
+/// the CPU's element for element.
+fn dropout_site_case<B: Backend>(be: &B, r: &mut Rand, (rows, f): (usize, usize), d: Dropout, what: &str) {
+    let gu = r.vec(rows * 2 * f, 3.0);
+    let gg = be.upload(&gu, &[rows, 2 * f]).unwrap();
+    let want = Cpu.gated_gelu(&Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), Some(d)).unwrap().data;
+    for gin in std::iter::once(&gg).chain(half_copy(be, &gg).as_ref()) {
+        let got = be.download(&be.gated_gelu(gin, Some(d)).unwrap()).unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| (*g == 0.0) == (*w == 0.0)), "{what}: gated_gelu mask");
+        close(&got, &want, HALF, &format!("{what}: gated_gelu"));
+    }
+    let (acc, x) = (r.vec(rows * f, 1.0), r.vec(rows * f, 2.0));
+    let mut want = Cpu.upload(&acc, &[rows, f]).unwrap();
+    Cpu.dropout_add(&mut want, &Cpu.upload(&x, &[rows, f]).unwrap(), &d).unwrap();
+    let mut got = be.upload(&acc, &[rows, f]).unwrap();
+    be.dropout_add(&mut got, &be.upload(&x, &[rows, f]).unwrap(), &d).unwrap();
+    close(&be.download(&got).unwrap(), &want.data, F32, &format!("{what}: dropout_add"));
+}
+
+/// The dropout sites' ops, one case per shape: a few rows, an odd width, flan-t5-base's d_ff.
+pub fn dropout_sites_match_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    [((7, 48), 0.1), ((3, 1001), 0.5), ((4, 2048), 0.1)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, ((rows, f), p))| {
+            let name = format!("dropout sites [rows={rows} width={f} p={p}]");
+            let what = name.clone();
+            let d = Dropout { p, seed: 40 + i as u64, stream: 7 };
+            Case::new(name, move |be: &B| dropout_site_case(be, &mut Rand::new(140 + i as u64), (rows, f), d, &what))
         })
         .collect()
 }
@@ -317,6 +360,8 @@ struct AttnCase {
     scale: f32,
     /// Hand q, k and v over as half copies, as the forward's projections make them.
     half_inputs: bool,
+    /// Dropout on the probabilities with this rate (then the forward is compared too).
+    dropout: Option<f32>,
 }
 
 fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
@@ -340,6 +385,7 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     let lens_g = c.lengths.as_ref().map(|l| be.upload_ids(l, &[c.b]).unwrap());
     let bias_c = c.bias.map(|bidirectional| RelBias { table: &tc, bidirectional, num_buckets: 32, max_distance: 128 });
     let bias_g = c.bias.map(|bidirectional| RelBias { table: &tg, bidirectional, num_buckets: 32, max_distance: 128 });
+    let drop = c.dropout.map(|p| Dropout { p, seed: 21, stream: 1 << 8 | 2 });
     let spec_c = AttnSpec::<Cpu> {
         heads: c.h,
         d_kv: c.dk,
@@ -349,6 +395,7 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
         causal: c.causal,
         q_offset: off_c,
         bias: bias_c,
+        dropout: drop,
     };
     let spec_g = AttnSpec::<B> {
         heads: c.h,
@@ -359,6 +406,7 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
         causal: c.causal,
         q_offset: off_g,
         bias: bias_g,
+        dropout: drop,
     };
     let (dq_c, dk_c, dv_c) = Cpu
         .attention_backward(
@@ -373,6 +421,12 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     let halves = if c.half_inputs { [&qg, &kg, &vg].map(|t| half_copy(be, t)) } else { [None, None, None] };
     let [qin, kin, vin] =
         [(&halves[0], &qg), (&halves[1], &kg), (&halves[2], &vg)].map(|(h, f)| h.as_ref().unwrap_or(f));
+    if c.dropout.is_some() {
+        let (qc, kc, vc) = (Cpu.upload(&q, &qs).unwrap(), Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
+        let want = Cpu.attention(&qc, &kc, &vc, &spec_c).unwrap();
+        let got = be.attention(qin, kin, vin, &spec_g).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, 3e-3, &format!("{what}: forward"));
+    }
     let (dq_g, dk_g, dv_g) = be.attention_backward(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g).unwrap();
     assert_eq!(dq_g.shape(), qs, "{what}: dq shape");
     assert_eq!(dk_g.shape(), ks, "{what}: dk shape");
@@ -408,6 +462,7 @@ fn attention_backward_table() -> Vec<(&'static str, AttnCase)> {
         bias: None,
         scale: 1.0,
         half_inputs: false,
+        dropout: None,
     };
     vec![
         // encoder: bidirectional bias, padded keys (one row with a single key), several query and
@@ -533,6 +588,9 @@ fn attn_label(c: &AttnCase) -> String {
     if c.half_inputs {
         s += " half-inputs";
     }
+    if let Some(p) = c.dropout {
+        s += &format!(" dropout={p}");
+    }
     s + "]"
 }
 
@@ -545,6 +603,33 @@ pub fn attention_backward_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
             let name = format!("attention_backward {what} {}", attn_label(&c));
             let what = name.clone();
             Case::new(name, move |be: &B| attention_backward_case(be, &mut Rand::new(106 + i as u64), &c, &what))
+        })
+        .collect()
+}
+
+/// Attention with dropout on its probabilities, forward, backward and the bias table's gradient,
+/// one case per row: T5's training shapes on the tensor-core and the plain forms, and a few queries
+/// (which take the many-query forward, not the decoding one).
+pub fn attention_dropout_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let drop = |(what, c): (&'static str, AttnCase)| (what, AttnCase { dropout: Some(0.1), ..c });
+    let table = attention_backward_table();
+    let base = table[1].1.clone();
+    let mut rows: Vec<(&'static str, AttnCase)> =
+        table.into_iter().filter(|(_, c)| !c.counter && c.kv_len == c.cap && c.q_offset == 0).map(drop).collect();
+    rows.push((
+        "decoder, 3 queries, d_kv 64",
+        AttnCase { lq: 3, cap: 3, kv_len: 3, dropout: Some(0.5), ..base.clone() },
+    ));
+    rows.push((
+        "cross, 2 queries, d_kv 16",
+        AttnCase { lq: 2, cap: 9, kv_len: 9, dk: 16, causal: false, bias: None, dropout: Some(0.3), ..base },
+    ));
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, (what, c))| {
+            let name = format!("attention_dropout {what} {}", attn_label(&c));
+            let what = name.clone();
+            Case::new(name, move |be: &B| attention_backward_case(be, &mut Rand::new(150 + i as u64), &c, &what))
         })
         .collect()
 }
@@ -835,6 +920,8 @@ crate::common::suite!("backward":
     table rms_norm_backward_matches_cpu,
     table gated_gelu_backward_matches_cpu,
     table attention_backward_matches_cpu,
+    table attention_dropout_matches_cpu,
+    table dropout_sites_match_cpu,
     each concat_last_matches_cpu,
     table token_logprobs_matches_cpu,
     table adam_matches_cpu,

@@ -160,8 +160,8 @@ pub fn linear<B: Backend + 'static>() -> Vec<Case<B>> {
 fn gated_gelu_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, what: &str) {
     let gu = r.vec(rows * 2 * f, 3.0);
     let (gc, gg) = (Cpu.upload(&gu, &[rows, 2 * f]).unwrap(), be.upload(&gu, &[rows, 2 * f]).unwrap());
-    let want = Cpu.gated_gelu(&gc).unwrap();
-    close(&be.download(&be.gated_gelu(&gg).unwrap()).unwrap(), &want.data, HALF, what);
+    let want = Cpu.gated_gelu(&gc, None).unwrap();
+    close(&be.download(&be.gated_gelu(&gg, None).unwrap()).unwrap(), &want.data, HALF, what);
 }
 
 fn split_last_case<B: Backend>(be: &B, r: &mut Rand, rows: usize, f: usize, prec: Prec, what: &str) {
@@ -316,6 +316,7 @@ fn attention_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
         causal: c.causal,
         q_offset: off_c,
         bias: c.bias.map(|bidirectional| RelBias { table: &tc, bidirectional, num_buckets: 32, max_distance: 128 }),
+        dropout: None,
     };
     let spec_g = AttnSpec::<B> {
         heads: c.h,
@@ -326,6 +327,7 @@ fn attention_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
         causal: c.causal,
         q_offset: off_g,
         bias: c.bias.map(|bidirectional| RelBias { table: &tg, bidirectional, num_buckets: 32, max_distance: 128 }),
+        dropout: None,
     };
     let qs = [c.b, c.lq, inner];
     let ks = [c.b, c.cap, inner];

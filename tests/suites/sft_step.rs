@@ -1,7 +1,8 @@
 //! One full-parameter fine-tuning step against PyTorch (tests/fixtures/sft, from
 //! tools/make_sft_fixture.py): the label-smoothed loss, the gradient of every weight by Hugging Face
 //! name, the gradient norm, and every weight after clipping and one AdamW step; for an untied
-//! FLAN-style head and a tied, rescaled one.
+//! FLAN-style head and a tied, rescaled one. And, on CUDA against the CPU, the same step with T5's
+//! own dropout on: both backends draw the same masks, so loss and gradients agree.
 
 use crate::common::{Expected, fixture, rel_l2_err};
 use detox::backend::Backend;
@@ -25,20 +26,7 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
         let dir = fixture(&format!("sft/{name}"));
         let j: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
         let num = |k: &str| j[k].as_f64().unwrap();
-        let x = Expected::open(dir.join("batch.safetensors"));
-        let (ids, is) = x.ids("input_ids");
-        let (lengths, _) = x.ids("lengths");
-        let (decoder_input, ds) = x.ids("decoder_input_ids");
-        let (labels, _) = x.ids("labels");
-        let (mask, _) = x.get("mask");
-        let batch = SftBatch {
-            source: Batch { ids, lengths, rows: is[0], width: is[1] },
-            decoder_input,
-            labels,
-            mask,
-            width: ds[1],
-        };
-        let mut model = T5::load(be, &dir.join("model")).unwrap();
+        let (mut model, batch) = fixture_step(be, name, None);
         let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir.join("model")).unwrap()).unwrap();
         let h = Hyper {
             lr: num("lr"),
@@ -92,5 +80,66 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
     }
 }
 
+/// Fixture `sft/{name}`'s model and batch, with T5's dropout at `dropout_rate` when given (the
+/// fixture's own config says 0).
+fn fixture_step<B: Backend>(be: &B, name: &str, dropout_rate: Option<f32>) -> (T5<B>, SftBatch) {
+    let dir = fixture(&format!("sft/{name}"));
+    let x = Expected::open(dir.join("batch.safetensors"));
+    let (ids, is) = x.ids("input_ids");
+    let (lengths, _) = x.ids("lengths");
+    let (decoder_input, ds) = x.ids("decoder_input_ids");
+    let (labels, _) = x.ids("labels");
+    let (mask, _) = x.get("mask");
+    let batch = SftBatch {
+        source: Batch { ids, lengths, rows: is[0], width: is[1] },
+        decoder_input,
+        labels,
+        mask,
+        width: ds[1],
+    };
+    let mut model = T5::load(be, &dir.join("model")).unwrap();
+    if let Some(rate) = dropout_rate {
+        model.config.dropout_rate = rate;
+    }
+    (model, batch)
+}
+
+/// The loss and every named gradient (unscaled) of one full-parameter step's backward.
+fn dropout_step<B: Backend>(be: &B, dropout_rate: f32, loss_scale: f32) -> (f64, Vec<(String, Vec<f32>)>) {
+    let (model, batch) = fixture_step(be, "flan", Some(dropout_rate));
+    let h = Hyper {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        max_grad_norm: 0.0,
+        label_smoothing: 0.1,
+        loss_scale,
+        dropout_seed: 2026,
+    };
+    let (loss, mut grads) = sft_gradients(be, &model, true, &batch, batch.tokens(), &h).unwrap();
+    let SftGrads::Full(g) = &mut grads else { panic!("full-parameter gradients expected") };
+    let refs: Vec<&B::Tensor> = g.tensors_mut().into_iter().map(|t| &*t).collect();
+    let named = named_tensors(be, &model, &refs).unwrap();
+    (loss, named.into_iter().map(|(n, t)| (n, f32s(&t.bytes).iter().map(|v| v / loss_scale).collect())).collect())
+}
+
+/// One SFT step with T5's dropout (rate 0.1 at every site) on `be` against the CPU: the same masks,
+/// so the same loss and gradients within the half-precision tolerances of the step above.
+pub fn sft_step_with_dropout_matches_cpu<B: Backend>(be: &B) {
+    let (want_loss, want) = dropout_step(&detox::backend::cpu::Cpu, 0.1, 1.0);
+    let (plain_loss, _) = dropout_step(&detox::backend::cpu::Cpu, 0.0, 1.0);
+    assert!((want_loss - plain_loss).abs() > 1e-4, "dropout left the loss at {plain_loss}");
+    let (loss, got) = dropout_step(be, 0.1, if be.ordinal().is_none() { 1.0 } else { 1024.0 });
+    assert!(((loss - want_loss) / want_loss).abs() < 1e-3, "loss {loss} vs the CPU's {want_loss}");
+    assert_eq!(got.len(), want.len());
+    for ((n, g), (wn, w)) in got.iter().zip(&want) {
+        assert_eq!(n, wn);
+        let err = rel_l2_err(g, w);
+        assert!(err <= 3e-2, "gradient of {n}: relative L2 error {err} against the CPU");
+    }
+}
+
 // Registration only: tests/gpu.rs runs it on CUDA; tests/sft_parity.rs runs it on the CPU.
-crate::common::suite!("sft_step": gpu sft_step_matches_pytorch);
+crate::common::suite!("sft_step": gpu sft_step_matches_pytorch, gpu sft_step_with_dropout_matches_cpu);

@@ -1,16 +1,20 @@
 //! The CPU reference of attention with T5's relative position bias: forward, backward and the
-//! bias table's gradient, the backward forms sharing one walk that recomputes each row's softmax.
+//! bias table's gradient, the backward forms sharing one walk that recomputes each row's softmax
+//! and draws its dropout mask again.
 
 use super::*;
 
 /// One query row of an attention backward: the recomputed probabilities over its visible keys,
-/// and their scores' gradient without the `scale` factor, ds_j = p_j (dp_j − Σ p·dp).
+/// their dropout factors (0 or 1/(1 − p); 1 without dropout), the gradient at the probabilities
+/// dp_j = factor_j · dout·v_j, and the scores' gradient without the `scale` factor,
+/// ds_j = p_j (dp_j − Σ p·dp).
 struct AttnRow<'a> {
     b: usize,
     head: usize,
     i: usize,
     dout: &'a [f32],
     p: &'a [f32],
+    drop: &'a [f32],
     dp: &'a [f32],
     avg: f32,
 }
@@ -18,6 +22,24 @@ struct AttnRow<'a> {
 impl AttnRow<'_> {
     fn ds(&self, j: usize) -> f32 {
         self.p[j] * (self.dp[j] - self.avg)
+    }
+
+    /// The probability after dropout, which multiplied v_j in the forward.
+    fn kept(&self, j: usize) -> f32 {
+        self.p[j] * self.drop[j]
+    }
+}
+
+/// The dropout factors of query row `i` of head `hh` of batch row `bi` over keys `0..n`, out of
+/// `lk` keys per row (`AttnSpec::dropout`'s index); all 1 without dropout.
+fn drop_row(spec: &AttnSpec<'_, Cpu>, (bi, hh, i): (usize, usize, usize), lq: usize, lk: usize, n: usize) -> Vec<f32> {
+    match spec.dropout {
+        Some(d) => {
+            let key = d.key();
+            let row = ((bi * spec.heads + hh) * lq + i) * lk;
+            (0..n).map(|j| dropout_factor(d.p, key, (row + j) as u64)).collect()
+        }
+        None => vec![1.0; n],
     }
 }
 
@@ -97,12 +119,16 @@ fn attention_rows(
                     })
                     .sum();
                 p[..visible].iter_mut().for_each(|s| *s /= sum);
-                // dp_j = dout_i · v_j
+                // dp_j = factor_j · dout_i · v_j
+                let drop = drop_row(spec, (bi, hh, i), lq, lk, visible);
                 let dp: Vec<f32> = (0..visible)
-                    .map(|j| di.iter().zip(&v.data[(bi * cap + j) * inner + hh * dk..][..dk]).map(|(a, b)| a * b).sum())
+                    .map(|j| {
+                        let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                        drop[j] * di.iter().zip(vj).map(|(a, b)| a * b).sum::<f32>()
+                    })
                     .collect();
                 let avg: f32 = p[..visible].iter().zip(&dp).map(|(a, b)| a * b).sum();
-                f(AttnRow { b: bi, head: hh, i, dout: di, p: &p[..visible], dp: &dp, avg });
+                f(AttnRow { b: bi, head: hh, i, dout: di, p: &p[..visible], drop: &drop, dp: &dp, avg });
             }
         }
     }
@@ -151,6 +177,7 @@ impl AttentionOps for Cpu {
                     if max == f32::NEG_INFINITY {
                         continue;
                     }
+                    let drop = spec.dropout.map(|_| drop_row(spec, (bi, hh, i), lq, lk, lk));
                     let mut sum = 0.0;
                     for s in scores.iter_mut() {
                         *s = (*s - max).exp();
@@ -160,7 +187,7 @@ impl AttentionOps for Cpu {
                         if *s == 0.0 {
                             continue;
                         }
-                        let p = s / sum;
+                        let p = s / sum * drop.as_ref().map_or(1.0, |d| d[j]);
                         let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
                         o.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
                     }
@@ -189,7 +216,7 @@ impl AttentionOps for Cpu {
                 let ds = r.ds(j) * spec.scale;
                 let base = (r.b * cap + j) * inner + r.head * dk;
                 for t in 0..dk {
-                    dv[base + t] += r.p[j] * r.dout[t];
+                    dv[base + t] += r.kept(j) * r.dout[t];
                     dq[(r.b * lq + r.i) * inner + r.head * dk + t] += ds * k.data[base + t];
                     dkk[base + t] += ds * qi[t];
                 }

@@ -1,5 +1,5 @@
 //! The CPU reference of element-wise arithmetic, activations (one `gelu_new` for forward and
-//! backward), gated-gelu and dropout.
+//! backward), gated-gelu with its fused dropout, and dropout.
 
 use super::*;
 
@@ -22,7 +22,7 @@ pub fn gelu_erf(x: f32) -> f32 {
 }
 
 /// Applies inverted dropout to a copy of `x` (row-major, `x.len()` elements).
-pub fn apply_dropout(x: &[f32], d: &crate::backend::Dropout) -> Vec<f32> {
+pub fn apply_dropout(x: &[f32], d: &Dropout) -> Vec<f32> {
     let scale = 1.0 / (1.0 - d.p);
     let key = dropout_key(d.seed, d.stream);
     x.iter().enumerate().map(|(i, &v)| if dropout_keep(d.p, key, i as u64) { v * scale } else { 0.0 }).collect()
@@ -54,25 +54,47 @@ impl ElementwiseOps for Cpu {
         Ok(())
     }
 
-    fn gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+    fn gated_gelu_impl(&self, gate_up: &Self::Tensor, dropout: Option<Dropout>) -> Result<Self::Tensor> {
         let (_, d2) = gate_up.rows_cols();
         let f = d2 / 2;
-        let y = gate_up.data.chunks(d2.max(1)).flat_map(|r| (0..f).map(move |i| gelu_new(r[i]) * r[f + i])).collect();
+        let mut y: Vec<f32> =
+            gate_up.data.chunks(d2.max(1)).flat_map(|r| (0..f).map(move |i| gelu_new(r[i]) * r[f + i])).collect();
+        if let Some(d) = dropout {
+            let key = d.key();
+            y.iter_mut().enumerate().for_each(|(i, v)| *v *= dropout_factor(d.p, key, i as u64));
+        }
         CpuTensor::new(y, &out_shape(&gate_up.shape, f))
     }
 
-    fn dropout(&self, x: &Self::Tensor, d: &crate::backend::Dropout) -> Result<Self::Tensor> {
+    fn dropout(&self, x: &Self::Tensor, d: &Dropout) -> Result<Self::Tensor> {
         CpuTensor::new(apply_dropout(&x.data, d), &x.shape)
     }
 
-    fn gated_gelu_backward_impl(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
+    fn dropout_add_impl(&self, acc: &mut Self::Tensor, x: &Self::Tensor, d: &Dropout) -> Result<()> {
+        let key = d.key();
+        acc.data
+            .iter_mut()
+            .zip(&x.data)
+            .enumerate()
+            .for_each(|(i, (a, v))| *a += v * dropout_factor(d.p, key, i as u64));
+        Ok(())
+    }
+
+    fn gated_gelu_backward_impl(
+        &self,
+        gate_up: &Self::Tensor,
+        dy: &Self::Tensor,
+        dropout: Option<Dropout>,
+    ) -> Result<Self::Tensor> {
         let (rows, d2) = gate_up.rows_cols();
         let f = d2 / 2;
+        let (p, key) = dropout.map_or((0.0, 0), |d| (d.p, d.key()));
         let mut out = vec![0.0; rows * d2];
-        for ((o, gu), g) in out.chunks_mut(d2).zip(gate_up.data.chunks(d2)).zip(dy.data.chunks(f)) {
+        for (r, ((o, gu), g)) in out.chunks_mut(d2).zip(gate_up.data.chunks(d2)).zip(dy.data.chunks(f)).enumerate() {
             for i in 0..f {
-                o[i] = g[i] * gu[f + i] * gelu_new_grad(gu[i]);
-                o[f + i] = g[i] * gelu_new(gu[i]);
+                let g = g[i] * dropout_factor(p, key, (r * f + i) as u64);
+                o[i] = g * gu[f + i] * gelu_new_grad(gu[i]);
+                o[f + i] = g * gelu_new(gu[i]);
             }
         }
         CpuTensor::new(out, &gate_up.shape)

@@ -13,8 +13,10 @@ mod optim;
 mod sampling;
 
 use super::relpos::relative_bucket;
-use super::rng::{dropout_keep, dropout_key, uniform};
-use super::{Activation, AdamSlot, AdamStep, AttnSpec, LoraGrad, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
+use super::rng::{dropout_factor, dropout_keep, dropout_key, uniform};
+use super::{
+    Activation, AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped,
+};
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, ensure};

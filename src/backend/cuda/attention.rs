@@ -11,6 +11,7 @@ struct AttnParams {
     counter: u64,
     bias_table: u64,
     bucket_lut: u64,
+    drop_key: u64,
     b: i32,
     lq: i32,
     lk: i32,
@@ -21,6 +22,7 @@ struct AttnParams {
     causal: i32,
     max_distance: i32,
     scale: f32,
+    drop_p: f32,
 }
 // SAFETY: plain old data with the kernel's layout.
 unsafe impl DeviceRepr for AttnParams {}
@@ -54,6 +56,7 @@ impl Cuda {
             counter,
             bias_table,
             bucket_lut,
+            drop_key: spec.dropout.map_or(0, |d| d.key()),
             b: q.shape[0] as i32,
             lq: q.shape[1] as i32,
             lk: spec.kv_len as i32,
@@ -64,6 +67,7 @@ impl Cuda {
             causal: spec.causal as i32,
             max_distance,
             scale: spec.scale,
+            drop_p: spec.dropout.map_or(0.0, |d| d.p),
         })
     }
 }
@@ -84,7 +88,8 @@ impl AttentionOps for Cuda {
         let params = self.attn_params(q, k, spec)?;
         let out = self.empty(&q.shape, Prec::Half)?;
         let (qp, kp, vp, op) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.ptr_t(&out));
-        if lq <= 4 {
+        // The decoding form serves inference only: dropout takes the many-query forms.
+        if lq <= 4 && spec.dropout.is_none() {
             let vec = dk == 64 || dk == 32;
             let width = if vec { dk / 8 } else { dk };
             let groups = ATTN_ROW_THREADS as usize / width;

@@ -1,5 +1,5 @@
 //! The CUDA element-wise operations of kernels/elementwise.cu: arithmetic, activations,
-//! gated-gelu and dropout, with their backward forms.
+//! gated-gelu with its fused dropout, and dropout, with their backward forms.
 
 use super::*;
 
@@ -41,30 +41,47 @@ impl ElementwiseOps for Cuda {
         Ok(y)
     }
 
-    fn gated_gelu_impl(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+    fn gated_gelu_impl(&self, gate_up: &Self::Tensor, dropout: Option<Dropout>) -> Result<Self::Tensor> {
         let (rows, d2) = gate_up.rows_cols();
         let f = d2 / 2;
         let mut shape = gate_up.shape.clone();
         *shape.last_mut().expect("rank ≥ 1") = f;
         let y = self.empty(&shape, Prec::Half)?;
+        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.key()));
         self.gpu.launch(
             &format!("gated_gelu_split_{}", Self::suffix(gate_up)),
             elementwise(rows * f),
-            &[&self.ptr_t(gate_up), &self.ptr_t(&y), &(rows as i64), &(f as i32)],
+            &[&self.ptr_t(gate_up), &self.ptr_t(&y), &(rows as i64), &(f as i32), &p, &key],
         )?;
         Ok(y)
     }
 
-    fn gated_gelu_backward_impl(&self, gate_up: &CudaTensor, dy: &CudaTensor) -> Result<CudaTensor> {
+    fn gated_gelu_backward_impl(
+        &self,
+        gate_up: &CudaTensor,
+        dy: &CudaTensor,
+        dropout: Option<Dropout>,
+    ) -> Result<CudaTensor> {
         let (rows, d2) = gate_up.rows_cols();
         let f = d2 / 2;
         let out = self.empty(&gate_up.shape, Prec::F32)?;
+        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.key()));
         self.gpu.launch(
             &format!("gated_gelu_backward_{}_{}", Self::suffix(gate_up), Self::suffix(dy)),
             elementwise(rows * f),
-            &[&self.ptr_t(gate_up), &self.ptr_t(dy), &self.ptr_t(&out), &(rows as i64), &(f as i32)],
+            &[&self.ptr_t(gate_up), &self.ptr_t(dy), &self.ptr_t(&out), &(rows as i64), &(f as i32), &p, &key],
         )?;
         Ok(out)
+    }
+
+    fn dropout_add_impl(&self, acc: &mut CudaTensor, x: &CudaTensor, d: &Dropout) -> Result<()> {
+        let n = x.numel();
+        let ap = self.grad_ptr(acc, "dropout_add")?;
+        self.gpu.launch(
+            &format!("dropout_add_{}", Self::suffix(x)),
+            elementwise(n),
+            &[&self.ptr_t(x), &ap, &(n as i64), &d.p, &d.seed, &d.stream],
+        )
     }
 
     fn dropout(&self, x: &CudaTensor, d: &Dropout) -> Result<CudaTensor> {
