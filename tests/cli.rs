@@ -469,3 +469,56 @@ fn an_interrupted_sft_saves_and_exits_130() {
     assert_eq!(log.iter().filter(|r| r["kind"] == "step").count(), 1);
     assert_eq!(log.iter().filter(|r| r["kind"] == "eval").count(), 1);
 }
+
+/// `detox eval --lead N` scores each dialogue's first N lines; with dialogues that are the rouge
+/// fixture's predictions, its ROUGE means are rouge_score's (tools/make_rouge_fixture.py), plain and
+/// with --use-stemmer, ROUGE-Lsum included.
+#[test]
+fn eval_lead_reports_rouge_scores_rouge_lsum_and_stemming() {
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("rouge/expected.json")).unwrap()).unwrap();
+    let pairs: Vec<&serde_json::Value> =
+        fx["pairs"].as_array().unwrap().iter().filter(|p| p["prediction"] != "").take(40).collect();
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data.jsonl");
+    let lines: String = pairs
+        .iter()
+        .map(|p| serde_json::json!({"dialogue": p["prediction"], "summary": p["reference"]}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let clf = shared("models/minilm-toxicity");
+    for (key, stem) in [("plain", false), ("stemmed", true)] {
+        let out = d.path().join(format!("{key}.json"));
+        let mut args = vec![
+            "eval",
+            "--lead",
+            "100",
+            "--classifier",
+            clf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if stem {
+            args.push("--use-stemmer");
+        }
+        let o = detox(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let table = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(table.contains("ROUGE-Lsum") && table.contains("LEAD-100"), "{table}");
+        assert_eq!(table.contains("stemmed"), stem, "{table}");
+        let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(e["use_stemmer"], stem);
+        assert_eq!(e["lead"], 100);
+        assert_eq!(e["rows"].as_array().unwrap().len(), pairs.len());
+        for name in ["rouge1", "rouge2", "rougeL", "rougeLsum"] {
+            let want = pairs.iter().map(|p| p[key][name][2].as_f64().unwrap()).sum::<f64>() / pairs.len() as f64;
+            let got = e["rouge"][name].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-6, "{key} {name}: {got} vs rouge_score's {want}");
+        }
+    }
+    let o = detox(&["eval", "--classifier", clf.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--model"), "{}", stderr(&o));
+}
