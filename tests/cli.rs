@@ -522,3 +522,45 @@ fn eval_lead_reports_rouge_scores_rouge_lsum_and_stemming() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--model"), "{}", stderr(&o));
 }
+
+/// `detox plot --tradeoff` reads `detox eval` outputs and PPO logs and draws every run's label;
+/// a malformed run names itself.
+#[test]
+fn plot_tradeoff_draws_each_run_from_eval_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = d.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let eval = |tox: f64, rl: f64| {
+        serde_json::json!({"model_summaries": {"lead_mean": tox, "share_above_half": 0.0},
+                           "rouge": {"rouge1": 0.3, "rouge2": 0.1, "rougeL": rl, "rougeLsum": rl}})
+        .to_string()
+    };
+    let sft = write("eval-sft.json", eval(0.2, 0.31));
+    let ppo = write("eval-ppo.json", eval(0.05, 0.29));
+    let log = write("log.jsonl", (1..=6).map(|k| format!("{{\"step\":{k},\"kl\":{}}}\n", 0.5 * k as f64)).collect());
+    let svg = d.path().join("t.svg");
+    let o = detox(&[
+        "plot",
+        "--tradeoff",
+        &format!("SFT={sft}"),
+        "--tradeoff",
+        &format!("lr-2x={ppo},{log}"),
+        "--title",
+        "sweep",
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(text.matches("<circle").count(), 3, "SFT against ROUGE-L; lr-2x against both: {text}");
+    assert!(text.contains(">SFT<") && text.contains(">lr-2x<") && text.contains(">sweep<"), "{text}");
+    // The KL axis spans the last five steps' mean, 2.0: its ticks reach it.
+    assert!(text.contains(">2<"), "{text}");
+    let e = fails(&detox(&["plot", "--tradeoff", "nolabel", "--out", svg.to_str().unwrap()]));
+    assert!(e.contains("LABEL=EVAL.json"), "{e}");
+    let e = fails(&detox(&["plot", "--tradeoff", &format!("x={log}"), "--out", svg.to_str().unwrap()]));
+    assert!(e.contains("--tradeoff x:") && e.contains("log.jsonl is not JSON"), "{e}");
+}
