@@ -511,6 +511,7 @@ fn eval_lead_reports_rouge_scores_rouge_lsum_and_stemming() {
         let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         assert_eq!(e["use_stemmer"], stem);
         assert_eq!(e["lead"], 100);
+        assert_eq!(e["label"], "toxicity");
         assert_eq!(e["rows"].as_array().unwrap().len(), pairs.len());
         for name in ["rouge1", "rouge2", "rougeL", "rougeLsum"] {
             let want = pairs.iter().map(|p| p[key][name][2].as_f64().unwrap()).sum::<f64>() / pairs.len() as f64;

@@ -188,7 +188,7 @@ impl Eval {
             .collect();
         let value = json!({
             "data": a.data, "model": a.model, "adapter": a.adapter, "lead": a.lead, "classifier": a.classifier,
-            "dialogues": n, "labels": labels, "reference": gr, "model_summaries": gm,
+            "dialogues": n, "labels": labels, "label": a.label, "reference": gr, "model_summaries": gm,
             "rouge": rouge, "use_stemmer": a.use_stemmer, "rows": rows,
         });
         Ok((table, value))
