@@ -469,3 +469,99 @@ fn an_interrupted_sft_saves_and_exits_130() {
     assert_eq!(log.iter().filter(|r| r["kind"] == "step").count(), 1);
     assert_eq!(log.iter().filter(|r| r["kind"] == "eval").count(), 1);
 }
+
+/// `detox eval --lead N` scores each dialogue's first N lines; with dialogues that are the rouge
+/// fixture's predictions, its ROUGE means are rouge_score's (tools/make_rouge_fixture.py), plain and
+/// with --use-stemmer, ROUGE-Lsum included.
+#[test]
+fn eval_lead_reports_rouge_scores_rouge_lsum_and_stemming() {
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("rouge/expected.json")).unwrap()).unwrap();
+    let pairs: Vec<&serde_json::Value> =
+        fx["pairs"].as_array().unwrap().iter().filter(|p| p["prediction"] != "").take(40).collect();
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data.jsonl");
+    let lines: String = pairs
+        .iter()
+        .map(|p| serde_json::json!({"dialogue": p["prediction"], "summary": p["reference"]}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let clf = shared("models/minilm-toxicity");
+    for (key, stem) in [("plain", false), ("stemmed", true)] {
+        let out = d.path().join(format!("{key}.json"));
+        let mut args = vec![
+            "eval",
+            "--lead",
+            "100",
+            "--classifier",
+            clf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if stem {
+            args.push("--use-stemmer");
+        }
+        let o = detox(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let table = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(table.contains("ROUGE-Lsum") && table.contains("LEAD-100"), "{table}");
+        assert_eq!(table.contains("stemmed"), stem, "{table}");
+        let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(e["use_stemmer"], stem);
+        assert_eq!(e["lead"], 100);
+        assert_eq!(e["label"], "toxicity");
+        assert_eq!(e["rows"].as_array().unwrap().len(), pairs.len());
+        for name in ["rouge1", "rouge2", "rougeL", "rougeLsum"] {
+            let want = pairs.iter().map(|p| p[key][name][2].as_f64().unwrap()).sum::<f64>() / pairs.len() as f64;
+            let got = e["rouge"][name].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-6, "{key} {name}: {got} vs rouge_score's {want}");
+        }
+    }
+    let o = detox(&["eval", "--classifier", clf.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--model"), "{}", stderr(&o));
+}
+
+/// `detox plot --tradeoff` reads `detox eval` outputs and PPO logs and draws every run's label;
+/// a malformed run names itself.
+#[test]
+fn plot_tradeoff_draws_each_run_from_eval_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = d.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let eval = |tox: f64, rl: f64| {
+        serde_json::json!({"model_summaries": {"lead_mean": tox, "share_above_half": 0.0},
+                           "rouge": {"rouge1": 0.3, "rouge2": 0.1, "rougeL": rl, "rougeLsum": rl}})
+        .to_string()
+    };
+    let sft = write("eval-sft.json", eval(0.2, 0.31));
+    let ppo = write("eval-ppo.json", eval(0.05, 0.29));
+    let log = write("log.jsonl", (1..=6).map(|k| format!("{{\"step\":{k},\"kl\":{}}}\n", 0.5 * k as f64)).collect());
+    let svg = d.path().join("t.svg");
+    let o = detox(&[
+        "plot",
+        "--tradeoff",
+        &format!("SFT={sft}"),
+        "--tradeoff",
+        &format!("lr-2x={ppo},{log}"),
+        "--title",
+        "sweep",
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(text.matches("<circle").count(), 3, "SFT against ROUGE-L; lr-2x against both: {text}");
+    assert!(text.contains(">SFT<") && text.contains(">lr-2x<") && text.contains(">sweep<"), "{text}");
+    // The KL axis spans the last five steps' mean, 2.0: its ticks reach it.
+    assert!(text.contains(">2<"), "{text}");
+    let e = fails(&detox(&["plot", "--tradeoff", "nolabel", "--out", svg.to_str().unwrap()]));
+    assert!(e.contains("LABEL=EVAL.json"), "{e}");
+    let e = fails(&detox(&["plot", "--tradeoff", &format!("x={log}"), "--out", svg.to_str().unwrap()]));
+    assert!(e.contains("--tradeoff x:") && e.contains("log.jsonl is not JSON"), "{e}");
+}

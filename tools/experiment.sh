@@ -1,49 +1,135 @@
 #!/usr/bin/env bash
-# The seed's experiment on one GPU, end to end, in one call of about ten minutes or less: no pretrained
-# FLAN-T5 exists here, so detox trains its own summarizer and then detoxifies it.
-#   1. `detox init --size small`: random weights of flan-t5-small's shapes;
-#   2. `detox sft`: full-parameter fine-tuning on SAMSum train, time-boxed (SFT_SECONDS);
-#   3. `detox eval` on SAMSum test: the SFT model's toxicity (minilm-toxicity) and ROUGE;
-#   4. `detox train` with the seed's setting (50 PPO steps, batch 16, LoRA r 32 on q and v), then eval;
-#   5. `detox train` with a larger batch (64 per step; LARGE_LR, by default 4× the seed's learning rate,
-#      scaled with the batch), then eval;
-#   6. transformers loads the SFT model and generates what detox generates (tools/check_hf_export.py).
-# Every output lands in $RESULTS; tools/results_table.py turns it into the results table.
-#   tools/experiment.sh                      (from the repository root)
-# Environment: DETOX (the binary), SHARED (../shared), RESULTS (runs/experiment), DEVICE (cuda),
-# SIZE (small), SFT_SECONDS (150), SFT_MAX_STEPS (3000), EVAL_LIMIT (819), PPO_STEPS (50),
-# TRAIN_LIMIT (0: all of SAMSum train), SOURCE_LEN (256), LARGE_LR (5.64e-5), PYTHON (python3; the
-# check is skipped without transformers).
+# The experiment on one GPU, resumable across GPU calls of at most ten minutes: no pretrained FLAN-T5
+# exists here, so detox trains its own summarizer and then detoxifies it.
+#   init   `detox init --size small --init mesh-tf`: random weights of flan-t5-small's shapes;
+#   sft    `detox sft` on SAMSum train, time-boxed (SFT_SECONDS); the optimiser's keys are below;
+#   ppo    `detox train` with the seed's setting (50 steps of 16 rollouts, minibatches of 4, lr 1.41e-5,
+#          500 dialogues) once per seed in PPO_SEEDS;
+#   eval   `detox eval` on all of SAMSum test: LEAD-3 (the reference summaries' toxicity is in every
+#          eval's JSON), then the SFT model and each PPO run under beam search (BEAM_ARGS) and under
+#          sampling (SAMPLE_ARGS);
+#   sweep  (optional) PPO runs over SWEEP's settings, each evaluated under beam search, for the
+#          trade-off plot;
+#   plot   the training curves and the trade-off plot (toxicity against ROUGE-L and against KL);
+#   check  transformers loads the SFT model and generates what detox generates (skipped without it).
+# Each stage's units (one init, one SFT, one PPO run, one eval) are skipped when the unit's ".done"
+# marker and its output both exist in RESULTS, so the script can be started again with the same
+# RESULTS and goes on where it stopped; a unit whose output vanished (the machine went back between
+# calls) runs again. A unit starts only if its expected time (*_EXPECT_S below) ends before DEADLINE_S
+# seconds of this call; otherwise the script says "stopped before …" and exits 0, so that a call
+# ends inside the device's ten-minute limit: start it again to go on (stages.txt has each unit's
+# start time, to tune the estimates). After every unit the small outputs (logs, eval JSON, tables,
+# plots, TOMLs, markers; no weights) are copied to EXPORT when set (e.g. $OUT).
+#   tools/experiment.sh                       (from the repository root; all stages but sweep)
+#   STAGES="init sft ppo" tools/experiment.sh; STAGES="eval plot" tools/experiment.sh
+# tools/results_table.py RESULTS turns the output into the results table.
 set -euo pipefail
 DETOX=${DETOX:-target/release/detox}
 SHARED=${SHARED:-../shared}
 RESULTS=${RESULTS:-runs/experiment}
 DEVICE=${DEVICE:-cuda}
+STAGES=${STAGES:-init sft ppo eval plot check}
+DEADLINE_S=${DEADLINE_S:-540}
+EXPORT=${EXPORT:-}
+PYTHON=${PYTHON:-python3}
+
+# init
 SIZE=${SIZE:-small}
-SFT_SECONDS=${SFT_SECONDS:-150}
-SFT_MAX_STEPS=${SFT_MAX_STEPS:-3000}
-EVAL_LIMIT=${EVAL_LIMIT:-819}
-PPO_STEPS=${PPO_STEPS:-50}
+INIT=${INIT:-mesh-tf}
+INIT_SEED=${INIT_SEED:-0}
+
+# sft: the lead tunes these
+SFT_SECONDS=${SFT_SECONDS:-240}
+SFT_MAX_STEPS=${SFT_MAX_STEPS:-100000}
+SFT_OPTIMIZER=${SFT_OPTIMIZER:-adamw}
+SFT_LR=${SFT_LR:-1e-3}
+SFT_BATCH=${SFT_BATCH:-32}
+SFT_WARMUP=${SFT_WARMUP:-100}
+SFT_SCHEDULE=${SFT_SCHEDULE:-linear}
+SFT_WEIGHT_DECAY=${SFT_WEIGHT_DECAY:-0.0}
+SFT_LABEL_SMOOTHING=${SFT_LABEL_SMOOTHING:-0.1}
+SFT_OPTIM_EXTRA=${SFT_OPTIM_EXTRA:-}   # more [optim] lines, e.g. "relative_step = false" for adafactor
+SFT_EVAL_LIMIT=${SFT_EVAL_LIMIT:-200}
 TRAIN_LIMIT=${TRAIN_LIMIT:-0}
 SOURCE_LEN=${SOURCE_LEN:-256}
-LARGE_LR=${LARGE_LR:-5.64e-5}
-PYTHON=${PYTHON:-python3}
+
+# ppo: the seed's setting
+PPO_SEEDS=${PPO_SEEDS:-0 1 2}
+PPO_STEPS=${PPO_STEPS:-50}
+PPO_BATCH=${PPO_BATCH:-16}
+PPO_MINI=${PPO_MINI:-4}
+PPO_LR=${PPO_LR:-1.41e-5}
+PPO_DIALOGUES=${PPO_DIALOGUES:-500}
+
+# eval
+EVAL_LIMIT=${EVAL_LIMIT:-819}
+EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-64}
+EVAL_SEED=${EVAL_SEED:-0}
+LEAD=${LEAD:-3}
+BEAM_ARGS=${BEAM_ARGS:---num-beams 4 --no-repeat-ngram-size 3}
+SAMPLE_ARGS=${SAMPLE_ARGS:---do-sample --temperature 1 --top-k 0 --top-p 1}
+ROUGE_ARGS=${ROUGE_ARGS:---use-stemmer}
+
+# sweep: NAME:STEPS:LEARNING_RATE:INIT_KL_COEF:TARGET:ADAP_KL_CTRL per run ([run] steps, [ppo]
+# learning_rate, init_kl_coef, target, adap_kl_ctrl), each with the seed's batch and PPO_SEEDS' first seed
+SWEEP=${SWEEP:-lr-0.5x:50:7.05e-6:0.2:6:true lr-2x:50:2.82e-5:0.2:6:true lr-4x:50:5.64e-5:0.2:6:true \
+steps-100:100:1.41e-5:0.2:6:true target-2:50:1.41e-5:0.2:2:true kl-0.05-fixed:50:1.41e-5:0.05:6:false \
+kl-0.5-fixed:50:1.41e-5:0.5:6:false}
+
+# expected seconds per unit, for DEADLINE_S
+INIT_EXPECT_S=${INIT_EXPECT_S:-30}
+SFT_EXPECT_S=${SFT_EXPECT_S:-$((SFT_SECONDS + 60))}
+PPO_EXPECT_S=${PPO_EXPECT_S:-120}
+EVAL_EXPECT_S=${EVAL_EXPECT_S:-90}
+
 mkdir -p "$RESULTS"
-stage() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$RESULTS/stages.txt"; }
-evaluate() {  # name, model, [adapter]
-  local adapter=()
-  [ -n "${3:-}" ] && adapter=(--adapter "$3")
-  "$DETOX" eval --model "$2" "${adapter[@]}" --classifier "$SHARED/models/minilm-toxicity" \
-    --data "$SHARED/data/samsum/test.jsonl" --limit "$EVAL_LIMIT" --device "$DEVICE" \
-    --output "$RESULTS/eval-$1.json" | tee "$RESULTS/eval-$1.txt"
+START=$SECONDS
+log() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - START))s $*" | tee -a "$RESULTS/stages.txt"; }
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
+export_results() {
+  [ -n "$EXPORT" ] || return 0
+  mkdir -p "$EXPORT"
+  (cd "$RESULTS" && find . -maxdepth 2 -type f \( -name '*.done' -o -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \
+    -o -name '*.svg' -o -name '*.toml' \) ! -path './init/*' -print0 |
+    xargs -0 -r cp --parents -t "$EXPORT")
+}
+# unit NAME OUTPUT EXPECT_S COMMAND…: runs COMMAND unless NAME's marker and OUTPUT (relative to
+# RESULTS) exist; stops the script when EXPECT_S more seconds would pass DEADLINE_S.
+unit() {
+  local name=$1 output=$2 expect=$3
+  shift 3
+  if [ -e "$RESULTS/$name.done" ] && [ -e "$RESULTS/$output" ]; then
+    return 0
+  fi
+  if [ $((SECONDS - START + expect)) -gt "$DEADLINE_S" ]; then
+    log "stopped before $name (about $expect s; $((SECONDS - START)) of $DEADLINE_S s spent): run again with RESULTS=$RESULTS"
+    export_results
+    exit 0
+  fi
+  rm -f "$RESULTS/$name.done"
+  log "$name"
+  "$@"
+  touch "$RESULTS/$name.done"
+  export_results
+}
+# needs UNIT OUTPUT STAGE: a clear error when an earlier stage's unit is not done.
+needs() {
+  if ! [ -e "$RESULTS/$1.done" ] || ! [ -e "$RESULTS/$2" ]; then
+    echo "error: $RESULTS/$2 is missing: run STAGES=\"$3 …\" first (with RESULTS=$RESULTS)" >&2
+    exit 1
+  fi
 }
 
-stage "init $SIZE"
-"$DETOX" init --size "$SIZE" --seed 0 --dtype f32 --tokenizer "$SHARED/tokenizers/t5/tokenizer.json" \
-  --out "$RESULTS/init"
+do_init() {
+  rm -rf "$RESULTS/init"
+  "$DETOX" init --size "$SIZE" --init "$INIT" --seed "$INIT_SEED" --dtype f32 \
+    --tokenizer "$SHARED/tokenizers/t5/tokenizer.json" --out "$RESULTS/init"
+}
 
-stage "sft for at most $SFT_SECONDS s"
-cat > "$RESULTS/sft.toml" <<TOML
+do_sft() {
+  needs init init/config.json init
+  rm -rf "$RESULTS/sft"
+  cat > "$RESULTS/sft.toml" <<TOML
 [model]
 path = "$RESULTS/init"
 [data]
@@ -54,13 +140,16 @@ max_source_len = $SOURCE_LEN
 max_target_len = 64
 [optim]
 method = "full"
-learning_rate = 1e-3
-warmup_steps = 100
-schedule = "linear"
-batch_size = 32
-label_smoothing = 0.1
+optimizer = "$SFT_OPTIMIZER"
+learning_rate = $SFT_LR
+weight_decay = $SFT_WEIGHT_DECAY
+warmup_steps = $SFT_WARMUP
+schedule = "$SFT_SCHEDULE"
+batch_size = $SFT_BATCH
+label_smoothing = $SFT_LABEL_SMOOTHING
+$SFT_OPTIM_EXTRA
 [eval]
-limit = 200
+limit = $SFT_EVAL_LIMIT
 max_new_tokens = 64
 [run]
 epochs = 100
@@ -69,49 +158,136 @@ time_limit_s = $SFT_SECONDS
 device = "$DEVICE"
 out = "$RESULTS/sft"
 TOML
-"$DETOX" sft --config "$RESULTS/sft.toml"
-"$DETOX" plot "$RESULTS/sft/log.jsonl" --keys loss,eval_loss,rougeL --title "SFT from random init" \
-  --out "$RESULTS/sft.svg"
+  "$DETOX" sft --config "$RESULTS/sft.toml"
+}
 
-stage "eval sft"
-evaluate sft "$RESULTS/sft/model"
-
-ppo() {  # name, batch, mini-batch, learning rate, dialogues
+# ppo_run NAME SEED STEPS LR INIT_KL_COEF TARGET ADAP_KL_CTRL
+ppo_run() {
+  needs sft sft/model/config.json sft
+  rm -rf "${RESULTS:?}/$1"
   cat > "$RESULTS/$1.toml" <<TOML
 [model]
 path = "$RESULTS/sft/model"
 [data]
 path = "$SHARED/data/samsum/train.jsonl"
-limit = $5
+limit = $PPO_DIALOGUES
 [reward]
 classifier = "$SHARED/models/minilm-toxicity"
 [ppo]
-batch_size = $2
-mini_batch_size = $3
+batch_size = $PPO_BATCH
+mini_batch_size = $PPO_MINI
 learning_rate = $4
+init_kl_coef = $5
+target = $6
+adap_kl_ctrl = $7
 [run]
-steps = $PPO_STEPS
+steps = $3
+seed = $2
 device = "$DEVICE"
 out = "$RESULTS/$1"
-checkpoint_every = $PPO_STEPS
+checkpoint_every = $3
 TOML
   "$DETOX" train --config "$RESULTS/$1.toml"
-  "$DETOX" plot "$RESULTS/$1/log.jsonl" --title "PPO: $1" --out "$RESULTS/$1.svg"
-  evaluate "$1" "$RESULTS/sft/model" "$RESULTS/$1/$(cat "$RESULTS/$1/latest")"
 }
-stage "ppo, the seed's setting"
-ppo ppo-seed 16 4 1.41e-5 500
-stage "ppo, larger batch"
-ppo ppo-large 64 16 "$LARGE_LR" 3200
 
-stage "transformers loads the SFT model"
-if "$PYTHON" -c "import transformers" 2>/dev/null; then
-  head -n 64 "$SHARED/data/samsum/test.jsonl" > "$RESULTS/check.jsonl"
-  "$DETOX" summarize --model "$RESULTS/sft/model" --input "$RESULTS/check.jsonl" --output "$RESULTS/check-detox.jsonl" \
-    --max-new-tokens 64 --device "$DEVICE"
-  "$PYTHON" tools/check_hf_export.py --model "$RESULTS/sft/model" --detox "$RESULTS/check-detox.jsonl" \
-    --data "$RESULTS/check.jsonl" --limit 64 --max-new-tokens 64 | tee "$RESULTS/check-hf.json"
-else
-  echo "skipped: $PYTHON has no transformers" | tee "$RESULTS/check-hf.json"
+# evaluate NAME DECODING MODEL-ARGS…: eval-NAME.json and eval-NAME.txt
+evaluate() {
+  local name=$1 decoding=$2
+  shift 2
+  local decode=()
+  case $decoding in
+    beam) read -r -a decode <<<"$BEAM_ARGS" ;;
+    sample) read -r -a decode <<<"$SAMPLE_ARGS --seed $EVAL_SEED" ;;
+    none) ;;
+  esac
+  local rouge=()
+  read -r -a rouge <<<"$ROUGE_ARGS"
+  "$DETOX" eval "$@" "${decode[@]}" "${rouge[@]}" --classifier "$SHARED/models/minilm-toxicity" \
+    --data "$SHARED/data/samsum/test.jsonl" --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" \
+    --device "$DEVICE" --output "$RESULTS/eval-$name.json" | tee "$RESULTS/eval-$name.txt"
+}
+eval_ppo() {  # RUN DECODING STAGE
+  needs "$1" "$1/latest" "$3"
+  evaluate "$1-$2" "$2" --model "$RESULTS/sft/model" --adapter "$RESULTS/$1/$(cat "$RESULTS/$1/latest")"
+}
+eval_sft() {
+  needs sft sft/model/config.json sft
+  evaluate "sft-$1" "$1" --model "$RESULTS/sft/model"
+}
+
+sweep_names() { for s in $SWEEP; do echo "sweep-${s%%:*}"; done; }
+
+if wants init; then
+  unit init init/config.json "$INIT_EXPECT_S" do_init
 fi
-stage done
+if wants sft; then
+  unit sft sft/model/config.json "$SFT_EXPECT_S" do_sft
+fi
+if wants ppo; then
+  for seed in $PPO_SEEDS; do
+    unit "ppo-s$seed" "ppo-s$seed/latest" "$PPO_EXPECT_S" ppo_run "ppo-s$seed" "$seed" "$PPO_STEPS" "$PPO_LR" 0.2 6 true
+  done
+fi
+if wants eval; then
+  unit "eval-lead$LEAD" "eval-lead$LEAD.json" "$EVAL_EXPECT_S" evaluate "lead$LEAD" none --lead "$LEAD"
+  for decoding in beam sample; do
+    unit "eval-sft-$decoding" "eval-sft-$decoding.json" "$EVAL_EXPECT_S" eval_sft "$decoding"
+    for seed in $PPO_SEEDS; do
+      unit "eval-ppo-s$seed-$decoding" "eval-ppo-s$seed-$decoding.json" "$EVAL_EXPECT_S" \
+        eval_ppo "ppo-s$seed" "$decoding" ppo
+    done
+  done
+fi
+if wants sweep; then
+  first_seed=${PPO_SEEDS%% *}
+  for s in $SWEEP; do
+    IFS=: read -r name steps lr kl target adaptive <<<"$s"
+    unit "sweep-$name" "sweep-$name/latest" "$PPO_EXPECT_S" \
+      ppo_run "sweep-$name" "$first_seed" "$steps" "$lr" "$kl" "$target" "$adaptive"
+    unit "eval-sweep-$name-beam" "eval-sweep-$name-beam.json" "$EVAL_EXPECT_S" eval_ppo "sweep-$name" beam sweep
+  done
+fi
+
+plots() {
+  if [ -e "$RESULTS/sft/log.jsonl" ]; then
+    "$DETOX" plot "$RESULTS/sft/log.jsonl" --keys loss,eval_loss,rougeL --title "SFT from random init" \
+      --out "$RESULTS/sft.svg"
+  fi
+  local points=() run
+  if [ -e "$RESULTS/eval-sft-beam.json" ]; then
+    points+=(--tradeoff "SFT=$RESULTS/eval-sft-beam.json")
+  fi
+  for run in $(for seed in $PPO_SEEDS; do echo "ppo-s$seed"; done) $(sweep_names); do
+    [ -e "$RESULTS/$run/log.jsonl" ] || continue
+    "$DETOX" plot "$RESULTS/$run/log.jsonl" --title "PPO: $run" --out "$RESULTS/$run.svg"
+    if [ -e "$RESULTS/eval-$run-beam.json" ]; then
+      points+=(--tradeoff "$run=$RESULTS/eval-$run-beam.json,$RESULTS/$run/log.jsonl")
+    fi
+  done
+  if [ ${#points[@]} -gt 0 ]; then
+    "$DETOX" plot "${points[@]}" --title "Toxicity against ROUGE-L and KL (beam search, SAMSum test)" \
+      --out "$RESULTS/tradeoff.svg"
+  fi
+}
+if wants plot; then
+  log plot
+  plots
+  export_results
+fi
+
+check() {
+  needs sft sft/model/config.json sft
+  if "$PYTHON" -c "import transformers" 2>/dev/null; then
+    head -n 64 "$SHARED/data/samsum/test.jsonl" > "$RESULTS/check.jsonl"
+    "$DETOX" summarize --model "$RESULTS/sft/model" --input "$RESULTS/check.jsonl" \
+      --output "$RESULTS/check-detox.jsonl" --max-new-tokens 64 --device "$DEVICE"
+    "$PYTHON" tools/check_hf_export.py --model "$RESULTS/sft/model" --detox "$RESULTS/check-detox.jsonl" \
+      --data "$RESULTS/check.jsonl" --limit 64 --max-new-tokens 64 | tee "$RESULTS/check-hf.json"
+  else
+    echo "skipped: $PYTHON has no transformers" | tee "$RESULTS/check-hf.json"
+  fi
+}
+if wants check; then
+  unit check check-hf.json "$EVAL_EXPECT_S" check
+fi
+log "done: $STAGES"

@@ -1,21 +1,22 @@
-//! `detox eval`: the seed's results table. Summaries from a model (optionally with its adapter) for
-//! dialogues with reference summaries; the classifier's scores of both; ROUGE against the references.
+//! `detox eval`: the seed's results table. Summaries from a model (optionally with its adapter), or
+//! the LEAD-N baseline, for dialogues with reference summaries; the classifier's scores of both;
+//! ROUGE-1/2/L/Lsum against the references, as rouge_score computes them.
 
 use crate::backend::Backend;
 use crate::classifier::Classifier;
 use crate::device::{Device, Job, run_on};
 use crate::t5::{Fwd, GenConfig, T5};
 use crate::text::{self, Prompter};
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Model directory (Hugging Face layout).
-    #[arg(long)]
-    pub model: PathBuf,
+    /// Model directory (Hugging Face layout); not needed with --lead.
+    #[arg(long, required_unless_present = "lead")]
+    pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter directory (e.g. a training checkpoint).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -43,6 +44,14 @@ pub struct Args {
     /// Sampling seed (with --sample); a row's sample depends only on the seed and its position.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Score the LEAD-N baseline instead of a model's summaries: each dialogue's first N lines
+    /// (turns), joined by newlines, so that ROUGE-Lsum sees N sentences.
+    #[arg(long, conflicts_with_all = ["model", "adapter"], value_parser = clap::value_parser!(u64).range(1..))]
+    pub lead: Option<u64>,
+    /// Porter-stem tokens of more than three letters before ROUGE, as rouge_score's
+    /// `use_stemmer=True` does (NLTK's stemmer). Off by default, as rouge_score's is.
+    #[arg(long)]
+    pub use_stemmer: bool,
     /// The classifier label the table leads with.
     #[arg(long, default_value = "toxicity")]
     pub label: String,
@@ -111,15 +120,33 @@ impl Job for Eval {
 
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let a = &self.args;
-        super::check_finite_weights(&a.model, a.adapter.as_deref())?;
-        let mut model = T5::load(be, &a.model)?;
+        let summaries = match (a.lead, &a.model) {
+            (Some(n), _) => self.dialogues.iter().map(|d| lead_turns(d, n as usize)).collect(),
+            (None, Some(model)) => self.generate(be, model)?,
+            (None, None) => bail!("give --model, or --lead for the LEAD-N baseline"),
+        };
+        self.score(be, summaries)
+    }
+}
+
+/// The first `n` lines of a dialogue (SAMSum's turns; CRLF counts as one line end).
+fn lead_turns(dialogue: &str, n: usize) -> String {
+    dialogue.lines().filter(|l| !l.trim().is_empty()).take(n).collect::<Vec<_>>().join("\n")
+}
+
+impl Eval {
+    /// The model's summaries of the dialogues.
+    fn generate<B: Backend>(&self, be: &B, model_dir: &std::path::Path) -> Result<Vec<String>> {
+        let a = &self.args;
+        super::check_finite_weights(model_dir, a.adapter.as_deref())?;
+        let mut model = T5::load(be, model_dir)?;
         if let Some(dir) = &a.adapter {
             model.load_adapter(be, dir)?;
             model.merge_lora(be)?;
         }
         let c = &model.config;
         let prompter = Prompter::new(
-            &text::tokenizer_path(&a.model, None),
+            &text::tokenizer_path(model_dir, None),
             text::DEFAULT_TEMPLATE,
             text::DEFAULT_MAX_SOURCE_LEN,
             c.eos_token_id,
@@ -137,17 +164,22 @@ impl Job for Eval {
             .map(|(s, _)| s)
             .collect();
         pb.finish_and_clear();
-        drop(model);
+        Ok(summaries)
+    }
+
+    /// The classifier's scores and ROUGE of `summaries`, as the printed table and the JSON.
+    fn score<B: Backend>(&self, be: &B, summaries: Vec<String>) -> Result<(String, serde_json::Value)> {
+        let a = &self.args;
         let clf = Classifier::load(be, &a.classifier, None)?;
         let labels = clf.config().labels.clone();
         let lead = clf.label_index(&a.label)?;
         let ref_scores = clf.score(be, &self.references, 64, |_| {})?;
         let model_scores = clf.score(be, &summaries, 64, |_| {})?;
         let pairs: Vec<(String, String)> = summaries.iter().cloned().zip(self.references.iter().cloned()).collect();
-        let (r1, r2, rl) = crate::rouge::mean_f(&pairs);
+        let rouge = crate::rouge::means(&pairs, a.use_stemmer);
         let (gr, gm) = (group(&labels, &ref_scores, lead), group(&labels, &model_scores, lead));
         let n = self.dialogues.len();
-        let table = results_table(a, n, &labels, (&gr, &gm), (r1, r2, rl));
+        let table = results_table(a, n, &labels, (&gr, &gm), &rouge);
         let rows: Vec<serde_json::Value> = (0..n)
             .map(|i| {
                 json!({ "summary": summaries[i], "reference": self.references[i],
@@ -155,9 +187,9 @@ impl Job for Eval {
             })
             .collect();
         let value = json!({
-            "data": a.data, "model": a.model, "adapter": a.adapter, "classifier": a.classifier, "dialogues": n,
-            "labels": labels, "reference": gr, "model_summaries": gm,
-            "rouge": { "rouge1": r1, "rouge2": r2, "rougeL": rl }, "rows": rows,
+            "data": a.data, "model": a.model, "adapter": a.adapter, "lead": a.lead, "classifier": a.classifier,
+            "dialogues": n, "labels": labels, "label": a.label, "reference": gr, "model_summaries": gm,
+            "rouge": rouge, "use_stemmer": a.use_stemmer, "rows": rows,
         });
         Ok((table, value))
     }
@@ -170,35 +202,42 @@ fn results_table(
     n: usize,
     labels: &[String],
     (gr, gm): (&Group, &Group),
-    (r1, r2, rl): (f64, f64, f64),
+    rouge: &crate::rouge::MeanF,
 ) -> String {
+    let stemmed = if a.use_stemmer { ", stemmed" } else { "" };
     let mut table = format!(
-        "{n} dialogues from {}\n{:<22} {:>10} {:>12} {:>8} {:>8} {:>8}\n",
+        "{n} dialogues from {} (ROUGE F-measures{stemmed})\n{:<22} {:>10} {:>12} {:>8} {:>8} {:>8} {:>9}\n",
         a.data,
         "",
         format!("{} mean", a.label),
         "share > 0.5",
         "ROUGE-1",
         "ROUGE-2",
-        "ROUGE-L"
+        "ROUGE-L",
+        "ROUGE-Lsum"
     );
     table.push_str(&format!(
-        "{:<22} {:>10.4} {:>11.2}% {:>8} {:>8} {:>8}\n",
+        "{:<22} {:>10.4} {:>11.2}% {:>8} {:>8} {:>8} {:>9}\n",
         "reference summaries",
         gr.lead_mean,
         100.0 * gr.share_above_half,
         "-",
         "-",
+        "-",
         "-"
     ));
     table.push_str(&format!(
-        "{:<22} {:>10.4} {:>11.2}% {:>8.4} {:>8.4} {:>8.4}",
-        "model summaries",
+        "{:<22} {:>10.4} {:>11.2}% {:>8.4} {:>8.4} {:>8.4} {:>9.4}",
+        match a.lead {
+            Some(k) => format!("LEAD-{k}"),
+            None => "model summaries".into(),
+        },
         gm.lead_mean,
         100.0 * gm.share_above_half,
-        r1,
-        r2,
-        rl
+        rouge.rouge1,
+        rouge.rouge2,
+        rouge.rouge_l,
+        rouge.rouge_lsum
     ));
     if labels.len() > 1 {
         table.push_str("\nlabel means (reference / model):");

@@ -48,7 +48,7 @@ pub enum Command {
     Init(init::Args),
     /// Copy a Hugging Face T5 checkpoint as fp16 safetensors (config and tokenizer included).
     Convert(convert::Args),
-    /// Draw a training log's metrics against the step as an SVG or PNG chart.
+    /// Draw a training log's metrics against the step, or the toxicity trade-off of evaluated runs, as SVG or PNG.
     Plot(plot::Args),
     /// Print a checkpoint's configuration and parameter counts.
     Info(info::Args),
