@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod export;
+pub mod scaler;
 pub mod settings;
 pub mod step;
 pub mod trainer;

@@ -99,8 +99,13 @@ pub struct OptimSettings {
     /// Dialogue–summary pairs per step.
     pub batch_size: usize,
     /// Loss scale for the GPU's half-precision gradient products; 0 picks one per device (1 on
-    /// the CPU, 1024 on CUDA).
+    /// the CPU, 1024 on CUDA). Halved when gradients overflow.
     pub loss_scale: f32,
+    /// Double the loss scale after this many overflow-free steps in a row, up to 2^24 (0: never).
+    /// torch's GradScaler waits 2000; SFT runs here are a few thousand steps, so 250 lets a scale
+    /// halved by an early spike recover within the run, at one skipped step per 250 if it
+    /// overshoots.
+    pub loss_scale_growth_interval: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,6 +179,7 @@ impl Default for OptimSettings {
             label_smoothing: 0.0,
             batch_size: 16,
             loss_scale: 0.0,
+            loss_scale_growth_interval: 250,
         }
     }
 }

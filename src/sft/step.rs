@@ -1,7 +1,8 @@
 //! One supervised fine-tuning step, top-down: `sft_gradients` (upload the batch, the teacher-forced
 //! forward with its tape, cross-entropy with label smoothing at the LM head, the backward into every
 //! weight or into the adapters), then `sft_update` (unscale and clip, AdamW on the f32 masters, the
-//! model's weights refreshed from them). Also the held-out loss.
+//! model's weights refreshed from them). Also the held-out loss. Both report the plain
+//! cross-entropy beside the (smoothed) objective.
 
 use super::data::SftBatch;
 use crate::backend::{AdamStep, Backend, Shaped};
@@ -65,10 +66,21 @@ pub struct Hyper {
     pub dropout_seed: u64,
 }
 
+/// A batch's mean losses per target token.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Losses {
+    /// The objective: cross-entropy with the label smoothing.
+    pub loss: f64,
+    /// Plain cross-entropy (no smoothing): the negative log-likelihood of the targets.
+    pub ce: f64,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct StepReport {
     /// Mean (label-smoothed) cross-entropy per target token.
     pub loss: f64,
+    /// Mean plain cross-entropy per target token.
+    pub ce: f64,
     pub tokens: usize,
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
@@ -129,14 +141,14 @@ pub fn sft_step<B: Backend>(
 ) -> Result<StepReport> {
     let full = matches!(opt.trainables, Trainables::Full { .. });
     let h_mine = Hyper { dropout_seed: worker_seed(h.dropout_seed, group.rank()), ..*h };
-    let (loss, mut grads) = sft_gradients(be, model, full, batch, total_tokens, &h_mine)?;
+    let (losses, mut grads) = sft_gradients(be, model, full, batch, total_tokens, &h_mine)?;
     group.all_reduce_sum(be, &mut grads.tensors_mut())?;
-    let loss = sum_host(group, be, &[loss as f32])?[0] as f64;
+    let summed = sum_host(group, be, &[losses.loss as f32, losses.ce as f32])?;
     let (grad_norm, skipped) = sft_update(be, model, opt, &mut grads, h)?;
-    Ok(StepReport { loss, tokens: total_tokens, grad_norm, skipped })
+    Ok(StepReport { loss: summed[0] as f64, ce: summed[1] as f64, tokens: total_tokens, grad_norm, skipped })
 }
 
-/// The forward and backward of one batch: the mean loss, and the gradients scaled by
+/// The forward and backward of one batch: the mean losses, and the gradients scaled by
 /// `h.loss_scale`.
 ///
 /// Data-parallel workers each pass their share of the batch and the whole batch's `total_tokens`:
@@ -149,7 +161,7 @@ pub fn sft_gradients<B: Backend>(
     batch: &SftBatch,
     total_tokens: usize,
     h: &Hyper,
-) -> Result<(f64, SftGrads<B>)> {
+) -> Result<(Losses, SftGrads<B>)> {
     ensure!(total_tokens > 0, "an SFT batch with no target tokens");
     let zeros = || -> Result<SftGrads<B>> {
         Ok(if full {
@@ -160,7 +172,7 @@ pub fn sft_gradients<B: Backend>(
     };
     if batch.tokens() == 0 {
         // A worker whose share of a short last batch is empty contributes nothing.
-        return Ok((0.0, zeros()?));
+        return Ok((Losses::default(), zeros()?));
     }
 
     // 1. The batch on the device; each label weighs loss_scale / total_tokens (the mean, scaled).
@@ -177,8 +189,9 @@ pub fn sft_gradients<B: Backend>(
     let flat = be.reshape(hidden, &[batch.mask.len(), d])?;
     let logits = model.lm_logits(be, &flat)?;
     let (loss_rows, d_logits) = be.cross_entropy(&logits, &x.labels, &weights, h.label_smoothing)?;
+    let (loss, ce) = token_losses(be, &logits, &x.labels, &loss_rows, &batch.mask, h.label_smoothing)?;
     drop(logits);
-    let loss = masked_sum(&be.download(&loss_rows)?, &batch.mask) / total_tokens as f64;
+    let losses = Losses { loss: loss / total_tokens as f64, ce: ce / total_tokens as f64 };
 
     // 4. Backward into every weight, or into the adapters.
     let mut grads = zeros()?;
@@ -193,7 +206,25 @@ pub fn sft_gradients<B: Backend>(
         SftGrads::Full(g) => model.backward_full(be, &tape, (&x.ids, &x.lengths, &x.decoder_input), &d_hidden, g)?,
         SftGrads::Lora(g) => model.backward(be, &tape, &x.lengths, &d_hidden, g)?,
     }
-    Ok((loss, grads))
+    Ok((losses, grads))
+}
+
+/// `(Σ mask · smoothed loss, Σ mask · plain cross-entropy)` of a batch's rows, given the smoothed
+/// rows `loss_rows`; the plain one is −log p(target), the same rows when there is no smoothing.
+fn token_losses<B: Backend>(
+    be: &B,
+    logits: &B::Tensor,
+    labels: &B::Ids,
+    loss_rows: &B::Tensor,
+    mask: &[f32],
+    smoothing: f32,
+) -> Result<(f64, f64)> {
+    let loss = masked_sum(&be.download(loss_rows)?, mask);
+    if smoothing == 0.0 {
+        return Ok((loss, loss));
+    }
+    let (logp, _) = be.token_logprobs(logits, labels)?;
+    Ok((loss, -masked_sum(&be.download(&logp)?, mask)))
 }
 
 /// Unscales and clips the gradients (torch's `clip_grad_norm_`: coefficient max / (norm + 1e-6), at
@@ -242,13 +273,15 @@ pub fn sft_update<B: Backend>(
     Ok((grad_norm, false))
 }
 
-/// The held-out loss of a batch, no dropout: `(Σ token losses, tokens)`.
-pub fn eval_loss<B: Backend>(be: &B, model: &T5<B>, batch: &SftBatch, smoothing: f32) -> Result<(f64, usize)> {
+/// The held-out losses of a batch, no dropout: `(Σ token losses, Σ plain token cross-entropies,
+/// tokens)`.
+pub fn eval_loss<B: Backend>(be: &B, model: &T5<B>, batch: &SftBatch, smoothing: f32) -> Result<(f64, f64, usize)> {
     let x = upload(be, batch)?;
     let (logits, _) = model.forward(be, &x.ids, &x.lengths, &x.decoder_input, Fwd::eval(model.lora.is_some()))?;
     let v = logits.shape()[2];
     let logits = be.reshape(logits, &[batch.mask.len(), v])?;
     let weights = be.upload(&batch.mask, &[batch.mask.len()])?;
     let (loss_rows, _) = be.cross_entropy(&logits, &x.labels, &weights, smoothing)?;
-    Ok((masked_sum(&be.download(&loss_rows)?, &batch.mask), batch.tokens()))
+    let (loss, ce) = token_losses(be, &logits, &x.labels, &loss_rows, &batch.mask, smoothing)?;
+    Ok((loss, ce, batch.tokens()))
 }

@@ -1,5 +1,6 @@
 //! One full-parameter fine-tuning step against PyTorch (tests/fixtures/sft, from
-//! tools/make_sft_fixture.py): the label-smoothed loss, the gradient of every weight by Hugging Face
+//! tools/make_sft_fixture.py): the label-smoothed loss and the plain cross-entropy (of the training
+//! step and of the held-out evaluation), the gradient of every weight by Hugging Face
 //! name, the gradient norm, and every weight after clipping and one AdamW step; for an untied
 //! FLAN-style head and a tied, rescaled one.
 
@@ -7,7 +8,7 @@ use crate::common::{Expected, fixture, rel_l2_err};
 use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::sft::data::SftBatch;
-use detox::sft::step::{Hyper, SftGrads, SftOptimizer, sft_gradients, sft_update};
+use detox::sft::step::{Hyper, SftGrads, SftOptimizer, eval_loss, sft_gradients, sft_update};
 use detox::t5::T5;
 use detox::t5::params::named_tensors;
 use detox::text::Batch;
@@ -51,9 +52,16 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
             loss_scale: if cpu { 1.0 } else { 1024.0 },
             dropout_seed: 0,
         };
-        let (loss, mut grads) = sft_gradients(be, &model, true, &batch, batch.tokens(), &h).unwrap();
-        let want_loss = num("loss");
+        let (losses, mut grads) = sft_gradients(be, &model, true, &batch, batch.tokens(), &h).unwrap();
+        let (want_loss, want_ce) = (num("loss"), num("ce"));
+        let loss = losses.loss;
         assert!(((loss - want_loss) / want_loss).abs() < tol_loss, "{name}: loss {loss} vs PyTorch {want_loss}");
+        let ce = losses.ce;
+        assert!(((ce - want_ce) / want_ce).abs() < tol_loss, "{name}: plain CE {ce} vs PyTorch {want_ce}");
+        let (sum, sum_ce, tokens) = eval_loss(be, &model, &batch, h.label_smoothing).unwrap();
+        let (eval, eval_ce) = (sum / tokens as f64, sum_ce / tokens as f64);
+        assert!(((eval - want_loss) / want_loss).abs() < tol_loss, "{name}: eval loss {eval} vs PyTorch {want_loss}");
+        assert!(((eval_ce - want_ce) / want_ce).abs() < tol_loss, "{name}: eval CE {eval_ce} vs PyTorch {want_ce}");
 
         let SftGrads::Full(g) = &mut grads else { panic!("full-parameter gradients expected") };
         let refs: Vec<&B::Tensor> = g.tensors_mut().into_iter().map(|t| &*t).collect();
