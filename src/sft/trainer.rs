@@ -95,10 +95,10 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         );
         let mut model = T5::load(be, &s.model.path)?;
         let opt = match s.optim.method {
-            Method::Full => SftOptimizer::full(be, &model, &Checkpoint::open_dir(&s.model.path)?)?,
+            Method::Full => SftOptimizer::full(be, &model, &Checkpoint::open_dir(&s.model.path)?, s.optim.kind())?,
             Method::Lora => {
                 model.attach_lora(be, s.lora_settings(), s.lora.init_seed)?;
-                SftOptimizer::lora(be, &model)?
+                SftOptimizer::lora(be, &model, s.optim.kind())?
             }
         };
         let c = &model.config;
@@ -118,20 +118,8 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         };
         let scaler = LossScaler::new(loss_scale, s.optim.loss_scale_growth_interval);
         let gpu = be.ordinal().and_then(GpuStats::open);
-        let mut t = Self {
-            be,
-            group,
-            settings,
-            model,
-            opt,
-            prompter,
-            train,
-            eval,
-            step: 0,
-            scaler,
-            schedule_span: 0,
-            gpu,
-        };
+        let mut t =
+            Self { be, group, settings, model, opt, prompter, train, eval, step: 0, scaler, schedule_span: 0, gpu };
         t.schedule_span = t.total_steps();
         Ok(t)
     }
@@ -162,10 +150,16 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
     pub fn iteration(&mut self, rows: &[usize], epoch: usize) -> Result<StepLog> {
         let started = Instant::now();
         let o = &self.settings.optim;
-        let lr = o.lr_at(self.step + 1, self.schedule_span);
+        let adafactor = o.adafactor();
+        let lr = match adafactor {
+            // Adafactor's own rate (before each weight's scale), for the log.
+            Some(a) if a.relative_step => a.step(0.0, self.opt.steps + 1, 1.0).relative_lr(),
+            _ => o.lr_at(self.step + 1, self.schedule_span),
+        };
         let h = Hyper {
             lr,
-            beta1: o.beta1,
+            beta1: o.adam_beta1(),
+            adafactor,
             beta2: o.beta2,
             eps: o.eps,
             weight_decay: o.weight_decay,

@@ -98,10 +98,12 @@ pub fn random_weights(c: &T5Config, seed: u64, dtype: DType, scheme: InitScheme)
                     let sigma = (c.d_model as f32).powf(-0.5);
                     let normal = Normal::new(0.0f32, sigma).expect("positive std");
                     (0..n)
-                        .map(|_| loop {
-                            let x = normal.sample(&mut rng);
-                            if x.abs() <= 2.0 * sigma {
-                                break x;
+                        .map(|_| {
+                            loop {
+                                let x = normal.sample(&mut rng);
+                                if x.abs() <= 2.0 * sigma {
+                                    break x;
+                                }
                             }
                         })
                         .collect()

@@ -8,7 +8,7 @@ use crate::common::{Expected, fixture, rel_l2_err};
 use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::sft::data::SftBatch;
-use detox::sft::step::{Hyper, SftGrads, SftOptimizer, eval_loss, sft_gradients, sft_update};
+use detox::sft::step::{Hyper, OptimizerKind, SftGrads, SftOptimizer, eval_loss, sft_gradients, sft_update};
 use detox::t5::T5;
 use detox::t5::params::named_tensors;
 use detox::text::Batch;
@@ -40,13 +40,16 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
             width: ds[1],
         };
         let mut model = T5::load(be, &dir.join("model")).unwrap();
-        let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir.join("model")).unwrap()).unwrap();
+        let mut opt =
+            SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir.join("model")).unwrap(), OptimizerKind::AdamW)
+                .unwrap();
         let h = Hyper {
             lr: num("lr"),
             beta1: num("beta1"),
             beta2: num("beta2"),
             eps: num("eps"),
             weight_decay: num("weight_decay"),
+            adafactor: None,
             max_grad_norm: num("max_grad_norm"),
             label_smoothing: num("label_smoothing") as f32,
             loss_scale: if cpu { 1.0 } else { 1024.0 },
