@@ -322,14 +322,13 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
                 if last {
                     break 'epochs;
                 }
-                if limit > 0.0 && (clock.fit_due(self.step) || epoch_ends) {
-                    if let Some(fit) = self.fit_schedule(&clock, started.elapsed().as_secs_f64())? {
-                        pb.println(format!(
-                            "schedule: the time limit should stop the run at step {}; the decay now ends there",
-                            fit.estimated_total_steps
-                        ));
-                        write(serde_json::to_string(&fit)?)?;
-                    }
+                let fit_due = limit > 0.0 && (clock.fit_due(self.step) || epoch_ends);
+                if fit_due && let Some(fit) = self.fit_schedule(&clock, started.elapsed().as_secs_f64())? {
+                    pb.println(format!(
+                        "schedule: the time limit should stop the run at step {}; the decay now ends there",
+                        fit.estimated_total_steps
+                    ));
+                    write(serde_json::to_string(&fit)?)?;
                 }
             }
         }
@@ -412,7 +411,7 @@ impl RunClock {
     }
 
     fn fit_due(&self, step: usize) -> bool {
-        step == Self::FIRST_FIT || (step > Self::FIRST_FIT && step % Self::FIT_EVERY == 0)
+        step == Self::FIRST_FIT || (step > Self::FIRST_FIT && step.is_multiple_of(Self::FIT_EVERY))
     }
 
     /// How many more steps fit in `left` seconds after step `step`, each epoch end among them

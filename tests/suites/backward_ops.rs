@@ -676,6 +676,9 @@ pub fn adam_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
         .collect()
 }
 
+/// An Adafactor weight: its shape and the rows of each part.
+type Weight = (Vec<usize>, Vec<usize>);
+
 /// Adafactor weights `(shape, parts)` updated together for three steps on both backends: every
 /// statistic, the parameters and the half copy.
 fn adafactor_case<B: Backend>(
@@ -699,7 +702,7 @@ fn adafactor_case<B: Backend>(
         let gc: Vec<_> = weights.iter().zip(&gs).map(|((s, _), g)| Cpu.upload(g, s).unwrap()).collect();
         let gg: Vec<_> = weights.iter().zip(&gs).map(|((s, _), g)| be.upload(g, s).unwrap()).collect();
         let h = o.step(1e-2, step, 0.37);
-        let decay = |i: usize| if i % 2 == 0 { 0.1 } else { 0.0 };
+        let decay = |i: usize| if i.is_multiple_of(2) { 0.1 } else { 0.0 };
         let tc = pc.iter_mut().map(|p| Trainable { name: String::new(), param: p, copy: None }).collect();
         Cpu.adafactor(&mut adafactor_slots(tc, gc.iter().collect(), &mut sc, decay).unwrap(), &h).unwrap();
         let tg = pg
@@ -746,7 +749,7 @@ pub fn adafactor_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
         clip_threshold: 0.5,
         ..relative
     };
-    let rows: [(Vec<(Vec<usize>, Vec<usize>)>, AdafactorOptions, &str); 3] = [
+    let rows: [(Vec<Weight>, AdafactorOptions, &str); 3] = [
         (
             vec![
                 (vec![96, 40], vec![32, 32, 32]),
