@@ -353,6 +353,24 @@ mod tests {
     }
 
     #[test]
+    fn adafactor_options_are_validated_by_name() {
+        let bad = |toml: &str, field: &str| {
+            let s: SftSettings = toml::from_str(toml).unwrap();
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        bad("[optim]\noptimizer = \"adafactor\"\nrelative_step = false\nwarmup_init = true\n", "warmup_init");
+        bad("[optim]\nclip_threshold = 0.0\n", "clip_threshold");
+        bad("[optim]\ndecay_rate = 0.8\n", "decay_rate");
+        bad("[optim]\nbeta1 = 1.0\n", "beta1");
+        let s: SftSettings = toml::from_str("[optim]\noptimizer = \"adafactor\"\nbeta1 = 0.9\n").unwrap();
+        let a = s.optim.adafactor().unwrap();
+        assert_eq!((a.beta1, a.eps1, a.eps2, a.relative_step), (Some(0.9), 1e-30, 1e-3, true));
+        assert_eq!(s.optim.kind(), OptimizerKind::Adafactor { first_moment: true });
+        assert_eq!(SftSettings::default().optim.adam_beta1(), 0.9);
+    }
+
+    #[test]
     fn the_example_file_states_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sft.toml");
         assert_eq!(SftSettings::load(&path).unwrap(), SftSettings::default());

@@ -464,3 +464,37 @@ fn eval_line(e: &EvalLog) -> String {
         if e.best { "; best so far, saved" } else { "" }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RunClock;
+
+    /// A clock of `steps` timed at `secs` each (the first, untimed, slow) and one evaluation.
+    fn clock(steps: usize, secs: f64, eval_s: f64) -> RunClock {
+        let mut c = RunClock::default();
+        c.step(100.0);
+        (1..steps).for_each(|_| c.step(secs));
+        c.eval(eval_s);
+        c
+    }
+
+    #[test]
+    fn the_estimate_divides_the_time_left_by_the_step_time_less_evaluations() {
+        let c = clock(11, 0.5, 0.0);
+        assert_eq!(c.mean_step_s(), 0.5, "the first step is left out");
+        assert_eq!(c.steps_within(50.0, 10, 1000), 100);
+        // Epochs of 30 steps: 100 steps would cross three epoch ends of 6 s each; 64 steps cross
+        // two ends (at 30 and 60 of 10 + 64), so 38 s of stepping remain: 76 steps; they end at
+        // 86, again two ends: settled at 76.
+        let c = clock(11, 0.5, 6.0);
+        assert_eq!(c.steps_within(50.0, 10, 30), 76);
+        assert_eq!(c.steps_within(0.0, 10, 30), 0, "no time left");
+    }
+
+    #[test]
+    fn estimates_come_after_ten_steps_then_every_fifty() {
+        let c = RunClock::default();
+        let due: Vec<usize> = (1..=160).filter(|&s| c.fit_due(s)).collect();
+        assert_eq!(due, [10, 50, 100, 150]);
+    }
+}
