@@ -251,6 +251,8 @@ fn sft_trains_logs_and_saves_a_model_that_summarize_loads_then_plot_draws_the_lo
     assert!(steps.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
     let eval = log.iter().find(|r| r["kind"] == "eval").expect("an evaluation row");
     assert_eq!(eval["eval_rows"], 3);
+    assert_eq!(eval["best"], true, "the first evaluation is the best so far");
+    assert!(eval["eval_ce"].as_f64().unwrap().is_finite() && steps.iter().all(|r| r["ce"].as_f64().is_some()));
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out.join("model").join(f).is_file(), "{f} missing");
     }
@@ -462,7 +464,7 @@ fn an_interrupted_sft_saves_and_exits_130() {
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{e}");
     let last = e.lines().last().unwrap();
-    assert!(last.starts_with("interrupted after step 1 of 2; evaluated and saved the model: "), "{e}");
+    assert!(last.starts_with("interrupted after step 1 of 2; evaluated; the best model (step 1): "), "{e}");
     assert!(e.contains("fine-tuning step 1/2: epoch 1 loss "), "a plain progress line per step: {e}");
     assert!(out.join("model/model.safetensors").is_file());
     let log = rows(&std::fs::read_to_string(out.join("log.jsonl")).unwrap());

@@ -13,7 +13,7 @@ d_model^-0.5 rescale), in train mode with dropout_rate 0:
 Files per model, under tests/fixtures/sft/<name>/: model/ (config.json, f32 model.safetensors), batch.safetensors
 (input_ids, lengths, decoder_input_ids, labels with padding as 0, mask; ids stored as f32, exact below 2^24), grads.safetensors (every parameter's
 gradient before clipping, by Hugging Face name), after.safetensors (every parameter after the step) and step.json
-(loss, gradient norm, hyperparameters).
+(loss, plain cross-entropy without smoothing, gradient norm, hyperparameters).
 
 Run from the repository root with the oracle's Python (tools/requirements-oracle.txt):
     /opt/oracle/bin/python tools/make_sft_fixture.py
@@ -94,6 +94,7 @@ def make(name, tied, gen):
     logits = model(input_ids=input_ids, attention_mask=attn, decoder_input_ids=dec_in).logits
     loss = F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), ignore_index=-100,
                            label_smoothing=HYPER["label_smoothing"])
+    ce = F.cross_entropy(logits.detach().reshape(-1, v), labels.reshape(-1), ignore_index=-100)
     loss.backward()
     named = dict(model.named_parameters())
     grads = {n: p.grad.detach().clone().contiguous() for n, p in named.items()}
@@ -113,7 +114,7 @@ def make(name, tied, gen):
     save_file(grads, os.path.join(out, "grads.safetensors"), metadata={"format": "pt"})
     save_file(after, os.path.join(out, "after.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "step.json"), "w") as f:
-        json.dump({"loss": loss.item(), "grad_norm": norm.item(), "tied": tied, **HYPER}, f, indent=2)
+        json.dump({"loss": loss.item(), "ce": ce.item(), "grad_norm": norm.item(), "tied": tied, **HYPER}, f, indent=2)
     print(f"{name}: loss {loss.item():.6f}, gradient norm {norm.item():.6f}, {len(grads)} parameters")
 
 

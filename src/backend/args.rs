@@ -101,6 +101,71 @@ impl AdamStep {
     }
 }
 
+/// Adafactor's hyper-parameters for one update (transformers' `Adafactor`, argument for argument).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdafactorStep {
+    /// The external learning rate; unused with `relative_step`.
+    pub lr: f64,
+    /// 1 for the first update.
+    pub step: u64,
+    /// Added to g² before the running means.
+    pub eps1: f64,
+    /// The least parameter RMS `scale_parameter` scales by.
+    pub eps2: f64,
+    /// The update's RMS is clipped to this.
+    pub clip_threshold: f64,
+    /// β₂ of step t is 1 − t^decay_rate.
+    pub decay_rate: f64,
+    /// The first moment's β₁ (None: no first moment).
+    pub beta1: Option<f64>,
+    /// The rate is multiplied by max(eps2, RMS(p)).
+    pub scale_parameter: bool,
+    /// The rate is min(1e-2, 1/√t) (with `warmup_init`, min(1e-6·t, 1/√t)) instead of `lr`.
+    pub relative_step: bool,
+    pub warmup_init: bool,
+    /// Every gradient is multiplied by this first (undoing loss scaling, clipping the norm).
+    pub grad_scale: f32,
+}
+
+impl AdafactorStep {
+    /// The rate before `scale_parameter`'s factor (transformers' `rel_step_sz`).
+    pub fn relative_lr(&self) -> f64 {
+        if !self.relative_step {
+            return self.lr;
+        }
+        let t = self.step as f64;
+        let min_step = if self.warmup_init { 1e-6 * t } else { 1e-2 };
+        min_step.min(1.0 / t.sqrt())
+    }
+
+    /// β₂ of this step: 1 − t^decay_rate.
+    pub fn beta2t(&self) -> f64 {
+        1.0 - (self.step as f64).powf(self.decay_rate)
+    }
+}
+
+/// One weight of an Adafactor update. A 2-D `p [R, C]` stacks `parts` (row counts summing to R),
+/// each its own Adafactor tensor as transformers would see it (q, k and v of a fused projection):
+/// its own factored second moments, parameter RMS and update clipping. A 1-D `p [n]` is one part
+/// with an unfactored second moment.
+pub struct AdafactorSlot<'a, B: Device> {
+    pub p: &'a mut B::Tensor,
+    pub g: &'a B::Tensor,
+    /// Rows per part (2-D); `[n]` for 1-D.
+    pub parts: Vec<usize>,
+    /// 2-D: each row's running mean of g² + eps1 over its columns, `[R]`; 1-D: the running mean
+    /// of g² + eps1 itself, `[n]`.
+    pub row: &'a mut B::Tensor,
+    /// 2-D: each part's column means over its rows, `[parts, C]`; 1-D: empty, `[0]`.
+    pub col: &'a mut B::Tensor,
+    /// The first moment, `p`'s shape, when `beta1` is set.
+    pub m: Option<&'a mut B::Tensor>,
+    /// transformers' `weight_decay`: `p ← p − weight_decay · lr · p` before the update.
+    pub weight_decay: f64,
+    /// `matmul_copy`'s copy of `p`, rewritten with the updated values.
+    pub copy: Option<&'a mut B::Tensor>,
+}
+
 /// T5's learned relative position bias, looked up inside attention.
 pub struct RelBias<'a, B: Device> {
     /// `relative_attention_bias.weight`, `[num_buckets, heads]`

@@ -2,7 +2,7 @@
 //! trait's public method runs its rule here before the backend's `*_impl`, so a backend only
 //! checks what is its own (precisions, device limits). Every message names the op and the shapes.
 
-use super::{AdamSlot, AttnSpec, Device, Dropout, LoraGrad, LoraRef, Position, Shaped};
+use super::{AdafactorSlot, AdafactorStep, AdamSlot, AttnSpec, Device, Dropout, LoraGrad, LoraRef, Position, Shaped};
 use anyhow::{Result, bail, ensure};
 
 fn rows_cols(s: &[usize]) -> (usize, usize) {
@@ -240,6 +240,47 @@ pub fn adam<B: Device>(slots: &[AdamSlot<'_, B>]) -> Result<()> {
             s.p.shape(),
             s.m.shape(),
             s.v.shape()
+        );
+    }
+    Ok(())
+}
+
+/// Every slot's parameter and gradient share one shape of rank 1 or 2, its parts cover its rows,
+/// and its statistics have the shapes `AdafactorSlot` states; the step's constants are usable.
+pub fn adafactor<B: Device>(slots: &[AdafactorSlot<'_, B>], h: &AdafactorStep) -> Result<()> {
+    ensure!(h.step >= 1, "adafactor: steps count from 1");
+    ensure!(h.beta1.is_none_or(|b| (0.0..1.0).contains(&b)), "adafactor: beta1 must be in [0, 1)");
+    ensure!(h.clip_threshold > 0.0 && h.eps1 >= 0.0 && h.eps2 >= 0.0, "adafactor: bad clip_threshold or eps");
+    for (i, s) in slots.iter().enumerate() {
+        let p = s.p.shape();
+        ensure!(s.g.shape() == p, "adafactor: tensor {i}'s parameter {p:?} and gradient {:?} differ", s.g.shape());
+        let rows: usize = s.parts.iter().sum();
+        ensure!(!s.parts.is_empty() && s.parts.iter().all(|&r| r > 0), "adafactor: tensor {i} has an empty part");
+        let (want_row, want_col) = match *p {
+            [n] => {
+                ensure!(s.parts == [n], "adafactor: 1-D tensor {i} of {n} is one part, not {:?}", s.parts);
+                ([n], vec![0])
+            }
+            [r, c] => {
+                ensure!(rows == r, "adafactor: tensor {i}'s parts {:?} do not cover its {r} rows", s.parts);
+                ([r], vec![s.parts.len(), c])
+            }
+            _ => bail!("adafactor: tensor {i} of shape {p:?}: only 1-D and 2-D tensors"),
+        };
+        ensure!(
+            s.row.shape() == want_row && s.col.shape() == want_col.as_slice(),
+            "adafactor: tensor {i}'s statistics {:?} / {:?}, expected {want_row:?} / {want_col:?}",
+            s.row.shape(),
+            s.col.shape()
+        );
+        ensure!(
+            s.m.as_ref().map(|m| m.shape() == p).unwrap_or(true),
+            "adafactor: tensor {i}'s first moment does not have its shape"
+        );
+        ensure!(h.beta1.is_some() == s.m.is_some(), "adafactor: tensor {i}: a first moment exactly when beta1 is set");
+        ensure!(
+            s.copy.as_ref().map(|c| c.numel() == s.p.numel()).unwrap_or(true),
+            "adafactor: tensor {i}'s copy does not have its size"
         );
     }
     Ok(())

@@ -471,8 +471,16 @@ pub trait SamplingOps: Device {
     }
 }
 
-/// The optimiser: Adam over many tensors at once, and Σx² for gradient norms.
+/// The optimiser: Adam over many tensors at once, Adafactor, and Σx² for gradient norms.
 pub trait OptimOps: Device {
+    checked_op! {
+        /// One Adafactor update of every slot (transformers' `Adafactor.step`), the parameter
+        /// RMS and the update's RMS reduced on the device.
+        fn adafactor / adafactor_impl(&self, slots: &mut [AdafactorSlot<'_, Self>], h: &AdafactorStep) -> Result<()> => {
+            check::adafactor(slots, h)?;
+        }
+    }
+
     checked_op! {
         /// One Adam update of every slot: a step's whole optimiser in one pass where the backend can,
         /// since one launch per tensor of a few thousand values costs more than the update itself.

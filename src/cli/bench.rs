@@ -10,7 +10,7 @@ use crate::checkpoint::DType;
 use crate::device::{Device, Job, run_on};
 use crate::parallel::launch::launch;
 use crate::t5::config::T5Config;
-use crate::t5::init::random_weights;
+use crate::t5::init::{InitScheme, random_weights};
 use crate::t5::{Fwd, GenConfig, LoraSettings, Prompts, T5, ValueHead, generate};
 use crate::text::pad_batch;
 use anyhow::{Context, Result, ensure};
@@ -368,7 +368,7 @@ fn random_model_dir(size: &str) -> Result<tempfile::TempDir> {
     let cfg = T5Config::preset(size)?;
     crate::checkpoint::write_safetensors(
         &tmp.path().join("model.safetensors"),
-        &random_weights(&cfg, 0, DType::F16),
+        &random_weights(&cfg, 0, DType::F16, InitScheme::Hf),
         None,
     )?;
     crate::fsutil::write_atomic(&tmp.path().join("config.json"), cfg.to_json().to_string().as_bytes())?;

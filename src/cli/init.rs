@@ -2,7 +2,7 @@
 
 use crate::checkpoint::{DType, write_safetensors};
 use crate::t5::T5Config;
-use crate::t5::init::random_weights;
+use crate::t5::init::{InitScheme, random_weights};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
@@ -20,6 +20,13 @@ pub struct Args {
     /// Storage dtype: f16 (the engine's own), bf16 or f32.
     #[arg(long, default_value = "f16")]
     pub dtype: String,
+    /// Initialisation: hf (transformers' `_init_weights`: normals, std 1 for `shared` and the
+    /// untied `lm_head`, so a fresh model's loss is near 95 on the real vocabulary) or mesh-tf (the
+    /// same except `lm_head`, drawn as the original T5 in mesh-tensorflow draws its untied logits
+    /// kernel: a normal truncated at 2σ with σ = d_model^-0.5, giving a first loss near ln(vocab);
+    /// the one to train from scratch).
+    #[arg(long, default_value = "hf")]
+    pub init: InitScheme,
     /// A tokenizer.json to copy beside the weights (e.g. ../shared/tokenizers/t5/tokenizer.json).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -32,13 +39,13 @@ pub fn run(a: Args) -> Result<()> {
         crate::text::load_tokenizer(t)?;
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let weights = random_weights(&cfg, a.seed, dtype);
+    let weights = random_weights(&cfg, a.seed, dtype, a.init);
     let params: usize = weights.values().map(|t| t.shape.iter().product::<usize>()).sum();
     write_safetensors(&a.out.join("model.safetensors"), &weights, Some([("format".into(), "pt".into())].into()))?;
     crate::fsutil::write_atomic(&a.out.join("config.json"), serde_json::to_string_pretty(&cfg.to_json())?.as_bytes())?;
     if let Some(t) = &a.tokenizer {
         crate::fsutil::copy_file(t, &a.out.join("tokenizer.json"))?;
     }
-    eprintln!("wrote {} ({} parameters, {:?}, seed {})", a.out.display(), params, dtype, a.seed);
+    eprintln!("wrote {} ({} parameters, {:?}, {:?} init, seed {})", a.out.display(), params, dtype, a.init, a.seed);
     Ok(())
 }

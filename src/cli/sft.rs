@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Args {
     /// A TOML file of settings (every section and field optional: see examples/sft.toml). Without
     /// it, the defaults: full fine-tuning of models/flan-t5-small on SAMSum's train split for one
-    /// epoch, evaluated on its validation split, saved to runs/sft/model.
+    /// epoch, evaluated on its validation split after each epoch and at the end; runs/sft/model
+    /// holds the model of the best held-out ROUGE-L (its log line says `best: true`).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Start afresh in a `[run] out` that already holds a run, removing its log and model (without
@@ -51,15 +52,15 @@ pub fn run(a: Args) -> Result<()> {
     super::claim_run_dir(&settings.run.out, false, a.overwrite_output_dir, "`detox sft` cannot resume")?;
     let stop = super::interrupt_flag("evaluating and saving")?;
     let job = Sft { settings, stop: stop.clone() };
-    let Some((dir, step, total)) = launch(device, &a.workers.topology(), &job)? else { return Ok(()) };
+    let Some((dir, step, total, best)) = launch(device, &a.workers.topology(), &job)? else { return Ok(()) };
     if stop.load(Ordering::SeqCst) && step < total {
         return Err(super::Interrupted(format!(
-            "interrupted after step {step} of {total}; evaluated and saved the model: {}",
+            "interrupted after step {step} of {total}; evaluated; the best model (step {best}): {}",
             dir.display()
         ))
         .into());
     }
-    eprintln!("finished {step} steps; model: {}", dir.display());
+    eprintln!("finished {step} steps; the best model by held-out ROUGE-L (step {best}): {}", dir.display());
     Ok(())
 }
 
@@ -69,10 +70,10 @@ struct Sft {
 }
 
 impl ParallelJob for Sft {
-    /// The model's directory, the steps taken and the steps planned.
-    type Output = (PathBuf, usize, usize);
+    /// The model's directory, the steps taken, the steps planned and the saved (best) model's step.
+    type Output = (PathBuf, usize, usize, usize);
 
-    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<(PathBuf, usize, usize)> {
+    fn run<B: Backend>(&self, be: &B, group: &dyn Collective<B>) -> Result<(PathBuf, usize, usize, usize)> {
         let mut trainer = SftTrainer::new(be, self.settings.clone(), group)?;
         if group.rank() == 0 {
             eprintln!(
@@ -83,7 +84,7 @@ impl ParallelJob for Sft {
                 be.name()
             );
         }
-        let dir = trainer.run(&self.stop)?.0;
-        Ok((dir, trainer.step, trainer.total_steps()))
+        let (dir, best) = trainer.run(&self.stop)?;
+        Ok((dir, trainer.step, trainer.total_steps(), best.step))
     }
 }

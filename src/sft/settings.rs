@@ -3,6 +3,8 @@
 //! that works from a fresh checkout (SAMSum from ../shared, the model `detox init` writes to
 //! models/flan-t5-small).
 
+use super::adafactor::AdafactorOptions;
+use super::step::OptimizerKind;
 use crate::device::Device;
 use crate::t5::{LoraSettings, Targets};
 use anyhow::{Context, Result, ensure};
@@ -79,17 +81,46 @@ pub enum Schedule {
     Constant,
 }
 
+/// The optimiser of `[optim] optimizer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// torch's AdamW (beta1, beta2, eps).
+    Adamw,
+    /// transformers' Adafactor (the T5 papers' optimiser): factored second moments, update
+    /// clipping, and its own relative step size unless `relative_step = false`.
+    Adafactor,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimSettings {
     pub method: Method,
+    pub optimizer: Optimizer,
+    /// The external rate, which warmup and the schedule shape. Unused by Adafactor with
+    /// `relative_step` (transformers refuses an lr there; its rate is min(1e-2, 1/√t)).
     pub learning_rate: f64,
-    /// AdamW's decoupled decay, on every weight but the layer norms' scales (as transformers'
-    /// Trainer leaves norms out).
+    /// AdamW's decoupled decay or Adafactor's weight_decay (both p ← p − lr·wd·p), on every weight
+    /// but the layer norms' scales (as transformers' Trainer leaves norms out).
     pub weight_decay: f64,
-    pub beta1: f64,
+    /// The first moment's β₁; unset: 0.9 for AdamW, none for Adafactor (transformers' defaults).
+    pub beta1: Option<f64>,
+    /// AdamW's.
     pub beta2: f64,
+    /// AdamW's ε.
     pub eps: f64,
+    /// Adafactor's eps = (eps1, eps2): added to g², and the least parameter RMS.
+    pub adafactor_eps: [f64; 2],
+    /// Adafactor: the update's RMS is clipped to this.
+    pub clip_threshold: f64,
+    /// Adafactor: β₂ of step t is 1 − t^decay_rate.
+    pub decay_rate: f64,
+    /// Adafactor: the rate is multiplied by each weight's RMS (at least eps2).
+    pub scale_parameter: bool,
+    /// Adafactor: the rate is min(1e-2, 1/√t), not learning_rate with warmup and schedule.
+    pub relative_step: bool,
+    /// Adafactor with relative_step: the rate is min(1e-6·t, 1/√t).
+    pub warmup_init: bool,
     pub warmup_steps: usize,
     pub schedule: Schedule,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -99,8 +130,13 @@ pub struct OptimSettings {
     /// Dialogue–summary pairs per step.
     pub batch_size: usize,
     /// Loss scale for the GPU's half-precision gradient products; 0 picks one per device (1 on
-    /// the CPU, 1024 on CUDA).
+    /// the CPU, 1024 on CUDA). Halved when gradients overflow.
     pub loss_scale: f32,
+    /// Double the loss scale after this many overflow-free steps in a row, up to 2^24 (0: never).
+    /// torch's GradScaler waits 2000; SFT runs here are a few thousand steps, so 250 lets a scale
+    /// halved by an early spike recover within the run, at one skipped step per 250 if it
+    /// overshoots.
+    pub loss_scale_growth_interval: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,17 +199,25 @@ impl Default for OptimSettings {
     fn default() -> Self {
         Self {
             method: Method::Full,
+            optimizer: Optimizer::Adamw,
             learning_rate: 3e-4,
             weight_decay: 0.01,
-            beta1: 0.9,
+            beta1: None,
             beta2: 0.999,
             eps: 1e-8,
+            adafactor_eps: [1e-30, 1e-3],
+            clip_threshold: 1.0,
+            decay_rate: -0.8,
+            scale_parameter: true,
+            relative_step: true,
+            warmup_init: false,
             warmup_steps: 100,
             schedule: Schedule::Linear,
             max_grad_norm: 1.0,
             label_smoothing: 0.0,
             batch_size: 16,
             loss_scale: 0.0,
+            loss_scale_growth_interval: 250,
         }
     }
 }
@@ -198,6 +242,33 @@ impl Default for RunSettings {
 }
 
 impl OptimSettings {
+    /// AdamW's β₁: `beta1`, or 0.9.
+    pub fn adam_beta1(&self) -> f64 {
+        self.beta1.unwrap_or(0.9)
+    }
+
+    /// Adafactor's options, when it is the optimiser.
+    pub fn adafactor(&self) -> Option<AdafactorOptions> {
+        (self.optimizer == Optimizer::Adafactor).then_some(AdafactorOptions {
+            eps1: self.adafactor_eps[0],
+            eps2: self.adafactor_eps[1],
+            clip_threshold: self.clip_threshold,
+            decay_rate: self.decay_rate,
+            beta1: self.beta1,
+            scale_parameter: self.scale_parameter,
+            relative_step: self.relative_step,
+            warmup_init: self.warmup_init,
+        })
+    }
+
+    /// The state the optimiser keeps.
+    pub fn kind(&self) -> OptimizerKind {
+        match self.optimizer {
+            Optimizer::Adamw => OptimizerKind::AdamW,
+            Optimizer::Adafactor => OptimizerKind::Adafactor { first_moment: self.beta1.is_some() },
+        }
+    }
+
     /// The learning rate of step `step` (1-based) of `total`.
     pub fn lr_at(&self, step: usize, total: usize) -> f64 {
         let lr = self.learning_rate;
@@ -246,8 +317,13 @@ impl SftSettings {
         }
         ensure!(o.learning_rate > 0.0 && o.learning_rate.is_finite(), "[optim] learning_rate must be > 0");
         ensure!(o.weight_decay >= 0.0, "[optim] weight_decay must be ≥ 0");
-        ensure!((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2), "[optim] betas must be in [0, 1)");
+        ensure!(o.beta1.is_none_or(|b| (0.0..1.0).contains(&b)), "[optim] beta1 must be in [0, 1)");
+        ensure!((0.0..1.0).contains(&o.beta2), "[optim] beta2 must be in [0, 1)");
         ensure!(o.eps > 0.0, "[optim] eps must be > 0");
+        ensure!(o.adafactor_eps.iter().all(|e| *e >= 0.0 && e.is_finite()), "[optim] adafactor_eps must be ≥ 0");
+        ensure!(o.clip_threshold > 0.0 && o.clip_threshold.is_finite(), "[optim] clip_threshold must be > 0");
+        ensure!(o.decay_rate < 0.0, "[optim] decay_rate must be < 0 (β₂ of step t is 1 − t^decay_rate)");
+        ensure!(!o.warmup_init || o.relative_step, "[optim] warmup_init = true requires relative_step = true");
         ensure!(o.max_grad_norm >= 0.0, "[optim] max_grad_norm must be ≥ 0");
         ensure!((0.0..1.0).contains(&o.label_smoothing), "[optim] label_smoothing must be in [0, 1)");
         ensure!(o.batch_size > 0, "[optim] batch_size must be at least 1");
@@ -274,6 +350,24 @@ mod tests {
         assert_eq!(back, s);
         let e = toml::from_str::<SftSettings>("[optim]\nlearning_rat = 1.0\n").unwrap_err().to_string();
         assert!(e.contains("learning_rat"), "{e}");
+    }
+
+    #[test]
+    fn adafactor_options_are_validated_by_name() {
+        let bad = |toml: &str, field: &str| {
+            let s: SftSettings = toml::from_str(toml).unwrap();
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        bad("[optim]\noptimizer = \"adafactor\"\nrelative_step = false\nwarmup_init = true\n", "warmup_init");
+        bad("[optim]\nclip_threshold = 0.0\n", "clip_threshold");
+        bad("[optim]\ndecay_rate = 0.8\n", "decay_rate");
+        bad("[optim]\nbeta1 = 1.0\n", "beta1");
+        let s: SftSettings = toml::from_str("[optim]\noptimizer = \"adafactor\"\nbeta1 = 0.9\n").unwrap();
+        let a = s.optim.adafactor().unwrap();
+        assert_eq!((a.beta1, a.eps1, a.eps2, a.relative_step), (Some(0.9), 1e-30, 1e-3, true));
+        assert_eq!(s.optim.kind(), OptimizerKind::Adafactor { first_moment: true });
+        assert_eq!(SftSettings::default().optim.adam_beta1(), 0.9);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! One supervised fine-tuning step, top-down: `sft_gradients` (upload the batch, the teacher-forced
 //! forward with its tape, cross-entropy with label smoothing at the LM head, the backward into every
-//! weight or into the adapters), then `sft_update` (unscale and clip, AdamW on the f32 masters, the
-//! model's weights refreshed from them). Also the held-out loss.
+//! weight or into the adapters), then `sft_update` (unscale and clip, AdamW or Adafactor on the f32
+//! masters, the model's weights refreshed from them). Also the held-out loss. Both report the plain
+//! cross-entropy beside the (smoothed) objective.
 
+use super::adafactor::{AdafactorOptions, AdafactorState, adafactor_slots, zero_states};
 use super::data::SftBatch;
 use crate::backend::{AdamStep, Backend, Shaped};
 use crate::checkpoint::Checkpoint;
@@ -12,37 +14,67 @@ use crate::t5::model::Fwd;
 use crate::t5::params::{FullGrads, read_masters};
 use crate::t5::train::LoraGrads;
 use crate::t5::trainable::{Trainable, adam_slots, zero_moments};
-use anyhow::{Result, ensure};
+use anyhow::{Result, anyhow, ensure};
 
-/// What trains, with AdamW's moments of each tensor.
+/// Which optimiser's state the trainables carry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    AdamW,
+    /// With a first moment when `first_moment` (Adafactor's beta1 set).
+    Adafactor {
+        first_moment: bool,
+    },
+}
+
+/// Each trainable tensor's optimiser state, in the trainables' order.
+pub enum Moments<B: Backend> {
+    /// AdamW's `(m, v)`.
+    AdamW(Vec<(B::Tensor, B::Tensor)>),
+    Adafactor(Vec<AdafactorState<B>>),
+}
+
+impl<B: Backend> Moments<B> {
+    /// Zero state for tensors of these `(shape, rows of each Hugging Face tensor it stacks)`.
+    fn zeros(be: &B, kind: OptimizerKind, tensors: Vec<(Vec<usize>, Vec<usize>)>) -> Result<Self> {
+        Ok(match kind {
+            OptimizerKind::AdamW => Moments::AdamW(zero_moments(be, tensors.iter().map(|(s, _)| s.as_slice()))?),
+            OptimizerKind::Adafactor { first_moment } => Moments::Adafactor(zero_states(be, &tensors, first_moment)?),
+        })
+    }
+}
+
+/// What trains, with the optimiser's state of each tensor.
 pub enum Trainables<B: Backend> {
     /// f32 masters of every weight in `T5::params_mut`'s order, each named by its first Hugging
     /// Face tensor (weight decay applies to all but the layer norms' scales).
-    Full { masters: Vec<B::Tensor>, moments: Vec<(B::Tensor, B::Tensor)>, names: Vec<String> },
+    Full { masters: Vec<B::Tensor>, moments: Moments<B>, names: Vec<String> },
     /// The adapters' A and B (already f32 masters) in `T5::lora_trainables`' order.
-    Lora { moments: Vec<(B::Tensor, B::Tensor)> },
+    Lora { moments: Moments<B> },
 }
 
 pub struct SftOptimizer<B: Backend> {
     pub trainables: Trainables<B>,
-    /// Updates applied so far (AdamW's bias correction counts these).
+    /// Updates applied so far (AdamW's bias correction and Adafactor's β₂ₜ count these).
     pub steps: u64,
 }
 
 impl<B: Backend> SftOptimizer<B> {
     /// Full-parameter training: masters read in f32 from the checkpoint the model came from.
-    pub fn full(be: &B, model: &T5<B>, ckpt: &Checkpoint) -> Result<Self> {
+    pub fn full(be: &B, model: &T5<B>, ckpt: &Checkpoint, kind: OptimizerKind) -> Result<Self> {
         ensure!(model.lora.is_none(), "full-parameter training runs on a model without LoRA adapters");
         let masters = read_masters(be, model, ckpt)?;
-        let names = model.params().into_iter().map(|p| p.names[0].0.clone()).collect();
-        let moments = zero_moments(be, masters.iter().map(|m| m.shape()))?;
+        let params = model.params();
+        let names = params.iter().map(|p| p.names[0].0.clone()).collect();
+        let parts = params.iter().map(|p| p.names.iter().map(|(_, rows)| *rows).collect());
+        let moments = Moments::zeros(be, kind, masters.iter().map(|m| m.shape().to_vec()).zip(parts).collect())?;
         Ok(Self { trainables: Trainables::Full { masters, moments, names }, steps: 0 })
     }
 
     /// LoRA-only training of the adapters the model carries.
-    pub fn lora(be: &B, model: &T5<B>) -> Result<Self> {
+    pub fn lora(be: &B, model: &T5<B>, kind: OptimizerKind) -> Result<Self> {
         ensure!(model.lora.is_some(), "LoRA training needs adapters on the model");
-        let moments = zero_moments(be, model.lora_tensors().into_iter().map(|(_, t)| t.shape()))?;
+        let tensors = model.lora_tensors().into_iter().map(|(_, t)| (t.shape().to_vec(), vec![t.shape()[0]])).collect();
+        let moments = Moments::zeros(be, kind, tensors)?;
         Ok(Self { trainables: Trainables::Lora { moments }, steps: 0 })
     }
 }
@@ -54,7 +86,10 @@ pub struct Hyper {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    /// AdamW's decoupled decay, or Adafactor's `weight_decay` (both `p ← p − lr · wd · p`).
     pub weight_decay: f64,
+    /// Adafactor's options, when the optimiser is Adafactor (`lr` is then its external rate).
+    pub adafactor: Option<AdafactorOptions>,
     /// 0: no clipping.
     pub max_grad_norm: f64,
     pub label_smoothing: f32,
@@ -65,10 +100,21 @@ pub struct Hyper {
     pub dropout_seed: u64,
 }
 
+/// A batch's mean losses per target token.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Losses {
+    /// The objective: cross-entropy with the label smoothing.
+    pub loss: f64,
+    /// Plain cross-entropy (no smoothing): the negative log-likelihood of the targets.
+    pub ce: f64,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct StepReport {
     /// Mean (label-smoothed) cross-entropy per target token.
     pub loss: f64,
+    /// Mean plain cross-entropy per target token.
+    pub ce: f64,
     pub tokens: usize,
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
@@ -129,14 +175,14 @@ pub fn sft_step<B: Backend>(
 ) -> Result<StepReport> {
     let full = matches!(opt.trainables, Trainables::Full { .. });
     let h_mine = Hyper { dropout_seed: worker_seed(h.dropout_seed, group.rank()), ..*h };
-    let (loss, mut grads) = sft_gradients(be, model, full, batch, total_tokens, &h_mine)?;
+    let (losses, mut grads) = sft_gradients(be, model, full, batch, total_tokens, &h_mine)?;
     group.all_reduce_sum(be, &mut grads.tensors_mut())?;
-    let loss = sum_host(group, be, &[loss as f32])?[0] as f64;
+    let summed = sum_host(group, be, &[losses.loss as f32, losses.ce as f32])?;
     let (grad_norm, skipped) = sft_update(be, model, opt, &mut grads, h)?;
-    Ok(StepReport { loss, tokens: total_tokens, grad_norm, skipped })
+    Ok(StepReport { loss: summed[0] as f64, ce: summed[1] as f64, tokens: total_tokens, grad_norm, skipped })
 }
 
-/// The forward and backward of one batch: the mean loss, and the gradients scaled by
+/// The forward and backward of one batch: the mean losses, and the gradients scaled by
 /// `h.loss_scale`.
 ///
 /// Data-parallel workers each pass their share of the batch and the whole batch's `total_tokens`:
@@ -149,7 +195,7 @@ pub fn sft_gradients<B: Backend>(
     batch: &SftBatch,
     total_tokens: usize,
     h: &Hyper,
-) -> Result<(f64, SftGrads<B>)> {
+) -> Result<(Losses, SftGrads<B>)> {
     ensure!(total_tokens > 0, "an SFT batch with no target tokens");
     let zeros = || -> Result<SftGrads<B>> {
         Ok(if full {
@@ -160,7 +206,7 @@ pub fn sft_gradients<B: Backend>(
     };
     if batch.tokens() == 0 {
         // A worker whose share of a short last batch is empty contributes nothing.
-        return Ok((0.0, zeros()?));
+        return Ok((Losses::default(), zeros()?));
     }
 
     // 1. The batch on the device; each label weighs loss_scale / total_tokens (the mean, scaled).
@@ -182,8 +228,9 @@ pub fn sft_gradients<B: Backend>(
     let flat = be.reshape(hidden, &[batch.mask.len(), d])?;
     let logits = model.lm_logits(be, &flat)?;
     let (loss_rows, d_logits) = be.cross_entropy(&logits, &x.labels, &weights, h.label_smoothing)?;
+    let (loss, ce) = token_losses(be, &logits, &x.labels, &loss_rows, &batch.mask, h.label_smoothing)?;
     drop(logits);
-    let loss = masked_sum(&be.download(&loss_rows)?, &batch.mask) / total_tokens as f64;
+    let losses = Losses { loss: loss / total_tokens as f64, ce: ce / total_tokens as f64 };
 
     // 4. Backward into every weight, or into the adapters.
     let mut grads = zeros()?;
@@ -198,11 +245,29 @@ pub fn sft_gradients<B: Backend>(
         SftGrads::Full(g) => model.backward_full(be, &tape, (&x.ids, &x.lengths, &x.decoder_input), &d_hidden, g)?,
         SftGrads::Lora(g) => model.backward(be, &tape, &x.lengths, &d_hidden, g)?,
     }
-    Ok((loss, grads))
+    Ok((losses, grads))
+}
+
+/// `(Σ mask · smoothed loss, Σ mask · plain cross-entropy)` of a batch's rows, given the smoothed
+/// rows `loss_rows`; the plain one is −log p(target), the same rows when there is no smoothing.
+fn token_losses<B: Backend>(
+    be: &B,
+    logits: &B::Tensor,
+    labels: &B::Ids,
+    loss_rows: &B::Tensor,
+    mask: &[f32],
+    smoothing: f32,
+) -> Result<(f64, f64)> {
+    let loss = masked_sum(&be.download(loss_rows)?, mask);
+    if smoothing == 0.0 {
+        return Ok((loss, loss));
+    }
+    let (logp, _) = be.token_logprobs(logits, labels)?;
+    Ok((loss, -masked_sum(&be.download(&logp)?, mask)))
 }
 
 /// Unscales and clips the gradients (torch's `clip_grad_norm_`: coefficient max / (norm + 1e-6), at
-/// most 1), then AdamW and the model's weights (or the adapters' copies) refreshed from the masters.
+/// most 1), then AdamW or Adafactor and the model's weights (or the adapters' copies) refreshed from the masters.
 /// Returns the gradient norm before clipping, and whether the step was skipped for non-finite
 /// gradients.
 pub fn sft_update<B: Backend>(
@@ -222,8 +287,23 @@ pub fn sft_update<B: Backend>(
     let grad_scale = (clip / h.loss_scale as f64) as f32;
 
     opt.steps += 1;
-    let step = AdamStep { lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, step: opt.steps, grad_scale };
     let wd = h.weight_decay;
+    let steps = opt.steps;
+    let update = |be: &B, trainables: Vec<Trainable<'_, B>>, moments: &mut Moments<B>, decay: &dyn Fn(usize) -> f64| {
+        match moments {
+            Moments::AdamW(m) => {
+                let step = AdamStep { lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, step: steps, grad_scale };
+                be.adam(&mut adam_slots(trainables, gs.clone(), m, decay)?, &step)
+            }
+            Moments::Adafactor(states) => {
+                let o = h.adafactor.ok_or_else(|| anyhow!("Adafactor state but no Adafactor options"))?;
+                be.adafactor(
+                    &mut adafactor_slots(trainables, gs.clone(), states, decay)?,
+                    &o.step(h.lr, steps, grad_scale),
+                )
+            }
+        }
+    };
     match &mut opt.trainables {
         Trainables::Full { masters, moments, names } => {
             let trainables = masters.iter_mut().zip(names.iter()).map(|(param, name)| Trainable {
@@ -232,7 +312,7 @@ pub fn sft_update<B: Backend>(
                 copy: None,
             });
             let decay = |i: usize| if names[i].contains("layer_norm") { 0.0 } else { wd };
-            be.adam(&mut adam_slots(trainables.collect(), gs, moments, decay)?, &step)?;
+            update(be, trainables.collect(), moments, &decay)?;
             let mut params = model.params_mut();
             ensure!(params.len() == masters.len(), "optimizer state does not match the model");
             for (param, master) in params.iter_mut().zip(masters.iter()) {
@@ -240,20 +320,22 @@ pub fn sft_update<B: Backend>(
             }
         }
         Trainables::Lora { moments } => {
-            be.adam(&mut adam_slots(model.lora_trainables(), gs, moments, |_| wd)?, &step)?;
+            update(be, model.lora_trainables(), moments, &|_| wd)?;
             model.lora_updated(be)?;
         }
     }
     Ok((grad_norm, false))
 }
 
-/// The held-out loss of a batch, no dropout: `(Σ token losses, tokens)`.
-pub fn eval_loss<B: Backend>(be: &B, model: &T5<B>, batch: &SftBatch, smoothing: f32) -> Result<(f64, usize)> {
+/// The held-out losses of a batch, no dropout: `(Σ token losses, Σ plain token cross-entropies,
+/// tokens)`.
+pub fn eval_loss<B: Backend>(be: &B, model: &T5<B>, batch: &SftBatch, smoothing: f32) -> Result<(f64, f64, usize)> {
     let x = upload(be, batch)?;
     let (logits, _) = model.forward(be, &x.ids, &x.lengths, &x.decoder_input, Fwd::eval(model.lora.is_some()))?;
     let v = logits.shape()[2];
     let logits = be.reshape(logits, &[batch.mask.len(), v])?;
     let weights = be.upload(&batch.mask, &[batch.mask.len()])?;
     let (loss_rows, _) = be.cross_entropy(&logits, &x.labels, &weights, smoothing)?;
-    Ok((masked_sum(&be.download(&loss_rows)?, &batch.mask), batch.tokens()))
+    let (loss, ce) = token_losses(be, &logits, &x.labels, &loss_rows, &batch.mask, smoothing)?;
+    Ok((loss, ce, batch.tokens()))
 }

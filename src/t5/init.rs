@@ -1,6 +1,18 @@
-//! Deterministic random T5 checkpoints of FLAN-T5's shapes, initialised as transformers initialises
-//! T5 (so attention is sharp enough that outputs depend on the input), for tests and benchmarks
-//! where no pretrained weights can be downloaded.
+//! Deterministic random T5 checkpoints of FLAN-T5's shapes, for tests, benchmarks and training from
+//! scratch, in one of two schemes:
+//!
+//! - `hf`: transformers' `T5PreTrainedModel._init_weights` (factor 1): normals with std 1 for
+//!   `shared` and the untied `lm_head`, (d_model·d_kv)^-½ for q, d_model^-½ for k, v, wi_0, wi_1
+//!   and the relative-attention bias, (heads·d_kv)^-½ for o, d_ff^-½ for wo; norms at 1.
+//!   Attention is then sharp enough that outputs depend on the input. With an untied head of std 1
+//!   the logits' std is √d_model (≈ 22.6 for small), so a fresh model's loss is near 95, not ln V.
+//! - `mesh-tf`: the same except `lm_head`, which is drawn as the original T5 (mesh-tensorflow)
+//!   draws its untied `logits` kernel: `mtf.layers.dense`'s default `VarianceScalingInitializer`
+//!   (scale 1, fan_in, normal), a truncated normal (values beyond 2σ redrawn, as
+//!   `tf.truncated_normal_initializer`) with σ = d_model^-½. The logits then have std ≈ 1 and a
+//!   fresh model's loss is near ln V. Everything else keeps transformers' plain normals (its stds
+//!   are mesh-tensorflow's; mesh-tensorflow's dense kernels are truncated, which only `lm_head`
+//!   reproduces here).
 
 use super::config::T5Config;
 use crate::checkpoint::{DType, OwnedTensor};
@@ -54,16 +66,49 @@ pub fn tensor_specs(c: &T5Config) -> Vec<(String, Vec<usize>, Option<f32>)> {
     specs
 }
 
+/// Which initialisation `random_weights` follows (the module's comment says what each draws).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitScheme {
+    Hf,
+    MeshTf,
+}
+
+impl std::str::FromStr for InitScheme {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "hf" => Ok(Self::Hf),
+            "mesh-tf" => Ok(Self::MeshTf),
+            _ => anyhow::bail!("unknown init {s:?}: expected hf or mesh-tf"),
+        }
+    }
+}
+
 /// Draws every tensor of `c` in `dtype`.
-pub fn random_weights(c: &T5Config, seed: u64, dtype: DType) -> BTreeMap<String, OwnedTensor> {
+pub fn random_weights(c: &T5Config, seed: u64, dtype: DType, scheme: InitScheme) -> BTreeMap<String, OwnedTensor> {
     tensor_specs(c)
         .into_par_iter()
         .map(|(name, shape, std)| {
             let n: usize = shape.iter().product();
+            let mut rng = ChaCha8Rng::seed_from_u64(crate::seeds::tensor(seed, &name));
             let values: Vec<f32> = match std {
                 None => vec![1.0; n],
+                Some(_) if scheme == InitScheme::MeshTf && name == "lm_head.weight" => {
+                    let sigma = (c.d_model as f32).powf(-0.5);
+                    let normal = Normal::new(0.0f32, sigma).expect("positive std");
+                    (0..n)
+                        .map(|_| {
+                            loop {
+                                let x = normal.sample(&mut rng);
+                                if x.abs() <= 2.0 * sigma {
+                                    break x;
+                                }
+                            }
+                        })
+                        .collect()
+                }
                 Some(s) => {
-                    let mut rng = ChaCha8Rng::seed_from_u64(crate::seeds::tensor(seed, &name));
                     let normal = Normal::new(0.0f32, s).expect("positive std");
                     (0..n).map(|_| normal.sample(&mut rng)).collect()
                 }

@@ -1,4 +1,4 @@
-//! The training operations (backward forms, dropout, token log-probabilities, Adam, Σx²) of a
+//! The training operations (backward forms, dropout, token log-probabilities, Adam, Adafactor, Σx²) of a
 //! backend against the CPU reference on fresh random inputs, every branch of the CUDA forms: LoRA
 //! branches at column offsets with and without dropout and half shadows, attention with and without
 //! bias, padding and causality on the tensor-core and the plain head sizes, f32 and half inputs.
@@ -9,6 +9,7 @@ use crate::common::{Case, F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
+use detox::sft::adafactor::AdafactorOptions;
 use half::f16;
 
 /// `t` as the half activation a GPU forward pass would hand over (the backend's half copy), when
@@ -760,6 +761,104 @@ pub fn adam_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
         .collect()
 }
 
+/// An Adafactor weight: its shape and the rows of each part.
+type Weight = (Vec<usize>, Vec<usize>);
+
+/// Adafactor weights `(shape, parts)` updated together for three steps on both backends: every
+/// statistic, the parameters and the half copy.
+fn adafactor_case<B: Backend>(
+    be: &B,
+    r: &mut Rand,
+    weights: &[(Vec<usize>, Vec<usize>)],
+    o: AdafactorOptions,
+    what: &str,
+) {
+    use detox::sft::adafactor::{AdafactorState, adafactor_slots};
+    use detox::t5::trainable::Trainable;
+    let p0: Vec<Vec<f32>> = weights.iter().map(|(s, _)| r.vec(s.iter().product(), 1.0)).collect();
+    let mut pc: Vec<_> = weights.iter().zip(&p0).map(|((s, _), p)| Cpu.upload(p, s).unwrap()).collect();
+    let mut pg: Vec<_> = weights.iter().zip(&p0).map(|((s, _), p)| be.upload(p, s).unwrap()).collect();
+    let first = o.beta1.is_some();
+    let mut sc: Vec<_> = weights.iter().map(|(s, k)| AdafactorState::zeros(&Cpu, s, k, first).unwrap()).collect();
+    let mut sg: Vec<_> = weights.iter().map(|(s, k)| AdafactorState::zeros(be, s, k, first).unwrap()).collect();
+    let mut copies: Vec<Option<B::Tensor>> = pg.iter().map(|p| be.matmul_copy(p).unwrap()).collect();
+    for step in 1..=3u64 {
+        let gs: Vec<Vec<f32>> = weights.iter().map(|(s, _)| r.vec(s.iter().product(), 0.01 * step as f32)).collect();
+        let gc: Vec<_> = weights.iter().zip(&gs).map(|((s, _), g)| Cpu.upload(g, s).unwrap()).collect();
+        let gg: Vec<_> = weights.iter().zip(&gs).map(|((s, _), g)| be.upload(g, s).unwrap()).collect();
+        let h = o.step(1e-2, step, 0.37);
+        let decay = |i: usize| if i.is_multiple_of(2) { 0.1 } else { 0.0 };
+        let tc = pc.iter_mut().map(|p| Trainable { name: String::new(), param: p, copy: None }).collect();
+        Cpu.adafactor(&mut adafactor_slots(tc, gc.iter().collect(), &mut sc, decay).unwrap(), &h).unwrap();
+        let tg = pg
+            .iter_mut()
+            .zip(copies.iter_mut())
+            .map(|(p, c)| Trainable { name: String::new(), param: p, copy: c.as_mut() })
+            .collect();
+        be.adafactor(&mut adafactor_slots(tg, gg.iter().collect(), &mut sg, decay).unwrap(), &h).unwrap();
+        for i in 0..weights.len() {
+            let what = format!("{what} step {step}, weight {i}");
+            close(&be.download(&pg[i]).unwrap(), &pc[i].data, F32, &format!("{what}: p"));
+            for (k, (g, c)) in sg[i].tensors().into_iter().zip(sc[i].tensors()).enumerate() {
+                if !c.data.is_empty() {
+                    close(&be.download(g).unwrap(), &c.data, F32, &format!("{what}: statistic {k}"));
+                }
+            }
+            if let Some(c) = &copies[i] {
+                let want: Vec<f32> = be.download(&pg[i]).unwrap().iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                assert_eq!(be.download(c).unwrap(), want, "{what}: the half copy");
+            }
+        }
+    }
+}
+
+/// Adafactor, one case per set of weights and options: a stacked weight of three parts (q, k, v),
+/// 1-D weights below and across a block, columns past a block and rows past a column chunk;
+/// relative step with parameter scale, and an external rate with a first moment; flan-t5-base's
+/// feed-forward weight of two parts.
+pub fn adafactor_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
+    let relative = AdafactorOptions {
+        eps1: 1e-30,
+        eps2: 1e-3,
+        clip_threshold: 1.0,
+        decay_rate: -0.8,
+        beta1: None,
+        scale_parameter: true,
+        relative_step: true,
+        warmup_init: false,
+    };
+    let external = AdafactorOptions {
+        beta1: Some(0.9),
+        scale_parameter: false,
+        relative_step: false,
+        clip_threshold: 0.5,
+        ..relative
+    };
+    let rows: [(Vec<Weight>, AdafactorOptions, &str); 3] = [
+        (
+            vec![
+                (vec![96, 40], vec![32, 32, 32]),
+                (vec![7], vec![7]),
+                (vec![3000], vec![3000]),
+                (vec![130, 300], vec![130]),
+            ],
+            relative,
+            "relative",
+        ),
+        (vec![(vec![5, 3], vec![5]), (vec![1], vec![1]), (vec![70, 257], vec![20, 50])], external, "external+beta1"),
+        (vec![(vec![4096, 768], vec![2048, 2048])], relative, "relative"),
+    ];
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, (weights, o, mode))| {
+            let shapes: Vec<_> = weights.iter().map(|(s, p)| format!("{s:?}/{p:?}")).collect();
+            let name = format!("adafactor [weights={} {mode}]", shapes.join(","));
+            let what = name.clone();
+            Case::new(name, move |be: &B| adafactor_case(be, &mut Rand::new(110 + 100 * i as u64), &weights, o, &what))
+        })
+        .collect()
+}
+
 fn weight_grad_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
     let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
     let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
@@ -925,6 +1024,7 @@ crate::common::suite!("backward":
     each concat_last_matches_cpu,
     table token_logprobs_matches_cpu,
     table adam_matches_cpu,
+    table adafactor_matches_cpu,
     each sum_squares_matches_cpu,
     table weight_grad_matches_cpu,
     table rms_norm_weight_grad_matches_cpu,

@@ -14,7 +14,7 @@ use detox::ppo::step::{Learner, Optimizer, Rollout, StepEnv, StepOptions, ppo_st
 use detox::ppo::trainables::trainable_tensors;
 use detox::ppo::{KlController, PpoConfig};
 use detox::sft::data::{Pair, SftBatch};
-use detox::sft::step::{Hyper, SftOptimizer, Trainables, sft_step};
+use detox::sft::step::{Hyper, OptimizerKind, SftOptimizer, Trainables, sft_step};
 use detox::t5::{T5, ValueHead};
 
 /// CPU: the same f32 sums in another order. CUDA: half-precision products of other shapes.
@@ -143,7 +143,7 @@ fn pairs() -> Vec<Pair> {
 fn sft<B: Backend>(be: &B, group: &dyn Collective<B>) -> (f64, f64, Vec<Vec<f32>>) {
     let dir = fixture("sft/flan/model");
     let mut model = T5::load(be, &dir).unwrap();
-    let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir).unwrap()).unwrap();
+    let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir).unwrap(), OptimizerKind::AdamW).unwrap();
     let masters = |opt: &SftOptimizer<B>| -> Vec<Vec<f32>> {
         let Trainables::Full { masters, .. } = &opt.trainables else { panic!("full-parameter training") };
         masters.iter().map(|m| be.download(m).unwrap()).collect()
@@ -159,6 +159,7 @@ fn sft<B: Backend>(be: &B, group: &dyn Collective<B>) -> (f64, f64, Vec<Vec<f32>
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.01,
+        adafactor: None,
         max_grad_norm: 0.5,
         label_smoothing: 0.1,
         loss_scale: be.default_loss_scale(),

@@ -1,5 +1,6 @@
 //! One full-parameter fine-tuning step against PyTorch (tests/fixtures/sft, from
-//! tools/make_sft_fixture.py): the label-smoothed loss, the gradient of every weight by Hugging Face
+//! tools/make_sft_fixture.py): the label-smoothed loss and the plain cross-entropy (of the training
+//! step and of the held-out evaluation), the gradient of every weight by Hugging Face
 //! name, the gradient norm, and every weight after clipping and one AdamW step; for an untied
 //! FLAN-style head and a tied, rescaled one. And, on CUDA against the CPU, the same step with T5's
 //! own dropout on: both backends draw the same masks, so loss and gradients agree.
@@ -8,7 +9,7 @@ use crate::common::{Expected, fixture, rel_l2_err};
 use detox::backend::Backend;
 use detox::checkpoint::Checkpoint;
 use detox::sft::data::SftBatch;
-use detox::sft::step::{Hyper, SftGrads, SftOptimizer, sft_gradients, sft_update};
+use detox::sft::step::{Hyper, OptimizerKind, SftGrads, SftOptimizer, eval_loss, sft_gradients, sft_update};
 use detox::t5::T5;
 use detox::t5::params::named_tensors;
 use detox::text::Batch;
@@ -27,21 +28,31 @@ pub fn sft_step_matches_pytorch<B: Backend>(be: &B) {
         let j: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
         let num = |k: &str| j[k].as_f64().unwrap();
         let (mut model, batch) = fixture_step(be, name, None);
-        let mut opt = SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir.join("model")).unwrap()).unwrap();
+        let mut opt =
+            SftOptimizer::full(be, &model, &Checkpoint::open_dir(&dir.join("model")).unwrap(), OptimizerKind::AdamW)
+                .unwrap();
         let h = Hyper {
             lr: num("lr"),
             beta1: num("beta1"),
             beta2: num("beta2"),
             eps: num("eps"),
             weight_decay: num("weight_decay"),
+            adafactor: None,
             max_grad_norm: num("max_grad_norm"),
             label_smoothing: num("label_smoothing") as f32,
             loss_scale: if cpu { 1.0 } else { 1024.0 },
             dropout_seed: 0,
         };
-        let (loss, mut grads) = sft_gradients(be, &model, true, &batch, batch.tokens(), &h).unwrap();
-        let want_loss = num("loss");
+        let (losses, mut grads) = sft_gradients(be, &model, true, &batch, batch.tokens(), &h).unwrap();
+        let (want_loss, want_ce) = (num("loss"), num("ce"));
+        let loss = losses.loss;
         assert!(((loss - want_loss) / want_loss).abs() < tol_loss, "{name}: loss {loss} vs PyTorch {want_loss}");
+        let ce = losses.ce;
+        assert!(((ce - want_ce) / want_ce).abs() < tol_loss, "{name}: plain CE {ce} vs PyTorch {want_ce}");
+        let (sum, sum_ce, tokens) = eval_loss(be, &model, &batch, h.label_smoothing).unwrap();
+        let (eval, eval_ce) = (sum / tokens as f64, sum_ce / tokens as f64);
+        assert!(((eval - want_loss) / want_loss).abs() < tol_loss, "{name}: eval loss {eval} vs PyTorch {want_loss}");
+        assert!(((eval_ce - want_ce) / want_ce).abs() < tol_loss, "{name}: eval CE {eval_ce} vs PyTorch {want_ce}");
 
         let SftGrads::Full(g) = &mut grads else { panic!("full-parameter gradients expected") };
         let refs: Vec<&B::Tensor> = g.tensors_mut().into_iter().map(|t| &*t).collect();
@@ -113,6 +124,7 @@ fn dropout_step<B: Backend>(be: &B, dropout_rate: f32, loss_scale: f32) -> (f64,
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
+        adafactor: None,
         max_grad_norm: 0.0,
         label_smoothing: 0.1,
         loss_scale,
@@ -122,7 +134,7 @@ fn dropout_step<B: Backend>(be: &B, dropout_rate: f32, loss_scale: f32) -> (f64,
     let SftGrads::Full(g) = &mut grads else { panic!("full-parameter gradients expected") };
     let refs: Vec<&B::Tensor> = g.tensors_mut().into_iter().map(|t| &*t).collect();
     let named = named_tensors(be, &model, &refs).unwrap();
-    (loss, named.into_iter().map(|(n, t)| (n, f32s(&t.bytes).iter().map(|v| v / loss_scale).collect())).collect())
+    (loss.loss, named.into_iter().map(|(n, t)| (n, f32s(&t.bytes).iter().map(|v| v / loss_scale).collect())).collect())
 }
 
 /// One SFT step with T5's dropout (rate 0.1 at every site) on `be` against the CPU: the same masks,

@@ -22,6 +22,12 @@ pub const ADAM_PER_THREAD: u32 = 4;
 /// Threads of one block of `sum_squares_multi`, and the values each thread reads.
 pub const SUM_SQUARES_THREADS: u32 = 256;
 pub const SUM_SQUARES_PER_THREAD: u32 = 8;
+/// Threads of one block of the Adafactor kernels, and the values one block of its element-wise
+/// passes takes.
+pub const ADAFACTOR_THREADS: u32 = 256;
+pub const ADAFACTOR_PER_BLOCK: u32 = 256 * 8;
+/// Rows whose column sums one thread of `adafactor_col_partials` adds before the ordered finish.
+pub const ADAFACTOR_COL_ROWS: u32 = 64;
 /// Queries (or keys) per block of the many-query attention kernels, forward and backward; the plain
 /// forms run one thread per row.
 pub const ATTN_ROWS: u32 = 64;
