@@ -71,6 +71,7 @@ pub fn run(a: Args) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
+        ..GenConfig::default()
     };
     generation.validate()?;
     let rows = text::read_jsonl(&a.input)?;

@@ -671,8 +671,8 @@ pub fn token_choice<B: Backend>(be: &B) {
             );
             let (mut pc, mut pg) = (Cpu.zeros(&[rows]).unwrap(), be.zeros(&[rows]).unwrap());
             let counter = be.upload_ids(&[step as u32], &[1]).unwrap();
-            Cpu.select_tokens(&lc, spec, Position::At(step), &sc, &mut fc, &mut tc, &mut pc).unwrap();
-            be.select_tokens(&lg, spec, Position::Counter(&counter), &sg, &mut fg, &mut tg, &mut pg).unwrap();
+            Cpu.select_tokens(&lc, None, spec, Position::At(step), &sc, &mut fc, &mut tc, &mut pc).unwrap();
+            be.select_tokens(&lg, None, spec, Position::Counter(&counter), &sg, &mut fg, &mut tg, &mut pg).unwrap();
             let (tw, tgot) = (tc.data.clone(), be.download_ids(&tg).unwrap());
             // The draw inverts a CDF summed in another order on each backend: a token at a
             // boundary may flip, but almost all must agree, and greedy exactly.
