@@ -748,8 +748,8 @@ pub fn beam_search_steps<B: Backend>(be: &B) {
         for step in 0..t {
             let mut logits = r.vec(n * v, 2.0);
             for (row, l) in logits.chunks_mut(v).enumerate() {
-                for tok in 0..6 {
-                    l[tok] += 6.0 - tok as f32 * 0.5;
+                for (tok, x) in l.iter_mut().take(6).enumerate() {
+                    *x += 6.0 - tok as f32 * 0.5;
                 }
                 l[1] += (row % 3) as f32 * 1.5 - 2.0;
             }

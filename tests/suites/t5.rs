@@ -216,8 +216,15 @@ fn generate_case(c: &serde_json::Value) -> (String, GenConfig) {
     (c["name"].as_str().expect("name").to_string(), cfg)
 }
 
-/// The generate fixture's model, prompts, expected outputs and cases.
-fn generate_fixture<B: Backend>(be: &B) -> (T5<B>, Prompts<B>, Expected, Vec<(String, GenConfig)>) {
+/// The generate fixture: its model, prompts, transformers' outputs and the cases that made them.
+struct GenFixture<B: Backend> {
+    model: T5<B>,
+    prompts: Prompts<B>,
+    exp: Expected,
+    cases: Vec<(String, GenConfig)>,
+}
+
+fn generate_fixture<B: Backend>(be: &B) -> GenFixture<B> {
     let dir = fixture("t5/generate");
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
@@ -230,14 +237,14 @@ fn generate_fixture<B: Backend>(be: &B) -> (T5<B>, Prompts<B>, Expected, Vec<(St
     let streams: Vec<u32> = (0..shape[0] as u32).collect();
     let prompts = Prompts::upload(be, &batch, &streams).unwrap();
     let cases = cases["cases"].as_array().unwrap().iter().map(generate_case).collect();
-    (model, prompts, exp, cases)
+    GenFixture { model, prompts, exp, cases }
 }
 
 /// Greedy decoding with repetition penalty, no-repeat n-grams and min-new-tokens, and beam search
 /// with 2 to 4 beams, length penalties and each early_stopping: on the CPU the tokens of
 /// transformers' `generate`; on the GPU the CPU's tokens (and close log-probs).
 pub fn processed_and_beam_generations_match<B: Backend>(be: &B) {
-    let (model, prompts, exp, cases) = generate_fixture(be);
+    let GenFixture { model, prompts, exp, cases } = generate_fixture(be);
     let on_gpu = be.ordinal().is_some();
     let cpu = on_gpu.then(|| generate_fixture(&detox::backend::cpu::Cpu));
     let mut failed = Vec::new();
@@ -246,7 +253,7 @@ pub fn processed_and_beam_generations_match<B: Backend>(be: &B) {
         let (ids, shape) = exp.ids(name);
         let hf = hf_rows(&ids, &shape, model.config.eos_token_id);
         let want: Vec<Generation> = match &cpu {
-            Some((m, p, _, _)) => generate(&detox::backend::cpu::Cpu, m, None, p, cfg, Fwd::default()).unwrap(),
+            Some(c) => generate(&detox::backend::cpu::Cpu, &c.model, None, &c.prompts, cfg, Fwd::default()).unwrap(),
             None => hf.into_iter().map(|tokens| Generation { tokens, ..Generation::default() }).collect(),
         };
         for (row, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -266,7 +273,7 @@ pub fn processed_and_beam_generations_match<B: Backend>(be: &B) {
 /// Beam search's log-probs are the model's own (unprocessed) log-probs of the tokens it returns:
 /// those of a teacher-forced pass over them.
 pub fn beam_logprobs_match_teacher_forcing<B: Backend>(be: &B) {
-    let (model, prompts, _, _) = generate_fixture(be);
+    let GenFixture { model, prompts, .. } = generate_fixture(be);
     let cfg = GenConfig {
         max_new_tokens: 10,
         num_beams: 3,
