@@ -216,54 +216,69 @@ fn generate_case(c: &serde_json::Value) -> (String, GenConfig) {
     (c["name"].as_str().expect("name").to_string(), cfg)
 }
 
-/// The generate fixture: its model, prompts, transformers' outputs and the cases that made them.
+/// One model of the generate fixture: the model, its prompts and the cases run on it.
 struct GenFixture<B: Backend> {
+    name: String,
     model: T5<B>,
     prompts: Prompts<B>,
-    exp: Expected,
     cases: Vec<(String, GenConfig)>,
 }
 
-fn generate_fixture<B: Backend>(be: &B) -> GenFixture<B> {
+/// Every model of the generate fixture, and transformers' outputs (`MODEL.CASE`).
+fn generate_fixture<B: Backend>(be: &B) -> (Vec<GenFixture<B>>, Expected) {
     let dir = fixture("t5/generate");
-    let cases: serde_json::Value =
+    let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    let model = T5::load(be, &fixture(&format!("t5/{}", cases["model"].as_str().unwrap()))).unwrap();
     let exp = Expected::open(dir.join("expected.safetensors"));
-    let (ids, shape) = exp.ids("input_ids");
-    let (mask, _) = exp.ids("attention_mask");
-    let lengths: Vec<u32> = mask.chunks(shape[1]).map(|r| r.iter().sum()).collect();
-    let batch = Batch { ids, lengths, rows: shape[0], width: shape[1] };
-    let streams: Vec<u32> = (0..shape[0] as u32).collect();
-    let prompts = Prompts::upload(be, &batch, &streams).unwrap();
-    let cases = cases["cases"].as_array().unwrap().iter().map(generate_case).collect();
-    GenFixture { model, prompts, exp, cases }
+    let models = all["models"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, cases)| {
+            let model = T5::load(be, &fixture(&format!("t5/{name}"))).unwrap();
+            let (ids, shape) = exp.ids(&format!("{name}.input_ids"));
+            let (mask, _) = exp.ids(&format!("{name}.attention_mask"));
+            let lengths: Vec<u32> = mask.chunks(shape[1]).map(|r| r.iter().sum()).collect();
+            let batch = Batch { ids, lengths, rows: shape[0], width: shape[1] };
+            let streams: Vec<u32> = (0..shape[0] as u32).collect();
+            let prompts = Prompts::upload(be, &batch, &streams).unwrap();
+            let cases = cases.as_array().unwrap().iter().map(generate_case).collect();
+            GenFixture { name: name.clone(), model, prompts, cases }
+        })
+        .collect();
+    (models, exp)
 }
 
 /// Greedy decoding with repetition penalty, no-repeat n-grams and min-new-tokens, and beam search
 /// with 2 to 4 beams, length penalties and each early_stopping: on the CPU the tokens of
 /// transformers' `generate`; on the GPU the CPU's tokens (and close log-probs).
 pub fn processed_and_beam_generations_match<B: Backend>(be: &B) {
-    let GenFixture { model, prompts, exp, cases } = generate_fixture(be);
+    let (models, exp) = generate_fixture(be);
     let on_gpu = be.ordinal().is_some();
-    let cpu = on_gpu.then(|| generate_fixture(&detox::backend::cpu::Cpu));
+    let cpu = on_gpu.then(|| generate_fixture(&detox::backend::cpu::Cpu).0);
     let mut failed = Vec::new();
-    for (name, cfg) in &cases {
-        let got = generate(be, &model, None, &prompts, cfg, Fwd::default()).unwrap();
-        let (ids, shape) = exp.ids(name);
-        let hf = hf_rows(&ids, &shape, model.config.eos_token_id);
-        let want: Vec<Generation> = match &cpu {
-            Some(c) => generate(&detox::backend::cpu::Cpu, &c.model, None, &c.prompts, cfg, Fwd::default()).unwrap(),
-            None => hf.into_iter().map(|tokens| Generation { tokens, ..Generation::default() }).collect(),
-        };
-        for (row, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.logprobs.len(), g.tokens.len(), "{name} row {row}");
-            assert!(g.logprobs.iter().all(|p| *p <= 0.0 && p.is_finite()), "{name} row {row}: {:?}", g.logprobs);
-            if g.tokens != w.tokens {
-                failed.push(format!("{name} row {row}: {:?}, want {:?}", g.tokens, w.tokens));
-            } else if on_gpu {
-                let err = g.logprobs.iter().zip(&w.logprobs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(err < 3e-2, "{name} row {row}: log-probs differ from the CPU's by {err}");
+    for (m, fx) in models.iter().enumerate() {
+        for (name, cfg) in &fx.cases {
+            let got = generate(be, &fx.model, None, &fx.prompts, cfg, Fwd::default()).unwrap();
+            let (ids, shape) = exp.ids(&format!("{}.{name}", fx.name));
+            let hf = hf_rows(&ids, &shape, fx.model.config.eos_token_id);
+            let want: Vec<Generation> = match &cpu {
+                Some(c) => {
+                    let c = &c[m];
+                    generate(&detox::backend::cpu::Cpu, &c.model, None, &c.prompts, cfg, Fwd::default()).unwrap()
+                }
+                None => hf.into_iter().map(|tokens| Generation { tokens, ..Generation::default() }).collect(),
+            };
+            for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{} {name} row {row}", fx.name);
+                assert_eq!(g.logprobs.len(), g.tokens.len(), "{what}");
+                assert!(g.logprobs.iter().all(|p| *p <= 0.0 && p.is_finite()), "{what}: {:?}", g.logprobs);
+                if g.tokens != w.tokens {
+                    failed.push(format!("{what}: {:?}, want {:?}", g.tokens, w.tokens));
+                } else if on_gpu {
+                    let err = g.logprobs.iter().zip(&w.logprobs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(err < 3e-2, "{what}: log-probs differ from the CPU's by {err}");
+                }
             }
         }
     }
@@ -273,7 +288,7 @@ pub fn processed_and_beam_generations_match<B: Backend>(be: &B) {
 /// Beam search's log-probs are the model's own (unprocessed) log-probs of the tokens it returns:
 /// those of a teacher-forced pass over them.
 pub fn beam_logprobs_match_teacher_forcing<B: Backend>(be: &B) {
-    let GenFixture { model, prompts, .. } = generate_fixture(be);
+    let GenFixture { model, prompts, .. } = generate_fixture(be).0.remove(0);
     let cfg = GenConfig {
         max_new_tokens: 10,
         num_beams: 3,
