@@ -543,7 +543,7 @@ fn prepare<'b>(be: &'b Cuda, op: &Op, g: &mut Gen) -> Result<Bench<'b>> {
                 sets,
                 Box::new(move |i| {
                     let at = Position::At(0);
-                    be.select_tokens(&logits[i], &spec, at, &streams, &mut finished, &mut tokens, &mut logprobs)
+                    be.select_tokens(&logits[i], None, &spec, at, &streams, &mut finished, &mut tokens, &mut logprobs)
                 }),
             )
         }

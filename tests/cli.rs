@@ -97,6 +97,59 @@ fn summarize_carries_ids_and_handles_empty_dialogues() {
     assert_ne!(r[0]["tokens"], r[2]["tokens"], "outputs depend on the input");
 }
 
+/// Hugging Face's generation options on `detox summarize`: beams with a no-repeat bigram rule
+/// repeat no bigram of the decoder ids (start token included), `--no-repeat-ngram-size 1` repeats
+/// no token, `--do-sample` is `--sample`, and bad values are named.
+#[test]
+fn summarize_takes_hugging_faces_generation_options() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    init_tiny(&m, "5");
+    let input = d.path().join("in.jsonl");
+    let dialogues: Vec<String> =
+        (0..3).map(|i| format!("{{\"dialogue\":\"{}\"}}", "Ann: la la la. Bob: ho ho. ".repeat(i + 1))).collect();
+    std::fs::write(&input, dialogues.join("\n")).unwrap();
+    let run = |extra: &[&str]| -> Vec<Vec<u32>> {
+        let mut args = vec!["summarize", "--model", m.to_str().unwrap(), "--input", input.to_str().unwrap()];
+        args.extend_from_slice(&["--max-new-tokens", "16"]);
+        args.extend_from_slice(extra);
+        let o = detox(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        rows(&String::from_utf8(o.stdout).unwrap())
+            .iter()
+            .map(|r| r["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+            .collect()
+    };
+    let with_start = |t: &Vec<u32>| std::iter::once(0).chain(t.iter().copied()).collect::<Vec<u32>>();
+    let greedy = run(&[]);
+    let beams = run(&["--num-beams", "3", "--no-repeat-ngram-size", "2", "--early-stopping", "never"]);
+    for t in beams.iter().map(with_start) {
+        let mut seen = std::collections::HashSet::new();
+        assert!(t.windows(2).all(|w| seen.insert((w[0], w[1]))), "a bigram repeats in {t:?}");
+    }
+    for t in run(&["--no-repeat-ngram-size", "1", "--repetition-penalty", "1.5"]).iter().map(with_start) {
+        let mut seen = std::collections::HashSet::new();
+        assert!(t.iter().all(|x| seen.insert(*x)), "a token repeats in {t:?}");
+    }
+    // The options reach generation: beam search finds other summaries than greedy decoding here.
+    assert_ne!(beams, greedy, "--num-beams changed nothing");
+    assert_eq!(run(&["--do-sample", "--seed", "3"]), run(&["--sample", "--seed", "3"]));
+    let bad = |extra: &[&str]| {
+        let mut args = vec!["summarize", "--model", m.to_str().unwrap(), "--input", input.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        detox(&args)
+    };
+    let e = fails(&bad(&["--num-beams", "0"]));
+    assert!(e.contains("num_beams"), "{e}");
+    let e = fails(&bad(&["--num-beams", "2", "--do-sample"]));
+    assert!(e.contains("num_beams") && e.contains("sampl"), "{e}");
+    let e = fails(&bad(&["--repetition-penalty", "0"]));
+    assert!(e.contains("repetition_penalty"), "{e}");
+    let o = bad(&["--early-stopping", "sometimes"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--early-stopping") && stderr(&o).contains("never"), "{}", stderr(&o));
+}
+
 #[test]
 fn greedy_output_does_not_depend_on_batching() {
     let d = tempfile::tempdir().unwrap();
@@ -432,6 +485,31 @@ fn usage_details() {
     }
     for (cmd, opts) in [
         (&["eval"][..], &["--max-new-tokens", "--batch-size", "--seed", "--device", "--limit"][..]),
+        (
+            &["summarize"],
+            &[
+                "--num-beams",
+                "--length-penalty",
+                "--early-stopping",
+                "--no-repeat-ngram-size",
+                "--repetition-penalty",
+                "--min-new-tokens",
+                "--max-new-tokens",
+                "--sample",
+            ],
+        ),
+        (
+            &["eval"],
+            &[
+                "--num-beams",
+                "--length-penalty",
+                "--early-stopping",
+                "--no-repeat-ngram-size",
+                "--repetition-penalty",
+                "--min-new-tokens",
+                "--temperature",
+            ],
+        ),
         (&["bench", "generate"], &["--batch", "--device"]),
     ] {
         let mut args = cmd.to_vec();

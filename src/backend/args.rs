@@ -245,3 +245,110 @@ pub struct SampleSpec {
     /// EOS is forbidden while fewer than this many tokens have been generated.
     pub min_new_tokens: usize,
 }
+
+/// Hugging Face's logits processors that look at the decoder ids so far (the start token and the
+/// generated tokens), in its order: repetition penalty, no-repeat n-grams, then min-new-tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProcessSpec {
+    /// Process `log_softmax(logits)`, as beam search does, instead of the raw logits (greedy and
+    /// sampling).
+    pub log_softmax: bool,
+    /// A token already in the ids has its score `s` replaced by `s · p` when `s < 0`, else `s / p`
+    /// (1.0: off).
+    pub repetition_penalty: f32,
+    /// A token that would repeat an n-gram of this size already in the ids is banned (0: off).
+    pub no_repeat_ngram_size: usize,
+    /// EOS is banned while fewer than this many tokens have been generated.
+    pub min_new_tokens: usize,
+    pub eos: u32,
+    /// The decoder start token: the first of the ids the processors see.
+    pub decoder_start: u32,
+}
+
+impl ProcessSpec {
+    /// Whether any processor changes a score (else `process_logits` only copies or normalises).
+    pub fn any(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.no_repeat_ngram_size > 0 || self.min_new_tokens > 0
+    }
+}
+
+/// When beam search stops a batch item (Hugging Face's `early_stopping`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EarlyStopping {
+    /// Stop once `num_beams` hypotheses are finished and the best running beam, scored at its
+    /// current length, cannot beat the worst of them (Hugging Face's default heuristic).
+    #[default]
+    False,
+    /// Stop as soon as `num_beams` hypotheses are finished.
+    True,
+    /// As `False`, but with a positive length penalty the best running beam is scored at the
+    /// longest length it could reach (the canonical beam search).
+    Never,
+}
+
+/// One beam-search step's settings (Hugging Face's `_beam_search`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BeamSpec {
+    pub num_beams: usize,
+    /// A finished hypothesis scores `Σ log-probs / length^length_penalty`, its length counting
+    /// the generated tokens (EOS included).
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// A hypothesis that reaches this many tokens is finished.
+    pub max_new_tokens: usize,
+    pub eos: u32,
+    /// The token fed to the rows of finished batch items.
+    pub pad: u32,
+}
+
+impl BeamSpec {
+    /// `length^length_penalty` as Hugging Face divides by it: a double power, then f32.
+    pub fn penalty(&self, length: usize) -> f32 {
+        (length as f64).powf(self.length_penalty) as f32
+    }
+}
+
+/// Beam search's state on the device, for `B` batch items of `K` beams (rows `b·K + k`) and up to
+/// `T` new tokens; `SamplingOps::beam_step` advances it one token.
+pub struct BeamState<D: Device> {
+    /// `[B·K, T]` each running beam's tokens so far.
+    pub seqs: D::Ids,
+    /// `[B·K, T]` their log-probabilities under the model's own (unprocessed) distribution.
+    pub logprobs: D::Tensor,
+    /// `[B·K]` each running beam's score: the sum of its processed log-probabilities.
+    pub scores: D::Tensor,
+    /// `[B·K]` slot `b·K + j` holds item b's j-th best finished hypothesis: its tokens, their
+    /// log-probabilities, its length-penalised score and its length (0: the slot is empty).
+    pub fin_seqs: D::Ids,
+    pub fin_logprobs: D::Tensor,
+    pub fin_scores: D::Tensor,
+    pub fin_lens: D::Ids,
+    /// `[B]` 1 once an item's finished hypotheses can no longer change.
+    pub done: D::Ids,
+    /// `[B·K]` the row each new beam continues: the KV caches are gathered by it.
+    pub src: D::Ids,
+    /// `[B·K, 1]` each new beam's last token, the decoder's next input.
+    pub next: D::Ids,
+}
+
+impl<D: Device> BeamState<D> {
+    /// `items` items, each starting from one beam at the start token (the other beams score −1e9,
+    /// as in Hugging Face, so that the first step expands beam 0 only).
+    pub fn new(be: &D, items: usize, spec: &BeamSpec, start: u32) -> anyhow::Result<Self> {
+        let (k, t) = (spec.num_beams, spec.max_new_tokens);
+        let n = items * k;
+        let scores: Vec<f32> = (0..n).map(|i| if i % k == 0 { 0.0 } else { -1e9 }).collect();
+        Ok(Self {
+            seqs: be.upload_ids(&vec![spec.pad; n * t], &[n, t])?,
+            logprobs: be.zeros(&[n, t])?,
+            scores: be.upload(&scores, &[n])?,
+            fin_seqs: be.upload_ids(&vec![spec.pad; n * t], &[n, t])?,
+            fin_logprobs: be.zeros(&[n, t])?,
+            fin_scores: be.upload(&vec![-1e9; n], &[n])?,
+            fin_lens: be.upload_ids(&vec![0; n], &[n])?,
+            done: be.upload_ids(&vec![0; items], &[items])?,
+            src: be.upload_ids(&(0..n as u32).collect::<Vec<_>>(), &[n])?,
+            next: be.upload_ids(&vec![start; n], &[n, 1])?,
+        })
+    }
+}

@@ -2,7 +2,10 @@
 //! trait's public method runs its rule here before the backend's `*_impl`, so a backend only
 //! checks what is its own (precisions, device limits). Every message names the op and the shapes.
 
-use super::{AdafactorSlot, AdafactorStep, AdamSlot, AttnSpec, Device, Dropout, LoraGrad, LoraRef, Position, Shaped};
+use super::{
+    AdafactorSlot, AdafactorStep, AdamSlot, AttnSpec, BeamSpec, BeamState, Device, Dropout, LoraGrad, LoraRef,
+    Position, ProcessSpec, Shaped,
+};
 use anyhow::{Result, bail, ensure};
 
 fn rows_cols(s: &[usize]) -> (usize, usize) {
@@ -221,12 +224,71 @@ pub fn per_row(op: &str, logits: &[usize], ids: &[usize], values: Option<&[usize
     Ok(())
 }
 
-pub fn select_tokens(logits: &[usize], eos: u32, per_row: [&[usize]; 4]) -> Result<()> {
+pub fn select_tokens(logits: &[usize], processed: Option<&[usize]>, eos: u32, per_row: [&[usize]; 4]) -> Result<()> {
     let (b, v) = rows_cols(logits);
+    if let Some(p) = processed {
+        ensure!(p == logits, "select_tokens: processed scores {p:?} for logits {logits:?}");
+    }
     for s in per_row {
         ensure!(s.iter().product::<usize>() == b, "select_tokens: {s:?} for {b} rows of logits {logits:?}");
     }
     ensure!((eos as usize) < v, "select_tokens: EOS id {eos} is outside the vocabulary of {v}");
+    Ok(())
+}
+
+pub fn process_logits(logits: &[usize], history: &[usize], spec: &ProcessSpec) -> Result<()> {
+    let (n, v) = rows_cols(logits);
+    ensure!(
+        history.len() == 2 && history[0] == n,
+        "process_logits: history {history:?} is not [{n} rows, steps] for logits {logits:?}"
+    );
+    ensure!(
+        (spec.eos as usize) < v && (spec.decoder_start as usize) < v,
+        "process_logits: EOS {} or start token {} is outside the vocabulary of {v}",
+        spec.eos,
+        spec.decoder_start
+    );
+    ensure!(
+        spec.repetition_penalty > 0.0 && spec.repetition_penalty.is_finite(),
+        "process_logits: repetition_penalty must be a positive number, not {}",
+        spec.repetition_penalty
+    );
+    Ok(())
+}
+
+pub fn beam_step<B: Device>(logits: &[usize], processed: &[usize], spec: &BeamSpec, st: &BeamState<B>) -> Result<()> {
+    let (n, v) = rows_cols(logits);
+    let (k, t) = (spec.num_beams, spec.max_new_tokens);
+    ensure!(processed == logits, "beam_step: processed scores {processed:?} for logits {logits:?}");
+    let most = super::cuda::launch::MAX_BEAMS as usize;
+    ensure!((2..=most).contains(&k), "beam_step: num_beams {k} is outside 2..={most}");
+    ensure!(n % k == 0 && v >= 2 * k, "beam_step: {n} rows of {v} logits for {k} beams");
+    ensure!((spec.eos as usize) < v && (spec.pad as usize) < v, "beam_step: EOS or pad outside the vocabulary");
+    ensure!(spec.length_penalty.is_finite(), "beam_step: length_penalty must be finite");
+    let rows_t = [n, t];
+    let per_row: [(&str, &[usize], &[usize]); 10] = [
+        ("seqs", st.seqs.shape(), &rows_t),
+        ("logprobs", st.logprobs.shape(), &rows_t),
+        ("scores", st.scores.shape(), &[n]),
+        ("fin_seqs", st.fin_seqs.shape(), &rows_t),
+        ("fin_logprobs", st.fin_logprobs.shape(), &rows_t),
+        ("fin_scores", st.fin_scores.shape(), &[n]),
+        ("fin_lens", st.fin_lens.shape(), &[n]),
+        ("done", st.done.shape(), &[n / k]),
+        ("src", st.src.shape(), &[n]),
+        ("next", st.next.shape(), &[n, 1]),
+    ];
+    for (name, got, want) in per_row {
+        ensure!(got == want, "beam_step: state.{name} is {got:?}, not {want:?}");
+    }
+    Ok(())
+}
+
+pub fn gather_beams<B: Device>(x: &[usize], src: &[usize], upto: Position<'_, B>) -> Result<()> {
+    ensure!(x.len() == 3 && src == [x[0]], "gather_beams: sources {src:?} for a cache {x:?}");
+    if let Position::At(u) = upto {
+        ensure!(u <= x[1], "gather_beams: {u} rows of a cache of {}", x[1]);
+    }
     Ok(())
 }
 

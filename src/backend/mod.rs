@@ -442,19 +442,22 @@ pub trait LossOps: Device {
     }
 }
 
-/// Choosing the next token on the device.
+/// Choosing the next token on the device: Hugging Face's logits processors, greedy or sampled
+/// choice, and beam search's step with the reordering of the KV caches it implies.
 pub trait SamplingOps: Device {
     checked_op! {
         /// Chooses the next token of every row from `logits [B, V]` at generation step `step`, writing
         /// `tokens [B, 1]` (ready to feed the decoder) and `logprobs [B]`, the chosen ids'
         /// log-probability under the model's own distribution (the raw logits, before any processor).
-        /// Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are flagged. Row
-        /// `i` draws from RNG stream `streams[i]` (its prompt's index in the data set), so a sample
-        /// does not depend on batch composition.
+        /// The choice reads `processed [B, V]` where given (`process_logits`' output), else the
+        /// logits. Rows flagged in `finished [B]` get pad and log-prob 0; rows that choose EOS are
+        /// flagged. Row `i` draws from RNG stream `streams[i]` (its prompt's index in the data set),
+        /// so a sample does not depend on batch composition.
         #[allow(clippy::too_many_arguments)]
         fn select_tokens / select_tokens_impl(
             &self,
             logits: &Self::Tensor,
+            processed: Option<&Self::Tensor>,
             spec: &SampleSpec,
             step: Position<'_, Self>,
             streams: &Self::Ids,
@@ -464,9 +467,57 @@ pub trait SamplingOps: Device {
         ) -> Result<()> => {
             check::select_tokens(
                 logits.shape(),
+                processed.map(Shaped::shape),
                 spec.eos,
                 [streams.shape(), finished.shape(), tokens.shape(), logprobs.shape()],
             )?;
+        }
+    }
+
+    checked_op! {
+        /// Hugging Face's processors (`spec`) over `logits [N, V]` (or their log-softmax) at step
+        /// `step`: row i's decoder ids are the start token then `history[i, ..step]` (`[N, T]`, the
+        /// tokens generated so far). Returns the processed scores, shaped as the logits.
+        fn process_logits / process_logits_impl(
+            &self,
+            logits: &Self::Tensor,
+            history: &Self::Ids,
+            spec: &ProcessSpec,
+            step: Position<'_, Self>,
+        ) -> Result<Self::Tensor> => {
+            check::process_logits(logits.shape(), history.shape(), spec)?;
+        }
+    }
+
+    checked_op! {
+        /// One step of Hugging Face's beam search over `processed [B·K, V]` (`process_logits` of the
+        /// log-softmax) for the logits `logits [B·K, V]` of step `step`: per batch item, the best
+        /// 2·K continuations of its K beams' scores, the best K that do not finish as its new beams
+        /// (`state.src`, `state.next`), those among the first K that finish (EOS, or the last
+        /// token allowed) merged into its finished hypotheses, and whether the item is done. Items
+        /// already done keep their state (their rows are fed pad and keep their caches).
+        fn beam_step / beam_step_impl(
+            &self,
+            logits: &Self::Tensor,
+            processed: &Self::Tensor,
+            spec: &BeamSpec,
+            step: Position<'_, Self>,
+            state: &mut BeamState<Self>,
+        ) -> Result<()> => {
+            check::beam_step(logits.shape(), processed.shape(), spec, state)?;
+        }
+    }
+
+    checked_op! {
+        /// Rows `0..upto` of every beam's slice of a KV cache `x [B·K, cap, D]` replaced by those of
+        /// the beam it continues, `src [B·K]` (after `beam_step`), on the device.
+        fn gather_beams / gather_beams_impl(
+            &self,
+            x: &mut Self::Tensor,
+            src: &Self::Ids,
+            upto: Position<'_, Self>,
+        ) -> Result<()> => {
+            check::gather_beams(x.shape(), src.shape(), upto)?;
         }
     }
 }

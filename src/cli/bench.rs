@@ -1,8 +1,10 @@
 //! `detox bench`: whole phases timed on random weights of FLAN-T5's shapes, each beside its
 //! roofline floor (FLOPs at the measured bf16 ceiling, bytes at the measured copy bandwidth).
 
+mod beam;
 mod ppo;
 
+use beam::BenchBeam;
 use ppo::BenchPpo;
 
 use crate::backend::Backend;
@@ -36,6 +38,39 @@ pub enum What {
     Score(ScoreArgs),
     /// One whole PPO iteration: rollout, reward, reference and rollout passes, minibatch epochs.
     Ppo(PpoArgs),
+    /// Beam-search generation (tools/bench_hf_beam.py times Hugging Face's with the same settings).
+    Beam(BeamArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BeamArgs {
+    /// FLAN-T5 shape for random weights (tiny, small, base, large, xl).
+    #[arg(long, default_value = "base")]
+    pub size: String,
+    /// A model directory to use instead of random weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub src: usize,
+    /// Generated tokens per prompt (EOS is suppressed so every beam runs them all).
+    #[arg(long = "gen", default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Beams per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub num_beams: usize,
+    /// Timed calls after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -164,6 +199,18 @@ pub fn run(a: Args) -> Result<()> {
             let report = run_on(s.device, BenchScore { args: s.clone(), texts })?;
             println!("{}", report.text);
             if let Some(p) = &s.json {
+                crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+            }
+            Ok(())
+        }
+        What::Beam(g) => {
+            ensure!(
+                g.batch > 0 && g.src > 1 && g.gen_tokens > 0 && g.iters > 0,
+                "batch, src, gen and iters must be positive"
+            );
+            let report = run_on(g.device, BenchBeam(g.clone()))?;
+            println!("{}", report.text);
+            if let Some(p) = &g.json {
                 crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
             }
             Ok(())

@@ -5,7 +5,7 @@
 use crate::backend::Backend;
 use crate::classifier::Classifier;
 use crate::device::{Device, Job, run_on};
-use crate::t5::{Fwd, GenConfig, T5};
+use crate::t5::{Fwd, T5};
 use crate::text::{self, Prompter};
 use anyhow::{Result, bail, ensure};
 use serde::Serialize;
@@ -32,18 +32,9 @@ pub struct Args {
     /// Where to write the results as JSON (with every row's summary and scores).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Longest summary, in tokens.
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
     /// Dialogues (and texts to score) per batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Sample instead of greedy decoding (seeded; see `detox summarize`).
-    #[arg(long)]
-    pub sample: bool,
-    /// Sampling seed (with --sample); a row's sample depends only on the seed and its position.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Score the LEAD-N baseline instead of a model's summaries: each dialogue's first N lines
     /// (turns), joined by newlines, so that ROUGE-Lsum sees N sentences.
     #[arg(long, conflicts_with_all = ["model", "adapter"], value_parser = clap::value_parser!(u64).range(1..))]
@@ -58,6 +49,8 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    #[command(flatten)]
+    pub generation: super::generation::GenArgs,
 }
 
 /// One group of texts' scores.
@@ -86,6 +79,7 @@ fn group(labels: &[String], scores: &[Vec<f32>], lead: usize) -> Group {
 
 pub fn run(a: Args) -> Result<()> {
     ensure!(a.limit != Some(0), "--limit 0 evaluates nothing: give at least 1, or leave it out for every row");
+    a.generation.config()?;
     let output = a.output.as_ref().map(|p| crate::fsutil::Output::create(&p.to_string_lossy())).transpose()?;
     let rows = text::read_jsonl(&a.data)?;
     let rows = &rows[..a.limit.unwrap_or(rows.len()).min(rows.len())];
@@ -152,8 +146,7 @@ impl Eval {
             c.eos_token_id,
             c.vocab_size,
         )?;
-        let generation =
-            GenConfig { max_new_tokens: a.max_new_tokens, sample: a.sample, seed: a.seed, ..GenConfig::default() };
+        let generation = a.generation.config()?;
         let pb = crate::progress::bar(self.dialogues.len(), "summarizing");
         let f = Fwd::eval(model.lora.is_some());
         let summaries: Vec<String> =

@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod eval;
+mod generation;
 mod info;
 mod init;
 mod plot;

@@ -23,12 +23,6 @@ pub struct Args {
     /// Where to write JSON Lines rows {id, summary, tokens}; - writes stdout.
     #[arg(long, default_value = "-")]
     pub output: String,
-    /// Longest summary, in tokens.
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Shortest summary, in tokens (EOS is suppressed before it).
-    #[arg(long, default_value_t = 0)]
-    pub min_new_tokens: usize,
     /// Dialogues per batch.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -44,35 +38,13 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
-    /// Sample instead of greedy decoding.
-    #[arg(long)]
-    pub sample: bool,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens when sampling (0 keeps all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p when sampling.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Sampling seed; a row's sample depends only on the seed and the row's position in the input.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub generation: super::generation::GenArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
     ensure!(a.batch_size > 0, "--batch-size must be at least 1");
-    let generation = GenConfig {
-        max_new_tokens: a.max_new_tokens,
-        min_new_tokens: a.min_new_tokens,
-        sample: a.sample,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    generation.validate()?;
+    let generation = a.generation.config()?;
     let rows = text::read_jsonl(&a.input)?;
     let source = if a.input == "-" { "standard input" } else { a.input.as_str() };
     let dialogues: Vec<String> = rows

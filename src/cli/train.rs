@@ -89,6 +89,7 @@ fn generation(s: &TrainSettings) -> GenConfig {
         top_k: g.top_k,
         top_p: g.top_p,
         seed: 0,
+        ..GenConfig::default()
     }
 }
 

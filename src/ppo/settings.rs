@@ -82,6 +82,7 @@ impl GenerationSettings {
             top_k: self.top_k,
             top_p: self.top_p,
             seed,
+            ..crate::t5::GenConfig::default()
         }
     }
 }

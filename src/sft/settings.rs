@@ -6,7 +6,7 @@
 use super::adafactor::AdafactorOptions;
 use super::step::OptimizerKind;
 use crate::device::Device;
-use crate::t5::{LoraSettings, Targets};
+use crate::t5::{EarlyStopping, GenConfig, LoraSettings, Targets};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -139,14 +139,40 @@ pub struct OptimSettings {
     pub loss_scale_growth_interval: usize,
 }
 
+/// The held-out evaluation; the summaries for ROUGE are generated with Hugging Face's `generate`
+/// options of the same names (defaults: greedy decoding).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSettings {
     /// Held-out rows for the loss and ROUGE (0: all).
     pub limit: usize,
-    /// Greedy summaries for ROUGE are cut at this many tokens.
+    /// Summaries for ROUGE are cut at this many tokens.
     pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    /// Beam search with this many beams (1: greedy).
+    pub num_beams: usize,
+    pub length_penalty: f64,
+    /// true, false or "never".
+    pub early_stopping: EarlyStopping,
+    pub no_repeat_ngram_size: usize,
+    pub repetition_penalty: f32,
     pub batch_size: usize,
+}
+
+impl EvalSettings {
+    /// The generation settings of the summaries for ROUGE.
+    pub fn generation(&self) -> GenConfig {
+        GenConfig {
+            max_new_tokens: self.max_new_tokens,
+            min_new_tokens: self.min_new_tokens,
+            num_beams: self.num_beams,
+            length_penalty: self.length_penalty,
+            early_stopping: self.early_stopping,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
+            repetition_penalty: self.repetition_penalty,
+            ..GenConfig::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -224,7 +250,18 @@ impl Default for OptimSettings {
 
 impl Default for EvalSettings {
     fn default() -> Self {
-        Self { limit: 200, max_new_tokens: 64, batch_size: 64 }
+        let g = GenConfig::default();
+        Self {
+            limit: 200,
+            max_new_tokens: g.max_new_tokens,
+            min_new_tokens: g.min_new_tokens,
+            num_beams: g.num_beams,
+            length_penalty: g.length_penalty,
+            early_stopping: g.early_stopping,
+            no_repeat_ngram_size: g.no_repeat_ngram_size,
+            repetition_penalty: g.repetition_penalty,
+            batch_size: 64,
+        }
     }
 }
 
@@ -330,7 +367,8 @@ impl SftSettings {
         ensure!(o.loss_scale >= 0.0 && o.loss_scale.is_finite(), "[optim] loss_scale must be ≥ 0");
         ensure!(self.data.prompt.contains("{dialogue}"), "[data] prompt has no {{dialogue}} placeholder");
         ensure!(self.data.max_target_len >= 1, "[data] max_target_len must be at least 1");
-        ensure!(self.eval.max_new_tokens > 0 && self.eval.batch_size > 0, "[eval] sizes must be at least 1");
+        ensure!(self.eval.batch_size > 0, "[eval] batch_size must be at least 1");
+        self.eval.generation().validate().context("[eval]")?;
         ensure!(self.run.epochs > 0 || self.run.max_steps > 0, "[run] needs epochs or max_steps");
         ensure!(self.run.time_limit_s >= 0.0, "[run] time_limit_s must be ≥ 0");
         self.device()?;
@@ -374,6 +412,30 @@ mod tests {
     fn the_example_file_states_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sft.toml");
         assert_eq!(SftSettings::load(&path).unwrap(), SftSettings::default());
+    }
+
+    #[test]
+    fn eval_generation_keys_parse_and_are_checked() {
+        let s: SftSettings = toml::from_str(
+            "[eval]\nnum_beams = 4\nlength_penalty = 0.6\nearly_stopping = \"never\"\nno_repeat_ngram_size = 3\n\
+             repetition_penalty = 1.2\nmin_new_tokens = 5\n",
+        )
+        .unwrap();
+        let g = s.eval.generation();
+        assert_eq!((g.num_beams, g.length_penalty, g.early_stopping), (4, 0.6, EarlyStopping::Never));
+        assert_eq!((g.no_repeat_ngram_size, g.repetition_penalty, g.min_new_tokens), (3, 1.2, 5));
+        assert!(!g.sample);
+        s.validate().unwrap();
+        let t: SftSettings = toml::from_str("[eval]\nearly_stopping = true\n").unwrap();
+        assert_eq!(t.eval.early_stopping, EarlyStopping::True);
+        let e = toml::from_str::<SftSettings>("[eval]\nearly_stopping = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(e.contains("early_stopping") && e.contains("sometimes"), "{e}");
+        let bad =
+            SftSettings { eval: EvalSettings { num_beams: 0, ..EvalSettings::default() }, ..SftSettings::default() };
+        let e = format!("{:#}", bad.validate().unwrap_err());
+        assert!(e.contains("[eval]") && e.contains("num_beams"), "{e}");
+        let back: SftSettings = toml::from_str(&s.to_toml().unwrap()).unwrap();
+        assert_eq!(back, s, "the keys round-trip, early_stopping = \"never\" too");
     }
 
     #[test]

@@ -15,8 +15,8 @@ use crate::checkpoint::Checkpoint;
 use crate::device::GpuStats;
 use crate::parallel::{Collective, shard, sum_host};
 use crate::progress::Progress;
+use crate::t5::T5;
 use crate::t5::model::Fwd;
-use crate::t5::{GenConfig, T5};
 use crate::text::{Prompter, tokenizer_path};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
@@ -199,7 +199,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         })
     }
 
-    /// The held-out loss and the ROUGE of greedy summaries against the references.
+    /// The held-out loss and the ROUGE of summaries (generated as `[eval]` says) against the references.
     pub fn evaluate(&mut self, epoch: usize) -> Result<EvalLog> {
         let started = Instant::now();
         let be = self.be;
@@ -218,7 +218,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
         if lora {
             self.model.merge_lora(be)?;
         }
-        let generation = GenConfig { max_new_tokens: es.max_new_tokens, ..GenConfig::default() };
+        let generation = es.generation();
         let summaries = crate::summaries::summarize(
             be,
             &self.model,

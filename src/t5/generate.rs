@@ -1,27 +1,99 @@
-//! Batched generation with a KV cache: greedy or sampled, each row stopping at its own EOS, returning
-//! the tokens with the policy's log-probabilities and the value head's estimates along the way.
+//! Batched generation with a KV cache, as Hugging Face's `generate` (transformers 5.17): greedy or
+//! sampled, each row stopping at its own EOS, or beam search (beam.rs), with the logits processors
+//! Hugging Face applies in each; returns the tokens with the policy's log-probabilities and the
+//! value head's estimates along the way.
 
 use super::model::{Fwd, T5};
 use super::value_head::ValueHead;
-use crate::backend::{Backend, Position, SampleSpec, Shaped};
+use crate::backend::{Backend, Position, ProcessSpec, SampleSpec, Shaped};
 use crate::text::Batch;
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 
+pub use crate::backend::EarlyStopping;
+
+/// Generation settings with Hugging Face's names and defaults (greedy decoding), except
+/// `max_new_tokens`, whose default here is 64.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GenConfig {
     pub max_new_tokens: usize,
     pub min_new_tokens: usize,
-    /// Draw from the distribution; false is greedy.
+    /// Draw from the distribution (Hugging Face's `do_sample`); false is greedy.
     pub sample: bool,
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
+    /// Beams per prompt; 1 is greedy or sampled decoding.
+    pub num_beams: usize,
+    /// Beam search scores a finished hypothesis `Σ log-probs / length^length_penalty`.
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// No n-gram of this size occurs twice in the decoder ids (0: off).
+    pub no_repeat_ngram_size: usize,
+    /// Scores of tokens already in the decoder ids are divided (or, when negative, multiplied) by
+    /// this (1.0: off).
+    pub repetition_penalty: f32,
 }
 
 impl Default for GenConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 64, min_new_tokens: 0, sample: false, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            max_new_tokens: 64,
+            min_new_tokens: 0,
+            sample: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::False,
+            no_repeat_ngram_size: 0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl std::str::FromStr for EarlyStopping {
+    type Err = anyhow::Error;
+
+    /// Hugging Face's values: true, false or "never".
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "false" | "False" => Ok(Self::False),
+            "true" | "True" => Ok(Self::True),
+            "never" => Ok(Self::Never),
+            _ => bail!("early_stopping is true, false or never, not {s:?}"),
+        }
+    }
+}
+
+impl serde::Serialize for EarlyStopping {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::False => s.serialize_bool(false),
+            Self::True => s.serialize_bool(true),
+            Self::Never => s.serialize_str("never"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EarlyStopping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Flag(bool),
+            Word(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Flag(true) => Ok(Self::True),
+            Given::Flag(false) => Ok(Self::False),
+            Given::Word(w) if w == "never" => Ok(Self::Never),
+            Given::Word(w) => {
+                Err(serde::de::Error::custom(format!("early_stopping is true, false or \"never\", not {w:?}")))
+            }
+        }
     }
 }
 
@@ -36,16 +108,43 @@ impl GenConfig {
         );
         ensure!(self.temperature > 0.0 && self.temperature.is_finite(), "temperature must be positive");
         ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1]");
+        let most = crate::backend::cuda::launch::MAX_BEAMS as usize;
+        ensure!((1..=most).contains(&self.num_beams), "num_beams must be between 1 and {most}, not {}", self.num_beams);
+        ensure!(
+            !(self.sample && self.num_beams > 1),
+            "sampling with num_beams > 1 (beam sampling) is not supported: use num_beams 1 with do_sample, or beams without"
+        );
+        ensure!(self.length_penalty.is_finite(), "length_penalty must be a finite number");
+        ensure!(
+            self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
+            "repetition_penalty must be a positive number, not {}",
+            self.repetition_penalty
+        );
         Ok(())
+    }
+
+    /// The processors that see the decoder ids. min-new-tokens is left to `select_tokens` in
+    /// greedy and sampled decoding (it keeps its place in Hugging Face's order, since the
+    /// processors before it only ban or rescale) and applied here in beam search.
+    pub(super) fn process_spec(&self, eos: u32, decoder_start: u32, log_softmax: bool) -> ProcessSpec {
+        ProcessSpec {
+            log_softmax,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
+            min_new_tokens: if log_softmax { self.min_new_tokens } else { 0 },
+            eos,
+            decoder_start,
+        }
     }
 }
 
-/// One row's output.
+/// One row's output (in beam search, the prompt's best hypothesis).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Generation {
     /// Generated ids without the decoder start token, up to and including EOS when produced.
     pub tokens: Vec<u32>,
-    /// log p(token) under the model's own (unprocessed) distribution, one per token.
+    /// log p(token) under the model's own (unprocessed) distribution, one per token: in beam
+    /// search too, not the beam's processed scores.
     pub logprobs: Vec<f32>,
     /// The value head's estimate at the state that chose each token (empty without a value head).
     pub values: Vec<f32>,
@@ -87,7 +186,7 @@ impl GenConfig {
 }
 
 /// How often the host looks at the finished flags to stop early: each look waits for the GPU.
-const CHECK_EVERY: usize = 4;
+pub(super) const CHECK_EVERY: usize = 4;
 
 pub fn generate<B: Backend>(
     be: &B,
@@ -112,12 +211,17 @@ pub fn generate_reporting<B: Backend>(
     on_token: &mut dyn FnMut(usize),
 ) -> Result<Vec<Generation>> {
     cfg.validate()?;
+    if cfg.num_beams > 1 {
+        ensure!(value_head.is_none(), "beam search does not compute value-head estimates");
+        return super::beam::beam_search(be, model, prompts, cfg, f, on_token);
+    }
     let c = &model.config;
     let b = prompts.ids.shape()[0];
     let t = cfg.max_new_tokens;
     let enc = model.encode(be, &prompts.ids, &prompts.lengths, f)?;
     let mut cache = model.start_decoding(be, &enc, &prompts.lengths, t, f)?;
     let spec = cfg.sample_spec(c.eos_token_id, c.pad_token_id);
+    let process = cfg.process_spec(c.eos_token_id, c.decoder_start_token_id, false);
     // Everything a step touches lives across steps, so the step can be recorded once and replayed.
     // Shared between the recorded step, which sets the flags, and the loop, which reads them.
     let finished = std::cell::RefCell::new(be.upload_ids(&vec![0; b], &[b])?);
@@ -131,7 +235,10 @@ pub fn generate_reporting<B: Backend>(
         let hidden = model.decode(be, &next, &mut cache, f)?;
         let logits = model.lm_logits(be, &hidden)?;
         let at = Position::Counter(&step_counter);
-        be.select_tokens(&logits, &spec, at, &prompts.streams, &mut finished.borrow_mut(), &mut next, &mut logprob)?;
+        // The processors read the tokens so far, which `tokens` holds.
+        let processed = if process.any() { Some(be.process_logits(&logits, &tokens, &process, at)?) } else { None };
+        let finished = &mut finished.borrow_mut();
+        be.select_tokens(&logits, processed.as_ref(), &spec, at, &prompts.streams, finished, &mut next, &mut logprob)?;
         be.write_ids(&mut tokens, &next, at)?;
         be.write_rows(&mut logprobs, &logprob, at)?;
         if let Some(vh) = value_head {

@@ -6,6 +6,7 @@ use crate::common::{Case, F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{Activation, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
+use detox::backend::{BeamSpec, BeamState, EarlyStopping, ProcessSpec};
 
 fn embedding_case<B: Backend>(be: &B, r: &mut Rand, vocab: usize, d: usize, (b, l): (usize, usize), what: &str) {
     let table = r.vec(vocab * d, 1.0);
@@ -673,8 +674,8 @@ pub fn token_choice<B: Backend>(be: &B) {
             );
             let (mut pc, mut pg) = (Cpu.zeros(&[rows]).unwrap(), be.zeros(&[rows]).unwrap());
             let counter = be.upload_ids(&[step as u32], &[1]).unwrap();
-            Cpu.select_tokens(&lc, spec, Position::At(step), &sc, &mut fc, &mut tc, &mut pc).unwrap();
-            be.select_tokens(&lg, spec, Position::Counter(&counter), &sg, &mut fg, &mut tg, &mut pg).unwrap();
+            Cpu.select_tokens(&lc, None, spec, Position::At(step), &sc, &mut fc, &mut tc, &mut pc).unwrap();
+            be.select_tokens(&lg, None, spec, Position::Counter(&counter), &sg, &mut fg, &mut tg, &mut pg).unwrap();
             let (tw, tgot) = (tc.data.clone(), be.download_ids(&tg).unwrap());
             // The draw inverts a CDF summed in another order on each backend: a token at a
             // boundary may flip, but almost all must agree, and greedy exactly.
@@ -711,6 +712,110 @@ pub fn token_choice<B: Backend>(be: &B) {
     }
 }
 
+/// Scores that may hold −∞ (banned tokens): the same bans, and the rest within `tol`.
+fn same_scores(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g.is_infinite() && g == w) || (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}: element {i} is {g}, the CPU's {w}"
+        );
+    }
+}
+
+/// Hugging Face's processors, beam search's step over several steps and the KV caches' gather by
+/// beam, against the CPU. Each step feeds both backends the CPU's processed scores, so that the
+/// choices must agree exactly; the logits favour a few tokens and EOS, so that beams repeat
+/// tokens (penalties, bans) and finish.
+pub fn beam_search_steps<B: Backend>(be: &B) {
+    let mut r = Rand::new(31);
+    let (items, k, v, t) = (5, 4, 2000, 7);
+    let n = items * k;
+    for (early, length_penalty, penalty, ngram) in
+        [(EarlyStopping::False, 1.0, 1.3, 2), (EarlyStopping::True, 0.6, 1.0, 0), (EarlyStopping::Never, 2.0, 0.8, 3)]
+    {
+        let what = format!("{early:?} length_penalty {length_penalty} repetition {penalty} ngram {ngram}");
+        let spec = BeamSpec { num_beams: k, length_penalty, early_stopping: early, max_new_tokens: t, eos: 1, pad: 0 };
+        let process = ProcessSpec {
+            log_softmax: true,
+            repetition_penalty: penalty,
+            no_repeat_ngram_size: ngram,
+            min_new_tokens: 2,
+            eos: 1,
+            decoder_start: 0,
+        };
+        let mut sc = BeamState::new(&Cpu, items, &spec, 0).unwrap();
+        let mut sg = BeamState::new(be, items, &spec, 0).unwrap();
+        let mut counter = be.upload_ids(&[0], &[1]).unwrap();
+        for step in 0..t {
+            let mut logits = r.vec(n * v, 2.0);
+            for (row, l) in logits.chunks_mut(v).enumerate() {
+                for (tok, x) in l.iter_mut().take(6).enumerate() {
+                    *x += 6.0 - tok as f32 * 0.5;
+                }
+                l[1] += (row % 3) as f32 * 1.5 - 2.0;
+            }
+            let (lc, lg) = (Cpu.upload(&logits, &[n, v]).unwrap(), be.upload(&logits, &[n, v]).unwrap());
+            let at = Position::Counter(&counter);
+            let pc = Cpu.process_logits(&lc, &sc.seqs, &process, Position::At(step)).unwrap();
+            let pg = be.process_logits(&lg, &sg.seqs, &process, at).unwrap();
+            same_scores(&be.download(&pg).unwrap(), &pc.data, 1e-5, &format!("{what}: process_logits step {step}"));
+            let pg = be.upload(&pc.data, &[n, v]).unwrap();
+            Cpu.beam_step(&lc, &pc, &spec, Position::At(step), &mut sc).unwrap();
+            be.beam_step(&lg, &pg, &spec, at, &mut sg).unwrap();
+            let ids = [
+                ("seqs", &sc.seqs, &sg.seqs),
+                ("fin_seqs", &sc.fin_seqs, &sg.fin_seqs),
+                ("fin_lens", &sc.fin_lens, &sg.fin_lens),
+                ("done", &sc.done, &sg.done),
+                ("src", &sc.src, &sg.src),
+                ("next", &sc.next, &sg.next),
+            ];
+            for (name, c, g) in ids {
+                assert_eq!(be.download_ids(g).unwrap(), c.data, "{what}: beam_step's {name} at step {step}");
+            }
+            let floats = [
+                ("scores", &sc.scores, &sg.scores, 0.0),
+                ("fin_scores", &sc.fin_scores, &sg.fin_scores, 0.0),
+                ("logprobs", &sc.logprobs, &sg.logprobs, 1e-5),
+                ("fin_logprobs", &sc.fin_logprobs, &sg.fin_logprobs, 1e-5),
+            ];
+            for (name, c, g, tol) in floats {
+                same_scores(
+                    &be.download(g).unwrap(),
+                    &c.data,
+                    tol,
+                    &format!("{what}: beam_step's {name} at step {step}"),
+                );
+            }
+            be.advance(&mut counter, 1).unwrap();
+        }
+        assert!(sc.fin_lens.data.iter().any(|&l| l > 0 && (l as usize) < t), "{what}: no beam finished early");
+        assert!(sc.fin_lens.data.iter().any(|&l| l as usize == t), "{what}: no beam ran to the end");
+    }
+    // The caches' gather: half (in 16-byte units and in single elements) and f32.
+    for (d, prec) in [(24, Prec::Half), (5, Prec::Half), (5, Prec::F32), (24, Prec::F32)] {
+        let (cap, upto) = (7, 4);
+        let vals = r.vec(n * cap * d, 1.0);
+        let (mut xc, mut xg) = (Cpu.zeros_as(&[n, cap, d], prec).unwrap(), be.zeros_as(&[n, cap, d], prec).unwrap());
+        Cpu.write_rows(&mut xc, &Cpu.upload(&vals, &[n, cap, d]).unwrap(), Position::At(0)).unwrap();
+        be.write_rows(&mut xg, &be.upload(&vals, &[n, cap, d]).unwrap(), Position::At(0)).unwrap();
+        let src: Vec<u32> = (0..n as u32).map(|i| i / k as u32 * k as u32 + r.ids(1, k as u32)[0]).collect();
+        let (ic, ig) = (Cpu.upload_ids(&src, &[n]).unwrap(), be.upload_ids(&src, &[n]).unwrap());
+        let counter = be.upload_ids(&[upto as u32], &[1]).unwrap();
+        Cpu.gather_beams(&mut xc, &ic, Position::At(upto)).unwrap();
+        be.gather_beams(&mut xg, &ig, Position::Counter(&counter)).unwrap();
+        assert_eq!(be.download(&xg).unwrap(), xc.data, "gather_beams d {d} {prec:?}");
+        let moved = (0..n).find(|&i| src[i] as usize != i).expect("some beam moves");
+        let s = src[moved] as usize;
+        assert_eq!(xc.data[moved * cap * d..(moved * cap + upto) * d], vals[s * cap * d..(s * cap + upto) * d]);
+        assert_eq!(
+            xc.data[(moved * cap + upto) * d..(moved + 1) * cap * d],
+            vals[(moved * cap + upto) * d..(moved + 1) * cap * d]
+        );
+    }
+}
+
 crate::common::suite!("ops":
     table embedding_and_gather,
     table linear,
@@ -720,4 +825,5 @@ crate::common::suite!("ops":
     table attention,
     each kv_writes_and_copies,
     each token_choice,
+    each beam_search_steps,
 );

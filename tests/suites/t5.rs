@@ -1,11 +1,12 @@
-//! Test bodies for the T5 forward pass, LoRA, value head and greedy generation against
-//! transformers + peft (fixtures from tools/make_fixtures.py), each generic over the backend so
-//! that tests/t5_parity.rs runs them on the CPU and tests/gpu.rs on CUDA.
+//! Test bodies for the T5 forward pass, LoRA, value head and generation (greedy, with logits
+//! processors, beam search) against transformers + peft (fixtures from tools/make_fixtures.py and
+//! tools/make_generate_fixture.py), each generic over the backend so that tests/t5_parity.rs runs
+//! them on the CPU and tests/gpu.rs on CUDA.
 
 use crate::common::{Expected, fixture, rel_l2_err, rel_max_err};
 use detox::backend::Backend;
 use detox::backend::cpu::log_softmax_row;
-use detox::t5::{Fwd, GenConfig, Prompts, T5, ValueHead, generate};
+use detox::t5::{EarlyStopping, Fwd, GenConfig, Generation, Prompts, T5, ValueHead, generate};
 use detox::text::Batch;
 
 const FIXTURES: &[&str] = &["flan_small", "odd_bf16", "sharded_f16"];
@@ -194,6 +195,129 @@ pub fn generation_logprobs_and_values_match_teacher_forcing<B: Backend>(be: &B) 
     }
 }
 
+/// One case of tests/fixtures/t5/generate/cases.json: its name and `generate`'s arguments.
+fn generate_case(c: &serde_json::Value) -> (String, GenConfig) {
+    let num = |k: &str| c.get(k).and_then(serde_json::Value::as_f64);
+    let early = match c.get("early_stopping") {
+        Some(serde_json::Value::Bool(true)) => EarlyStopping::True,
+        Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
+        _ => EarlyStopping::False,
+    };
+    let cfg = GenConfig {
+        max_new_tokens: num("max_new_tokens").expect("max_new_tokens") as usize,
+        min_new_tokens: num("min_new_tokens").unwrap_or(0.0) as usize,
+        num_beams: num("num_beams").unwrap_or(1.0) as usize,
+        length_penalty: num("length_penalty").unwrap_or(1.0),
+        early_stopping: early,
+        no_repeat_ngram_size: num("no_repeat_ngram_size").unwrap_or(0.0) as usize,
+        repetition_penalty: num("repetition_penalty").unwrap_or(1.0) as f32,
+        ..GenConfig::default()
+    };
+    (c["name"].as_str().expect("name").to_string(), cfg)
+}
+
+/// One model of the generate fixture: the model, its prompts and the cases run on it.
+struct GenFixture<B: Backend> {
+    name: String,
+    model: T5<B>,
+    prompts: Prompts<B>,
+    cases: Vec<(String, GenConfig)>,
+}
+
+/// Every model of the generate fixture, and transformers' outputs (`MODEL.CASE`).
+fn generate_fixture<B: Backend>(be: &B) -> (Vec<GenFixture<B>>, Expected) {
+    let dir = fixture("t5/generate");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let exp = Expected::open(dir.join("expected.safetensors"));
+    let models = all["models"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, cases)| {
+            let model = T5::load(be, &fixture(&format!("t5/{name}"))).unwrap();
+            let (ids, shape) = exp.ids(&format!("{name}.input_ids"));
+            let (mask, _) = exp.ids(&format!("{name}.attention_mask"));
+            let lengths: Vec<u32> = mask.chunks(shape[1]).map(|r| r.iter().sum()).collect();
+            let batch = Batch { ids, lengths, rows: shape[0], width: shape[1] };
+            let streams: Vec<u32> = (0..shape[0] as u32).collect();
+            let prompts = Prompts::upload(be, &batch, &streams).unwrap();
+            let cases = cases.as_array().unwrap().iter().map(generate_case).collect();
+            GenFixture { name: name.clone(), model, prompts, cases }
+        })
+        .collect();
+    (models, exp)
+}
+
+/// Greedy decoding with repetition penalty, no-repeat n-grams and min-new-tokens, and beam search
+/// with 2 to 4 beams, length penalties and each early_stopping: on the CPU the tokens of
+/// transformers' `generate`; on the GPU the CPU's tokens (and close log-probs).
+pub fn processed_and_beam_generations_match<B: Backend>(be: &B) {
+    let (models, exp) = generate_fixture(be);
+    let on_gpu = be.ordinal().is_some();
+    let cpu = on_gpu.then(|| generate_fixture(&detox::backend::cpu::Cpu).0);
+    let mut failed = Vec::new();
+    for (m, fx) in models.iter().enumerate() {
+        for (name, cfg) in &fx.cases {
+            let got = generate(be, &fx.model, None, &fx.prompts, cfg, Fwd::default()).unwrap();
+            let (ids, shape) = exp.ids(&format!("{}.{name}", fx.name));
+            let hf = hf_rows(&ids, &shape, fx.model.config.eos_token_id);
+            let want: Vec<Generation> = match &cpu {
+                Some(c) => {
+                    let c = &c[m];
+                    generate(&detox::backend::cpu::Cpu, &c.model, None, &c.prompts, cfg, Fwd::default()).unwrap()
+                }
+                None => hf.into_iter().map(|tokens| Generation { tokens, ..Generation::default() }).collect(),
+            };
+            for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{} {name} row {row}", fx.name);
+                assert_eq!(g.logprobs.len(), g.tokens.len(), "{what}");
+                assert!(g.logprobs.iter().all(|p| *p <= 0.0 && p.is_finite()), "{what}: {:?}", g.logprobs);
+                if g.tokens != w.tokens {
+                    failed.push(format!("{what}: {:?}, want {:?}", g.tokens, w.tokens));
+                } else if on_gpu {
+                    let err = g.logprobs.iter().zip(&w.logprobs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(err < 3e-2, "{what}: log-probs differ from the CPU's by {err}");
+                }
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} rows differ:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// Beam search's log-probs are the model's own (unprocessed) log-probs of the tokens it returns:
+/// those of a teacher-forced pass over them.
+pub fn beam_logprobs_match_teacher_forcing<B: Backend>(be: &B) {
+    let GenFixture { model, prompts, .. } = generate_fixture(be).0.remove(0);
+    let cfg = GenConfig {
+        max_new_tokens: 10,
+        num_beams: 3,
+        repetition_penalty: 1.3,
+        no_repeat_ngram_size: 2,
+        ..GenConfig::default()
+    };
+    let got = generate(be, &model, None, &prompts, &cfg, Fwd::default()).unwrap();
+    let width = got.iter().map(|g| g.tokens.len()).max().unwrap();
+    let mut dec = vec![0u32; got.len() * width];
+    for (r, g) in got.iter().enumerate() {
+        for (t, &tok) in g.tokens.iter().take(width - 1).enumerate() {
+            dec[r * width + t + 1] = tok;
+        }
+    }
+    let dec = be.upload_ids(&dec, &[got.len(), width]).unwrap();
+    let (logits, _) = model.forward(be, &prompts.ids, &prompts.lengths, &dec, Fwd::default()).unwrap();
+    let v = model.config.vocab_size;
+    let mut logp = be.download(&logits).unwrap();
+    logp.chunks_mut(v).for_each(log_softmax_row);
+    let tol = if be.ordinal().is_none() { 1e-4 } else { 3e-2 };
+    for (r, g) in got.iter().enumerate() {
+        for (t, &tok) in g.tokens.iter().enumerate() {
+            let want = logp[(r * width + t) * v + tok as usize];
+            assert!((g.logprobs[t] - want).abs() < tol, "row {r} step {t}: {} vs {want}", g.logprobs[t]);
+        }
+    }
+}
+
 /// A full-size checkpoint (DETOX_FULL_SIZE, e.g. from `detox init --size base`) against what
 /// transformers computed from the same file in fp32 (DETOX_FULL_SIZE_ORACLE, written by
 /// tools/full_size_oracle.py): teacher-forced logits within the backend's tolerance, and greedy
@@ -248,6 +372,8 @@ crate::common::suite!("t5":
     each greedy_generations_match,
     each generation_logprobs_and_values_match_teacher_forcing,
     each merged_lora_matches_unmerged,
+    each processed_and_beam_generations_match,
+    each beam_logprobs_match_teacher_forcing,
     // It needs a GPU-machine oracle.
     gpu full_size_matches_transformers skip full_size_inputs_missing,
 );

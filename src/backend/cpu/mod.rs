@@ -18,6 +18,7 @@ use super::{
     Activation, AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped,
 };
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
+use super::{BeamSpec, BeamState, EarlyStopping, ProcessSpec};
 use crate::checkpoint::HostTensor;
 use anyhow::{Result, ensure};
 pub use elementwise::{apply_dropout, gelu_erf, gelu_new, gelu_new_grad};
@@ -25,7 +26,7 @@ pub use linear::{matmul_nn, matmul_nt, matmul_tn};
 pub use losses::log_softmax_row;
 pub use optim::adam_element;
 use rayon::prelude::*;
-pub use sampling::{argmax, choose_token};
+pub use sampling::{argmax, choose_token, process_row};
 
 /// An owned row-major tensor on the host.
 #[derive(Clone, Debug, PartialEq)]

@@ -41,3 +41,8 @@ pub const ATTN_ROW_THREADS: u32 = 128;
 pub const ATTN_MAX_DK: u32 = 128;
 /// The shared memory a launch may ask for without opting in to more.
 pub const SHARED_MEMORY_LIMIT: u32 = 48 << 10;
+/// The most beams per batch item: each thread of `beam_step` keeps its 2 · MAX_BEAMS best
+/// candidates in registers.
+pub const MAX_BEAMS: u32 = 16;
+/// Threads of one block of `beam_step` (one block per batch item).
+pub const BEAM_THREADS: u32 = 256;
