@@ -5,7 +5,7 @@
 //! caches by the beams' sources. The step is recorded once as a CUDA graph and replayed; the host
 //! only looks at the done flags now and then.
 
-use super::generate::{CHECK_EVERY, GenConfig, Generation, Prompts};
+use super::generate::{GenConfig, Generation, Prompts, run_decoding};
 use super::model::{DecodeCache, Fwd, T5};
 use crate::backend::{Backend, BeamSpec, BeamState, Position, Prec, Shaped};
 use anyhow::Result;
@@ -53,22 +53,8 @@ pub(super) fn beam_search<B: Backend>(
         }
         be.advance(&mut step_counter, 1)
     };
-    // As in greedy decoding: the first step eagerly, the second recorded, the rest replayed.
-    let mut graph = None;
-    let mut steps = 0;
-    while steps < t {
-        if steps == 0 {
-            step()?;
-        } else {
-            be.run_step(&mut graph, &mut step)?;
-        }
-        steps += 1;
-        on_token(steps);
-        if (steps % CHECK_EVERY == 0 || steps == 1) && be.download_ids(&state.borrow().done)?.iter().all(|&x| x != 0) {
-            break;
-        }
-    }
-    drop(graph);
+    let all_done = || Ok(be.download_ids(&state.borrow().done)?.iter().all(|&x| x != 0));
+    run_decoding(be, t, &mut step, &all_done, on_token)?;
     let st = state.into_inner();
     let (seqs, logprobs, lens) =
         (be.download_ids(&st.fin_seqs)?, be.download(&st.fin_logprobs)?, be.download_ids(&st.fin_lens)?);

@@ -186,7 +186,35 @@ impl GenConfig {
 }
 
 /// How often the host looks at the finished flags to stop early: each look waits for the GPU.
-pub(super) const CHECK_EVERY: usize = 4;
+const CHECK_EVERY: usize = 4;
+
+/// Runs a decoding `step` at most `t` times and returns how many ran. Everything a step touches
+/// lives across steps, so the first runs eagerly (it builds lookup tables and warms the libraries
+/// up), the second is recorded and every later one replays it. `all_done` reads the device's
+/// finished flags after the first step and then every `CHECK_EVERY`.
+pub(super) fn run_decoding<B: Backend>(
+    be: &B,
+    t: usize,
+    step: &mut dyn FnMut() -> Result<()>,
+    all_done: &dyn Fn() -> Result<bool>,
+    on_token: &mut dyn FnMut(usize),
+) -> Result<usize> {
+    let mut graph = None;
+    let mut steps = 0;
+    while steps < t {
+        if steps == 0 {
+            step()?;
+        } else {
+            be.run_step(&mut graph, step)?;
+        }
+        steps += 1;
+        on_token(steps);
+        if (steps % CHECK_EVERY == 0 || steps == 1) && all_done()? {
+            break;
+        }
+    }
+    Ok(steps)
+}
 
 pub fn generate<B: Backend>(
     be: &B,
@@ -246,22 +274,8 @@ pub fn generate_reporting<B: Backend>(
         }
         be.advance(&mut step_counter, 1)
     };
-    // The first step runs eagerly (it builds lookup tables and warms the libraries up); the
-    // second is recorded and every later one replays it.
-    let mut graph = None;
-    let mut steps = 0;
-    while steps < t {
-        if steps == 0 {
-            step()?;
-        } else {
-            be.run_step(&mut graph, &mut step)?;
-        }
-        steps += 1;
-        on_token(steps);
-        if (steps % CHECK_EVERY == 0 || steps == 1) && be.download_ids(&finished.borrow())?.iter().all(|&x| x != 0) {
-            break;
-        }
-    }
+    let all_done = || Ok(be.download_ids(&finished.borrow())?.iter().all(|&x| x != 0));
+    let steps = run_decoding(be, t, &mut step, &all_done, on_token)?;
     let tokens = be.download_ids(&tokens)?;
     let logprobs = be.download(&logprobs)?;
     let values = be.download(&values)?;
