@@ -42,8 +42,9 @@ pub enum What {
     Beam(BeamArgs),
 }
 
+/// What `bench generate` and `bench beam` share: the model, the prompt and output sizes, the runs.
 #[derive(clap::Args, Debug, Clone)]
-pub struct BeamArgs {
+pub struct DecodeArgs {
     /// FLAN-T5 shape for random weights (tiny, small, base, large, xl).
     #[arg(long, default_value = "base")]
     pub size: String,
@@ -56,13 +57,10 @@ pub struct BeamArgs {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 256)]
     pub src: usize,
-    /// Generated tokens per prompt (EOS is suppressed so every beam runs them all).
+    /// Generated tokens per prompt (EOS is suppressed so that every row, and every beam, runs them all).
     #[arg(long = "gen", default_value_t = 64)]
     pub gen_tokens: usize,
-    /// Beams per prompt.
-    #[arg(long, default_value_t = 4)]
-    pub num_beams: usize,
-    /// Timed calls after one warm-up; the median is reported.
+    /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
     /// cpu, cuda or cuda:N.
@@ -71,6 +69,42 @@ pub struct BeamArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+impl DecodeArgs {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch > 0 && self.src > 1 && self.gen_tokens > 0 && self.iters > 0,
+            "batch, src, gen and iters must be positive"
+        );
+        Ok(())
+    }
+
+    /// The model's directory: `--model`, or random weights of `--size` in a temporary directory
+    /// that lives as long as the returned guard.
+    fn model_dir(&self) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+        match &self.model {
+            Some(d) => Ok((d.clone(), None)),
+            None => {
+                let tmp = random_model_dir(&self.size)?;
+                Ok((tmp.path().to_path_buf(), Some(tmp)))
+            }
+        }
+    }
+
+    /// How the report names the model.
+    fn model_name(&self) -> String {
+        self.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random flan-t5-{}", self.size))
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BeamArgs {
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+    /// Beams per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub num_beams: usize,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -145,33 +179,11 @@ pub struct ScoreArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenArgs {
-    /// FLAN-T5 shape for random weights (tiny, small, base, large, xl).
-    #[arg(long, default_value = "base")]
-    pub size: String,
-    /// A model directory to use instead of random weights.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Prompts generated together.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
-    /// Prompt length in tokens.
-    #[arg(long, default_value_t = 256)]
-    pub src: usize,
-    /// Generated tokens per prompt (EOS is suppressed so every row runs them all).
-    #[arg(long = "gen", default_value_t = 64)]
-    pub gen_tokens: usize,
-    /// Timed runs after one warm-up; the median is reported.
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
     /// LoRA rank on q and v (0: no adapter), as the seed's policy.
     #[arg(long, default_value_t = 32)]
     pub lora_r: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cuda")]
-    pub device: Device,
-    /// Also write the figures as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -204,28 +216,12 @@ pub fn run(a: Args) -> Result<()> {
             Ok(())
         }
         What::Beam(g) => {
-            ensure!(
-                g.batch > 0 && g.src > 1 && g.gen_tokens > 0 && g.iters > 0,
-                "batch, src, gen and iters must be positive"
-            );
-            let report = run_on(g.device, BenchBeam(g.clone()))?;
-            println!("{}", report.text);
-            if let Some(p) = &g.json {
-                crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
-            }
-            Ok(())
+            g.decode.validate()?;
+            print_report(run_on(g.decode.device, BenchBeam(g.clone()))?, g.decode.json.as_deref())
         }
         What::Generate(g) => {
-            ensure!(
-                g.batch > 0 && g.src > 1 && g.gen_tokens > 0 && g.iters > 0,
-                "batch, src, gen and iters must be positive"
-            );
-            let report = run_on(g.device, BenchGenerate(g.clone()))?;
-            println!("{}", report.text);
-            if let Some(p) = &g.json {
-                crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
-            }
-            Ok(())
+            g.decode.validate()?;
+            print_report(run_on(g.decode.device, BenchGenerate(g.clone()))?, g.decode.json.as_deref())
         }
     }
 }
@@ -233,6 +229,15 @@ pub fn run(a: Args) -> Result<()> {
 struct Report {
     text: String,
     json: serde_json::Value,
+}
+
+/// Prints a report, and writes its JSON to `json` when given.
+fn print_report(report: Report, json: Option<&std::path::Path>) -> Result<()> {
+    println!("{}", report.text);
+    if let Some(p) = json {
+        crate::fsutil::write_atomic(p, serde_json::to_string_pretty(&report.json)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 struct BenchGenerate(GenArgs);
@@ -247,14 +252,7 @@ impl Job for BenchGenerate {
 
     fn run<B: Backend>(self, be: &B) -> Result<Report> {
         let a = self.0;
-        let tmp;
-        let dir = match &a.model {
-            Some(d) => d.clone(),
-            None => {
-                tmp = random_model_dir(&a.size)?;
-                tmp.path().to_path_buf()
-            }
-        };
+        let (dir, _tmp) = a.decode.model_dir()?;
         let mut model = T5::load(be, &dir)?;
         if a.lora_r > 0 {
             model.attach_lora(
@@ -266,7 +264,7 @@ impl Job for BenchGenerate {
         let c = model.config.clone();
         let vh = ValueHead::init(be, c.d_model, 0)?;
         let f = Fwd::eval(a.lora_r > 0);
-        let (b, l, g) = (a.batch, a.src, a.gen_tokens);
+        let (b, l, g) = (a.decode.batch, a.decode.src, a.decode.gen_tokens);
         let seqs = random_prompts(b, l, c.eos_token_id);
         let streams: Vec<u32> = (0..b as u32).collect();
         let prompts = Prompts::upload(be, &pad_batch(&seqs, c.pad_token_id), &streams)?;
@@ -275,7 +273,7 @@ impl Job for BenchGenerate {
         let mut rollout = Vec::new();
         let mut prefill = Vec::new();
         be.reset_peak_memory();
-        for it in 0..=a.iters {
+        for it in 0..=a.decode.iters {
             be.sync()?;
             let t0 = Instant::now();
             let enc = model.encode(be, &prompts.ids, &prompts.lengths, f)?;
@@ -298,7 +296,7 @@ impl Job for BenchGenerate {
 
 /// The generation medians beside their floors, as text and JSON.
 fn generate_report<B: Backend>(be: &B, a: &GenArgs, c: &T5Config, (t_roll, t_pre): (f64, f64)) -> Report {
-    let (b, l, g) = (a.batch, a.src, a.gen_tokens);
+    let (b, l, g) = (a.decode.batch, a.decode.src, a.decode.gen_tokens);
     let peak = be.peak_memory();
     let step_ms = (t_roll - t_pre).max(0.0) / g as f64 * 1e3;
 
@@ -319,8 +317,7 @@ fn generate_report<B: Backend>(be: &B, a: &GenArgs, c: &T5Config, (t_roll, t_pre
     let step_bytes = step_weights + cross_kv + self_kv + logits;
     let step_floor_ms = step_bytes / PEAK_BYTES * 1e3;
     let tok_s = (b * g) as f64 / t_roll;
-    let name =
-        a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random flan-t5-{}", a.size));
+    let name = a.decode.model_name();
     let text = format!(
         "generate: batch {b}, src {l}, gen {g}, {name}, LoRA r {} on q,v, sampling, value head, {}\n\
          rollout      {:9.2} ms median of {}  →  {:.0} generated tokens/s\n\
@@ -330,7 +327,7 @@ fn generate_report<B: Backend>(be: &B, a: &GenArgs, c: &T5Config, (t_roll, t_pre
         a.lora_r,
         be.name(),
         t_roll * 1e3,
-        a.iters,
+        a.decode.iters,
         tok_s,
         t_pre * 1e3,
         prefill_flops / t_pre / 1e12,
@@ -343,7 +340,7 @@ fn generate_report<B: Backend>(be: &B, a: &GenArgs, c: &T5Config, (t_roll, t_pre
     );
     let json = json!({
         "phase": "generate", "device": be.name(), "model": name, "batch": b, "src": l, "gen": g, "lora_r": a.lora_r,
-        "iters": a.iters, "rollout_s": t_roll, "prefill_s": t_pre, "decode_step_ms": step_ms,
+        "iters": a.decode.iters, "rollout_s": t_roll, "prefill_s": t_pre, "decode_step_ms": step_ms,
         "gen_tokens_per_s": tok_s, "prefill_tflops": prefill_flops / t_pre / 1e12,
         "prefill_floor_ms": prefill_flops / PEAK_FLOPS * 1e3, "decode_step_floor_ms": step_floor_ms,
         "peak_bytes": peak,
