@@ -101,13 +101,9 @@ impl AdamStep {
     }
 }
 
-/// Adafactor's hyper-parameters for one update (transformers' `Adafactor`, argument for argument).
+/// Adafactor's options (transformers' `Adafactor`, argument for argument), fixed for a run.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdafactorStep {
-    /// The external learning rate; unused with `relative_step`.
-    pub lr: f64,
-    /// 1 for the first update.
-    pub step: u64,
+pub struct AdafactorOptions {
     /// Added to g² before the running means.
     pub eps1: f64,
     /// The least parameter RMS `scale_parameter` scales by.
@@ -123,6 +119,23 @@ pub struct AdafactorStep {
     /// The rate is min(1e-2, 1/√t) (with `warmup_init`, min(1e-6·t, 1/√t)) instead of `lr`.
     pub relative_step: bool,
     pub warmup_init: bool,
+}
+
+impl AdafactorOptions {
+    /// The backend's step `step` (1-based) at external rate `lr`, gradients scaled by `grad_scale`.
+    pub fn step(&self, lr: f64, step: u64, grad_scale: f32) -> AdafactorStep {
+        AdafactorStep { options: *self, lr, step, grad_scale }
+    }
+}
+
+/// One Adafactor update: the run's options and this step's rate, count and gradient scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdafactorStep {
+    pub options: AdafactorOptions,
+    /// The external learning rate; unused with `relative_step`.
+    pub lr: f64,
+    /// 1 for the first update.
+    pub step: u64,
     /// Every gradient is multiplied by this first (undoing loss scaling, clipping the norm).
     pub grad_scale: f32,
 }
@@ -130,17 +143,17 @@ pub struct AdafactorStep {
 impl AdafactorStep {
     /// The rate before `scale_parameter`'s factor (transformers' `rel_step_sz`).
     pub fn relative_lr(&self) -> f64 {
-        if !self.relative_step {
+        if !self.options.relative_step {
             return self.lr;
         }
         let t = self.step as f64;
-        let min_step = if self.warmup_init { 1e-6 * t } else { 1e-2 };
+        let min_step = if self.options.warmup_init { 1e-6 * t } else { 1e-2 };
         min_step.min(1.0 / t.sqrt())
     }
 
     /// β₂ of this step: 1 − t^decay_rate.
     pub fn beta2t(&self) -> f64 {
-        1.0 - (self.step as f64).powf(self.decay_rate)
+        1.0 - (self.step as f64).powf(self.options.decay_rate)
     }
 }
 

@@ -311,8 +311,11 @@ pub fn adam<B: Device>(slots: &[AdamSlot<'_, B>]) -> Result<()> {
 /// and its statistics have the shapes `AdafactorSlot` states; the step's constants are usable.
 pub fn adafactor<B: Device>(slots: &[AdafactorSlot<'_, B>], h: &AdafactorStep) -> Result<()> {
     ensure!(h.step >= 1, "adafactor: steps count from 1");
-    ensure!(h.beta1.is_none_or(|b| (0.0..1.0).contains(&b)), "adafactor: beta1 must be in [0, 1)");
-    ensure!(h.clip_threshold > 0.0 && h.eps1 >= 0.0 && h.eps2 >= 0.0, "adafactor: bad clip_threshold or eps");
+    ensure!(h.options.beta1.is_none_or(|b| (0.0..1.0).contains(&b)), "adafactor: beta1 must be in [0, 1)");
+    ensure!(
+        h.options.clip_threshold > 0.0 && h.options.eps1 >= 0.0 && h.options.eps2 >= 0.0,
+        "adafactor: bad clip_threshold or eps"
+    );
     for (i, s) in slots.iter().enumerate() {
         let p = s.p.shape();
         ensure!(s.g.shape() == p, "adafactor: tensor {i}'s parameter {p:?} and gradient {:?} differ", s.g.shape());
@@ -339,7 +342,10 @@ pub fn adafactor<B: Device>(slots: &[AdafactorSlot<'_, B>], h: &AdafactorStep) -
             s.m.as_ref().map(|m| m.shape() == p).unwrap_or(true),
             "adafactor: tensor {i}'s first moment does not have its shape"
         );
-        ensure!(h.beta1.is_some() == s.m.is_some(), "adafactor: tensor {i}: a first moment exactly when beta1 is set");
+        ensure!(
+            h.options.beta1.is_some() == s.m.is_some(),
+            "adafactor: tensor {i}: a first moment exactly when beta1 is set"
+        );
         ensure!(
             s.copy.as_ref().map(|c| c.numel() == s.p.numel()).unwrap_or(true),
             "adafactor: tensor {i}'s copy does not have its size"

@@ -1,43 +1,11 @@
 //! Adafactor's state for SFT's trainables (transformers' `Adafactor`): per weight the factored row
 //! and column statistics (2-D) or the unfactored second moment (1-D), the optional first moment,
 //! and the parts a stacked weight splits into, so that q, k and v of a fused projection are each
-//! their own Adafactor tensor as they are in Hugging Face's model. Also the options of one update.
+//! their own Adafactor tensor as they are in Hugging Face's model.
 
-use crate::backend::{AdafactorSlot, AdafactorStep, Backend};
+use crate::backend::{AdafactorSlot, Backend};
 use crate::t5::trainable::Trainable;
 use anyhow::{Result, bail, ensure};
-
-/// Adafactor's options (transformers' argument names), fixed for a run.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdafactorOptions {
-    pub eps1: f64,
-    pub eps2: f64,
-    pub clip_threshold: f64,
-    pub decay_rate: f64,
-    pub beta1: Option<f64>,
-    pub scale_parameter: bool,
-    pub relative_step: bool,
-    pub warmup_init: bool,
-}
-
-impl AdafactorOptions {
-    /// The backend's step `step` (1-based) at external rate `lr`, gradients scaled by `grad_scale`.
-    pub fn step(&self, lr: f64, step: u64, grad_scale: f32) -> AdafactorStep {
-        AdafactorStep {
-            lr,
-            step,
-            eps1: self.eps1,
-            eps2: self.eps2,
-            clip_threshold: self.clip_threshold,
-            decay_rate: self.decay_rate,
-            beta1: self.beta1,
-            scale_parameter: self.scale_parameter,
-            relative_step: self.relative_step,
-            warmup_init: self.warmup_init,
-            grad_scale,
-        }
-    }
-}
 
 /// One weight's Adafactor statistics (`AdafactorSlot` says their shapes).
 pub struct AdafactorState<B: Backend> {

@@ -3,8 +3,8 @@
 //! that works from a fresh checkout (SAMSum from ../shared, the model `detox init` writes to
 //! models/flan-t5-small).
 
-use super::adafactor::AdafactorOptions;
 use super::step::OptimizerKind;
+use crate::backend::AdafactorOptions;
 use crate::device::Device;
 use crate::t5::{EarlyStopping, GenConfig, LoraSettings, Targets};
 use anyhow::{Context, Result, ensure};

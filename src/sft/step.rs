@@ -4,8 +4,9 @@
 //! masters, the model's weights refreshed from them). Also the held-out loss. Both report the plain
 //! cross-entropy beside the (smoothed) objective.
 
-use super::adafactor::{AdafactorOptions, AdafactorState, adafactor_slots, zero_states};
+use super::adafactor::{AdafactorState, adafactor_slots, zero_states};
 use super::data::SftBatch;
+use crate::backend::AdafactorOptions;
 use crate::backend::{AdamStep, Backend, Shaped};
 use crate::checkpoint::Checkpoint;
 use crate::parallel::{Collective, sum_host, worker_seed};

@@ -6,10 +6,10 @@
 //! relative L2.
 
 use crate::common::{Case, F32, HALF, Rand, close, weight};
+use detox::backend::AdafactorOptions;
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
-use detox::sft::adafactor::AdafactorOptions;
 use half::f16;
 
 /// `t` as the half activation a GPU forward pass would hand over (the backend's half copy), when

@@ -3,7 +3,8 @@
 //! step and of the held-out evaluation), the gradient of every weight by Hugging Face
 //! name, the gradient norm, and every weight after clipping and one AdamW step; for an untied
 //! FLAN-style head and a tied, rescaled one. And, on CUDA against the CPU, the same step with T5's
-//! own dropout on: both backends draw the same masks, so loss and gradients agree.
+//! own dropout on: both backends draw the same masks, so loss and gradients agree. And three
+//! Adafactor steps against transformers', on each backend.
 
 use crate::common::{Expected, fixture, rel_l2_err};
 use detox::backend::Backend;
@@ -153,5 +154,80 @@ pub fn sft_step_with_dropout_matches_cpu<B: Backend>(be: &B) {
     }
 }
 
-// Registration only: tests/gpu.rs runs it on CUDA; tests/sft_parity.rs runs it on the CPU.
-crate::common::suite!("sft_step": gpu sft_step_matches_pytorch, gpu sft_step_with_dropout_matches_cpu);
+/// Three Adafactor steps against transformers' (tests/fixtures/adafactor, from
+/// tools/make_adafactor_fixture.py) in each case: `a`, `b` and `c` as their own weights, and `a`
+/// and `b` stacked into one weight of two parts, which must update as the two apart.
+pub fn adafactor_matches_transformers<B: Backend>(be: &B) {
+    use detox::backend::AdafactorOptions;
+    use detox::sft::adafactor::{AdafactorState, adafactor_slots};
+    use detox::t5::trainable::Trainable;
+    let tol = if be.ordinal().is_none() { 1e-5 } else { 1e-4 };
+    let dir = fixture("adafactor");
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let steps = j["steps"].as_u64().unwrap();
+    for (case, c) in j["cases"].as_object().unwrap() {
+        let x = Expected::open(dir.join(format!("{case}.safetensors")));
+        let o = AdafactorOptions {
+            eps1: c["eps"][0].as_f64().unwrap(),
+            eps2: c["eps"][1].as_f64().unwrap(),
+            clip_threshold: c["clip_threshold"].as_f64().unwrap(),
+            decay_rate: c["decay_rate"].as_f64().unwrap(),
+            beta1: c["beta1"].as_f64(),
+            scale_parameter: c["scale_parameter"].as_bool().unwrap(),
+            relative_step: c["relative_step"].as_bool().unwrap(),
+            warmup_init: c["warmup_init"].as_bool().unwrap(),
+        };
+        let (lr, wd) = (c["lr"].as_f64().unwrap_or(0.0), c["weight_decay"].as_f64().unwrap());
+        // A weight stacks these fixture tensors' rows; its values of kind `t` at step `s`.
+        let values = |names: &[&str], t: &str, s: u64| -> Vec<f32> {
+            names.iter().flat_map(|n| x.get(&format!("{n}.{t}.{s}")).0).collect()
+        };
+        let shape = |n: &str| x.get(&format!("{n}.param.0")).1;
+        let weight = |names: &[&'static str]| {
+            let first = shape(names[0]);
+            let parts: Vec<usize> = names.iter().map(|n| shape(n)[0]).collect();
+            let mut sh = first.clone();
+            sh[0] = parts.iter().sum();
+            (names.to_vec(), sh, parts)
+        };
+        let apart = vec![weight(&["a"]), weight(&["b"]), weight(&["c"])];
+        let together = vec![weight(&["a", "b"]), weight(&["c"])];
+        for (layout, what) in [(apart, "apart"), (together, "stacked")] {
+            let mut params: Vec<B::Tensor> =
+                layout.iter().map(|(n, sh, _)| be.upload(&values(n, "param", 0), sh).unwrap()).collect();
+            let mut states: Vec<AdafactorState<B>> = layout
+                .iter()
+                .map(|(_, sh, parts)| AdafactorState::zeros(be, sh, parts, o.beta1.is_some()).unwrap())
+                .collect();
+            for s in 1..=steps {
+                let grads: Vec<B::Tensor> =
+                    layout.iter().map(|(n, sh, _)| be.upload(&values(n, "grad", s), sh).unwrap()).collect();
+                let trainables =
+                    params.iter_mut().map(|p| Trainable { name: String::new(), param: p, copy: None }).collect();
+                let mut slots = adafactor_slots(trainables, grads.iter().collect(), &mut states, |_| wd).unwrap();
+                be.adafactor(&mut slots, &o.step(lr, s, 1.0)).unwrap();
+                for (i, (n, sh, _)) in layout.iter().enumerate() {
+                    let before = values(n, "param", s - 1);
+                    let got: Vec<f32> =
+                        be.download(&params[i]).unwrap().iter().zip(&before).map(|(a, b)| a - b).collect();
+                    let want: Vec<f32> = values(n, "param", s).iter().zip(&before).map(|(a, b)| a - b).collect();
+                    let err = rel_l2_err(&got, &want);
+                    assert!(
+                        err <= tol,
+                        "adafactor {case} {what}: weight {i} step {s}: update's relative L2 error {err}"
+                    );
+                    // The next step starts from transformers' values, so errors do not compound.
+                    params[i] = be.upload(&values(n, "param", s), sh).unwrap();
+                }
+            }
+        }
+    }
+}
+
+// Registration only: tests/gpu.rs runs every entry on CUDA; tests/sft_parity.rs runs the `each`
+// entry on the CPU, beside its own CPU twins of the other two.
+crate::common::suite!(
+    "sft_step": gpu sft_step_matches_pytorch,
+    gpu sft_step_with_dropout_matches_cpu,
+    each adafactor_matches_transformers
+);

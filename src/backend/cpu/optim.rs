@@ -32,11 +32,11 @@ struct Part<'a> {
 /// transformers' `Adafactor.step` for one tensor, in its order of operations.
 fn adafactor_part(t: Part<'_>, h: &AdafactorStep, weight_decay: f64) {
     let Part { p, g, row, col, m } = t;
-    let param_scale = if h.scale_parameter { (h.eps2 as f32).max(rms(p)) } else { 1.0 };
+    let param_scale = if h.options.scale_parameter { (h.options.eps2 as f32).max(rms(p)) } else { 1.0 };
     let lr = param_scale * h.relative_lr() as f32;
     let b2 = h.beta2t() as f32;
     let w2 = (1.0 - h.beta2t()) as f32;
-    let eps1 = h.eps1 as f32;
+    let eps1 = h.options.eps1 as f32;
     let mut u = vec![0f32; p.len()];
     match col {
         Some((col, cols)) => {
@@ -64,9 +64,9 @@ fn adafactor_part(t: Part<'_>, h: &AdafactorStep, weight_decay: f64) {
             }
         }
     }
-    let clip = (rms(&u) / h.clip_threshold as f32).max(1.0);
+    let clip = (rms(&u) / h.options.clip_threshold as f32).max(1.0);
     u.iter_mut().for_each(|x| *x = *x / clip * lr);
-    if let (Some(m), Some(beta1)) = (m, h.beta1) {
+    if let (Some(m), Some(beta1)) = (m, h.options.beta1) {
         let (b1, w1) = (beta1 as f32, (1.0 - beta1) as f32);
         for (mi, x) in m.iter_mut().zip(u.iter_mut()) {
             *mi = *mi * b1 + *x * w1;

@@ -35,7 +35,7 @@ impl Cuda {
             shared_mem_bytes: 0,
         };
         let (b2, w2) = (h.beta2t() as f32, (1.0 - h.beta2t()) as f32);
-        let eps1 = h.eps1 as f32;
+        let eps1 = h.options.eps1 as f32;
         let (n, rows, cols) = (t.n as i64, t.rows as i64, t.cols as i64);
         let blocks = t.n.div_ceil(ADAFACTOR_PER_BLOCK as usize);
         let scal = self.gpu.alloc::<f32>(4)?;
@@ -83,8 +83,8 @@ impl Cuda {
                 &t.row,
                 &row_count,
                 &rel,
-                &(h.scale_parameter as i32),
-                &(h.eps2 as f32),
+                &(h.options.scale_parameter as i32),
+                &(h.options.eps2 as f32),
                 &scal_p,
             ],
         )?;
@@ -95,8 +95,12 @@ impl Cuda {
             grid(blocks),
             &[&t.g, &t.row, &t.col, &cols, &n, &scal_p, &h.grad_scale, &usq_p],
         )?;
-        self.gpu.launch("adafactor_clip", one, &[&usq_p, &(blocks as i64), &n, &(h.clip_threshold as f32), &scal_p])?;
-        let beta1 = h.beta1.unwrap_or(0.0);
+        self.gpu.launch(
+            "adafactor_clip",
+            one,
+            &[&usq_p, &(blocks as i64), &n, &(h.options.clip_threshold as f32), &scal_p],
+        )?;
+        let beta1 = h.options.beta1.unwrap_or(0.0);
         self.gpu.launch(
             "adafactor_apply",
             grid(blocks),
