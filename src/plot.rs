@@ -47,6 +47,12 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// A horizontal grid line across a panel from `x0` to `x1` at height `y`, labelled at its left.
+fn y_gridline(s: &mut String, y: f64, (x0, x1): (f64, f64), text: &str) -> std::fmt::Result {
+    writeln!(s, r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##)?;
+    writeln!(s, r#"<text x="{}" y="{:.1}" font-size="11" text-anchor="end">{text}</text>"#, x0 - 6.0, y + 4.0)
+}
+
 /// The SVG of one panel per series, stacked.
 pub fn svg(title: &str, series: &[Series]) -> Result<String> {
     ensure!(!series.is_empty(), "nothing to plot");
@@ -83,15 +89,7 @@ pub fn svg(title: &str, series: &[Series]) -> Result<String> {
             y0 - y1
         )?;
         for t in ticks(ymin, ymax, 4) {
-            let y = py(t);
-            writeln!(s, r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##)?;
-            writeln!(
-                s,
-                r#"<text x="{}" y="{:.1}" font-size="11" text-anchor="end">{}</text>"#,
-                x0 - 6.0,
-                y + 4.0,
-                label(t)
-            )?;
+            y_gridline(&mut s, py(t), (x0, x1), &label(t))?;
         }
         for t in ticks(xmin, xmin + xspan, 8) {
             writeln!(
@@ -188,15 +186,7 @@ fn scatter_panel(s: &mut String, left: f64, x_name: &str, points: &[(f64, f64, &
     writeln!(s, r#"<text x="{x0}" y="{}" font-size="13">mean toxicity against {}</text>"#, y1 - 8.0, escape(x_name))?;
     writeln!(s, r##"<rect x="{x0}" y="{y1}" width="{}" height="{}" fill="none" stroke="#888"/>"##, x1 - x0, y0 - y1)?;
     for t in ticks(ymin, ymax, 5) {
-        let y = py(t);
-        writeln!(s, r##"<line x1="{x0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#ddd"/>"##)?;
-        writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}" font-size="11" text-anchor="end">{}</text>"#,
-            x0 - 6.0,
-            y + 4.0,
-            label(t)
-        )?;
+        y_gridline(s, py(t), (x0, x1), &label(t))?;
     }
     for t in ticks(xmin, xmax, 5) {
         let x = px(t);
