@@ -231,6 +231,22 @@ fn errors_are_clear() {
 
     let e = fails(&detox(&["init", "--size", "huge", "--out", d.path().join("x").to_str().unwrap()]));
     assert!(e.contains("huge"), "{e}");
+    let e = fails(&detox(&[
+        "init",
+        "--size",
+        "tiny",
+        "--dropout-rate",
+        "1",
+        "--out",
+        d.path().join("x").to_str().unwrap(),
+    ]));
+    assert!(e.contains("--dropout-rate"), "{e}");
+    let x = d.path().join("dropout");
+    assert!(
+        detox(&["init", "--size", "tiny", "--dropout-rate", "0.25", "--out", x.to_str().unwrap()]).status.success()
+    );
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(x.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dropout_rate"].as_f64(), Some(0.25));
 
     // Usage errors come from clap, with its exit code 2.
     let o = detox(&["summarize", "--model", "m", "--input", "x", "--device", "tpu"]);

@@ -3,14 +3,16 @@
 # exists here, so detox trains its own summarizer and then detoxifies it.
 #   init   `detox init --size small --init mesh-tf`: random weights of flan-t5-small's shapes;
 #   sft    `detox sft` on SAMSum train, time-boxed (SFT_SECONDS); the optimiser's keys are below;
+#   tune   the beam's length penalty (LENGTH_PENALTIES) picked by the SFT model's ROUGE-L on SAMSum
+#          validation (TUNE_LIMIT dialogues), never on test; every later beam eval uses it;
 #   ppo    `detox train` with the seed's setting (50 steps of 16 rollouts, minibatches of 4, lr 1.41e-5,
 #          500 dialogues) once per seed in PPO_SEEDS;
 #   eval   `detox eval` on all of SAMSum test: LEAD-3 (the reference summaries' toxicity is in every
 #          eval's JSON), then the SFT model and each PPO run under beam search (BEAM_ARGS) and under
 #          sampling (SAMPLE_ARGS);
-#   sweep  (optional) PPO runs over SWEEP's settings, each evaluated under beam search, for the
-#          trade-off plot;
-#   plot   the training curves and the trade-off plot (toxicity against ROUGE-L and against KL);
+#   sweep  (optional) PPO runs over SWEEP's settings, each evaluated under beam search and under
+#          sampling, for the trade-off plots;
+#   plot   the training curves and one trade-off plot per decoding (toxicity against ROUGE-L and KL);
 #   check  transformers loads the SFT model and generates what detox generates (skipped without it).
 # Each stage's units (one init, one SFT, one PPO run, one eval) are skipped when the unit's ".done"
 # marker and its output both exist in RESULTS, so the script can be started again with the same
@@ -28,7 +30,7 @@ DETOX=${DETOX:-target/release/detox}
 SHARED=${SHARED:-../shared}
 RESULTS=${RESULTS:-runs/experiment}
 DEVICE=${DEVICE:-cuda}
-STAGES=${STAGES:-init sft ppo eval plot check}
+STAGES=${STAGES:-init sft tune ppo eval plot check}
 DEADLINE_S=${DEADLINE_S:-540}
 EXPORT=${EXPORT:-}
 PYTHON=${PYTHON:-python3}
@@ -37,6 +39,7 @@ PYTHON=${PYTHON:-python3}
 SIZE=${SIZE:-small}
 INIT=${INIT:-mesh-tf}
 INIT_SEED=${INIT_SEED:-0}
+DROPOUT_RATE=${DROPOUT_RATE:-0.1}   # config.json's dropout_rate, which detox sft applies
 
 # sft: T5's own recipe, Adafactor with its relative step (min(1e-2, 1/sqrt(t)) times each tensor's RMS),
 # trained from scratch far faster than AdamW did here (docs/RESULTS.md, runs 3 and 4: ROUGE-L 0.238 after
@@ -63,7 +66,12 @@ PPO_MINI=${PPO_MINI:-4}
 PPO_LR=${PPO_LR:-1.41e-5}
 PPO_DIALOGUES=${PPO_DIALOGUES:-500}
 
+# tune
+LENGTH_PENALTIES=${LENGTH_PENALTIES:-1.0 1.5 2.0}
+TUNE_LIMIT=${TUNE_LIMIT:-818}
+
 # eval
+EVAL_DATA=${EVAL_DATA:-test}
 EVAL_LIMIT=${EVAL_LIMIT:-819}
 EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-64}
 EVAL_SEED=${EVAL_SEED:-0}
@@ -72,8 +80,10 @@ BEAM_ARGS=${BEAM_ARGS:---num-beams 4 --no-repeat-ngram-size 3}
 SAMPLE_ARGS=${SAMPLE_ARGS:---do-sample --temperature 1 --top-k 0 --top-p 1}
 ROUGE_ARGS=${ROUGE_ARGS:---use-stemmer}
 
-# sweep: NAME:STEPS:LEARNING_RATE:INIT_KL_COEF:TARGET:ADAP_KL_CTRL per run ([run] steps, [ppo]
-# learning_rate, init_kl_coef, target, adap_kl_ctrl), each with the seed's batch and PPO_SEEDS' first seed
+# sweep: NAME:STEPS:LEARNING_RATE:INIT_KL_COEF:TARGET:ADAP_KL_CTRL[:TRANSFORM[:BATCH]] per run ([run]
+# steps, [ppo] learning_rate, init_kl_coef, target, adap_kl_ctrl, [reward] transform, [ppo] batch_size
+# with minibatches of a quarter of it), each with PPO_SEEDS' first seed; TRANSFORM defaults to the
+# seed's neg_logit and BATCH to PPO_BATCH
 SWEEP=${SWEEP:-lr-0.5x:50:7.05e-6:0.2:6:true lr-2x:50:2.82e-5:0.2:6:true lr-4x:50:5.64e-5:0.2:6:true \
 steps-100:100:1.41e-5:0.2:6:true target-2:50:1.41e-5:0.2:2:true kl-0.05-fixed:50:1.41e-5:0.05:6:false \
 kl-0.5-fixed:50:1.41e-5:0.5:6:false}
@@ -124,7 +134,7 @@ needs() {
 
 do_init() {
   rm -rf "$RESULTS/init"
-  "$DETOX" init --size "$SIZE" --init "$INIT" --seed "$INIT_SEED" --dtype f32 \
+  "$DETOX" init --size "$SIZE" --init "$INIT" --seed "$INIT_SEED" --dropout-rate "$DROPOUT_RATE" --dtype f32 \
     --tokenizer "$SHARED/tokenizers/t5/tokenizer.json" --out "$RESULTS/init"
 }
 
@@ -163,8 +173,10 @@ TOML
   "$DETOX" sft --config "$RESULTS/sft.toml"
 }
 
-# ppo_run NAME SEED STEPS LR INIT_KL_COEF TARGET ADAP_KL_CTRL
+# ppo_run NAME SEED STEPS LR INIT_KL_COEF TARGET ADAP_KL_CTRL [TRANSFORM [BATCH]]
 ppo_run() {
+  local transform=${8:-neg_logit} batch=${9:-$PPO_BATCH} mini=$PPO_MINI
+  [ "$batch" = "$PPO_BATCH" ] || mini=$((batch / 4))
   needs sft sft/model/config.json sft
   rm -rf "${RESULTS:?}/$1"
   cat > "$RESULTS/$1.toml" <<TOML
@@ -175,9 +187,10 @@ path = "$SHARED/data/samsum/train.jsonl"
 limit = $PPO_DIALOGUES
 [reward]
 classifier = "$SHARED/models/minilm-toxicity"
+transform = "$transform"
 [ppo]
-batch_size = $PPO_BATCH
-mini_batch_size = $PPO_MINI
+batch_size = $batch
+mini_batch_size = $mini
 learning_rate = $4
 init_kl_coef = $5
 target = $6
@@ -192,20 +205,31 @@ TOML
   "$DETOX" train --config "$RESULTS/$1.toml"
 }
 
-# evaluate NAME DECODING MODEL-ARGS…: eval-NAME.json and eval-NAME.txt
+# The beam's options: BEAM_ARGS, with the tuned length penalty once the tune stage has picked one.
+beam_args() {
+  if [ -e "$RESULTS/length-penalty.txt" ]; then
+    echo "$BEAM_ARGS --length-penalty $(cat "$RESULTS/length-penalty.txt")"
+  else
+    echo "$BEAM_ARGS"
+  fi
+}
+
+# evaluate NAME DECODING MODEL-ARGS…: eval-NAME.json and eval-NAME.txt, on SAMSum's EVAL_DATA split;
+# DECODING is beam, sample, none, or args (DECODE_ARGS as given)
 evaluate() {
   local name=$1 decoding=$2
   shift 2
   local decode=()
   case $decoding in
-    beam) read -r -a decode <<<"$BEAM_ARGS" ;;
+    beam) read -r -a decode <<<"$(beam_args)" ;;
+    args) read -r -a decode <<<"$DECODE_ARGS" ;;
     sample) read -r -a decode <<<"$SAMPLE_ARGS --seed $EVAL_SEED" ;;
     none) ;;
   esac
   local rouge=()
   read -r -a rouge <<<"$ROUGE_ARGS"
   "$DETOX" eval "$@" "${decode[@]}" "${rouge[@]}" --classifier "$SHARED/models/minilm-toxicity" \
-    --data "$SHARED/data/samsum/test.jsonl" --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" \
+    --data "$SHARED/data/samsum/$EVAL_DATA.jsonl" --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" \
     --device "$DEVICE" --output "$RESULTS/eval-$name.json" | tee "$RESULTS/eval-$name.txt"
 }
 eval_ppo() {  # RUN DECODING STAGE
@@ -217,6 +241,26 @@ eval_sft() {
   evaluate "sft-$1" "$1" --model "$RESULTS/sft/model"
 }
 
+# tune_lp LP: the SFT model on validation under beam search with length penalty LP.
+tune_lp() {
+  needs sft sft/model/config.json sft
+  EVAL_DATA=validation EVAL_LIMIT=$TUNE_LIMIT DECODE_ARGS="$BEAM_ARGS --length-penalty $1" \
+    evaluate "val-lp$1" args --model "$RESULTS/sft/model"
+}
+# The length penalty of the best validation ROUGE-L, written to length-penalty.txt.
+pick_length_penalty() {
+  local files=()
+  for lp in $LENGTH_PENALTIES; do files+=("$RESULTS/eval-val-lp$lp.json"); done
+  "$PYTHON" - "${files[@]}" >"$RESULTS/length-penalty.txt" <<'PY'
+import json, sys
+scores = {p: json.load(open(p))["rouge"]["rougeL"] for p in sys.argv[1:]}
+best = max(scores, key=scores.get)
+print(best.rsplit("-lp", 1)[1][: -len(".json")])
+PY
+  log "length penalty $(cat "$RESULTS/length-penalty.txt") (validation ROUGE-L of each: $(for f in "${files[@]}"; do
+    "$PYTHON" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["rouge"]["rougeL"], 4), end=" ")' "$f"; done))"
+}
+
 sweep_names() { for s in $SWEEP; do echo "sweep-${s%%:*}"; done; }
 
 if wants init; then
@@ -224,6 +268,12 @@ if wants init; then
 fi
 if wants sft; then
   unit sft sft/model/config.json "$SFT_EXPECT_S" do_sft
+fi
+if wants tune; then
+  for lp in $LENGTH_PENALTIES; do
+    unit "eval-val-lp$lp" "eval-val-lp$lp.json" "$EVAL_EXPECT_S" tune_lp "$lp"
+  done
+  unit tune length-penalty.txt 5 pick_length_penalty
 fi
 if wants ppo; then
   for seed in $PPO_SEEDS; do
@@ -243,10 +293,14 @@ fi
 if wants sweep; then
   first_seed=${PPO_SEEDS%% *}
   for s in $SWEEP; do
-    IFS=: read -r name steps lr kl target adaptive <<<"$s"
+    IFS=: read -r name steps lr kl target adaptive transform batch <<<"$s"
     unit "sweep-$name" "sweep-$name/latest" "$PPO_EXPECT_S" \
-      ppo_run "sweep-$name" "$first_seed" "$steps" "$lr" "$kl" "$target" "$adaptive"
-    unit "eval-sweep-$name-beam" "eval-sweep-$name-beam.json" "$EVAL_EXPECT_S" eval_ppo "sweep-$name" beam sweep
+      ppo_run "sweep-$name" "$first_seed" "$steps" "$lr" "$kl" "$target" "$adaptive" "${transform:-neg_logit}" \
+      "${batch:-$PPO_BATCH}"
+    for decoding in beam sample; do
+      unit "eval-sweep-$name-$decoding" "eval-sweep-$name-$decoding.json" "$EVAL_EXPECT_S" \
+        eval_ppo "sweep-$name" "$decoding" sweep
+    done
   done
 fi
 
@@ -255,21 +309,29 @@ plots() {
     "$DETOX" plot "$RESULTS/sft/log.jsonl" --keys loss,eval_loss,rougeL --title "SFT from random init" \
       --out "$RESULTS/sft.svg"
   fi
-  local points=() run
-  if [ -e "$RESULTS/eval-sft-beam.json" ]; then
-    points+=(--tradeoff "SFT=$RESULTS/eval-sft-beam.json")
-  fi
-  for run in $(for seed in $PPO_SEEDS; do echo "ppo-s$seed"; done) $(sweep_names); do
+  local run runs
+  runs="$(for seed in $PPO_SEEDS; do echo "ppo-s$seed"; done) $(sweep_names)"
+  for run in $runs; do
     [ -e "$RESULTS/$run/log.jsonl" ] || continue
     "$DETOX" plot "$RESULTS/$run/log.jsonl" --title "PPO: $run" --out "$RESULTS/$run.svg"
-    if [ -e "$RESULTS/eval-$run-beam.json" ]; then
-      points+=(--tradeoff "$run=$RESULTS/eval-$run-beam.json,$RESULTS/$run/log.jsonl")
+  done
+  local decoding points title
+  for decoding in beam sample; do
+    points=()
+    if [ -e "$RESULTS/eval-sft-$decoding.json" ]; then
+      points+=(--tradeoff "SFT=$RESULTS/eval-sft-$decoding.json")
+    fi
+    for run in $runs; do
+      if [ -e "$RESULTS/eval-$run-$decoding.json" ] && [ -e "$RESULTS/$run/log.jsonl" ]; then
+        points+=(--tradeoff "$run=$RESULTS/eval-$run-$decoding.json,$RESULTS/$run/log.jsonl")
+      fi
+    done
+    [ "$decoding" = beam ] && title="beam search" || title="sampling"
+    if [ ${#points[@]} -gt 1 ]; then
+      "$DETOX" plot "${points[@]}" --title "Toxicity against ROUGE-L and KL ($title, SAMSum test)" \
+        --out "$RESULTS/tradeoff-$decoding.svg"
     fi
   done
-  if [ ${#points[@]} -gt 0 ]; then
-    "$DETOX" plot "${points[@]}" --title "Toxicity against ROUGE-L and KL (beam search, SAMSum test)" \
-      --out "$RESULTS/tradeoff.svg"
-  fi
 }
 if wants plot; then
   log plot

@@ -5,7 +5,7 @@ and docs/RESULTS.md:
     PPO seed and the seeds' mean ± standard deviation: mean toxicity, share > 0.5, ROUGE-1/2/L/Lsum, mean
     length in words, and for PPO runs the KL to the SFT model (the mean of the log's last 5 steps, as
     `detox plot --tradeoff` takes it);
-  - the PPO sweep's runs (beam search) with their settings, when RESULTS holds a sweep;
+  - the PPO sweep's runs (beam search and sampling) with their settings, when RESULTS holds a sweep;
   - the summaries whose toxicity PPO (the first seed, beam search) lowered most, before → after.
     python3 tools/results_table.py RESULTS [--examples 5] > tables.md
 Standard library only.
@@ -134,22 +134,27 @@ def sweep_table(d):
     runs = sorted(glob.glob(os.path.join(d, "eval-sweep-*-beam.json")))
     if not runs:
         return None
-    lines = ["**PPO sweep (beam search, one seed)**", "",
-             "| run | steps | learning rate | init KL coef | KL target | adaptive KL | mean toxicity | share > 0.5 | "
-             "ROUGE-L | KL |", "|---" * 10 + "|"]
+    lines = ["**PPO sweep (one seed)**", "",
+             "| run | steps | batch | learning rate | init KL coef | KL target | adaptive KL | reward | toxicity (beam) | "
+             "ROUGE-L (beam) | toxicity (sampling) | share > 0.5 (sampling) | ROUGE-L (sampling) | KL |",
+             "|---" * 14 + "|"]
     for p in runs:
         name = os.path.basename(p)[len("eval-"):-len("-beam.json")]
         toml_path = os.path.join(d, f"{name}.toml")
         cfg = tomllib.load(open(toml_path, "rb")) if os.path.exists(toml_path) else {}
-        ppo, run = cfg.get("ppo", {}), cfg.get("run", {})
-        m = summary_metrics(load(p))
+        ppo, run, reward = cfg.get("ppo", {}), cfg.get("run", {}), cfg.get("reward", {})
+        beam = summary_metrics(load(p))
+        sample_path = os.path.join(d, f"eval-{name}-sample.json")
+        sample = summary_metrics(load(sample_path)) if os.path.exists(sample_path) else {}
         kl = ppo_kl(os.path.join(d, name, "log.jsonl"))
-        setting = [run.get("steps", "?"), ppo.get("learning_rate", "?"), ppo.get("init_kl_coef", "?"),
-                   ppo.get("target", "?"), ppo.get("adap_kl_ctrl", "?")]
+        setting = [run.get("steps", "?"), ppo.get("batch_size", "?"), ppo.get("learning_rate", "?"),
+                   ppo.get("init_kl_coef", "?"), ppo.get("target", "?"), ppo.get("adap_kl_ctrl", "?"),
+                   reward.get("transform", "neg_logit")]
+        cells = [("mean toxicity", beam["mean toxicity"]), ("ROUGE-L", beam["ROUGE-L"]),
+                 ("mean toxicity", sample.get("mean toxicity")), ("share > 0.5", sample.get("share > 0.5")),
+                 ("ROUGE-L", sample.get("ROUGE-L")), ("KL", kl)]
         lines.append(f"| {name[len('sweep-'):]} | " + " | ".join(str(v) for v in setting) + " | "
-                     + " | ".join(cell(c, v) for c, v in [("mean toxicity", m["mean toxicity"]),
-                                                           ("share > 0.5", m["share > 0.5"]),
-                                                           ("ROUGE-L", m["ROUGE-L"]), ("KL", kl)]) + " |")
+                     + " | ".join(cell(c, v) for c, v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -190,6 +195,9 @@ def tables(d, examples=5):
     head = (f"{e['dialogues']} SAMSum test dialogues; toxicity is minilm-toxicity's `{e.get('label', 'toxicity')}`; "
             f"ROUGE F-measures as rouge_score computes them ({stem}); KL is the mean of the PPO log's last "
             f"{KL_TAIL_STEPS} steps; ± is the standard deviation over seeds.")
+    lp_path = os.path.join(d, "length-penalty.txt")
+    if os.path.exists(lp_path):
+        head += f" Beam search uses the length penalty {open(lp_path).read().strip()}, picked on SAMSum validation."
     return "\n\n".join([head] + parts) + "\n"
 
 

@@ -49,8 +49,10 @@ class ResultsTable(unittest.TestCase):
             write(f"ppo-s{seed}/log.jsonl", "".join(json.dumps({"step": i + 1, "kl": k}) + "\n"
                                                   for i, k in enumerate(kls)))
         write("eval-sweep-lr-2x-beam.json", eval_json(0.05, 0.01, 0.2, ["a"], [0.05]))
-        write("sweep-lr-2x.toml", "[ppo]\nlearning_rate = 2.82e-5\ninit_kl_coef = 0.2\ntarget = 6.0\n"
-                                  "adap_kl_ctrl = true\n[run]\nsteps = 50\n")
+        write("eval-sweep-lr-2x-sample.json", eval_json(0.07, 0.02, 0.15, ["b"], [0.07]))
+        write("length-penalty.txt", "1.5\n")
+        write("sweep-lr-2x.toml", "[reward]\ntransform = \"neg_prob\"\n[ppo]\nbatch_size = 16\nlearning_rate = 2.82e-5\n"
+                                  "init_kl_coef = 0.2\ntarget = 6.0\nadap_kl_ctrl = true\n[run]\nsteps = 50\n")
         write("sweep-lr-2x/log.jsonl", json.dumps({"step": 1, "kl": 0.75}) + "\n")
 
     def tearDown(self):
@@ -93,9 +95,10 @@ class ResultsTable(unittest.TestCase):
 
     def test_sweep_and_examples(self):
         text = self.run_tool("--examples", "2")
-        sweep = self.row(text, "PPO sweep (beam search, one seed)", "lr-2x")
-        self.assertEqual(sweep[1:6], ["50", "2.82e-05", "0.2", "6.0", "True"])
-        self.assertEqual(sweep[6:], ["0.0500", "1.00%", "0.2000", "0.750"])
+        sweep = self.row(text, "PPO sweep (one seed)", "lr-2x")
+        self.assertEqual(sweep[1:8], ["50", "16", "2.82e-05", "0.2", "6.0", "True", "neg_prob"])
+        self.assertEqual(sweep[8:], ["0.0500", "0.2000", "0.0700", "2.00%", "0.1500", "0.750"])
+        self.assertIn("length penalty 1.5, picked on SAMSum validation", text)
         examples = text.split("lowered most**")[1].strip().splitlines()[2:]
         # drops: 0.79 (row 0), 0.30 (row 2), then -0.01 (row 1) is left out with --examples 2
         self.assertEqual(len(examples), 2, examples)

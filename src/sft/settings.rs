@@ -82,7 +82,7 @@ pub enum Schedule {
 }
 
 /// The optimiser of `[optim] optimizer`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     /// torch's AdamW (beta1, beta2, eps).
