@@ -3,9 +3,11 @@
 
 mod beam;
 mod ppo;
+mod sft;
 
 use beam::BenchBeam;
 use ppo::BenchPpo;
+use sft::BenchSft;
 
 use crate::backend::Backend;
 use crate::checkpoint::DType;
@@ -40,6 +42,8 @@ pub enum What {
     Ppo(PpoArgs),
     /// Beam-search generation (tools/bench_hf_beam.py times Hugging Face's with the same settings).
     Beam(BeamArgs),
+    /// Full-parameter SFT steps: the gradients (forward, loss, backward) and the optimiser's update.
+    Sft(SftArgs),
 }
 
 /// What `bench generate` and `bench beam` share: the model, the prompt and output sizes, the runs.
@@ -156,6 +160,37 @@ pub enum Phase {
 }
 
 #[derive(clap::Args, Debug, Clone)]
+pub struct SftArgs {
+    /// FLAN-T5 shape for random weights (tiny, small, base, large, xl).
+    #[arg(long, default_value = "small")]
+    pub size: String,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub src: usize,
+    /// Target length in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub tgt: usize,
+    /// The optimiser, with `detox sft`'s defaults for it.
+    #[arg(long, value_enum, default_value = "adafactor")]
+    pub optimizer: crate::sft::settings::Optimizer,
+    /// Timed steps after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Open the profiler's range around the last step only, for
+    /// `ncu --profile-from-start off detox bench sft --profile …`.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
 pub struct ScoreArgs {
     /// Classifier directory (Hugging Face layout).
     #[arg(long)]
@@ -218,6 +253,10 @@ pub fn run(a: Args) -> Result<()> {
         What::Beam(g) => {
             g.decode.validate()?;
             print_report(run_on(g.decode.device, BenchBeam(g.clone()))?, g.decode.json.as_deref())
+        }
+        What::Sft(s) => {
+            ensure!(s.batch > 0 && s.src > 1 && s.tgt > 1 && s.iters > 0, "batch, src, tgt and iters must be positive");
+            print_report(run_on(s.device, BenchSft(s.clone()))?, s.json.as_deref())
         }
         What::Generate(g) => {
             g.decode.validate()?;
