@@ -3,7 +3,7 @@
 //! that works from a fresh checkout (SAMSum from ../shared, the model `detox init` writes to
 //! models/flan-t5-small).
 
-use super::step::OptimizerKind;
+use super::step::{Hyper, OptimizerKind};
 use crate::backend::AdafactorOptions;
 use crate::device::Device;
 use crate::t5::{EarlyStopping, GenConfig, LoraSettings, Targets};
@@ -279,6 +279,23 @@ impl Default for RunSettings {
 }
 
 impl OptimSettings {
+    /// A step's hyperparameters: these settings at learning rate `lr` (Adafactor's external rate),
+    /// loss scale `loss_scale` and dropout seed `dropout_seed`.
+    pub fn hyper(&self, lr: f64, loss_scale: f32, dropout_seed: u64) -> Hyper {
+        Hyper {
+            lr,
+            beta1: self.adam_beta1(),
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            adafactor: self.adafactor(),
+            max_grad_norm: self.max_grad_norm,
+            label_smoothing: self.label_smoothing,
+            loss_scale,
+            dropout_seed,
+        }
+    }
+
     /// AdamW's β₁: `beta1`, or 0.9.
     pub fn adam_beta1(&self) -> f64 {
         self.beta1.unwrap_or(0.9)

@@ -9,7 +9,7 @@ use super::data::{Pairs, SftBatch};
 use super::export::save_model;
 use super::scaler::LossScaler;
 use super::settings::{Method, SftSettings};
-use super::step::{Hyper, SftOptimizer, eval_loss, sft_step};
+use super::step::{SftOptimizer, eval_loss, sft_step};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::device::GpuStats;
@@ -156,18 +156,7 @@ impl<'a, B: Backend> SftTrainer<'a, B> {
             Some(a) if a.relative_step => a.step(0.0, self.opt.steps + 1, 1.0).relative_lr(),
             _ => o.lr_at(self.step + 1, self.schedule_span),
         };
-        let h = Hyper {
-            lr,
-            beta1: o.adam_beta1(),
-            adafactor,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            max_grad_norm: o.max_grad_norm,
-            label_smoothing: o.label_smoothing,
-            loss_scale: self.scaler.scale(),
-            dropout_seed: crate::seeds::sft_dropout(self.settings.run.seed, self.step),
-        };
+        let h = o.hyper(lr, self.scaler.scale(), crate::seeds::sft_dropout(self.settings.run.seed, self.step));
         let total: usize = rows.iter().map(|&i| self.train.pairs[i].target.len()).sum();
         let mine = &rows[shard(rows.len(), self.group.rank(), self.group.world())];
         let batch = self.batch(mine, &self.train);

@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::device::Job;
 use crate::sft::data::{Pair, SftBatch};
 use crate::sft::settings::{OptimSettings, Optimizer};
-use crate::sft::step::{Hyper, SftOptimizer, sft_gradients, sft_update};
+use crate::sft::step::{SftOptimizer, sft_gradients, sft_update};
 use crate::t5::T5;
 use crate::t5::config::T5Config;
 use anyhow::Result;
@@ -41,18 +41,7 @@ impl Job for BenchSft {
         let (mut grads_s, mut update_s) = (Vec::new(), Vec::new());
         be.reset_peak_memory();
         for it in 0..=a.iters {
-            let h = Hyper {
-                lr: optim.learning_rate,
-                beta1: optim.adam_beta1(),
-                beta2: optim.beta2,
-                eps: optim.eps,
-                weight_decay: optim.weight_decay,
-                adafactor: optim.adafactor(),
-                max_grad_norm: optim.max_grad_norm,
-                label_smoothing: optim.label_smoothing,
-                loss_scale: be.default_loss_scale(),
-                dropout_seed: it as u64,
-            };
+            let h = optim.hyper(optim.learning_rate, be.default_loss_scale(), it as u64);
             let profiled = a.profile && it == a.iters;
             if profiled {
                 be.profiler_range(true)?;
