@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times a full-parameter training step of Hugging Face transformers' T5 with the settings of `detox bench sft`:
-64 pairs of 512 prompt tokens and 64 target tokens (the same ids), dropout on, transformers' Adafactor with its
+64 pairs of 512 prompt tokens and 64 target tokens (the same ids, made as tools/bench_hf_beam.py makes them), dropout on, transformers' Adafactor with its
 defaults (relative step, parameter scaling), the forward under bf16 autocast over f32 weights, on a T5
 checkpoint (e.g. `detox init --size small`'s random flan-t5-small) on the GPU: the PyTorch anchor of detox's
 SFT step.
@@ -15,11 +15,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 from transformers.optimization import Adafactor
 
-
-def rows(batch, length, eos):
-    """detox bench's random prompts (src/cli/bench.rs random_prompts): the same ids."""
-    return torch.tensor([[3 + (r * 7919 + i * 104_729) % 31_000 for i in range(length - 1)] + [eos]
-                         for r in range(batch)])
+from bench_hf_beam import prompts
 
 
 def main():
@@ -33,7 +29,7 @@ def main():
     a = p.parse_args()
     model = T5ForConditionalGeneration.from_pretrained(a.model, dtype=torch.float32).cuda().train()
     eos = model.config.eos_token_id
-    ids, labels = rows(a.batch, a.src, eos).cuda(), rows(a.batch, a.tgt, eos).cuda()
+    ids, labels = prompts(a.batch, a.src, eos).cuda(), prompts(a.batch, a.tgt, eos).cuda()
     mask = torch.ones_like(ids)
     if a.optimizer == "adafactor":
         opt = Adafactor(model.parameters(), lr=None, scale_parameter=True, relative_step=True, warmup_init=False)

@@ -254,14 +254,17 @@ tune_lp() {
 pick_length_penalty() {
   local files=()
   for lp in $LENGTH_PENALTIES; do files+=("$RESULTS/eval-val-lp$lp.json"); done
-  "$PYTHON" - "${files[@]}" >"$RESULTS/length-penalty.txt" <<'PY'
+  local scores
+  scores=$("$PYTHON" - "$RESULTS/length-penalty.txt" "${files[@]}" <<'PY'
 import json, sys
-scores = {p: json.load(open(p))["rouge"]["rougeL"] for p in sys.argv[1:]}
-best = max(scores, key=scores.get)
-print(best.rsplit("-lp", 1)[1][: -len(".json")])
+out, paths = sys.argv[1], sys.argv[2:]
+scores = {p.rsplit("-lp", 1)[1][: -len(".json")]: json.load(open(p))["rouge"]["rougeL"] for p in paths}
+with open(out, "w") as f:
+    print(max(scores, key=scores.get), file=f)
+print(" ".join(f"{lp}: {r:.4f}" for lp, r in scores.items()))
 PY
-  log "length penalty $(cat "$RESULTS/length-penalty.txt") (validation ROUGE-L of each: $(for f in "${files[@]}"; do
-    "$PYTHON" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["rouge"]["rougeL"], 4), end=" ")' "$f"; done))"
+)
+  log "length penalty $(cat "$RESULTS/length-penalty.txt") (validation ROUGE-L $scores)"
 }
 
 sweep_names() { for s in $SWEEP; do echo "sweep-${s%%:*}"; done; }

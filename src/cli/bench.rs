@@ -281,6 +281,11 @@ fn print_report(report: Report, json: Option<&std::path::Path>) -> Result<()> {
 
 struct BenchGenerate(GenArgs);
 
+/// A report's peak memory in GiB, or "n/a" where the backend does not track it.
+fn gib(peak: Option<usize>) -> String {
+    peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -375,7 +380,7 @@ fn generate_report<B: Backend>(be: &B, a: &GenArgs, c: &T5Config, (t_roll, t_pre
         step_floor_ms,
         step_bytes / 1e6,
         step_ms / step_floor_ms,
-        peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+        gib(peak),
     );
     let json = json!({
         "phase": "generate", "device": be.name(), "model": name, "batch": b, "src": l, "gen": g, "lora_r": a.lora_r,

@@ -1,7 +1,7 @@
 //! `detox bench beam`: beam-search generation (`t5::generate` with num_beams > 1) on random weights
 //! of a FLAN-T5 shape; tools/bench_hf_beam.py times Hugging Face's `generate` with the same settings.
 
-use super::{BeamArgs, Report, median, random_prompts};
+use super::{BeamArgs, Report, gib, median, random_prompts};
 use crate::backend::Backend;
 use crate::device::Job;
 use crate::t5::{Fwd, GenConfig, Prompts, T5, generate};
@@ -51,7 +51,7 @@ impl Job for BenchBeam {
             a.decode.iters,
             tok_s,
             tok_s * a.num_beams as f64,
-            peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+            gib(peak),
         );
         let json = json!({
             "phase": "beam", "device": be.name(), "model": name, "batch": b, "src": l, "gen": g,

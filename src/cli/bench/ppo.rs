@@ -2,7 +2,7 @@
 //! the trainer's own function — `phases::rollout`, `phases::reward`, `ppo_step` — so what is timed is
 //! what `detox train` runs.
 
-use super::{PEAK_FLOPS, Phase, PpoArgs, Report, median, random_model_dir, random_prompts};
+use super::{PEAK_FLOPS, Phase, PpoArgs, Report, gib, median, random_model_dir, random_prompts};
 use crate::backend::Backend;
 use crate::classifier::Classifier;
 use crate::parallel::Collective;
@@ -166,7 +166,7 @@ fn report<B: Backend>(
         epochs_flops / PEAK_FLOPS,
         total_s,
         b as f64 / total_s,
-        peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+        gib(peak),
     );
     let json = json!({
         "phase": "ppo", "device": be.name(), "workers": group.world(), "size": a.size, "batch": b, "mini": a.mini, "epochs": a.epochs, "src": l, "gen": g,

@@ -3,7 +3,7 @@
 //! loss, backward) and the update (`sft_update`: clipping, the optimiser, the weights refreshed),
 //! the two halves of `detox sft`'s `sft_step`, beside the bf16 ceiling.
 
-use super::{PEAK_FLOPS, Report, SftArgs, median, random_model_dir, random_prompts};
+use super::{PEAK_FLOPS, Report, SftArgs, gib, median, random_model_dir, random_prompts};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::device::Job;
@@ -113,7 +113,7 @@ fn report<B: Backend>(be: &B, a: &SftArgs, c: &T5Config, grads: f64, update: f64
         ceiling * 1e3,
         flops / 1e12,
         100.0 * ceiling / step,
-        peak.map(|p| format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+        gib(peak),
     );
     let json = json!({
         "phase": "sft", "device": be.name(), "size": a.size, "batch": a.batch, "src": a.src, "tgt": a.tgt,
