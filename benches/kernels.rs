@@ -119,6 +119,7 @@ enum Op {
     GatedGelu { rows: usize, input: Prec },
     Embedding { b: usize, l: usize },
     Attention { b: usize, kind: Attn },
+    AttentionBackward { b: usize, table_grad: bool },
     WriteRows { b: usize },
     WriteIds { b: usize },
     Advance,
@@ -215,6 +216,10 @@ fn cases() -> Vec<Case> {
         push(format!("attention enc {n}"), Op::Attention { b, kind: Attn::Encoder }, false);
         push(format!("attention dec.cross {n}"), Op::Attention { b, kind: Attn::Cross }, false);
         push(format!("attention dec.self {n}"), Op::Attention { b, kind: Attn::SelfCausal }, false);
+        for (what, table_grad) in [("", false), (" +table", true)] {
+            let op = Op::AttentionBackward { b: w.minibatch, table_grad };
+            push(format!("attention_backward enc {n}{what}"), op, false);
+        }
         push(format!("write_rows dec.self {n}"), Op::WriteRows { b }, false);
         push(format!("write_ids dec {n}"), Op::WriteIds { b }, false);
     }
@@ -257,6 +262,9 @@ fn describe(op: &Op) -> String {
         Op::Attention { b, kind: Attn::Encoder } => format!("{b}×{SRC}q·{SRC}k {HEADS}×{DK} bias pad"),
         Op::Attention { b, kind: Attn::Cross } => format!("{b}×1q·{SRC}k {HEADS}×{DK} pad"),
         Op::Attention { b, kind: Attn::SelfCausal } => format!("{b}×1q·{GEN}k {HEADS}×{DK} bias causal"),
+        Op::AttentionBackward { b, table_grad } => {
+            format!("{b}×{SRC}q·{SRC}k {HEADS}×{DK} bias pad{}", if table_grad { " → d_table" } else { "" })
+        }
         Op::WriteRows { b } => format!("{b}×1×{D} → {b}×{GEN}×{D} f16"),
         Op::WriteIds { b } => format!("{b}×1 → {b}×{}", GEN + 1),
         Op::Advance => "1 counter".into(),
@@ -487,6 +495,7 @@ fn prepare<'b>(be: &'b Cuda, op: &Op, g: &mut Gen) -> Result<Bench<'b>> {
             )
         }
         Op::Attention { b, kind } => attention(be, b, kind, g)?,
+        Op::AttentionBackward { b, table_grad } => attention_backward(be, b, table_grad, g)?,
         Op::WriteRows { b } => {
             // The cache is the buffer a cache line could be kept for: rotate it.
             let sets = sets_for(b * GEN * D * 2);
@@ -645,6 +654,40 @@ fn attention<'b>(be: &'b Cuda, b: usize, kind: Attn, g: &mut Gen) -> Result<Benc
         let spec =
             AttnSpec { heads: HEADS, d_kv: DK, scale: 1.0, kv_len, key_lengths, causal, q_offset, bias, dropout: None };
         be.attention(&qs[i], &ks[i], &vs[i], &spec).map(drop)
+    };
+    Ok(Bench::graph(bytes, flops, sets, Box::new(run)))
+}
+
+/// The encoder self-attention's backward over a training minibatch, with or without the bias
+/// table's gradient (full-parameter SFT trains the table; PPO's adapters leave it frozen).
+fn attention_backward<'b>(be: &'b Cuda, b: usize, table_grad: bool, g: &mut Gen) -> Result<Bench<'b>> {
+    let lengths: Vec<usize> = (0..b).map(|_| g.between(SRC / 2, SRC)).collect();
+    let sets = sets_for(b * SRC * D * (4 * 2 + 3 * 4));
+    let [qs, ks, vs, gs] = [(); 4].map(|_| half_sets(be, &[b, SRC, D], sets, g));
+    let (qs, ks, vs, gs) = (qs?, ks?, vs?, gs?);
+    let key_lengths = be.upload_ids(&lengths.iter().map(|&l| l as u32).collect::<Vec<_>>(), &[b])?;
+    let table = weight_sets(be, &[BUCKETS, HEADS], 1, 2.0, g)?.remove(0);
+    let mut d_table = be.zeros(&[BUCKETS, HEADS])?;
+    let real_keys: usize = lengths.iter().sum();
+    // q and dout read in half, the real keys' K and V in half; dq, dk and dv written in f32.
+    let bytes = 2 * b * SRC * D * 2 + 2 * real_keys * D * 2 + 3 * b * SRC * D * 4;
+    // FlashAttention-2's five products (S, dP, dV, dQ, dK) over the real keys.
+    let flops = (10 * SRC * real_keys * D) as f64;
+    let run = move |i: usize| {
+        let bias = RelBias { table: &table, bidirectional: true, num_buckets: BUCKETS, max_distance: MAX_DISTANCE };
+        let spec = AttnSpec {
+            heads: HEADS,
+            d_kv: DK,
+            scale: 1.0,
+            kv_len: SRC,
+            key_lengths: Some(&key_lengths),
+            causal: false,
+            q_offset: Position::At(0),
+            bias: Some(bias),
+            dropout: None,
+        };
+        let d_table = table_grad.then_some(&mut d_table);
+        be.attention_backward(&qs[i], &ks[i], &vs[i], &gs[i], &spec, d_table).map(drop)
     };
     Ok(Bench::graph(bytes, flops, sets, Box::new(run)))
 }

@@ -1,8 +1,8 @@
 // Attention with T5's relative position bias, key padding and causal masks, softmax in fp32, and
 // its backward forms. Forward: many queries at once (the encoder, teacher-forced decoding), tiled
 // over keys with an online softmax; a few queries against a long cache (a decoding step), one block
-// per (query, head, row) spreading the keys over its threads. Backward: dq, dk, dv and the
-// relative-position bias table's gradient. Dropout on the probabilities (training) is drawn inside
+// per (query, head, row) spreading the keys over its threads. Backward: dq, dk, dv and, gathered by
+// the key-side launch, the relative-position bias table's gradient. Dropout on the probabilities (training) is drawn inside
 // the many-query forms and the backward from the counter hash (`attn_drop`), never stored: the
 // forward's normaliser counts every key and only kept ones reach P·V; the backward's
 // dp_j = factor_j · dout·v_j and dV takes the kept probabilities.
@@ -312,6 +312,70 @@ extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_32(
 // Head sizes 16, 32 and 64 use the tensor cores (mma.sync m16n8k16, f16 in, f32 accumulate); any
 // other head size up to 128 takes a plain f32 form.
 
+// The bias table's gradient. The bias is added after the scale, so d_table[bucket, h] is the sum
+// of ds = p·(dp − D) over the (query, key) pairs in that bucket. The key-side launch, which holds
+// every ds, sums it per clamped relative position rel = key − query ∈ [−max_distance, max_distance]
+// into d_rel [H, 2·max_distance + 1] (ATTN_REL_WARPS slot rows per block in dynamic shared memory,
+// one per warp, then one global reduction per slot and block); `attention_bias_fold` then sums
+// those slots into the buckets. Every pair past the clamp lands in one of its two end slots, so a
+// thread sums those in registers (RelEdges) rather than contend for one address.
+struct RelEdges {
+    float lo = 0.f, hi = 0.f;
+};
+
+__device__ __forceinline__ int rel_slots(const AttnParams& p) { return 2 * p.max_distance + 1; }
+
+// Adds ds at relative position rel: to an end sum past the clamp, else to the warp's row of slots.
+// ATOMIC is for callers whose lanes may share a slot within one step.
+template <bool ATOMIC>
+__device__ __forceinline__ void rel_grad_add(float* row, RelEdges& e, int md, int rel, float ds) {
+    if (rel <= -md) {
+        e.lo += ds;
+    } else if (rel >= md) {
+        e.hi += ds;
+    } else if (ATOMIC) {
+        atomicAdd(row + rel + md, ds);
+    } else {
+        row[rel + md] += ds;
+    }
+}
+
+__device__ __forceinline__ void rel_grad_begin(float* slots, const AttnParams& p) {
+    for (int idx = threadIdx.x; idx < ATTN_REL_WARPS * rel_slots(p); idx += blockDim.x) slots[idx] = 0.f;
+    __syncthreads();
+}
+
+// The block's sums into d_rel: each warp's end sums join its row, then the rows are added up.
+__device__ void rel_grad_end(float* slots, RelEdges e, float* d_rel, const AttnParams& p, int h) {
+    int n = rel_slots(p), warp = threadIdx.x / 32;
+    float lo = warp_sum(e.lo), hi = warp_sum(e.hi);
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) {
+        slots[warp * n] += lo;
+        slots[warp * n + n - 1] += hi;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATTN_REL_WARPS; w++) sum += slots[w * n + idx];
+        if (sum != 0.f) atomicAdd(d_rel + (long)h * n + idx, sum);
+    }
+}
+
+// d_table[bucket, h] += Σ d_rel[h, rel] over the slots rel in that bucket. Grid (H), one thread
+// per bucket.
+extern "C" __global__ void attention_bias_fold(const float* d_rel, float* d_table, const uint32_t* bucket_lut,
+                                               int max_distance, int buckets, int H) {
+    int h = blockIdx.x, n = 2 * max_distance + 1;
+    for (int t = threadIdx.x; t < buckets; t += blockDim.x) {
+        float sum = 0.f;
+        for (int idx = 0; idx < n; idx++)
+            if (bucket_lut[idx] == (uint32_t)t) sum += d_rel[(long)h * n + idx];
+        d_table[(long)t * H + h] += sum;
+    }
+}
+
 // The plain form: one thread per query (first kernel) or per key (second), tiles of BT rows of
 // the other side staged in shared memory as f32. DK ≥ dk is the compile-time row size.
 #define BT 32
@@ -394,12 +458,16 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
 
 template <int DK>
 __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
-                                    float* dv, const float* lse, const float* dsum, AttnParams p) {
+                                    float* dv, const float* lse, const float* dsum, float* d_rel, AttnParams p) {
     __shared__ float qs[BT * DK];
     __shared__ float gs[BT * DK];
     __shared__ float ls[BT], ds_[BT];
+    extern __shared__ float slots[];  // d_rel set: [ATTN_REL_WARPS][2·max_distance + 1]
     resolve(p);
     int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * ATTN_ROWS, j = j0 + threadIdx.x;
+    float* row = slots + threadIdx.x / 32 * rel_slots(p);
+    RelEdges edges;
+    if (d_rel) rel_grad_begin(slots, p);
     int inner = p.H * p.dk;
     int klen = key_count(p, b);
     bool live = j < klen;  // keys past the real ones (padding, spare capacity) get zero gradients
@@ -446,6 +514,7 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
                 float pr = expf(s - ls[ii]);
                 float ds = pr * (dp * drop - ds_[ii]);
                 float kept = pr * drop;
+                if (d_rel) rel_grad_add<true>(row, edges, p.max_distance, j - qpos, ds);
 #pragma unroll
                 for (int d = 0; d < DK; d++) {
                     adv[d] += kept * gs[ii * DK + d];
@@ -454,6 +523,7 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
             }
         }
     }
+    if (d_rel) rel_grad_end(slots, edges, d_rel, p, h);
     if (j >= p.cap) return;
 #pragma unroll
     for (int d = 0; d < DK; d++) {
@@ -471,8 +541,8 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dkdv_plain_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
-        const float* ds, AttnParams p) { \
-        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, lse, ds, p); \
+        const float* ds, float* d_rel, AttnParams p) { \
+        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, lse, ds, d_rel, p); \
     }
 PLAIN(32)
 PLAIN(64)
@@ -664,17 +734,26 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
 
 // Second launch, tensor cores: grid (⌈cap/64⌉, H, B), 128 threads; warp w owns keys
 // k0 + 16w .. k0 + 16w + 15. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ per tile of 64 queries, then
-// dV += Pᵀ·dO and dK += dSᵀ·Q.
+// dV += Pᵀ·dO and dK += dSᵀ·Q. With d_rel, each warp also stages its 16 × 64 block of dS in
+// shared memory and each lane sums diagonals of it (one relative position each) into the warp's
+// row of slots; a tile whose every pair lies past the clamp goes to the end sums directly.
 template <int DK>
 __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
-                                  float* dv, const float* lse, const float* dsum, AttnParams p) {
-    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
+                                  float* dv, const float* lse, const float* dsum, float* d_rel, AttnParams p) {
+    constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8, SPAD = ATTN_DS_STRIDE;
     __shared__ __align__(16) __half qs[QB * PAD];
     __shared__ __align__(16) __half gs[QB * PAD];
     __shared__ float ls[QB], dl[QB], bias_s[QB + KB];
+    // d_rel set: dS staging [4 warps][16][SPAD], then the slots [ATTN_REL_WARPS][2·max_distance + 1].
+    extern __shared__ __align__(16) float rel_smem[];
     resolve(p);
     int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * KB;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    float* staged = rel_smem + warp * 16 * SPAD;
+    float* slots = rel_smem + (QB / 16) * 16 * SPAD;
+    float* row = slots + warp * rel_slots(p);
+    RelEdges edges;
+    if (d_rel) rel_grad_begin(slots, p);
     int inner = p.H * DK;
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     int klen = key_count(p, b);
@@ -724,8 +803,38 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
             }
             product_nn<DK, PAD>(adv, s, gs, g, tq);
             product_nn<DK, PAD>(adk, dp, qs, g, tq);
+            if (d_rel) {
+                // rel = key − query = rel0 + key_row − query_col over the warp's block.
+                int rel0 = k0 + warp * 16 - p.q_offset - i0;
+                if (rel0 + 15 <= -p.max_distance || rel0 - (QB - 1) >= p.max_distance) {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < QB / 8; nt++) sum += dp[nt][0] + dp[nt][1] + dp[nt][2] + dp[nt][3];
+                    (rel0 > 0 ? edges.hi : edges.lo) += sum;
+                } else {
+#pragma unroll
+                    for (int rr = 0; rr < 2; rr++)
+#pragma unroll
+                        for (int nt = 0; nt < QB / 8; nt++)
+                            *reinterpret_cast<float2*>(&staged[(g + 8 * rr) * SPAD + nt * 8 + tq * 2]) =
+                                make_float2(dp[nt][rr * 2], dp[nt][rr * 2 + 1]);
+                    __syncwarp();
+                    // Diagonal t holds the pairs (r, r + QB − 1 − t): rel = rel0 + t − (QB − 1).
+                    for (int t = lane; t < QB + 15; t += 32) {
+                        float sum = 0.f;
+#pragma unroll
+                        for (int r = 0; r < 16; r++) {
+                            int col = r + QB - 1 - t;
+                            if (col >= 0 && col < QB) sum += staged[r * SPAD + col];
+                        }
+                        rel_grad_add<false>(row, edges, p.max_distance, rel0 + t - (QB - 1), sum);
+                    }
+                    __syncwarp();
+                }
+            }
         }
     }
+    if (d_rel) rel_grad_end(slots, edges, d_rel, p, h);
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
         int key = keys[rr];
@@ -746,69 +855,9 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dkdv_mma_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
-        const float* ds, AttnParams p) { \
-        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, lse, ds, p); \
+        const float* ds, float* d_rel, AttnParams p) { \
+        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, lse, ds, d_rel, p); \
     }
 MMA(16)
 MMA(32)
 MMA(64)
-
-// The relative-position bias table's gradient: d_table[bucket, h] += Σ_j ds_ij over the keys j of
-// query i in that bucket, ds = p·(dp − D). One block per (query, head, row) recomputes the row's
-// scores and dp = dout·v in f32 (dynamic shared memory: 2·cap floats), then gathers ds per bucket
-// in shared memory first, so that global atomics number buckets rather than keys.
-extern "C" __global__ void attention_bias_grad(const __half* q, const __half* k, const __half* v, const __half* dout,
-                                               float* d_table, int buckets, AttnParams p) {
-    extern __shared__ float bias_smem[];
-    __shared__ float scratch[32];
-    __shared__ float qs[ATTN_MAX_DK], gs[ATTN_MAX_DK];
-    resolve(p);
-    int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    float* s = bias_smem;
-    float* dp = bias_smem + p.cap;
-    float* hist = dp + p.cap;
-    int inner = p.H * p.dk;
-    long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
-    for (int d = threadIdx.x; d < p.dk; d += blockDim.x) {
-        qs[d] = __half2float(q[qoff + d]);
-        gs[d] = __half2float(dout[qoff + d]);
-    }
-    for (int t = threadIdx.x; t < buckets; t += blockDim.x) hist[t] = 0.f;
-    int qpos = p.q_offset + i, klen = key_count(p, b);
-    int visible = p.causal ? min(qpos + 1, klen) : klen;
-    __syncthreads();
-    if (visible <= 0) return;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
-        long koff = ((long)b * p.cap + j) * inner + h * p.dk;
-        float sj = 0.f, dj = 0.f;
-        for (int d = 0; d < p.dk; d++) {
-            sj += qs[d] * __half2float(k[koff + d]);
-            dj += gs[d] * __half2float(v[koff + d]);
-        }
-        sj = sj * p.scale + rel_bias(p, h, j - qpos);
-        s[j] = sj;
-        dp[j] = dj * attn_drop(p, b, h, i, j);
-        mx = fmaxf(mx, sj);
-    }
-    mx = block_max(mx, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
-        s[j] = expf(s[j] - mx);
-        sum += s[j];
-    }
-    sum = block_sum(sum, scratch);
-    float dsum = 0.f;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
-        s[j] /= sum;
-        dsum += s[j] * dp[j];
-    }
-    dsum = block_sum(dsum, scratch);
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
-        int rel = max(-p.max_distance, min(p.max_distance, j - qpos));
-        atomicAdd(hist + p.bucket_lut[rel + p.max_distance], s[j] * (dp[j] - dsum));
-    }
-    __syncthreads();
-    for (int t = threadIdx.x; t < buckets; t += blockDim.x)
-        if (hist[t] != 0.f) atomicAdd(d_table + (long)t * p.H + h, hist[t]);
-}

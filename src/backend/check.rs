@@ -176,22 +176,24 @@ pub fn attention<B: Device>(
     Ok(())
 }
 
-pub fn attention_bias_grad<B: Device>(
+pub fn attention_backward<B: Device>(
     q: &[usize],
     k: &[usize],
     v: &[usize],
     dout: &[usize],
     spec: &AttnSpec<'_, B>,
-    d_table: &[usize],
+    d_table: Option<&[usize]>,
 ) -> Result<()> {
-    attention("attention_bias_grad", q, k, v, Some(dout), spec)?;
-    let Some(rb) = &spec.bias else { bail!("attention_bias_grad: the call has no bias") };
-    ensure!(
-        d_table == [rb.num_buckets, spec.heads],
-        "attention_bias_grad: d_table {d_table:?} for {} buckets × {} heads",
-        rb.num_buckets,
-        spec.heads
-    );
+    attention("attention_backward", q, k, v, Some(dout), spec)?;
+    if let Some(d_table) = d_table {
+        let Some(rb) = &spec.bias else { bail!("attention_backward: a bias table gradient for a call with no bias") };
+        ensure!(
+            d_table == [rb.num_buckets, spec.heads],
+            "attention_backward: d_table {d_table:?} for {} buckets × {} heads",
+            rb.num_buckets,
+            spec.heads
+        );
+    }
     Ok(())
 }
 

@@ -357,7 +357,7 @@ pub trait NormOps: Device {
     }
 }
 
-/// Attention with T5's relative position bias, its backward and the bias table's gradient.
+/// Attention with T5's relative position bias, and its backward with the bias table's gradient.
 pub trait AttentionOps: Device {
     checked_op! {
         /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
@@ -374,7 +374,9 @@ pub trait AttentionOps: Device {
     }
 
     checked_op! {
-        /// Backward of `attention` under the same spec: (dq, dk, dv). The bias table is frozen.
+        /// Backward of `attention` under the same spec: (dq, dk, dv), and with `d_table` (the call
+        /// has a bias) the bias table's gradient added into it: `d_table[bucket, h] += Σ` of the
+        /// scores' gradients over the (query, key) pairs in that bucket.
         fn attention_backward / attention_backward_impl(
             &self,
             q: &Self::Tensor,
@@ -382,24 +384,9 @@ pub trait AttentionOps: Device {
             v: &Self::Tensor,
             dout: &Self::Tensor,
             spec: &AttnSpec<'_, Self>,
+            d_table: Option<&mut Self::Tensor>,
         ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> => {
-            check::attention("attention_backward", q.shape(), k.shape(), v.shape(), Some(dout.shape()), spec)?;
-        }
-    }
-
-    checked_op! {
-        /// The relative-position bias table's gradient of an attention call (`spec.bias` set):
-        /// `d_table[bucket, h] += Σ` of the scores' gradients over the positions in that bucket.
-        fn attention_bias_grad / attention_bias_grad_impl(
-            &self,
-            q: &Self::Tensor,
-            k: &Self::Tensor,
-            v: &Self::Tensor,
-            dout: &Self::Tensor,
-            spec: &AttnSpec<'_, Self>,
-            d_table: &mut Self::Tensor,
-        ) -> Result<()> => {
-            check::attention_bias_grad(q.shape(), k.shape(), v.shape(), dout.shape(), spec, d_table.shape())?;
+            check::attention_backward(q.shape(), k.shape(), v.shape(), dout.shape(), spec, d_table.as_deref().map(|t| t.shape()))?;
         }
     }
 }

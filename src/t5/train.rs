@@ -313,10 +313,7 @@ impl<B: Backend> Backprop<'_, B> {
         spec: &AttnSpec<'_, B>,
         d_table: Option<&mut B::Tensor>,
     ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-        if let Some(d_table) = d_table {
-            self.be.attention_bias_grad(q, k, v, d_ctx, spec, d_table)?;
-        }
-        self.be.attention_backward(q, k, v, d_ctx, spec)
+        self.be.attention_backward(q, k, v, d_ctx, spec, d_table)
     }
 
     /// T5's own dropout at a site of the training pass being differentiated.

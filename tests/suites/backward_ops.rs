@@ -409,6 +409,10 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
         bias: bias_g,
         dropout: drop,
     };
+    // Gradients add into the bias table: both start from the same values.
+    let start = r.vec(32 * c.h, 1.0);
+    let mut table_c = c.bias.map(|_| Cpu.upload(&start, &[32, c.h]).unwrap());
+    let mut table_g = c.bias.map(|_| be.upload(&start, &[32, c.h]).unwrap());
     let (dq_c, dk_c, dv_c) = Cpu
         .attention_backward(
             &Cpu.upload(&q, &qs).unwrap(),
@@ -416,6 +420,7 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
             &Cpu.upload(&v, &ks).unwrap(),
             &Cpu.upload(&dout, &qs).unwrap(),
             &spec_c,
+            table_c.as_mut(),
         )
         .unwrap();
     let (qg, kg, vg) = (be.upload(&q, &qs).unwrap(), be.upload(&k, &ks).unwrap(), be.upload(&v, &ks).unwrap());
@@ -428,22 +433,16 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
         let got = be.attention(qin, kin, vin, &spec_g).unwrap();
         close(&be.download(&got).unwrap(), &want.data, 3e-3, &format!("{what}: forward"));
     }
-    let (dq_g, dk_g, dv_g) = be.attention_backward(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g).unwrap();
+    let (dq_g, dk_g, dv_g) =
+        be.attention_backward(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut()).unwrap();
     assert_eq!(dq_g.shape(), qs, "{what}: dq shape");
     assert_eq!(dk_g.shape(), ks, "{what}: dk shape");
     assert_eq!(dv_g.shape(), ks, "{what}: dv shape");
     close(&be.download(&dq_g).unwrap(), &dq_c.data, HALF, &format!("{what}: dq"));
     close(&be.download(&dk_g).unwrap(), &dk_c.data, HALF, &format!("{what}: dk"));
     close(&be.download(&dv_g).unwrap(), &dv_c.data, HALF, &format!("{what}: dv"));
-    if c.bias.is_some() {
-        let start = r.vec(32 * c.h, 1.0);
-        let mut want = Cpu.upload(&start, &[32, c.h]).unwrap();
-        let qc = Cpu.upload(&q, &qs).unwrap();
-        let (kc, vc) = (Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
-        Cpu.attention_bias_grad(&qc, &kc, &vc, &Cpu.upload(&dout, &qs).unwrap(), &spec_c, &mut want).unwrap();
-        let mut got = be.upload(&start, &[32, c.h]).unwrap();
-        be.attention_bias_grad(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g, &mut got).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, HALF, &format!("{what}: bias table gradient"));
+    if let (Some(want), Some(got)) = (&table_c, &table_g) {
+        close(&be.download(got).unwrap(), &want.data, HALF, &format!("{what}: bias table gradient"));
     }
 }
 
@@ -557,6 +556,27 @@ fn attention_backward_table() -> Vec<(&'static str, AttnCase)> {
         (
             "d_kv 128",
             AttnCase { b: 1, lq: 40, cap: 40, kv_len: 40, dk: 128, causal: true, bias: Some(false), ..base.clone() },
+        ),
+        // relative positions past max_distance 128, where the bias gradient's end sums and whole
+        // tiles past the clamp come in, on the tensor cores and the plain form
+        (
+            "encoder past the clamp, d_kv 64",
+            AttnCase {
+                lq: 300,
+                cap: 300,
+                kv_len: 300,
+                lengths: Some(vec![300, 190]),
+                bias: Some(true),
+                ..base.clone()
+            },
+        ),
+        (
+            "decoder past the clamp, d_kv 64",
+            AttnCase { b: 1, lq: 280, cap: 280, kv_len: 280, causal: true, bias: Some(false), ..base.clone() },
+        ),
+        (
+            "encoder past the clamp, d_kv 20",
+            AttnCase { b: 1, lq: 200, cap: 200, kv_len: 200, dk: 20, bias: Some(true), ..base.clone() },
         ),
         // d_kv 64 (the fast kernels) at lengths that are no multiple of a tile
         (

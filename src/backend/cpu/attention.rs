@@ -204,9 +204,11 @@ impl AttentionOps for Cpu {
         v: &Self::Tensor,
         dout: &Self::Tensor,
         spec: &AttnSpec<'_, Self>,
+        mut d_table: Option<&mut Self::Tensor>,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
         let (h, dk) = (spec.heads, spec.d_kv);
         let (inner, lq, cap) = (h * dk, q.shape[1], k.shape[1]);
+        let q_offset = at(spec.q_offset);
         let mut dq = vec![0.0f32; q.data.len()];
         let mut dkk = vec![0.0f32; k.data.len()];
         let mut dv = vec![0.0f32; v.data.len()];
@@ -220,29 +222,13 @@ impl AttentionOps for Cpu {
                     dq[(r.b * lq + r.i) * inner + r.head * dk + t] += ds * k.data[base + t];
                     dkk[base + t] += ds * qi[t];
                 }
+                if let (Some(table), Some(rb)) = (d_table.as_deref_mut(), &spec.bias) {
+                    let rel = j as i64 - (q_offset + r.i) as i64;
+                    let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
+                    table.data[bucket * h + r.head] += r.ds(j);
+                }
             }
         })?;
         Ok((CpuTensor::new(dq, &q.shape)?, CpuTensor::new(dkk, &k.shape)?, CpuTensor::new(dv, &v.shape)?))
-    }
-
-    fn attention_bias_grad_impl(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        dout: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-        d_table: &mut Self::Tensor,
-    ) -> Result<()> {
-        let rb = spec.bias.as_ref().ok_or_else(|| anyhow::anyhow!("attention_bias_grad: the call has no bias"))?;
-        let h = spec.heads;
-        let q_offset = at(spec.q_offset);
-        attention_rows(q, k, v, dout, spec, |r| {
-            for j in 0..r.p.len() {
-                let rel = j as i64 - (q_offset + r.i) as i64;
-                let bucket = relative_bucket(rel, rb.bidirectional, rb.num_buckets, rb.max_distance);
-                d_table.data[bucket * h + r.head] += r.ds(j);
-            }
-        })
     }
 }

@@ -1,5 +1,5 @@
 //! The CUDA attention of kernels/attention.cu: the forward forms (tensor cores, plain tiles,
-//! decoding), the backward and the bias table's gradient, with the one `AttnParams` they share.
+//! decoding) and the backward with the bias table's gradient, with the one `AttnParams` they share.
 
 use super::*;
 
@@ -132,7 +132,9 @@ impl AttentionOps for Cuda {
     }
 
     /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, the softmax
-    /// statistics and dq; then per `ATTN_ROWS` keys, dk and dv. q, k, v and dout are read as half.
+    /// statistics and dq; then per `ATTN_ROWS` keys, dk and dv, and with `d_table` the bias gradient
+    /// per relative position, which a third launch folds into the table's buckets. q, k, v and dout
+    /// are read as half.
     fn attention_backward_impl(
         &self,
         q: &CudaTensor,
@@ -140,6 +142,7 @@ impl AttentionOps for Cuda {
         v: &CudaTensor,
         dout: &CudaTensor,
         spec: &AttnSpec<'_, Self>,
+        d_table: Option<&mut CudaTensor>,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
         let (h, dk) = (spec.heads, spec.d_kv);
         let (b, lq) = (q.shape[0], q.shape[1]);
@@ -155,89 +158,70 @@ impl AttentionOps for Cuda {
         if b == 0 || h == 0 {
             return Ok((dq, dkt, dvt));
         }
-        let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
-        let params = self.attn_params(q, k, spec)?;
-        // Per (row, head, query): the log-sum-exp of the scores and D = Σ p·dp.
-        let lse = self.gpu.alloc::<f32>(b * h * lq)?;
-        let dsum = self.gpu.alloc::<f32>(b * h * lq)?;
         // Head sizes of whole m16n8k16 tiles take the tensor cores; others the f32 form, whose row
         // size is fixed at compile time.
+        let mma = matches!(dk, 16 | 32 | 64);
         let (form, threads) = match dk {
             16 | 32 | 64 => (format!("mma_{dk}"), ATTN_MMA_THREADS),
             1..=32 => ("plain_32".to_string(), ATTN_ROWS),
             33..=64 => ("plain_64".to_string(), ATTN_ROWS),
             _ => ("plain_128".to_string(), ATTN_ROWS),
         };
-        let grid = |rows: usize| LaunchConfig {
+        let table = match (d_table, &spec.bias) {
+            (Some(t), Some(rb)) => Some((self.grad_ptr(t, "attention_backward d_table")?, rb)),
+            _ => None,
+        };
+        // The bias gradient's slots per relative position [H, 2·max_distance + 1], and the key-side
+        // launch's shared memory for them (kernels/attention.cu, the bias table's gradient).
+        let slots = table.map_or(0, |(_, rb)| 2 * rb.max_distance + 1);
+        let d_rel = if slots > 0 { Some(self.gpu.alloc_zeros::<f32>(h * slots)?) } else { None };
+        let staging = if mma { (ATTN_MMA_THREADS / 32 * 16 * ATTN_DS_STRIDE) as usize } else { 0 };
+        let rel_smem = if slots > 0 { (staging + ATTN_REL_WARPS as usize * slots) * 4 } else { 0 };
+        ensure!(
+            rel_smem <= ATTN_BIAS_GRAD_SMEM as usize,
+            "attention_backward: the bias gradient at max_distance {} needs {rel_smem} bytes of shared memory, over \
+             {ATTN_BIAS_GRAD_SMEM}",
+            slots / 2
+        );
+        let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
+        let params = self.attn_params(q, k, spec)?;
+        // Per (row, head, query): the log-sum-exp of the scores and D = Σ p·dp.
+        let lse = self.gpu.alloc::<f32>(b * h * lq)?;
+        let dsum = self.gpu.alloc::<f32>(b * h * lq)?;
+        let grid = |rows: usize, smem: usize| LaunchConfig {
             grid_dim: (rows.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         let (qp, kp, vp, gp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.gpu.ptr(&gh));
         let (lp, dp) = (self.gpu.ptr(&lse), self.gpu.ptr(&dsum));
+        let rp = d_rel.as_ref().map_or(0, |r| self.gpu.ptr(r));
         if lq > 0 {
             self.gpu.launch(
                 &format!("attention_backward_dq_{form}"),
-                grid(lq),
+                grid(lq, 0),
                 &[&qp, &kp, &vp, &gp, &self.ptr_t(&dq), &lp, &dp, &params],
             )?;
         }
         if cap > 0 {
             self.gpu.launch(
                 &format!("attention_backward_dkdv_{form}"),
-                grid(cap),
-                &[&qp, &kp, &vp, &gp, &self.ptr_t(&dkt), &self.ptr_t(&dvt), &lp, &dp, &params],
+                grid(cap, rel_smem),
+                &[&qp, &kp, &vp, &gp, &self.ptr_t(&dkt), &self.ptr_t(&dvt), &lp, &dp, &rp, &params],
+            )?;
+        }
+        if let Some((tp, rb)) = table {
+            let cfg = LaunchConfig {
+                grid_dim: (h as u32, 1, 1),
+                block_dim: (rb.num_buckets.next_multiple_of(32).min(1024) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.gpu.launch(
+                "attention_bias_fold",
+                cfg,
+                &[&rp, &tp, &params.bucket_lut, &(rb.max_distance as i32), &(rb.num_buckets as i32), &(h as i32)],
             )?;
         }
         Ok((dq, dkt, dvt))
-    }
-
-    fn attention_bias_grad_impl(
-        &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        dout: &CudaTensor,
-        spec: &AttnSpec<'_, Self>,
-        d_table: &mut CudaTensor,
-    ) -> Result<()> {
-        let rb = spec.bias.as_ref().ok_or_else(|| anyhow::anyhow!("attention_bias_grad: the call has no bias"))?;
-        let (h, dk) = (spec.heads, spec.d_kv);
-        let (b, lq) = (q.shape[0], q.shape[1]);
-        ensure!(
-            (1..=ATTN_MAX_DK as usize).contains(&dk),
-            "attention_bias_grad: d_kv {dk} is outside 1..={ATTN_MAX_DK} on CUDA"
-        );
-        let cap = k.shape[1];
-        let smem = (2 * cap + rb.num_buckets) * 4;
-        ensure!(
-            smem <= SHARED_MEMORY_LIMIT as usize,
-            "attention_bias_grad: {cap} keys need {smem} bytes of shared memory, over {SHARED_MEMORY_LIMIT}"
-        );
-        ensure!(lq < 1 << 31 && h <= 65535 && b <= 65535, "attention_bias_grad: {b}×{h}×{lq} exceeds the grid");
-        let tp = self.grad_ptr(d_table, "attention_bias_grad d_table")?;
-        if b == 0 || lq == 0 || h == 0 {
-            return Ok(());
-        }
-        let params = self.attn_params(q, k, spec)?;
-        let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
-        let cfg = LaunchConfig {
-            grid_dim: (lq as u32, h as u32, b as u32),
-            block_dim: (ATTN_ROW_THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        self.gpu.launch(
-            "attention_bias_grad",
-            cfg,
-            &[
-                &self.gpu.ptr(&qh),
-                &self.gpu.ptr(&kh),
-                &self.gpu.ptr(&vh),
-                &self.gpu.ptr(&gh),
-                &tp,
-                &(rb.num_buckets as i32),
-                &params,
-            ],
-        )
     }
 }

@@ -35,8 +35,19 @@ pub const ATTN_ROWS: u32 = 64;
 pub const ATTN_PREFILL_KEYS: u32 = 32;
 /// Threads of the tensor-core attention kernels: 4 warps of 16 rows each.
 pub const ATTN_MMA_THREADS: u32 = 128;
-/// Threads of the decoding attention and of the bias table's gradient (one block per query row).
+/// Threads of the decoding attention (one block per query row).
 pub const ATTN_ROW_THREADS: u32 = 128;
+/// Rows of relative-position slots in which a block of the key-side attention backward gathers the
+/// bias table's gradient: one per warp of the tensor-core form (the plain form's two warps use the
+/// first two).
+pub const ATTN_REL_WARPS: u32 = ATTN_MMA_THREADS / 32;
+/// Row stride, in floats, of the dS blocks (16 keys × ATTN_ROWS queries per warp) that the
+/// tensor-core form stages for the bias gradient: 8 past the row keeps both the fragments' 8-byte
+/// stores and the lanes' diagonal reads free of bank conflicts.
+pub const ATTN_DS_STRIDE: u32 = ATTN_ROWS + 8;
+/// The dynamic shared memory the bias gradient may take beside the kernels' own tiles (at most
+/// 2 · 64 · (64 + 8) halves and 1 KiB of statistics), within SHARED_MEMORY_LIMIT.
+pub const ATTN_BIAS_GRAD_SMEM: u32 = 28 << 10;
 /// The largest head size the attention kernels take.
 pub const ATTN_MAX_DK: u32 = 128;
 /// The shared memory a launch may ask for without opting in to more.
