@@ -151,7 +151,7 @@ fn linear_backward_matches_finite_differences() {
         let (mut ga1, mut gb1) = (t(&vec![0.0; rank * k], &[rank, k]), t(&vec![0.0; 8 * rank], &[8, rank]));
         let (mut ga2, mut gb2) = (t(&vec![0.0; rank * k], &[rank, k]), t(&vec![0.0; 8 * rank], &[8, rank]));
         let mut grads = [LoraGrad { a: &mut ga1, b: &mut gb1 }, LoraGrad { a: &mut ga2, b: &mut gb2 }];
-        Cpu.linear_backward(&t(&x, &[m, k]), &w, &lora, &t(&dy, &[m, n]), Some(&mut dx), &mut grads).unwrap();
+        Cpu.linear_backward(&t(&x, &[m, k]), &w, &lora, &t(&dy, &[m, n]), Some(&mut dx), None, &mut grads).unwrap();
         let what = format!("linear dropout {dropout:?}");
         check(&format!("{what} dx"), &x, &dx.data, &dy, |v| forward(v, &a1, &b1, &a2, &b2), 12);
         check(&format!("{what} dA1"), &a1, &ga1.data, &dy, |v| forward(&x, v, &b1, &a2, &b2), 13);
@@ -247,7 +247,8 @@ fn weight_gradients_match_finite_differences() {
     let w = r.vec(n * k, 1.0);
     let dy = r.vec(m * n, 1.0);
     let mut dw = t(&vec![0.0; n * k], &[n, k]);
-    Cpu.weight_grad(&t(&x, &[m, k]), &t(&dy, &[m, n]), &mut dw).unwrap();
+    Cpu.linear_backward(&t(&x, &[m, k]), &weight(&w, &[n, k]), &[], &t(&dy, &[m, n]), None, Some(&mut dw), &mut [])
+        .unwrap();
     let lin = |w: &[f32]| Cpu.linear(&t(&x, &[m, k]), &weight(w, &[n, k]), &[]).unwrap().data;
     check("linear weight", &w, &dw.data, &dy, lin, 32);
 

@@ -42,12 +42,16 @@ pub fn linear_backward<B: Device>(
     lora: &[LoraRef<'_, B>],
     dy: &[usize],
     dx: Option<&[usize]>,
+    dw: Option<&[usize]>,
     grads: &[LoraGrad<'_, B>],
 ) -> Result<()> {
     let (m, k, n) = linear("linear_backward", x, w, lora)?;
     ensure!(rows_cols(dy) == (m, n), "linear_backward: dy {dy:?} for x {x:?} and w {w:?}");
     if let Some(dx) = dx {
         ensure!(rows_cols(dx) == (m, k), "linear_backward: dx {dx:?} for input {x:?}");
+    }
+    if let Some(dw) = dw {
+        ensure!(dw == [n, k], "linear_backward: dw {dw:?} for a weight of {w:?}");
     }
     ensure!(grads.len() == lora.len(), "linear_backward: {} gradients for {} branches", grads.len(), lora.len());
     for (l, g) in lora.iter().zip(grads) {
@@ -87,13 +91,6 @@ pub fn affine_backward(
     if let Some(dx) = dx {
         ensure!(rows_cols(dx) == (m, k), "affine_backward: dx {dx:?} for input {x:?}");
     }
-    Ok(())
-}
-
-pub fn weight_grad(x: &[usize], dy: &[usize], dw: &[usize]) -> Result<()> {
-    let (m, k) = rows_cols(x);
-    let (dm, n) = rows_cols(dy);
-    ensure!(dm == m && dw == [n, k], "weight_grad: x {x:?}, dy {dy:?}, dw {dw:?}");
     Ok(())
 }
 

@@ -169,7 +169,8 @@ pub trait LinearOps: Device {
 
     checked_op! {
         /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
-        /// (when `dx` is given), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
+        /// (when `dx` is given), the weight's gradient `dw += dyᵀ · x` (f32 `[out, in]`, when given:
+        /// full-parameter training), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
         fn linear_backward / linear_backward_impl(
             &self,
             x: &Self::Tensor,
@@ -177,9 +178,11 @@ pub trait LinearOps: Device {
             lora: &[LoraRef<'_, Self>],
             dy: &Self::Tensor,
             dx: Option<&mut Self::Tensor>,
+            dw: Option<&mut Self::Tensor>,
             grads: &mut [LoraGrad<'_, Self>],
         ) -> Result<()> => {
-            check::linear_backward(x.shape(), w.shape(), lora, dy.shape(), dx.as_deref().map(Shaped::shape), grads)?;
+            let (dxs, dws) = (dx.as_deref().map(Shaped::shape), dw.as_deref().map(Shaped::shape));
+            check::linear_backward(x.shape(), w.shape(), lora, dy.shape(), dxs, dws, grads)?;
         }
     }
 
@@ -202,13 +205,6 @@ pub trait LinearOps: Device {
                 dw.shape(),
                 db.as_deref().map(Shaped::shape),
             )?;
-        }
-    }
-
-    checked_op! {
-        /// The weight's gradient of a product `y = x · wᵀ`: `dw += dyᵀ · x` (f32 `[out, in]`).
-        fn weight_grad / weight_grad_impl(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> => {
-            check::weight_grad(x.shape(), dy.shape(), dw.shape())?;
         }
     }
 

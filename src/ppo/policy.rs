@@ -160,7 +160,7 @@ impl<B: Backend> Policy<B> {
         let head = self.model.lm_head.as_ref().unwrap_or(&self.model.shared);
         let d = saved.hidden.shape()[1];
         let mut d_hidden = be.zeros(&[n, d])?;
-        be.linear_backward(&saved.hidden, head, &[], &dlogits, Some(&mut d_hidden), &mut [])?;
+        be.linear_backward(&saved.hidden, head, &[], &dlogits, Some(&mut d_hidden), None, &mut [])?;
 
         let dv = be.upload(&scaled(d_values), &[n, 1])?;
         let value_in = saved.dropped.as_ref().map(|(x, _)| x).unwrap_or(&saved.hidden);

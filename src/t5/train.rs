@@ -271,9 +271,6 @@ impl<B: Backend> Backprop<'_, B> {
         dx: Option<&mut B::Tensor>,
         dw: Option<&mut B::Tensor>,
     ) -> Result<()> {
-        if let Some(dw) = dw {
-            self.be.weight_grad(x, dy, dw)?;
-        }
         let loras = self.model.loras(p, self.f);
         let slots: Vec<usize> =
             p.parts.iter().filter(|part| part.lora.is_some() && self.f.lora).map(|part| part.slot).collect();
@@ -281,7 +278,7 @@ impl<B: Backend> Backprop<'_, B> {
             slots.iter().map(|&s| self.grads.slots[s].take().expect("a gradient for every adapted module")).collect();
         let result = {
             let mut refs: Vec<LoraGrad<'_, B>> = taken.iter_mut().map(|(a, b)| LoraGrad { a, b }).collect();
-            self.be.linear_backward(x, &p.weight, &loras, dy, dx, &mut refs)
+            self.be.linear_backward(x, &p.weight, &loras, dy, dx, dw, &mut refs)
         };
         for (s, g) in slots.into_iter().zip(taken) {
             self.grads.slots[s] = Some(g);
@@ -428,15 +425,12 @@ impl<B: Backend> T5<B> {
             }
             None => d_logits,
         };
-        if let Some(g) = grads {
-            let dw = match g.lm_head.as_mut() {
-                Some(h) => h,
-                None => &mut g.shared,
-            };
-            be.weight_grad(hidden, dy, dw)?;
-        }
+        let dw = grads.map(|g| match g.lm_head.as_mut() {
+            Some(h) => h,
+            None => &mut g.shared,
+        });
         let mut d_hidden = be.zeros(hidden.shape())?;
-        be.linear_backward(hidden, head, &[], dy, Some(&mut d_hidden), &mut [])?;
+        be.linear_backward(hidden, head, &[], dy, Some(&mut d_hidden), dw, &mut [])?;
         Ok(d_hidden)
     }
 

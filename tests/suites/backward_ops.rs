@@ -147,9 +147,10 @@ fn linear_backward_case<B: Backend>(
                             let mut grads_c: Vec<LoraGrad<Cpu>> =
                                 gc.iter_mut().map(|(a, b)| LoraGrad { a, b }).collect();
                             let mut grads_g: Vec<LoraGrad<B>> = gg.iter_mut().map(|(a, b)| LoraGrad { a, b }).collect();
-                            Cpu.linear_backward(&xc, &wc, &lc, &dyc, with_dx.then_some(&mut dxc), &mut grads_c)
+                            Cpu.linear_backward(&xc, &wc, &lc, &dyc, with_dx.then_some(&mut dxc), None, &mut grads_c)
                                 .unwrap();
-                            be.linear_backward(xin, &wg, &lg, &dyg, with_dx.then_some(&mut dxg), &mut grads_g).unwrap();
+                            be.linear_backward(xin, &wg, &lg, &dyg, with_dx.then_some(&mut dxg), None, &mut grads_g)
+                                .unwrap();
                         }
                         let dx_got = be.download(&dxg).unwrap();
                         if with_dx {
@@ -879,26 +880,33 @@ pub fn adafactor_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
         .collect()
 }
 
+/// Full-parameter training's products: `linear_backward` with the weight's gradient beside the
+/// input's, both accumulating into random starting values.
 fn weight_grad_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usize, what: &str) {
-    let (x, dy, dw0) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
-    let mut want = Cpu.upload(&dw0, &[n, k]).unwrap();
-    Cpu.weight_grad(&Cpu.upload(&x, &[m, k]).unwrap(), &Cpu.upload(&dy, &[m, n]).unwrap(), &mut want).unwrap();
-    let xg = be.upload(&x, &[m, k]).unwrap();
+    let (x, dy, w) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0), r.vec(n * k, 1.0));
+    let (dw0, dx0) = (r.vec(n * k, 1.0), r.vec(m * k, 1.0));
+    let (mut dw_c, mut dx_c) = (Cpu.upload(&dw0, &[n, k]).unwrap(), Cpu.upload(&dx0, &[m, k]).unwrap());
+    let (xc, dyc) = (Cpu.upload(&x, &[m, k]).unwrap(), Cpu.upload(&dy, &[m, n]).unwrap());
+    Cpu.linear_backward(&xc, &weight(&Cpu, &w, &[n, k]), &[], &dyc, Some(&mut dx_c), Some(&mut dw_c), &mut [])
+        .unwrap();
+    let (xg, wg, dyg) = (be.upload(&x, &[m, k]).unwrap(), weight(be, &w, &[n, k]), be.upload(&dy, &[m, n]).unwrap());
     let xh = half_copy(be, &xg);
     for xin in std::iter::once(&xg).chain(xh.as_ref()) {
-        let mut got = be.upload(&dw0, &[n, k]).unwrap();
-        be.weight_grad(xin, &be.upload(&dy, &[m, n]).unwrap(), &mut got).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, HALF, what);
+        let (mut dw_g, mut dx_g) = (be.upload(&dw0, &[n, k]).unwrap(), be.upload(&dx0, &[m, k]).unwrap());
+        be.linear_backward(xin, &wg, &[], &dyg, Some(&mut dx_g), Some(&mut dw_g), &mut []).unwrap();
+        close(&be.download(&dw_g).unwrap(), &dw_c.data, HALF, &format!("{what}: dw"));
+        close(&be.download(&dx_g).unwrap(), &dx_c.data, HALF, &format!("{what}: dx"));
     }
 }
 
-/// weight_grad, one case per shape: odd sizes, one row, flan-t5-base's feed-forward widths.
+/// linear_backward's weight gradient, one case per shape: odd sizes, one row, flan-t5-base's
+/// feed-forward widths.
 pub fn weight_grad_matches_cpu<B: Backend + 'static>() -> Vec<Case<B>> {
     [(37, 96, 64), (300, 48, 200), (1, 5, 3), (3, 768, 2048), (4, 2048, 768)]
         .into_iter()
         .enumerate()
         .map(|(i, (m, k, n))| {
-            let name = format!("weight_grad [rows={m} in={k} out={n}]");
+            let name = format!("linear_backward dw [rows={m} in={k} out={n}]");
             let what = name.clone();
             Case::new(name, move |be: &B| weight_grad_case(be, &mut Rand::new(111 + 100 * i as u64), m, k, n, &what))
         })

@@ -200,10 +200,14 @@ impl LinearOps for Cpu {
         lora: &[LoraRef<'_, Self>],
         dy: &Self::Tensor,
         dx: Option<&mut Self::Tensor>,
+        dw: Option<&mut Self::Tensor>,
         grads: &mut [LoraGrad<'_, Self>],
     ) -> Result<()> {
         let (m, k) = x.rows_cols();
         let n = w.rows_cols().0;
+        if let Some(dw) = dw {
+            matmul_tn(&dy.data, &x.data, &mut dw.data, n, m, k, true);
+        }
         let mut dx_acc = vec![0.0f32; if dx.is_some() { m * k } else { 0 }];
         if dx.is_some() {
             matmul_nn(&dy.data, &w.data, &mut dx_acc, m, n, k, false);
@@ -258,13 +262,6 @@ impl LinearOps for Cpu {
                 db.data.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
         }
-        Ok(())
-    }
-
-    fn weight_grad_impl(&self, x: &Self::Tensor, dy: &Self::Tensor, dw: &mut Self::Tensor) -> Result<()> {
-        let (m, k) = x.rows_cols();
-        let n = dy.rows_cols().1;
-        matmul_tn(&dy.data, &x.data, &mut dw.data, n, m, k, true);
         Ok(())
     }
 

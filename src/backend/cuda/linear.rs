@@ -219,7 +219,7 @@ impl LinearOps for Cuda {
         Ok(y)
     }
 
-    /// `dx += dy · w`, then per LoRA branch (h = scale · dropout(x) · Aᵀ, dh = scale · dy[:, cols] · B):
+    /// `dx += dy · w` and `dw += dyᵀ · x` from one half copy of dy, then per LoRA branch (h = scale · dropout(x) · Aᵀ, dh = scale · dy[:, cols] · B):
     /// `gB += dy[:, cols]ᵀ · h`, `gA += dhᵀ · dropout(x)` and `dx += dropout(dh · A)`. The branch's
     /// column range of dy is read in place (a pointer offset and dy's row length).
     fn linear_backward_impl(
@@ -229,6 +229,7 @@ impl LinearOps for Cuda {
         lora: &[LoraRef<'_, Self>],
         dy: &CudaTensor,
         dx: Option<&mut CudaTensor>,
+        dw: Option<&mut CudaTensor>,
         grads: &mut [LoraGrad<'_, Self>],
     ) -> Result<()> {
         let (m, k) = x.rows_cols();
@@ -242,10 +243,14 @@ impl LinearOps for Cuda {
         if let Some(dxp) = dxp {
             self.gemm.nn(half_mat(dyp, n), half_mat(self.gpu.ptr(&w.buf), k), f32_mat(dxp, k), m, n, k, 1.0, 1.0)?;
         }
-        if lora.is_empty() {
+        if dw.is_none() && lora.is_empty() {
             return Ok(());
         }
         let xh = self.as_half(x)?;
+        if let Some(dw) = dw {
+            let dwp = self.grad_ptr(dw, "linear_backward dw")?;
+            self.gemm.tn(half_mat(dyp, n), half_mat(self.gpu.ptr(&xh), k), f32_mat(dwp, k), n, m, k, 1.0, 1.0)?;
+        }
         for (l, g) in lora.iter().zip(grads.iter()) {
             self.lora_backward(l, g, &xh, dyp, dxp, (m, k, n))?;
         }
@@ -284,23 +289,6 @@ impl LinearOps for Cuda {
             }
         }
         Ok(())
-    }
-
-    fn weight_grad_impl(&self, x: &CudaTensor, dy: &CudaTensor, dw: &mut CudaTensor) -> Result<()> {
-        let (m, k) = x.rows_cols();
-        let n = dy.rows_cols().1;
-        let dwp = self.grad_ptr(dw, "weight_grad dw")?;
-        let (dyh, xh) = (self.as_half(dy)?, self.as_half(x)?);
-        self.gemm.tn(
-            half_mat(self.gpu.ptr(&dyh), n),
-            half_mat(self.gpu.ptr(&xh), k),
-            f32_mat(dwp, k),
-            n,
-            m,
-            k,
-            1.0,
-            1.0,
-        )
     }
 
     fn embedding_backward(&self, ids: &CudaIds, dy: &CudaTensor, d_table: &mut CudaTensor) -> Result<()> {
