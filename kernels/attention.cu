@@ -11,7 +11,7 @@
 
 // One thread per query; K and V tiles of ATTN_PREFILL_KEYS keys staged in shared memory as f32.
 template <typename T, int DK>
-__device__ void attention_prefill(const T* q, const T* k, const T* v, __half* out, AttnParams p) {
+__device__ void attention_prefill(const T* q, const T* k, const T* v, __half* out, float* lse, AttnParams p) {
     extern __shared__ float smem[];
     resolve(p);
     float* ks = smem;              // [ATTN_PREFILL_KEYS][dk]
@@ -68,11 +68,13 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
 #pragma unroll
     for (int d = 0; d < DK; d++)
         if (d < p.dk) out[((long)b * p.Lq + i) * inner + h * p.dk + d] = __float2half_rn(acc[d] * inv);
+    if (lse) lse[((long)b * p.H + h) * p.Lq + i] = row_lse(m, l);
 }
 
 #define PREFILL(T, NAME, DK) \
-    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) NAME(const T* q, const T* k, const T* v, __half* o, AttnParams p) { \
-        attention_prefill<T, DK>(q, k, v, o, p); \
+    extern "C" __global__ void __launch_bounds__(ATTN_ROWS) NAME(const T* q, const T* k, const T* v, __half* o, float* lse, \
+                                                                 AttnParams p) { \
+        attention_prefill<T, DK>(q, k, v, o, lse, p); \
     }
 PREFILL(__half, attention_prefill_f16_32, 32)
 PREFILL(__half, attention_prefill_f16_64, 64)
@@ -178,7 +180,7 @@ extern "C" __global__ void attention_decode_any(const __half* q, const __half* k
 // f32 accumulate), an online softmax in f32 on the S fragments, the position bias of the tile staged
 // once in shared memory. Grid (⌈Lq/64⌉, H, B), 128 threads; dk == DK.
 template <int DK>
-__device__ void attention_mma(const __half* q, const __half* k, const __half* v, __half* out, AttnParams p) {
+__device__ void attention_mma(const __half* q, const __half* k, const __half* v, __half* out, float* lse, AttnParams p) {
     constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
     __shared__ __align__(16) __half vs[KB * PAD];
@@ -296,21 +298,28 @@ __device__ void attention_mma(const __half* q, const __half* k, const __half* v,
             __half2 hv = __floats2half2_rn(o[n][rr * 2] * inv, o[n][rr * 2 + 1] * inv);
             *reinterpret_cast<__half2*>(out + ((long)b * p.Lq + r) * inner + h * DK + n * 8 + tq * 2) = hv;
         }
+        if (lse && tq == 0) lse[((long)b * p.H + h) * p.Lq + r] = row_lse(m_r[rr], l);
     }
 }
-extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_64(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<64>(q, k, v, o, p); }
-extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_32(const __half* q, const __half* k, const __half* v, __half* o, AttnParams p) { attention_mma<32>(q, k, v, o, p); }
+#define MMA_FORWARD(DK) \
+    extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_mma_##DK( \
+        const __half* q, const __half* k, const __half* v, __half* o, float* lse, AttnParams p) { \
+        attention_mma<DK>(q, k, v, o, lse, p); \
+    }
+MMA_FORWARD(64)
+MMA_FORWARD(32)
 
 // ---- attention backward ----
 //
-// FlashAttention-2's backward split in two launches without atomics: the first (one block per 64
-// queries) recomputes each query row's softmax statistics, lse = m + ln Σ e^(s−m) and
-// D = Σ_j p_j·dp_j with dp_j = dout·v_j, then dq = scale · Σ_j p_j (dp_j − D) k_j in a second pass
-// over the keys; the second (one block per 64 keys) recomputes p and dp from lse and D and
-// accumulates dv = Σ_i p_i dout_i and dk = scale · Σ_i p_i (dp_i − D_i) q_i over the queries that see
-// its keys. Every row of dk and dv up to the cache's capacity is written (zero past the real keys).
-// Head sizes 16, 32 and 64 use the tensor cores (mma.sync m16n8k16, f16 in, f32 accumulate); any
-// other head size up to 128 takes a plain f32 form.
+// FlashAttention-2's backward split in two launches without atomics, from the training forward's
+// per-row log-sum-exp of the scores (lse) and its output O. The first (one block per 64 queries)
+// takes D = dO·O per row, which equals Σ_j p_j·dp_j with dp_j = dout·v_j, then
+// dq = scale · Σ_j p_j (dp_j − D) k_j in one pass over the keys; the second (one block per 64
+// keys) recomputes p and dp from lse and D and accumulates dv = Σ_i p_i dout_i and
+// dk = scale · Σ_i p_i (dp_i − D_i) q_i over the queries that see its keys. Every row of dk and dv
+// up to the cache's capacity is written (zero past the real keys). Head sizes 16, 32 and 64 use the
+// tensor cores (mma.sync m16n8k16, f16 in, f32 accumulate); any other head size up to 128 takes a
+// plain f32 form.
 
 // The bias table's gradient. The bias is added after the scale, so d_table[bucket, h] is the sum
 // of ds = p·(dp − D) over the (query, key) pairs in that bucket. The key-side launch, which holds
@@ -381,8 +390,8 @@ extern "C" __global__ void attention_bias_fold(const float* d_rel, float* d_tabl
 #define BT 32
 
 template <int DK>
-__device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half* v, const __half* dout, float* dq,
-                                  float* lse_out, float* dsum_out, AttnParams p) {
+__device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half* v, const __half* out,
+                                  const __half* dout, float* dq, const float* lse, float* dsum_out, AttnParams p) {
     __shared__ float ks[BT * DK];
     __shared__ float vs[BT * DK];
     resolve(p);
@@ -390,66 +399,49 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     int inner = p.H * p.dk;
     bool active = i < p.Lq;
     long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
+    long row = ((long)b * p.H + h) * p.Lq + i;
     float qr[DK], gr[DK], acc[DK];
+    float D = 0.f;
 #pragma unroll
     for (int d = 0; d < DK; d++) {
         bool in = active && d < p.dk;
         qr[d] = in ? __half2float(q[qoff + d]) : 0.f;
         gr[d] = in ? __half2float(dout[qoff + d]) : 0.f;
+        D += in ? gr[d] * __half2float(out[qoff + d]) : 0.f;
         acc[d] = 0.f;
     }
+    float row_lse = active ? lse[row] : INFINITY;
     int klen = key_count(p, b);
     int qpos = p.q_offset + i;
     int visible = p.causal ? min(qpos + 1, klen) : klen;
     int block_keys = p.causal ? min(p.q_offset + (int)blockIdx.x * ATTN_ROWS + ATTN_ROWS, klen) : klen;
-    float m = -INFINITY, l = 0.f, dsum = 0.f, lse = INFINITY, D = 0.f;
-    for (int pass = 0; pass < 2; pass++) {
-        for (int j0 = 0; j0 < block_keys; j0 += BT) {
-            __syncthreads();
-            // Columns dk..DK are zero too: the dot products run over DK.
-            for (int e = threadIdx.x; e < BT * DK; e += blockDim.x) {
-                int jj = e / DK, d = e % DK, j = j0 + jj;
-                bool in = j < block_keys && d < p.dk;
-                long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
-                ks[e] = in ? __half2float(k[off]) : 0.f;
-                vs[e] = in ? __half2float(v[off]) : 0.f;
-            }
-            __syncthreads();
-            if (!active) continue;
-            for (int jj = 0; jj < BT && j0 + jj < visible; jj++) {
-                float s = 0.f, dp = 0.f;
-#pragma unroll
-                for (int d = 0; d < DK; d++) {
-                    s += qr[d] * ks[jj * DK + d];
-                    dp += gr[d] * vs[jj * DK + d];
-                }
-                s = s * p.scale + rel_bias(p, h, j0 + jj - qpos);
-                dp *= attn_drop(p, b, h, i, j0 + jj);
-                if (pass == 0) {
-                    if (s > m) {
-                        float c = expf(m - s);
-                        l *= c;
-                        dsum *= c;
-                        m = s;
-                    }
-                    float e = expf(s - m);
-                    l += e;
-                    dsum += e * dp;
-                } else {
-                    float ds = expf(s - lse) * (dp - D);
-#pragma unroll
-                    for (int d = 0; d < DK; d++) acc[d] += ds * ks[jj * DK + d];
-                }
-            }
+    for (int j0 = 0; j0 < block_keys; j0 += BT) {
+        __syncthreads();
+        // Columns dk..DK are zero too: the dot products run over DK.
+        for (int e = threadIdx.x; e < BT * DK; e += blockDim.x) {
+            int jj = e / DK, d = e % DK, j = j0 + jj;
+            bool in = j < block_keys && d < p.dk;
+            long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
+            ks[e] = in ? __half2float(k[off]) : 0.f;
+            vs[e] = in ? __half2float(v[off]) : 0.f;
         }
-        if (pass == 0 && l > 0.f) {
-            lse = m + logf(l);
-            D = dsum / l;
+        __syncthreads();
+        if (!active) continue;
+        for (int jj = 0; jj < BT && j0 + jj < visible; jj++) {
+            float s = 0.f, dp = 0.f;
+#pragma unroll
+            for (int d = 0; d < DK; d++) {
+                s += qr[d] * ks[jj * DK + d];
+                dp += gr[d] * vs[jj * DK + d];
+            }
+            s = s * p.scale + rel_bias(p, h, j0 + jj - qpos);
+            dp *= attn_drop(p, b, h, i, j0 + jj);
+            float ds = expf(s - row_lse) * (dp - D);
+#pragma unroll
+            for (int d = 0; d < DK; d++) acc[d] += ds * ks[jj * DK + d];
         }
     }
     if (!active) return;
-    long row = ((long)b * p.H + h) * p.Lq + i;
-    lse_out[row] = lse;
     dsum_out[row] = D;
 #pragma unroll
     for (int d = 0; d < DK; d++)
@@ -536,8 +528,9 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
 
 #define PLAIN(DK) \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dq_plain_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* g, float* dq, float* lse, float* ds, AttnParams p) { \
-        attn_bwd_dq_plain<DK>(q, k, v, g, dq, lse, ds, p); \
+        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, float* dq, const float* lse, \
+        float* ds, AttnParams p) { \
+        attn_bwd_dq_plain<DK>(q, k, v, o, g, dq, lse, ds, p); \
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dkdv_plain_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
@@ -616,10 +609,11 @@ __device__ __forceinline__ void load_tiles(__half* ta, __half* tb, const __half*
 }
 
 // First launch, tensor cores: grid (⌈Lq/64⌉, H, B), 128 threads; warp w owns queries
-// q0 + 16w .. q0 + 16w + 15 (fragment rows g and g + 8).
+// q0 + 16w .. q0 + 16w + 15 (fragment rows g and g + 8). One pass over the keys: S = Q·Kᵀ and
+// dP = dO·Vᵀ per tile of 64 keys, dS = P (dP − D) with P from the forward's lse, dQ += dS·K.
 template <int DK>
-__device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dq,
-                                float* lse_out, float* dsum_out, AttnParams p) {
+__device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* v, const __half* out,
+                                const __half* dout, float* dq, const float* lse_in, float* dsum_out, AttnParams p) {
     constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
     __shared__ __align__(16) __half vs[KB * PAD];
@@ -632,98 +626,65 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
     uint32_t qa[DK / 16][4], ga[DK / 16][4];
     load_a<DK>(qa, q, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
     load_a<DK>(ga, dout, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
-    int klen = key_count(p, b);
-    int kmax = p.causal ? min(p.q_offset + q0 + QB, klen) : klen;
-    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, d_r[2] = {0.f, 0.f};
-    float lse[2] = {INFINITY, INFINITY}, D[2] = {0.f, 0.f};
-    float acc[DK / 8][4];
+    // D = Σ_j p_j·dp_j = dO·O per row (O = Σ_j p_j·factor_j·v_j), from the rows' O fragments.
+    float D[2] = {0.f, 0.f}, lse[2];
+    {
+        uint32_t oa[DK / 16][4];
+        load_a<DK>(oa, out, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
 #pragma unroll
-    for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    for (int pass = 0; pass < 2; pass++) {
-        for (int kt0 = 0; kt0 < kmax; kt0 += KB) {
-            __syncthreads();
-            load_tiles<DK, PAD>(ks, vs, k, v, (long)b * p.cap, kt0, kmax, inner, h * DK);
-            // rel = key − query_pos spans [base, base + QB + KB − 2] over this tile.
-            int base = kt0 - p.q_offset - q0 - (QB - 1);
-            for (int idx = threadIdx.x; idx < QB + KB - 1; idx += blockDim.x) bias_s[idx] = rel_bias(p, h, base + idx);
-            __syncthreads();
-            float s[KB / 8][4], dp[KB / 8][4];
-            product_nt<DK, PAD>(s, qa, ks, g, tq);
-            product_nt<DK, PAD>(dp, ga, vs, g, tq);
+        for (int kk = 0; kk < DK / 16; kk++) {
 #pragma unroll
-            for (int rr = 0; rr < 2; rr++) {
-                int qpos = p.q_offset + rows[rr];
-                float mx = -INFINITY;
-#pragma unroll
-                for (int nt = 0; nt < KB / 8; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        int key = kt0 + nt * 8 + tq * 2 + e;
-                        bool masked = key >= klen || (p.causal && key > qpos);
-                        float val = masked ? -INFINITY : s[nt][rr * 2 + e] * p.scale + bias_s[key - qpos - base];
-                        s[nt][rr * 2 + e] = val;
-                        dp[nt][rr * 2 + e] *= attn_drop(p, b, h, rows[rr], key);
-                        mx = fmaxf(mx, val);
-                    }
-                }
-                if (pass == 0) {
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    float m_new = fmaxf(m_r[rr], mx);
-                    float corr = m_new == -INFINITY ? 1.f : __expf(m_r[rr] - m_new);
-                    float sum = 0.f, dsum = 0.f;
-#pragma unroll
-                    for (int nt = 0; nt < KB / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            float pe = m_new == -INFINITY ? 0.f : __expf(s[nt][rr * 2 + e] - m_new);
-                            sum += pe;
-                            dsum += pe * dp[nt][rr * 2 + e];
-                        }
-                    }
-                    l_r[rr] = l_r[rr] * corr + sum;
-                    d_r[rr] = d_r[rr] * corr + dsum;
-                    m_r[rr] = m_new;
-                } else {
-#pragma unroll
-                    for (int nt = 0; nt < KB / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            float val = s[nt][rr * 2 + e];
-                            // Masked scores are −∞, so e^(s − lse) is 0; the select also keeps a
-                            // row without keys (lse = +∞) at 0.
-                            float pr = val == -INFINITY ? 0.f : __expf(val - lse[rr]);
-                            s[nt][rr * 2 + e] = pr * (dp[nt][rr * 2 + e] - D[rr]);
-                        }
-                    }
-                }
-            }
-            if (pass == 1) product_nn<DK, PAD>(acc, s, ks, g, tq);
-        }
-        if (pass == 0) {
-#pragma unroll
-            for (int rr = 0; rr < 2; rr++) {
-                float l = l_r[rr], d = d_r[rr];
-                l += __shfl_xor_sync(0xffffffffu, l, 1);
-                l += __shfl_xor_sync(0xffffffffu, l, 2);
-                d += __shfl_xor_sync(0xffffffffu, d, 1);
-                d += __shfl_xor_sync(0xffffffffu, d, 2);
-                if (l > 0.f) {
-                    lse[rr] = m_r[rr] + logf(l);
-                    D[rr] = d / l;
-                }
+            for (int e = 0; e < 4; e++) {
+                float2 go = __half22float2(*reinterpret_cast<__half2*>(&ga[kk][e]));
+                float2 oo = __half22float2(*reinterpret_cast<__half2*>(&oa[kk][e]));
+                D[e & 1] += go.x * oo.x + go.y * oo.y;
             }
         }
     }
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
+        D[rr] += __shfl_xor_sync(0xffffffffu, D[rr], 1);
+        D[rr] += __shfl_xor_sync(0xffffffffu, D[rr], 2);
+        lse[rr] = rows[rr] < p.Lq ? lse_in[((long)b * p.H + h) * p.Lq + rows[rr]] : INFINITY;
+    }
+    int klen = key_count(p, b);
+    int kmax = p.causal ? min(p.q_offset + q0 + QB, klen) : klen;
+    float acc[DK / 8][4];
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int kt0 = 0; kt0 < kmax; kt0 += KB) {
+        __syncthreads();
+        load_tiles<DK, PAD>(ks, vs, k, v, (long)b * p.cap, kt0, kmax, inner, h * DK);
+        // rel = key − query_pos spans [base, base + QB + KB − 2] over this tile.
+        int base = kt0 - p.q_offset - q0 - (QB - 1);
+        for (int idx = threadIdx.x; idx < QB + KB - 1; idx += blockDim.x) bias_s[idx] = rel_bias(p, h, base + idx);
+        __syncthreads();
+        float s[KB / 8][4], dp[KB / 8][4];
+        product_nt<DK, PAD>(s, qa, ks, g, tq);
+        product_nt<DK, PAD>(dp, ga, vs, g, tq);
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            int qpos = p.q_offset + rows[rr];
+#pragma unroll
+            for (int nt = 0; nt < KB / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int key = kt0 + nt * 8 + tq * 2 + e;
+                    bool masked = key >= klen || (p.causal && key > qpos);
+                    // A row without keys has lse = +∞, so its probabilities are 0 too.
+                    float pr = masked ? 0.f : __expf(s[nt][rr * 2 + e] * p.scale + bias_s[key - qpos - base] - lse[rr]);
+                    float dpe = dp[nt][rr * 2 + e] * attn_drop(p, b, h, rows[rr], key);
+                    s[nt][rr * 2 + e] = pr * (dpe - D[rr]);
+                }
+            }
+        }
+        product_nn<DK, PAD>(acc, s, ks, g, tq);
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
         int r = rows[rr];
         if (r >= p.Lq) continue;
-        if (tq == 0) {
-            long row = ((long)b * p.H + h) * p.Lq + r;
-            lse_out[row] = lse[rr];
-            dsum_out[row] = D[rr];
-        }
+        if (tq == 0) dsum_out[((long)b * p.H + h) * p.Lq + r] = D[rr];
 #pragma unroll
         for (int n = 0; n < DK / 8; n++) {
             float2 o = make_float2(acc[n][rr * 2] * p.scale, acc[n][rr * 2 + 1] * p.scale);
@@ -850,8 +811,9 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
 
 #define MMA(DK) \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dq_mma_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* g, float* dq, float* lse, float* ds, AttnParams p) { \
-        attn_bwd_dq_mma<DK>(q, k, v, g, dq, lse, ds, p); \
+        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, float* dq, const float* lse, \
+        float* ds, AttnParams p) { \
+        attn_bwd_dq_mma<DK>(q, k, v, o, g, dq, lse, ds, p); \
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dkdv_mma_##DK( \
         const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \

@@ -29,6 +29,10 @@ __device__ __forceinline__ float attn_drop(const AttnParams& p, int b, int h, in
     return dropout_factor(p.drop_p, p.drop_key, (((u64)b * p.H + h) * p.Lq + i) * (u64)p.Lk + j);
 }
 
+// A row's log-sum-exp of its scores from the online softmax's running max and sum, which the
+// training forward keeps for the backward; +∞ for a row without keys, whose probabilities are 0.
+__device__ __forceinline__ float row_lse(float m, float l) { return l > 0.f ? m + logf(l) : INFINITY; }
+
 // Resolves the decoding position from the counter, for a step replayed as a graph.
 __device__ __forceinline__ void resolve(AttnParams& p) {
     if (p.counter) {

@@ -111,9 +111,9 @@ fn attention_backward_matches_finite_differences() {
         let shape = [b, l, inner];
         let (q, k, v) = (r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0));
         let dout = r.vec(b * l * inner, 1.0);
-        let (dq, dkk, dv) = Cpu
-            .attention_backward(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &t(&dout, &shape), &spec, None)
-            .unwrap();
+        let (qt, kt, vt) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
+        let fwd = Cpu.attention_train(&qt, &kt, &vt, &spec).unwrap();
+        let (dq, dkk, dv) = Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, None).unwrap();
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
             Cpu.attention(&t(q, &shape), &t(k, &shape), &t(v, &shape), &spec).unwrap().data
         };
@@ -318,8 +318,9 @@ fn attention_bias_gradient_matches_finite_differences() {
             dropout,
         };
         let mut dt = t(&vec![0.0; buckets * h], &[buckets, h]);
-        Cpu.attention_backward(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &t(&dout, &shape), &spec, Some(&mut dt))
-            .unwrap();
+        let (qt, kt, vt) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
+        let fwd = Cpu.attention_train(&qt, &kt, &vt, &spec).unwrap();
+        Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, Some(&mut dt)).unwrap();
         check(&format!("attention bias causal {causal} dropout {dropout:?}"), &table, &dt.data, &dout, run, 36);
     }
 }

@@ -241,6 +241,13 @@ pub struct AttnSpec<'a, B: Device> {
     pub dropout: Option<Dropout>,
 }
 
+/// What a training forward of attention keeps for its backward: the output `[B, Lq, H·dk]` and
+/// each query row's log-sum-exp of its scores `[B, H, Lq]` (+∞ for a row without keys).
+pub struct Attended<T> {
+    pub out: T,
+    pub lse: T,
+}
+
 /// How the next token is chosen (Hugging Face's processor order: min-length, temperature, top-k,
 /// top-p, then a draw).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -177,11 +177,20 @@ pub fn attention_backward<B: Device>(
     q: &[usize],
     k: &[usize],
     v: &[usize],
+    (out, lse): (&[usize], &[usize]),
     dout: &[usize],
     spec: &AttnSpec<'_, B>,
     d_table: Option<&[usize]>,
 ) -> Result<()> {
     attention("attention_backward", q, k, v, Some(dout), spec)?;
+    ensure!(out == q, "attention_backward: the forward's output {out:?} for q {q:?}");
+    ensure!(
+        lse == [q[0], spec.heads, q[1]],
+        "attention_backward: the forward's lse {lse:?} for {} rows × {} heads × {} queries",
+        q[0],
+        spec.heads,
+        q[1]
+    );
     if let Some(d_table) = d_table {
         let Some(rb) = &spec.bias else { bail!("attention_backward: a bias table gradient for a call with no bias") };
         ensure!(

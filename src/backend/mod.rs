@@ -171,6 +171,7 @@ pub trait LinearOps: Device {
         /// Backward of `linear_to`/`linear_add` with input `x`: `dx += dy · w` plus each branch's share
         /// (when `dx` is given), the weight's gradient `dw += dyᵀ · x` (f32 `[out, in]`, when given:
         /// full-parameter training), and `grads[i].a += ∂/∂A`, `grads[i].b += ∂/∂B` of branch `lora[i]`.
+        #[allow(clippy::too_many_arguments)]
         fn linear_backward / linear_backward_impl(
             &self,
             x: &Self::Tensor,
@@ -370,19 +371,38 @@ pub trait AttentionOps: Device {
     }
 
     checked_op! {
-        /// Backward of `attention` under the same spec: (dq, dk, dv), and with `d_table` (the call
-        /// has a bias) the bias table's gradient added into it: `d_table[bucket, h] += Σ` of the
-        /// scores' gradients over the (query, key) pairs in that bucket.
+        /// `attention` in a pass whose backward will run: also each row's log-sum-exp, which the
+        /// backward reads instead of recomputing it.
+        fn attention_train / attention_train_impl(
+            &self,
+            q: &Self::Tensor,
+            k: &Self::Tensor,
+            v: &Self::Tensor,
+            spec: &AttnSpec<'_, Self>,
+        ) -> Result<Attended<Self::Tensor>> => {
+            check::attention("attention_train", q.shape(), k.shape(), v.shape(), None, spec)?;
+        }
+    }
+
+    checked_op! {
+        /// Backward of `attention_train` under the same spec from what it kept: (dq, dk, dv), and
+        /// with `d_table` (the call has a bias) the bias table's gradient added into it:
+        /// `d_table[bucket, h] += Σ` of the scores' gradients over the (query, key) pairs in that
+        /// bucket.
+        #[allow(clippy::too_many_arguments)]
         fn attention_backward / attention_backward_impl(
             &self,
             q: &Self::Tensor,
             k: &Self::Tensor,
             v: &Self::Tensor,
+            fwd: &Attended<Self::Tensor>,
             dout: &Self::Tensor,
             spec: &AttnSpec<'_, Self>,
             d_table: Option<&mut Self::Tensor>,
         ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> => {
-            check::attention_backward(q.shape(), k.shape(), v.shape(), dout.shape(), spec, d_table.as_deref().map(|t| t.shape()))?;
+            let kept = (fwd.out.shape(), fwd.lse.shape());
+            let d_table = d_table.as_deref().map(|t| t.shape());
+            check::attention_backward(q.shape(), k.shape(), v.shape(), kept, dout.shape(), spec, d_table)?;
         }
     }
 }

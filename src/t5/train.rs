@@ -10,7 +10,7 @@
 use super::model::{DenseReluDense, DropSite, Fwd, Proj, SelfAttention, StackKind, T5};
 use super::params::{BlockGrads, FullGrads, StackGrads};
 use super::trainable::a_then_b;
-use crate::backend::{AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped};
+use crate::backend::{Attended, AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped};
 use anyhow::{Result, ensure};
 
 /// One encoder block's saved activations.
@@ -24,7 +24,7 @@ pub struct EncoderLayerTape<B: Backend> {
     q: B::Tensor,
     k: B::Tensor,
     v: B::Tensor,
-    ctx: B::Tensor,
+    ctx: Attended<B::Tensor>,
     gate_up: B::Tensor,
     /// The FFN's hidden as wo read it (after its dropout).
     inner: B::Tensor,
@@ -41,11 +41,11 @@ pub struct DecoderLayerTape<B: Backend> {
     q: B::Tensor,
     k: B::Tensor,
     v: B::Tensor,
-    ctx: B::Tensor,
+    ctx: Attended<B::Tensor>,
     q_cross: B::Tensor,
     k_cross: B::Tensor,
     v_cross: B::Tensor,
-    ctx_cross: B::Tensor,
+    ctx_cross: Attended<B::Tensor>,
     gate_up: B::Tensor,
     inner: B::Tensor,
 }
@@ -171,8 +171,8 @@ impl<B: Backend> T5<B> {
             let x_attn = be.rms_norm(&h, &block.self_attention_norm, eps)?;
             let (q, k, v) = self.split3(be, &self.project_train(be, &x_attn, &a.qkv, f, Prec::Half)?)?;
             let spec = self.attn_spec(Some(lengths), l, false, Some(true), drop(Encoder, i, SelfProbs));
-            let ctx = be.attention(&q, &k, &v, &spec)?;
-            let h_in = self.residual(be, &mut h, &ctx, &a.o, f, drop(Encoder, i, SelfOut))?;
+            let ctx = be.attention_train(&q, &k, &v, &spec)?;
+            let h_in = self.residual(be, &mut h, &ctx.out, &a.o, f, drop(Encoder, i, SelfOut))?;
             let x_ff = be.rms_norm(&h, &block.ff_norm, eps)?;
             let gate_up = self.project_train(be, &x_ff, &block.ff.wi, f, Prec::F32)?;
             let ff_inner = be.gated_gelu(&gate_up, drop(Encoder, i, FfHidden))?;
@@ -190,8 +190,8 @@ impl<B: Backend> T5<B> {
             let x_self = be.rms_norm(&h, &block.self_attention_norm, eps)?;
             let (q, k, v) = self.split3(be, &self.project_train(be, &x_self, &a.qkv, f, Prec::Half)?)?;
             let spec = self.attn_spec(None, t, true, Some(false), drop(Decoder, i, SelfProbs));
-            let ctx = be.attention(&q, &k, &v, &spec)?;
-            let h_in = self.residual(be, &mut h, &ctx, &a.o, f, drop(Decoder, i, SelfOut))?;
+            let ctx = be.attention_train(&q, &k, &v, &spec)?;
+            let h_in = self.residual(be, &mut h, &ctx.out, &a.o, f, drop(Decoder, i, SelfOut))?;
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
             let x_cross = be.rms_norm(&h, ca_norm, eps)?;
             let q_cross = self.project_train(be, &x_cross, &ca.q, f, Prec::Half)?;
@@ -199,8 +199,8 @@ impl<B: Backend> T5<B> {
             let v_cross = kv.pop().expect("two parts");
             let k_cross = kv.pop().expect("two parts");
             let spec = self.attn_spec(Some(lengths), l, false, None, drop(Decoder, i, CrossProbs));
-            let ctx_cross = be.attention(&q_cross, &k_cross, &v_cross, &spec)?;
-            let h_self = self.residual(be, &mut h, &ctx_cross, &ca.o, f, drop(Decoder, i, CrossOut))?;
+            let ctx_cross = be.attention_train(&q_cross, &k_cross, &v_cross, &spec)?;
+            let h_self = self.residual(be, &mut h, &ctx_cross.out, &ca.o, f, drop(Decoder, i, CrossOut))?;
             let x_ff = be.rms_norm(&h, &block.ff_norm, eps)?;
             let gate_up = self.project_train(be, &x_ff, &block.ff.wi, f, Prec::F32)?;
             let ff_inner = be.gated_gelu(&gate_up, drop(Decoder, i, FfHidden))?;
@@ -306,11 +306,12 @@ impl<B: Backend> Backprop<'_, B> {
     fn attention(
         &self,
         (q, k, v): (&B::Tensor, &B::Tensor, &B::Tensor),
+        fwd: &Attended<B::Tensor>,
         d_ctx: &B::Tensor,
         spec: &AttnSpec<'_, B>,
         d_table: Option<&mut B::Tensor>,
     ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-        self.be.attention_backward(q, k, v, d_ctx, spec, d_table)
+        self.be.attention_backward(q, k, v, fwd, d_ctx, spec, d_table)
     }
 
     /// T5's own dropout at a site of the training pass being differentiated.
@@ -474,11 +475,11 @@ impl<B: Backend> T5<B> {
                 Some([q, kv, o, norm]) => [Some(q), Some(kv), Some(o), Some(norm)],
                 None => [None, None, None, None],
             };
-            let mut d_ctx = be.zeros(s.ctx_cross.shape())?;
+            let mut d_ctx = be.zeros(s.ctx_cross.out.shape())?;
             let dy = bp.through(&dh, bp.site(Decoder, i, CrossOut))?;
-            bp.proj(&ca.o, &s.ctx_cross, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), d_o)?;
+            bp.proj(&ca.o, &s.ctx_cross.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), d_o)?;
             let spec = self.attn_spec(Some(lengths), l, false, None, bp.site(Decoder, i, CrossProbs));
-            let (dq, dk, dv) = bp.attention((&s.q_cross, &s.k_cross, &s.v_cross), &d_ctx, &spec, None)?;
+            let (dq, dk, dv) = bp.attention((&s.q_cross, &s.k_cross, &s.v_cross), &s.ctx_cross, &d_ctx, &spec, None)?;
             let mut d_x = be.zeros(s.x_cross.shape())?;
             bp.proj(&ca.q, &s.x_cross, &dq, Some(&mut d_x), d_q)?;
             bp.norm(&s.h_self, ca_norm, &d_x, &mut dh, d_norm)?;
@@ -486,11 +487,11 @@ impl<B: Backend> T5<B> {
             bp.proj(&ca.kv, &tape.enc_out, &dkv, Some(&mut d_enc), d_kv)?;
 
             let a = &block.self_attention;
-            let mut d_ctx = be.zeros(s.ctx.shape())?;
+            let mut d_ctx = be.zeros(s.ctx.out.shape())?;
             let dy = bp.through(&dh, bp.site(Decoder, i, SelfOut))?;
-            bp.proj(&a.o, &s.ctx, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
+            bp.proj(&a.o, &s.ctx.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(None, t, true, Some(false), bp.site(Decoder, i, SelfProbs));
-            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &d_ctx, &spec, dec_g.table.as_deref_mut())?;
+            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, dec_g.table.as_deref_mut())?;
             let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
             let mut d_x = be.zeros(s.x_self.shape())?;
             let mut g = dec_g.block(i);
@@ -510,11 +511,11 @@ impl<B: Backend> T5<B> {
             let d_x = bp.ffn(&block.ff, (&s.gate_up, &s.inner), &s.x_ff, &dh, drops, d_ff)?;
             bp.norm(&s.h_mid, &block.ff_norm, &d_x, &mut dh, g.as_deref_mut().map(|g| &mut g.ff_norm))?;
             let a = &block.self_attention;
-            let mut d_ctx = be.zeros(s.ctx.shape())?;
+            let mut d_ctx = be.zeros(s.ctx.out.shape())?;
             let dy = bp.through(&dh, bp.site(Encoder, i, SelfOut))?;
-            bp.proj(&a.o, &s.ctx, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
+            bp.proj(&a.o, &s.ctx.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(Some(lengths), l, false, Some(true), bp.site(Encoder, i, SelfProbs));
-            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &d_ctx, &spec, enc_g.table.as_deref_mut())?;
+            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, enc_g.table.as_deref_mut())?;
             let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
             let mut d_x = be.zeros(s.x_attn.shape())?;
             let mut g = enc_g.block(i);

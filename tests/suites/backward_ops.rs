@@ -414,28 +414,28 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     let start = r.vec(32 * c.h, 1.0);
     let mut table_c = c.bias.map(|_| Cpu.upload(&start, &[32, c.h]).unwrap());
     let mut table_g = c.bias.map(|_| be.upload(&start, &[32, c.h]).unwrap());
+    let (qc, kc, vc) = (Cpu.upload(&q, &qs).unwrap(), Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
+    let fwd_c = Cpu.attention_train(&qc, &kc, &vc, &spec_c).unwrap();
     let (dq_c, dk_c, dv_c) = Cpu
-        .attention_backward(
-            &Cpu.upload(&q, &qs).unwrap(),
-            &Cpu.upload(&k, &ks).unwrap(),
-            &Cpu.upload(&v, &ks).unwrap(),
-            &Cpu.upload(&dout, &qs).unwrap(),
-            &spec_c,
-            table_c.as_mut(),
-        )
+        .attention_backward(&qc, &kc, &vc, &fwd_c, &Cpu.upload(&dout, &qs).unwrap(), &spec_c, table_c.as_mut())
         .unwrap();
     let (qg, kg, vg) = (be.upload(&q, &qs).unwrap(), be.upload(&k, &ks).unwrap(), be.upload(&v, &ks).unwrap());
     let halves = if c.half_inputs { [&qg, &kg, &vg].map(|t| half_copy(be, t)) } else { [None, None, None] };
     let [qin, kin, vin] =
         [(&halves[0], &qg), (&halves[1], &kg), (&halves[2], &vg)].map(|(h, f)| h.as_ref().unwrap_or(f));
-    if c.dropout.is_some() {
-        let (qc, kc, vc) = (Cpu.upload(&q, &qs).unwrap(), Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
-        let want = Cpu.attention(&qc, &kc, &vc, &spec_c).unwrap();
-        let got = be.attention(qin, kin, vin, &spec_g).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, 3e-3, &format!("{what}: forward"));
-    }
-    let (dq_g, dk_g, dv_g) =
-        be.attention_backward(qin, kin, vin, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut()).unwrap();
+    // The training forward: its output, and each row's log-sum-exp (+∞ on both sides for a row
+    // without keys), which the backward reads.
+    let fwd_g = be.attention_train(qin, kin, vin, &spec_g).unwrap();
+    close(&be.download(&fwd_g.out).unwrap(), &fwd_c.out.data, 3e-3, &format!("{what}: forward"));
+    let lse_g = be.download(&fwd_g.lse).unwrap();
+    assert_eq!(lse_g.len(), fwd_c.lse.data.len(), "{what}: lse size");
+    let keyless: Vec<usize> = (0..lse_g.len()).filter(|&i| fwd_c.lse.data[i].is_infinite()).collect();
+    assert!(keyless.iter().all(|&i| lse_g[i] == f32::INFINITY), "{what}: lse of rows without keys");
+    let finite = |x: &[f32]| -> Vec<f32> { x.iter().copied().filter(|v| v.is_finite()).collect() };
+    close(&finite(&lse_g), &finite(&fwd_c.lse.data), F32 * 10.0, &format!("{what}: lse"));
+    let (dq_g, dk_g, dv_g) = be
+        .attention_backward(qin, kin, vin, &fwd_g, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut())
+        .unwrap();
     assert_eq!(dq_g.shape(), qs, "{what}: dq shape");
     assert_eq!(dk_g.shape(), ks, "{what}: dk shape");
     assert_eq!(dv_g.shape(), ks, "{what}: dv shape");
@@ -887,8 +887,7 @@ fn weight_grad_case<B: Backend>(be: &B, r: &mut Rand, m: usize, k: usize, n: usi
     let (dw0, dx0) = (r.vec(n * k, 1.0), r.vec(m * k, 1.0));
     let (mut dw_c, mut dx_c) = (Cpu.upload(&dw0, &[n, k]).unwrap(), Cpu.upload(&dx0, &[m, k]).unwrap());
     let (xc, dyc) = (Cpu.upload(&x, &[m, k]).unwrap(), Cpu.upload(&dy, &[m, n]).unwrap());
-    Cpu.linear_backward(&xc, &weight(&Cpu, &w, &[n, k]), &[], &dyc, Some(&mut dx_c), Some(&mut dw_c), &mut [])
-        .unwrap();
+    Cpu.linear_backward(&xc, &weight(&Cpu, &w, &[n, k]), &[], &dyc, Some(&mut dx_c), Some(&mut dw_c), &mut []).unwrap();
     let (xg, wg, dyg) = (be.upload(&x, &[m, k]).unwrap(), weight(be, &w, &[n, k]), be.upload(&dy, &[m, n]).unwrap());
     let xh = half_copy(be, &xg);
     for xin in std::iter::once(&xg).chain(xh.as_ref()) {

@@ -1,6 +1,6 @@
-//! The CPU reference of attention with T5's relative position bias: forward, backward and the
-//! bias table's gradient, the backward forms sharing one walk that recomputes each row's softmax
-//! and draws its dropout mask again.
+//! The CPU reference of attention with T5's relative position bias: the forward (with each row's
+//! log-sum-exp for training) and the backward with the bias table's gradient, which recomputes
+//! each row's softmax and draws its dropout mask again.
 
 use super::*;
 
@@ -135,6 +135,69 @@ fn attention_rows(
     Ok(())
 }
 
+/// The forward: the output, and each row's log-sum-exp of its scores (+∞ without keys).
+fn forward(
+    q: &CpuTensor<f32>,
+    k: &CpuTensor<f32>,
+    v: &CpuTensor<f32>,
+    spec: &AttnSpec<'_, Cpu>,
+) -> Result<Attended<CpuTensor<f32>>> {
+    let (h, dk) = (spec.heads, spec.d_kv);
+    let inner = h * dk;
+    let (b, lq) = (q.shape[0], q.shape[1]);
+    let cap = k.shape[1];
+    let (q_offset, lk, key_len) = keys(q, spec);
+    // A counter's position is only known here, so its cache bound is checked here too.
+    ensure!(lk <= cap, "attention: kv_len {lk} exceeds the {cap} rows of k");
+    let bias = spec.bias.as_ref().map(|rb| bias_grid(rb, h, lq, lk, q_offset));
+    let mut out = vec![0.0f32; b * lq * inner];
+    let mut lse = vec![f32::INFINITY; b * h * lq];
+    out.par_chunks_mut(lq * inner).zip(lse.par_chunks_mut(h * lq)).enumerate().for_each(|(bi, (ob, lb))| {
+        let mut scores = vec![0.0f32; lk];
+        for hh in 0..h {
+            for i in 0..lq {
+                let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
+                let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk };
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    if j >= visible || j >= key_len[bi] {
+                        *s = f32::NEG_INFINITY;
+                        continue;
+                    }
+                    let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                    let mut dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+                    if let Some(bias) = &bias {
+                        dot += bias[(hh * lq + i) * lk + j];
+                    }
+                    *s = dot;
+                    max = max.max(dot);
+                }
+                let o = &mut ob[i * inner + hh * dk..][..dk];
+                o.fill(0.0);
+                if max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let drop = spec.dropout.map(|_| drop_row(spec, (bi, hh, i), lq, lk, lk));
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                lb[hh * lq + i] = max + sum.ln();
+                for (j, s) in scores.iter().enumerate() {
+                    if *s == 0.0 {
+                        continue;
+                    }
+                    let p = s / sum * drop.as_ref().map_or(1.0, |d| d[j]);
+                    let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
+                    o.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
+                }
+            }
+        }
+    });
+    Ok(Attended { out: CpuTensor::new(out, &q.shape)?, lse: CpuTensor::new(lse, &[b, h, lq])? })
+}
+
 impl AttentionOps for Cpu {
     fn attention_impl(
         &self,
@@ -143,58 +206,17 @@ impl AttentionOps for Cpu {
         v: &Self::Tensor,
         spec: &AttnSpec<'_, Self>,
     ) -> Result<Self::Tensor> {
-        let (h, dk) = (spec.heads, spec.d_kv);
-        let inner = h * dk;
-        let (b, lq) = (q.shape[0], q.shape[1]);
-        let cap = k.shape[1];
-        let (q_offset, lk, key_len) = keys(q, spec);
-        // A counter's position is only known here, so its cache bound is checked here too.
-        ensure!(lk <= cap, "attention: kv_len {lk} exceeds the {cap} rows of k");
-        let bias = spec.bias.as_ref().map(|rb| bias_grid(rb, h, lq, lk, q_offset));
-        let mut out = vec![0.0f32; b * lq * inner];
-        out.par_chunks_mut(lq * inner).enumerate().for_each(|(bi, ob)| {
-            let mut scores = vec![0.0f32; lk];
-            for hh in 0..h {
-                for i in 0..lq {
-                    let qi = &q.data[(bi * lq + i) * inner + hh * dk..][..dk];
-                    let visible = if spec.causal { (q_offset + i + 1).min(lk) } else { lk };
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        if j >= visible || j >= key_len[bi] {
-                            *s = f32::NEG_INFINITY;
-                            continue;
-                        }
-                        let kj = &k.data[(bi * cap + j) * inner + hh * dk..][..dk];
-                        let mut dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
-                        if let Some(bias) = &bias {
-                            dot += bias[(hh * lq + i) * lk + j];
-                        }
-                        *s = dot;
-                        max = max.max(dot);
-                    }
-                    let o = &mut ob[i * inner + hh * dk..][..dk];
-                    o.fill(0.0);
-                    if max == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let drop = spec.dropout.map(|_| drop_row(spec, (bi, hh, i), lq, lk, lk));
-                    let mut sum = 0.0;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    for (j, s) in scores.iter().enumerate() {
-                        if *s == 0.0 {
-                            continue;
-                        }
-                        let p = s / sum * drop.as_ref().map_or(1.0, |d| d[j]);
-                        let vj = &v.data[(bi * cap + j) * inner + hh * dk..][..dk];
-                        o.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
-                    }
-                }
-            }
-        });
-        CpuTensor::new(out, &q.shape)
+        Ok(forward(q, k, v, spec)?.out)
+    }
+
+    fn attention_train_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Attended<Self::Tensor>> {
+        forward(q, k, v, spec)
     }
 
     fn attention_backward_impl(
@@ -202,6 +224,8 @@ impl AttentionOps for Cpu {
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
+        // The reference recomputes each row's softmax rather than read what the forward kept.
+        _fwd: &Attended<Self::Tensor>,
         dout: &Self::Tensor,
         spec: &AttnSpec<'_, Self>,
         mut d_table: Option<&mut Self::Tensor>,

@@ -70,16 +70,17 @@ impl Cuda {
             drop_p: spec.dropout.map_or(0.0, |d| d.p),
         })
     }
-}
 
-impl AttentionOps for Cuda {
-    fn attention_impl(
+    /// The forward: the decoding form for a few queries at inference, else the tensor-core or the
+    /// plain many-query form, which also write each row's log-sum-exp to `lse` when it is not 0.
+    fn attention_forward(
         &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
         spec: &AttnSpec<'_, Self>,
-    ) -> Result<Self::Tensor> {
+        lse: u64,
+    ) -> Result<CudaTensor> {
         let (h, dk) = (spec.heads, spec.d_kv);
         let (b, lq) = (q.shape[0], q.shape[1]);
         ensure!(dk <= ATTN_MAX_DK as usize, "attention: d_kv {dk} > {ATTN_MAX_DK} is not supported on CUDA");
@@ -88,8 +89,8 @@ impl AttentionOps for Cuda {
         let params = self.attn_params(q, k, spec)?;
         let out = self.empty(&q.shape, Prec::Half)?;
         let (qp, kp, vp, op) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.ptr_t(&out));
-        // The decoding form serves inference only: dropout takes the many-query forms.
-        if lq <= 4 && spec.dropout.is_none() {
+        // The decoding form serves inference only: dropout and training take the many-query forms.
+        if lq <= 4 && spec.dropout.is_none() && lse == 0 {
             let vec = dk == 64 || dk == 32;
             let width = if vec { dk / 8 } else { dk };
             let groups = ATTN_ROW_THREADS as usize / width;
@@ -112,7 +113,7 @@ impl AttentionOps for Cuda {
                 block_dim: (ATTN_MMA_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
+            self.gpu.launch(&format!("attention_mma_{dk}"), cfg, &[&qp, &kp, &vp, &op, &lse, &params])?;
         } else {
             let dk_tile = if dk <= 32 {
                 32
@@ -126,13 +127,38 @@ impl AttentionOps for Cuda {
                 block_dim: (ATTN_ROWS, 1, 1),
                 shared_mem_bytes: (2 * ATTN_PREFILL_KEYS as usize * dk * 4) as u32,
             };
-            self.gpu.launch(&format!("attention_prefill_f16_{dk_tile}"), cfg, &[&qp, &kp, &vp, &op, &params])?;
+            let name = format!("attention_prefill_f16_{dk_tile}");
+            self.gpu.launch(&name, cfg, &[&qp, &kp, &vp, &op, &lse, &params])?;
         }
         Ok(out)
     }
+}
 
-    /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, the softmax
-    /// statistics and dq; then per `ATTN_ROWS` keys, dk and dv, and with `d_table` the bias gradient
+impl AttentionOps for Cuda {
+    fn attention_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        self.attention_forward(q, k, v, spec, 0)
+    }
+
+    fn attention_train_impl(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttnSpec<'_, Self>,
+    ) -> Result<Attended<Self::Tensor>> {
+        let lse = self.empty(&[q.shape[0], spec.heads, q.shape[1]], Prec::F32)?;
+        let out = self.attention_forward(q, k, v, spec, self.ptr_t(&lse))?;
+        Ok(Attended { out, lse })
+    }
+
+    /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, D = dO·O
+    /// and dq; then per `ATTN_ROWS` keys, dk and dv, and with `d_table` the bias gradient
     /// per relative position, which a third launch folds into the table's buckets. q, k, v and dout
     /// are read as half.
     fn attention_backward_impl(
@@ -140,6 +166,7 @@ impl AttentionOps for Cuda {
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
+        fwd: &Attended<CudaTensor>,
         dout: &CudaTensor,
         spec: &AttnSpec<'_, Self>,
         d_table: Option<&mut CudaTensor>,
@@ -184,9 +211,9 @@ impl AttentionOps for Cuda {
             slots / 2
         );
         let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
+        let oh = self.as_half(&fwd.out)?;
         let params = self.attn_params(q, k, spec)?;
-        // Per (row, head, query): the log-sum-exp of the scores and D = Σ p·dp.
-        let lse = self.gpu.alloc::<f32>(b * h * lq)?;
+        // Per (row, head, query): D = Σ p·dp, from the first launch for the second.
         let dsum = self.gpu.alloc::<f32>(b * h * lq)?;
         let grid = |rows: usize, smem: usize| LaunchConfig {
             grid_dim: (rows.div_ceil(ATTN_ROWS as usize) as u32, h as u32, b as u32),
@@ -194,13 +221,18 @@ impl AttentionOps for Cuda {
             shared_mem_bytes: smem as u32,
         };
         let (qp, kp, vp, gp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.gpu.ptr(&gh));
-        let (lp, dp) = (self.gpu.ptr(&lse), self.gpu.ptr(&dsum));
+        let op = self.gpu.ptr(&oh);
+        ensure!(
+            matches!(fwd.lse.buf, Buf::F32(_)),
+            "attention_backward: the forward's lse must be f32, as attention_train keeps it"
+        );
+        let (lp, dp) = (self.ptr_t(&fwd.lse), self.gpu.ptr(&dsum));
         let rp = d_rel.as_ref().map_or(0, |r| self.gpu.ptr(r));
         if lq > 0 {
             self.gpu.launch(
                 &format!("attention_backward_dq_{form}"),
                 grid(lq, 0),
-                &[&qp, &kp, &vp, &gp, &self.ptr_t(&dq), &lp, &dp, &params],
+                &[&qp, &kp, &vp, &op, &gp, &self.ptr_t(&dq), &lp, &dp, &params],
             )?;
         }
         if cap > 0 {
