@@ -24,7 +24,7 @@
 use anyhow::{Result, ensure};
 use detox::backend::cuda::{Buf, Cuda};
 use detox::backend::prelude::*;
-use detox::backend::{Activation, AttnSpec, LoraRef, Position, Prec, RelBias, SampleSpec};
+use detox::backend::{Activation, AttnGradLayout, AttnSpec, LoraRef, Position, Prec, RelBias, SampleSpec};
 use detox::checkpoint::{DType, HostTensor};
 use half::f16;
 use std::process::ExitCode;
@@ -677,15 +677,16 @@ fn encoder_spec<'a>(table: &'a Weight, key_lengths: &'a <Cuda as Device>::Ids) -
 /// table's gradient (full-parameter SFT trains the table; PPO's adapters leave it frozen).
 fn attention_backward<'b>(be: &'b Cuda, b: usize, table_grad: bool, g: &mut Gen) -> Result<Bench<'b>> {
     let lengths: Vec<usize> = (0..b).map(|_| g.between(SRC / 2, SRC)).collect();
-    let sets = sets_for(b * SRC * D * (4 * 2 + 3 * 4));
+    let sets = sets_for(b * SRC * D * (5 * 2 + 3 * 2));
     let [qs, ks, vs, gs] = [(); 4].map(|_| half_sets(be, &[b, SRC, D], sets, g));
     let (qs, ks, vs, gs) = (qs?, ks?, vs?, gs?);
     let key_lengths = be.upload_ids(&lengths.iter().map(|&l| l as u32).collect::<Vec<_>>(), &[b])?;
     let table = weight_sets(be, &[BUCKETS, HEADS], 1, 2.0, g)?.remove(0);
     let mut d_table = be.zeros(&[BUCKETS, HEADS])?;
     let real_keys: usize = lengths.iter().sum();
-    // q and dout read in half, the real keys' K and V in half; dq, dk and dv written in f32.
-    let bytes = 2 * b * SRC * D * 2 + 2 * real_keys * D * 2 + 3 * b * SRC * D * 4;
+    // q, dout and the forward's output read in half, the real keys' K and V in half; the stacked
+    // dq | dk | dv written in half.
+    let bytes = 3 * b * SRC * D * 2 + 2 * real_keys * D * 2 + 3 * b * SRC * D * 2;
     // FlashAttention-2's five products (S, dP, dV, dQ, dK) over the real keys.
     let flops = (10 * SRC * real_keys * D) as f64;
     // What each set's training forward kept, made outside the timed calls.
@@ -694,7 +695,7 @@ fn attention_backward<'b>(be: &'b Cuda, b: usize, table_grad: bool, g: &mut Gen)
     let run = move |i: usize| {
         let d_table = table_grad.then_some(&mut d_table);
         let spec = encoder_spec(&table, &key_lengths);
-        be.attention_backward(&qs[i], &ks[i], &vs[i], &fwds[i], &gs[i], &spec, d_table).map(drop)
+        be.attention_backward(&qs[i], &ks[i], &vs[i], &fwds[i], &gs[i], &spec, d_table, AttnGradLayout::Qkv).map(drop)
     };
     Ok(Bench::graph(bytes, flops, sets, Box::new(run)))
 }

@@ -316,8 +316,10 @@ MMA_FORWARD(32)
 // takes D = dO·O per row, which equals Σ_j p_j·dp_j with dp_j = dout·v_j, then
 // dq = scale · Σ_j p_j (dp_j − D) k_j in one pass over the keys; the second (one block per 64
 // keys) recomputes p and dp from lse and D and accumulates dv = Σ_i p_i dout_i and
-// dk = scale · Σ_i p_i (dp_i − D_i) q_i over the queries that see its keys. Every row of dk and dv
-// up to the cache's capacity is written (zero past the real keys). Head sizes 16, 32 and 64 use the
+// dk = scale · Σ_i p_i (dp_i − D_i) q_i over the queries that see its keys. The gradients are
+// written in half, where the projections' backward products read them, with their own row strides
+// (`ldq`, `ldkv`), so that they land in the stacked q/k/v (or k/v) layout of the projection that
+// made them. Every row of dk and dv up to the cache's capacity is written (zero past the real keys). Head sizes 16, 32 and 64 use the
 // tensor cores (mma.sync m16n8k16, f16 in, f32 accumulate); any other head size up to 128 takes a
 // plain f32 form.
 
@@ -391,7 +393,8 @@ extern "C" __global__ void attention_bias_fold(const float* d_rel, float* d_tabl
 
 template <int DK>
 __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half* v, const __half* out,
-                                  const __half* dout, float* dq, const float* lse, float* dsum_out, AttnParams p) {
+                                  const __half* dout, __half* dq, int ldq, const float* lse, float* dsum_out,
+                                  AttnParams p) {
     __shared__ float ks[BT * DK];
     __shared__ float vs[BT * DK];
     resolve(p);
@@ -445,12 +448,13 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     dsum_out[row] = D;
 #pragma unroll
     for (int d = 0; d < DK; d++)
-        if (d < p.dk) dq[qoff + d] = acc[d] * p.scale;
+        if (d < p.dk) dq[((long)b * p.Lq + i) * ldq + h * p.dk + d] = __float2half_rn(acc[d] * p.scale);
 }
 
 template <int DK>
-__device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
-                                    float* dv, const float* lse, const float* dsum, float* d_rel, AttnParams p) {
+__device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __half* v, const __half* dout, __half* dk,
+                                    __half* dv, int ldkv, const float* lse, const float* dsum, float* d_rel,
+                                    AttnParams p) {
     __shared__ float qs[BT * DK];
     __shared__ float gs[BT * DK];
     __shared__ float ls[BT], ds_[BT];
@@ -517,25 +521,26 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
     }
     if (d_rel) rel_grad_end(slots, edges, d_rel, p, h);
     if (j >= p.cap) return;
+    long goff = ((long)b * p.cap + j) * ldkv + h * p.dk;
 #pragma unroll
     for (int d = 0; d < DK; d++) {
         if (d < p.dk) {
-            dk[koff + d] = adk[d] * p.scale;
-            dv[koff + d] = adv[d];
+            dk[goff + d] = __float2half_rn(adk[d] * p.scale);
+            dv[goff + d] = __float2half_rn(adv[d]);
         }
     }
 }
 
 #define PLAIN(DK) \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dq_plain_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, float* dq, const float* lse, \
-        float* ds, AttnParams p) { \
-        attn_bwd_dq_plain<DK>(q, k, v, o, g, dq, lse, ds, p); \
+        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, __half* dq, int ldq, \
+        const float* lse, float* ds, AttnParams p) { \
+        attn_bwd_dq_plain<DK>(q, k, v, o, g, dq, ldq, lse, ds, p); \
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dkdv_plain_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
-        const float* ds, float* d_rel, AttnParams p) { \
-        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, lse, ds, d_rel, p); \
+        const __half* q, const __half* k, const __half* v, const __half* g, __half* dk, __half* dv, int ldkv, \
+        const float* lse, const float* ds, float* d_rel, AttnParams p) { \
+        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, ldkv, lse, ds, d_rel, p); \
     }
 PLAIN(32)
 PLAIN(64)
@@ -613,7 +618,8 @@ __device__ __forceinline__ void load_tiles(__half* ta, __half* tb, const __half*
 // dP = dO·Vᵀ per tile of 64 keys, dS = P (dP − D) with P from the forward's lse, dQ += dS·K.
 template <int DK>
 __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* v, const __half* out,
-                                const __half* dout, float* dq, const float* lse_in, float* dsum_out, AttnParams p) {
+                                const __half* dout, __half* dq, int ldq, const float* lse_in, float* dsum_out,
+                                AttnParams p) {
     constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
     __shared__ __align__(16) __half vs[KB * PAD];
@@ -687,8 +693,8 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
         if (tq == 0) dsum_out[((long)b * p.H + h) * p.Lq + r] = D[rr];
 #pragma unroll
         for (int n = 0; n < DK / 8; n++) {
-            float2 o = make_float2(acc[n][rr * 2] * p.scale, acc[n][rr * 2 + 1] * p.scale);
-            *reinterpret_cast<float2*>(dq + ((long)b * p.Lq + r) * inner + h * DK + n * 8 + tq * 2) = o;
+            __half2 o = __floats2half2_rn(acc[n][rr * 2] * p.scale, acc[n][rr * 2 + 1] * p.scale);
+            *reinterpret_cast<__half2*>(dq + ((long)b * p.Lq + r) * ldq + h * DK + n * 8 + tq * 2) = o;
         }
     }
 }
@@ -699,8 +705,9 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
 // shared memory and each lane sums diagonals of it (one relative position each) into the warp's
 // row of slots; a tile whose every pair lies past the clamp goes to the end sums directly.
 template <int DK>
-__device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half* v, const __half* dout, float* dk,
-                                  float* dv, const float* lse, const float* dsum, float* d_rel, AttnParams p) {
+__device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half* v, const __half* dout, __half* dk,
+                                  __half* dv, int ldkv, const float* lse, const float* dsum, float* d_rel,
+                                  AttnParams p) {
     constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8, SPAD = ATTN_DS_STRIDE;
     __shared__ __align__(16) __half qs[QB * PAD];
     __shared__ __align__(16) __half gs[QB * PAD];
@@ -800,25 +807,26 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
     for (int rr = 0; rr < 2; rr++) {
         int key = keys[rr];
         if (key >= p.cap) continue;
-        long off = ((long)b * p.cap + key) * inner + h * DK + tq * 2;
+        long off = ((long)b * p.cap + key) * ldkv + h * DK + tq * 2;
 #pragma unroll
         for (int n = 0; n < DK / 8; n++) {
-            *reinterpret_cast<float2*>(dk + off + n * 8) = make_float2(adk[n][rr * 2] * p.scale, adk[n][rr * 2 + 1] * p.scale);
-            *reinterpret_cast<float2*>(dv + off + n * 8) = make_float2(adv[n][rr * 2], adv[n][rr * 2 + 1]);
+            *reinterpret_cast<__half2*>(dk + off + n * 8) =
+                __floats2half2_rn(adk[n][rr * 2] * p.scale, adk[n][rr * 2 + 1] * p.scale);
+            *reinterpret_cast<__half2*>(dv + off + n * 8) = __floats2half2_rn(adv[n][rr * 2], adv[n][rr * 2 + 1]);
         }
     }
 }
 
 #define MMA(DK) \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dq_mma_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, float* dq, const float* lse, \
-        float* ds, AttnParams p) { \
-        attn_bwd_dq_mma<DK>(q, k, v, o, g, dq, lse, ds, p); \
+        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, __half* dq, int ldq, \
+        const float* lse, float* ds, AttnParams p) { \
+        attn_bwd_dq_mma<DK>(q, k, v, o, g, dq, ldq, lse, ds, p); \
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dkdv_mma_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* g, float* dk, float* dv, const float* lse, \
-        const float* ds, float* d_rel, AttnParams p) { \
-        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, lse, ds, d_rel, p); \
+        const __half* q, const __half* k, const __half* v, const __half* g, __half* dk, __half* dv, int ldkv, \
+        const float* lse, const float* ds, float* d_rel, AttnParams p) { \
+        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, ldkv, lse, ds, d_rel, p); \
     }
 MMA(16)
 MMA(32)

@@ -133,18 +133,18 @@ __device__ __forceinline__ float gelu_new_grad(float x) {
 // gate_up [rows, 2f] and dy [rows, f] → d gate_up [rows, 2f] through the forward's dropout mask
 // (g = dropout(dy)): d gate = g·up·gelu'(gate), d up = g·gelu(gate).
 template <typename TU, typename TG>
-__device__ void gated_gelu_backward(const TU* gu, const TG* dy, float* out, long rows, int f, float drop_p, u64 key) {
+__device__ void gated_gelu_backward(const TU* gu, const TG* dy, __half* out, long rows, int f, float drop_p, u64 key) {
     GRID_STRIDE(i, rows * f) {
         long r = i / f;
         int c = i % f;
         long base = r * 2 * f + c;
         float gate = to_f(gu[base]), up = to_f(gu[base + f]), g = to_f(dy[i]) * dropout_factor(drop_p, key, (u64)i);
-        out[base] = g * up * gelu_new_grad(gate);
-        out[base + f] = g * gelu_new(gate);
+        out[base] = __float2half_rn(g * up * gelu_new_grad(gate));
+        out[base + f] = __float2half_rn(g * gelu_new(gate));
     }
 }
 #define GG_BWD(NAME, TU, TG) \
-    extern "C" __global__ void NAME(const TU* gu, const TG* dy, float* out, long rows, int f, float drop_p, u64 key) { \
+    extern "C" __global__ void NAME(const TU* gu, const TG* dy, __half* out, long rows, int f, float drop_p, u64 key) { \
         gated_gelu_backward(gu, dy, out, rows, f, drop_p, key); \
     }
 GG_BWD(gated_gelu_backward_f32_f32, float, float)

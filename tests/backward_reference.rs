@@ -11,7 +11,7 @@ mod common;
 
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
 use detox::backend::prelude::*;
-use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias};
+use detox::backend::{AdamSlot, AdamStep, AttnGradLayout, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias};
 use detox::checkpoint::{DType, HostTensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -113,7 +113,9 @@ fn attention_backward_matches_finite_differences() {
         let dout = r.vec(b * l * inner, 1.0);
         let (qt, kt, vt) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
         let fwd = Cpu.attention_train(&qt, &kt, &vt, &spec).unwrap();
-        let (dq, dkk, dv) = Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, None).unwrap();
+        let grads = Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, None, AttnGradLayout::Qkv);
+        let dqkv = grads.unwrap().qkv().unwrap();
+        let [dq, dkk, dv]: [_; 3] = Cpu.split_last(&dqkv, &[inner; 3]).unwrap().try_into().ok().unwrap();
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
             Cpu.attention(&t(q, &shape), &t(k, &shape), &t(v, &shape), &spec).unwrap().data
         };
@@ -320,7 +322,8 @@ fn attention_bias_gradient_matches_finite_differences() {
         let mut dt = t(&vec![0.0; buckets * h], &[buckets, h]);
         let (qt, kt, vt) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
         let fwd = Cpu.attention_train(&qt, &kt, &vt, &spec).unwrap();
-        Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, Some(&mut dt)).unwrap();
+        Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, Some(&mut dt), AttnGradLayout::Qkv)
+            .unwrap();
         check(&format!("attention bias causal {causal} dropout {dropout:?}"), &table, &dt.data, &dout, run, 36);
     }
 }

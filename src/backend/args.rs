@@ -248,6 +248,41 @@ pub struct Attended<T> {
     pub lse: T,
 }
 
+/// How `attention_backward` lays out its gradients: in the stacking of the projection that made
+/// q, k and v, so that the projection's backward reads them in place (in half, as its products do).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AttnGradLayout {
+    /// Self-attention from one q/k/v projection: dq | dk | dv in one `[B, L, 3·inner]` tensor.
+    Qkv,
+    /// Cross-attention, k and v from one projection: dq `[B, Lq, inner]` and dk | dv in one
+    /// `[B, Lk, 2·inner]`.
+    QAndKv,
+}
+
+/// `attention_backward`'s gradients, in the layout asked for.
+pub enum AttnGrads<T> {
+    Qkv(T),
+    QAndKv { q: T, kv: T },
+}
+
+impl<T> AttnGrads<T> {
+    /// The stacked dq | dk | dv of `AttnGradLayout::Qkv`.
+    pub fn qkv(self) -> anyhow::Result<T> {
+        match self {
+            AttnGrads::Qkv(t) => Ok(t),
+            AttnGrads::QAndKv { .. } => anyhow::bail!("attention gradients laid out as q and kv, not qkv"),
+        }
+    }
+
+    /// dq and the stacked dk | dv of `AttnGradLayout::QAndKv`.
+    pub fn q_kv(self) -> anyhow::Result<(T, T)> {
+        match self {
+            AttnGrads::QAndKv { q, kv } => Ok((q, kv)),
+            AttnGrads::Qkv(_) => anyhow::bail!("attention gradients laid out as qkv, not q and kv"),
+        }
+    }
+}
+
 /// How the next token is chosen (Hugging Face's processor order: min-length, temperature, top-k,
 /// top-p, then a draw).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -3,8 +3,8 @@
 //! checks what is its own (precisions, device limits). Every message names the op and the shapes.
 
 use super::{
-    AdafactorSlot, AdafactorStep, AdamSlot, AttnSpec, BeamSpec, BeamState, Device, Dropout, LoraGrad, LoraRef,
-    Position, ProcessSpec, Shaped,
+    AdafactorSlot, AdafactorStep, AdamSlot, AttnGradLayout, AttnSpec, BeamSpec, BeamState, Device, Dropout, LoraGrad,
+    LoraRef, Position, ProcessSpec, Shaped,
 };
 use anyhow::{Result, bail, ensure};
 
@@ -173,6 +173,7 @@ pub fn attention<B: Device>(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<B: Device>(
     q: &[usize],
     k: &[usize],
@@ -181,8 +182,15 @@ pub fn attention_backward<B: Device>(
     dout: &[usize],
     spec: &AttnSpec<'_, B>,
     d_table: Option<&[usize]>,
+    layout: AttnGradLayout,
 ) -> Result<()> {
     attention("attention_backward", q, k, v, Some(dout), spec)?;
+    ensure!(
+        layout != AttnGradLayout::Qkv || k[1] == q[1],
+        "attention_backward: stacked q/k/v gradients need as many keys as queries, not {} for {}",
+        k[1],
+        q[1]
+    );
     ensure!(out == q, "attention_backward: the forward's output {out:?} for q {q:?}");
     ensure!(
         lse == [q[0], spec.heads, q[1]],

@@ -301,7 +301,9 @@ pub trait ElementwiseOps: Device {
     }
 
     checked_op! {
-        /// Backward of `gated_gelu` under the same dropout: `∂/∂gate_up [.., 2F]` from `dy [.., F]`.
+        /// Backward of `gated_gelu` under the same dropout: `∂/∂gate_up [.., 2F]` from `dy [.., F]`,
+        /// in half where the backend stores half: it feeds only wi's backward products, which read
+        /// it in half.
         fn gated_gelu_backward / gated_gelu_backward_impl(
             &self,
             gate_up: &Self::Tensor,
@@ -385,10 +387,10 @@ pub trait AttentionOps: Device {
     }
 
     checked_op! {
-        /// Backward of `attention_train` under the same spec from what it kept: (dq, dk, dv), and
-        /// with `d_table` (the call has a bias) the bias table's gradient added into it:
-        /// `d_table[bucket, h] += Σ` of the scores' gradients over the (query, key) pairs in that
-        /// bucket.
+        /// Backward of `attention_train` under the same spec from what it kept: dq, dk and dv in
+        /// `layout` (half where the backend stores half), and with `d_table` (the call has a bias)
+        /// the bias table's gradient added into it: `d_table[bucket, h] += Σ` of the scores'
+        /// gradients over the (query, key) pairs in that bucket.
         #[allow(clippy::too_many_arguments)]
         fn attention_backward / attention_backward_impl(
             &self,
@@ -399,10 +401,11 @@ pub trait AttentionOps: Device {
             dout: &Self::Tensor,
             spec: &AttnSpec<'_, Self>,
             d_table: Option<&mut Self::Tensor>,
-        ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> => {
+            layout: AttnGradLayout,
+        ) -> Result<AttnGrads<Self::Tensor>> => {
             let kept = (fwd.out.shape(), fwd.lse.shape());
             let d_table = d_table.as_deref().map(|t| t.shape());
-            check::attention_backward(q.shape(), k.shape(), v.shape(), kept, dout.shape(), spec, d_table)?;
+            check::attention_backward(q.shape(), k.shape(), v.shape(), kept, dout.shape(), spec, d_table, layout)?;
         }
     }
 }

@@ -10,7 +10,9 @@
 use super::model::{DenseReluDense, DropSite, Fwd, Proj, SelfAttention, StackKind, T5};
 use super::params::{BlockGrads, FullGrads, StackGrads};
 use super::trainable::a_then_b;
-use crate::backend::{Attended, AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped};
+use crate::backend::{
+    Attended, AttnGradLayout, AttnGrads, AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped,
+};
 use anyhow::{Result, ensure};
 
 /// One encoder block's saved activations.
@@ -310,8 +312,9 @@ impl<B: Backend> Backprop<'_, B> {
         d_ctx: &B::Tensor,
         spec: &AttnSpec<'_, B>,
         d_table: Option<&mut B::Tensor>,
-    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-        self.be.attention_backward(q, k, v, fwd, d_ctx, spec, d_table)
+        layout: AttnGradLayout,
+    ) -> Result<AttnGrads<B::Tensor>> {
+        self.be.attention_backward(q, k, v, fwd, d_ctx, spec, d_table, layout)
     }
 
     /// T5's own dropout at a site of the training pass being differentiated.
@@ -479,11 +482,11 @@ impl<B: Backend> T5<B> {
             let dy = bp.through(&dh, bp.site(Decoder, i, CrossOut))?;
             bp.proj(&ca.o, &s.ctx_cross.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), d_o)?;
             let spec = self.attn_spec(Some(lengths), l, false, None, bp.site(Decoder, i, CrossProbs));
-            let (dq, dk, dv) = bp.attention((&s.q_cross, &s.k_cross, &s.v_cross), &s.ctx_cross, &d_ctx, &spec, None)?;
+            let kept = (&s.q_cross, &s.k_cross, &s.v_cross);
+            let (dq, dkv) = bp.attention(kept, &s.ctx_cross, &d_ctx, &spec, None, AttnGradLayout::QAndKv)?.q_kv()?;
             let mut d_x = be.zeros(s.x_cross.shape())?;
             bp.proj(&ca.q, &s.x_cross, &dq, Some(&mut d_x), d_q)?;
             bp.norm(&s.h_self, ca_norm, &d_x, &mut dh, d_norm)?;
-            let dkv = be.concat_last(&[&dk, &dv])?;
             bp.proj(&ca.kv, &tape.enc_out, &dkv, Some(&mut d_enc), d_kv)?;
 
             let a = &block.self_attention;
@@ -491,8 +494,8 @@ impl<B: Backend> T5<B> {
             let dy = bp.through(&dh, bp.site(Decoder, i, SelfOut))?;
             bp.proj(&a.o, &s.ctx.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(None, t, true, Some(false), bp.site(Decoder, i, SelfProbs));
-            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, dec_g.table.as_deref_mut())?;
-            let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
+            let table = dec_g.table.as_deref_mut();
+            let d_qkv = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, table, AttnGradLayout::Qkv)?.qkv()?;
             let mut d_x = be.zeros(s.x_self.shape())?;
             let mut g = dec_g.block(i);
             bp.proj(&a.qkv, &s.x_self, &d_qkv, Some(&mut d_x), g.as_deref_mut().map(|g| &mut g.qkv))?;
@@ -515,8 +518,8 @@ impl<B: Backend> T5<B> {
             let dy = bp.through(&dh, bp.site(Encoder, i, SelfOut))?;
             bp.proj(&a.o, &s.ctx.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(Some(lengths), l, false, Some(true), bp.site(Encoder, i, SelfProbs));
-            let (dq, dk, dv) = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, enc_g.table.as_deref_mut())?;
-            let d_qkv = be.concat_last(&[&dq, &dk, &dv])?;
+            let table = enc_g.table.as_deref_mut();
+            let d_qkv = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, table, AttnGradLayout::Qkv)?.qkv()?;
             let mut d_x = be.zeros(s.x_attn.shape())?;
             let mut g = enc_g.block(i);
             bp.proj(&a.qkv, &s.x_attn, &d_qkv, Some(&mut d_x), g.as_deref_mut().map(|g| &mut g.qkv))?;

@@ -9,7 +9,9 @@ use crate::common::{Case, F32, HALF, Rand, close, weight};
 use detox::backend::AdafactorOptions;
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
-use detox::backend::{AdamSlot, AdamStep, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped};
+use detox::backend::{
+    AdamSlot, AdamStep, AttnGradLayout, AttnGrads, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped,
+};
 use half::f16;
 
 /// `t` as the half activation a GPU forward pass would hand over (the backend's half copy), when
@@ -287,7 +289,7 @@ fn gated_gelu_backward_case<B: Backend>(
     let want = Cpu.gated_gelu_backward(&gc, &dyc, dropout).unwrap();
     for gin in std::iter::once(&gg).chain(gh.as_ref()) {
         let got = be.gated_gelu_backward(gin, &dyg, dropout).unwrap();
-        close(&be.download(&got).unwrap(), &want.data, F32, what);
+        close(&be.download(&got).unwrap(), &want.data, HALF, what);
     }
 }
 
@@ -416,9 +418,21 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     let mut table_g = c.bias.map(|_| be.upload(&start, &[32, c.h]).unwrap());
     let (qc, kc, vc) = (Cpu.upload(&q, &qs).unwrap(), Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
     let fwd_c = Cpu.attention_train(&qc, &kc, &vc, &spec_c).unwrap();
-    let (dq_c, dk_c, dv_c) = Cpu
-        .attention_backward(&qc, &kc, &vc, &fwd_c, &Cpu.upload(&dout, &qs).unwrap(), &spec_c, table_c.as_mut())
+    let (dq_c, dkv_c) = Cpu
+        .attention_backward(
+            &qc,
+            &kc,
+            &vc,
+            &fwd_c,
+            &Cpu.upload(&dout, &qs).unwrap(),
+            &spec_c,
+            table_c.as_mut(),
+            AttnGradLayout::QAndKv,
+        )
+        .unwrap()
+        .q_kv()
         .unwrap();
+    let [dk_c, dv_c]: [_; 2] = Cpu.split_last(&dkv_c, &[inner, inner]).unwrap().try_into().ok().unwrap();
     let (qg, kg, vg) = (be.upload(&q, &qs).unwrap(), be.upload(&k, &ks).unwrap(), be.upload(&v, &ks).unwrap());
     let halves = if c.half_inputs { [&qg, &kg, &vg].map(|t| half_copy(be, t)) } else { [None, None, None] };
     let [qin, kin, vin] =
@@ -433,9 +447,23 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     assert!(keyless.iter().all(|&i| lse_g[i] == f32::INFINITY), "{what}: lse of rows without keys");
     let finite = |x: &[f32]| -> Vec<f32> { x.iter().copied().filter(|v| v.is_finite()).collect() };
     close(&finite(&lse_g), &finite(&fwd_c.lse.data), F32 * 10.0, &format!("{what}: lse"));
-    let (dq_g, dk_g, dv_g) = be
-        .attention_backward(qin, kin, vin, &fwd_g, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut())
+    // Self-attention's shapes take the stacked q/k/v layout, the others q apart from the stacked k/v.
+    let layout = if c.lq == c.cap { AttnGradLayout::Qkv } else { AttnGradLayout::QAndKv };
+    let grads = be
+        .attention_backward(qin, kin, vin, &fwd_g, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut(), layout)
         .unwrap();
+    let (dq_g, dk_g, dv_g) = match grads {
+        AttnGrads::Qkv(t) => {
+            assert_eq!(t.shape(), [c.b, c.lq, 3 * inner], "{what}: dqkv shape");
+            let [q, k, v]: [_; 3] = be.split_last(&t, &[inner; 3]).unwrap().try_into().ok().unwrap();
+            (q, k, v)
+        }
+        AttnGrads::QAndKv { q, kv } => {
+            assert_eq!(kv.shape(), [c.b, c.cap, 2 * inner], "{what}: dkv shape");
+            let [k, v]: [_; 2] = be.split_last(&kv, &[inner; 2]).unwrap().try_into().ok().unwrap();
+            (q, k, v)
+        }
+    };
     assert_eq!(dq_g.shape(), qs, "{what}: dq shape");
     assert_eq!(dk_g.shape(), ks, "{what}: dk shape");
     assert_eq!(dv_g.shape(), ks, "{what}: dv shape");

@@ -229,7 +229,8 @@ impl AttentionOps for Cpu {
         dout: &Self::Tensor,
         spec: &AttnSpec<'_, Self>,
         mut d_table: Option<&mut Self::Tensor>,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        layout: AttnGradLayout,
+    ) -> Result<AttnGrads<Self::Tensor>> {
         let (h, dk) = (spec.heads, spec.d_kv);
         let (inner, lq, cap) = (h * dk, q.shape[1], k.shape[1]);
         let q_offset = at(spec.q_offset);
@@ -253,6 +254,11 @@ impl AttentionOps for Cpu {
                 }
             }
         })?;
-        Ok((CpuTensor::new(dq, &q.shape)?, CpuTensor::new(dkk, &k.shape)?, CpuTensor::new(dv, &v.shape)?))
+        let (dq, dk, dv) =
+            (CpuTensor::new(dq, &q.shape)?, CpuTensor::new(dkk, &k.shape)?, CpuTensor::new(dv, &v.shape)?);
+        Ok(match layout {
+            AttnGradLayout::Qkv => AttnGrads::Qkv(self.concat_last(&[&dq, &dk, &dv])?),
+            AttnGradLayout::QAndKv => AttnGrads::QAndKv { q: dq, kv: self.concat_last(&[&dk, &dv])? },
+        })
     }
 }

@@ -15,8 +15,8 @@ mod sampling;
 use super::relpos::relative_bucket;
 use super::rng::{dropout_factor, dropout_keep, dropout_key, uniform};
 use super::{
-    Activation, AdamSlot, AdamStep, Attended, AttnSpec, Dropout, LoraGrad, LoraRef, Position, Prec, RelBias,
-    SampleSpec, Shaped,
+    Activation, AdamSlot, AdamStep, Attended, AttnGradLayout, AttnGrads, AttnSpec, Dropout, LoraGrad, LoraRef,
+    Position, Prec, RelBias, SampleSpec, Shaped,
 };
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
 use super::{BeamSpec, BeamState, EarlyStopping, ProcessSpec};

@@ -170,7 +170,8 @@ impl AttentionOps for Cuda {
         dout: &CudaTensor,
         spec: &AttnSpec<'_, Self>,
         d_table: Option<&mut CudaTensor>,
-    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        layout: AttnGradLayout,
+    ) -> Result<AttnGrads<CudaTensor>> {
         let (h, dk) = (spec.heads, spec.d_kv);
         let (b, lq) = (q.shape[0], q.shape[1]);
         ensure!(
@@ -179,11 +180,22 @@ impl AttentionOps for Cuda {
         );
         ensure!(h <= 65535 && b <= 65535, "attention_backward: {h} heads × {b} rows exceed the grid");
         let cap = k.shape[1];
-        let dq = self.empty(&q.shape, Prec::F32)?;
-        let dkt = self.empty(&k.shape, Prec::F32)?;
-        let dvt = self.empty(&v.shape, Prec::F32)?;
+        let inner = h * dk;
+        // The gradients' tensors, and where dq, dk and dv start in them with their row strides.
+        let (grads, (dq, ldq), (dkp, dvp, ldkv)) = match layout {
+            AttnGradLayout::Qkv => {
+                let t = self.empty(&[b, lq, 3 * inner], Prec::Half)?;
+                let base = self.ptr_t(&t);
+                (AttnGrads::Qkv(t), (base, 3 * inner), (base + 2 * inner as u64, base + 4 * inner as u64, 3 * inner))
+            }
+            AttnGradLayout::QAndKv => {
+                let (tq, tkv) = (self.empty(&q.shape, Prec::Half)?, self.empty(&[b, cap, 2 * inner], Prec::Half)?);
+                let (bq, bkv) = (self.ptr_t(&tq), self.ptr_t(&tkv));
+                (AttnGrads::QAndKv { q: tq, kv: tkv }, (bq, inner), (bkv, bkv + 2 * inner as u64, 2 * inner))
+            }
+        };
         if b == 0 || h == 0 {
-            return Ok((dq, dkt, dvt));
+            return Ok(grads);
         }
         // Head sizes of whole m16n8k16 tiles take the tensor cores; others the f32 form, whose row
         // size is fixed at compile time.
@@ -232,14 +244,14 @@ impl AttentionOps for Cuda {
             self.gpu.launch(
                 &format!("attention_backward_dq_{form}"),
                 grid(lq, 0),
-                &[&qp, &kp, &vp, &op, &gp, &self.ptr_t(&dq), &lp, &dp, &params],
+                &[&qp, &kp, &vp, &op, &gp, &dq, &(ldq as i32), &lp, &dp, &params],
             )?;
         }
         if cap > 0 {
             self.gpu.launch(
                 &format!("attention_backward_dkdv_{form}"),
                 grid(cap, rel_smem),
-                &[&qp, &kp, &vp, &gp, &self.ptr_t(&dkt), &self.ptr_t(&dvt), &lp, &dp, &rp, &params],
+                &[&qp, &kp, &vp, &gp, &dkp, &dvp, &(ldkv as i32), &lp, &dp, &rp, &params],
             )?;
         }
         if let Some((tp, rb)) = table {
@@ -254,6 +266,6 @@ impl AttentionOps for Cuda {
                 &[&rp, &tp, &params.bucket_lut, &(rb.max_distance as i32), &(rb.num_buckets as i32), &(h as i32)],
             )?;
         }
-        Ok((dq, dkt, dvt))
+        Ok(grads)
     }
 }

@@ -64,7 +64,7 @@ impl ElementwiseOps for Cuda {
     ) -> Result<CudaTensor> {
         let (rows, d2) = gate_up.rows_cols();
         let f = d2 / 2;
-        let out = self.empty(&gate_up.shape, Prec::F32)?;
+        let out = self.empty(&gate_up.shape, Prec::Half)?;
         let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.key()));
         self.gpu.launch(
             &format!("gated_gelu_backward_{}_{}", Self::suffix(gate_up), Self::suffix(dy)),
