@@ -1,5 +1,6 @@
 // The optimiser's kernels: a multi-tensor Adam update and a multi-tensor Σx² (in f64) for gradient
-// norms, each one launch for every tensor of a step; Adafactor's passes, a few launches per tensor.
+// norms, each one launch for every tensor of a step; Adafactor's passes, each one launch for every
+// tensor of a step too.
 #include "common.cuh"
 
 // One tensor of a multi-tensor Adam update, as src/backend/cuda/optim.rs lays it out: eight
@@ -84,12 +85,45 @@ extern "C" __global__ void sum_squares_multi(const SumSquaresTensor* ts, int cou
     }
 }
 
-// ---- Adafactor (transformers' `Adafactor.step`), one tensor ("part") at a time --------------------
-// src/backend/cuda/optim.rs launches, per part: the second-moment statistics (factored rows and
-// columns, or the unfactored moment) with Σp² partials; the rate and the row mean (`adafactor_rate`);
-// Σu² partials of the unclipped update; the clip divisor (`adafactor_clip`); the update. Every sum
-// is f64 partials added in a fixed order, so results do not depend on scheduling. `scal` holds the
-// part's device-side scalars: [0] the rate, [1] the row statistics' mean, [2] the clip divisor.
+// ---- Adafactor (transformers' `Adafactor.step`), every tensor ("part") of a step at once ---------
+// src/backend/cuda/optim.rs launches, each over every part: the second-moment statistics (factored
+// rows with their column partials and columns, or the unfactored moment) with Σp² partials; the rate
+// and the row mean (`adafactor_rate_multi`); Σu² partials of the unclipped update; the clip divisor
+// (`adafactor_clip_multi`); the update. Every sum is f64 partials added in a fixed order, so results
+// do not depend on scheduling. `scal` holds four device-side scalars per part: [0] the rate, [1] the
+// row statistics' mean, [2] the clip divisor.
+
+// One part, as src/backend/cuda/optim.rs lays it out: sixteen 64-bit words. `cols` is 0 for an
+// unfactored part (`row` then holds its moment). Each `*_block` is the part's first block in that
+// launch; a part with no blocks there has the next part's, so the search below skips it.
+struct AdafactorTensor {
+    float* p;
+    const float* g;
+    float* row;
+    float* col;
+    float* m;
+    __half* copy;
+    long rows, cols, n;
+    float weight_decay;
+    unsigned pad;
+    long stats_block;  // one block per row (factored) or per ADAFACTOR_PER_BLOCK values
+    long colp_block;   // ⌈cols / threads⌉ × ⌈rows / ADAFACTOR_COL_ROWS⌉ blocks (factored)
+    long cols_block;   // ⌈cols / threads⌉ blocks (factored)
+    long elem_block;   // ⌈n / ADAFACTOR_PER_BLOCK⌉ blocks: Σu² and the update
+    long partial_off;  // the column partials' offset in their buffer
+    long pad2;
+};
+
+// The last part whose first block (field F) is at most this block.
+template <long AdafactorTensor::*F>
+__device__ int adafactor_find(const AdafactorTensor* ts, int count) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (ts[mid].*F <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
 
 // Σ of one f64 per thread over the block (blockDim.x a multiple of 32, at most 1024); thread 0 has it.
 __device__ double adafactor_block_sum(double s) {
@@ -107,137 +141,149 @@ __device__ double adafactor_block_sum(double s) {
     return s;
 }
 
-// One block per row of a factored part: row[r] ← row[r]·β₂ₜ + mean_c(g² + eps1)·(1 − β₂ₜ), and
-// psq[r] = Σ_c p².
-extern "C" __global__ void adafactor_rows(const float* g, const float* p, float* row, long cols, float grad_scale,
-                                          float eps1, float b2, float w2, double* psq) {
-    long r = blockIdx.x;
-    double s = 0.0, ps = 0.0;
-    for (long c = threadIdx.x; c < cols; c += blockDim.x) {
-        float gi = __fmul_rn(g[r * cols + c], grad_scale);
-        s += (double)__fadd_rn(__fmul_rn(gi, gi), eps1);
-        double pv = p[r * cols + c];
-        ps += pv * pv;
-    }
-    s = adafactor_block_sum(s);
-    ps = adafactor_block_sum(ps);
-    if (threadIdx.x == 0) {
-        row[r] = __fadd_rn(__fmul_rn(row[r], b2), __fmul_rn((float)(s / (double)cols), w2));
-        psq[r] = ps;
-    }
-}
-
-// Column sums of g² + eps1 over chunks of ADAFACTOR_COL_ROWS rows: block (x, y) takes columns
-// x·blockDim.x… of rows y·ADAFACTOR_COL_ROWS…, one column a thread (coalesced over columns).
-extern "C" __global__ void adafactor_col_partials(const float* g, long rows, long cols, float grad_scale, float eps1,
-                                                  double* partial) {
-    long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    long r0 = (long)blockIdx.y * ADAFACTOR_COL_ROWS;
-    long r1 = min(rows, r0 + (long)ADAFACTOR_COL_ROWS);
-    double s = 0.0;
-    for (long r = r0; r < r1; ++r) {
-        float gi = __fmul_rn(g[r * cols + c], grad_scale);
-        s += (double)__fadd_rn(__fmul_rn(gi, gi), eps1);
-    }
-    partial[blockIdx.y * cols + c] = s;
-}
-
-// col[c] ← col[c]·β₂ₜ + mean_r(g² + eps1)·(1 − β₂ₜ), the chunks' partials added in order.
-extern "C" __global__ void adafactor_cols(const double* partial, long chunks, long rows, long cols, float* col, float b2,
-                                          float w2) {
-    long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    double s = 0.0;
-    for (long k = 0; k < chunks; ++k) s += partial[k * cols + c];
-    col[c] = __fadd_rn(__fmul_rn(col[c], b2), __fmul_rn((float)(s / (double)rows), w2));
-}
-
-// An unfactored part: v ← v·β₂ₜ + (g² + eps1)·(1 − β₂ₜ) element-wise, and one Σp² per block.
-extern "C" __global__ void adafactor_vec(const float* g, const float* p, float* v, long n, float grad_scale, float eps1,
-                                         float b2, float w2, double* psq) {
-    long base = (long)blockIdx.x * ADAFACTOR_PER_BLOCK;
+// A factored part's block per row: row[r] ← row[r]·β₂ₜ + mean_c(g² + eps1)·(1 − β₂ₜ), and its Σ_c p².
+// An unfactored part's block per ADAFACTOR_PER_BLOCK values: v ← v·β₂ₜ + (g² + eps1)·(1 − β₂ₜ)
+// element-wise, and their Σp². Either way psq[block] takes the Σp².
+extern "C" __global__ void adafactor_stats_multi(const AdafactorTensor* ts, int count, float grad_scale, float eps1,
+                                                 float b2, float w2, double* psq) {
+    const AdafactorTensor t = ts[adafactor_find<&AdafactorTensor::stats_block>(ts, count)];
+    long local = (long)blockIdx.x - t.stats_block;
     double ps = 0.0;
-    for (long i = base + threadIdx.x; i < min(n, base + (long)ADAFACTOR_PER_BLOCK); i += blockDim.x) {
-        float gi = __fmul_rn(g[i], grad_scale);
-        v[i] = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fadd_rn(__fmul_rn(gi, gi), eps1), w2));
-        double pv = p[i];
-        ps += pv * pv;
+    if (t.cols > 0) {
+        long r = local;
+        double s = 0.0;
+        for (long c = threadIdx.x; c < t.cols; c += blockDim.x) {
+            float gi = __fmul_rn(t.g[r * t.cols + c], grad_scale);
+            s += (double)__fadd_rn(__fmul_rn(gi, gi), eps1);
+            double pv = t.p[r * t.cols + c];
+            ps += pv * pv;
+        }
+        s = adafactor_block_sum(s);
+        ps = adafactor_block_sum(ps);
+        if (threadIdx.x == 0) t.row[r] = __fadd_rn(__fmul_rn(t.row[r], b2), __fmul_rn((float)(s / (double)t.cols), w2));
+    } else {
+        long base = local * ADAFACTOR_PER_BLOCK;
+        for (long i = base + threadIdx.x; i < min(t.n, base + (long)ADAFACTOR_PER_BLOCK); i += blockDim.x) {
+            float gi = __fmul_rn(t.g[i], grad_scale);
+            t.row[i] = __fadd_rn(__fmul_rn(t.row[i], b2), __fmul_rn(__fadd_rn(__fmul_rn(gi, gi), eps1), w2));
+            double pv = t.p[i];
+            ps += pv * pv;
+        }
+        ps = adafactor_block_sum(ps);
     }
-    ps = adafactor_block_sum(ps);
     if (threadIdx.x == 0) psq[blockIdx.x] = ps;
 }
 
-// One block: the rate rel·max(eps2, RMS(p)) (or rel) from the Σp² partials, and the mean of the
-// `rows` row statistics (factored parts; 1 otherwise).
-extern "C" __global__ void adafactor_rate(const double* psq, long count, long n, const float* row, long rows,
-                                          float rel, int scale_parameter, float eps2, float* scal) {
+// A factored part's column sums of g² + eps1 over chunks of ADAFACTOR_COL_ROWS rows: its block
+// (x, y) takes columns x·blockDim.x… of rows y·ADAFACTOR_COL_ROWS…, one column a thread.
+extern "C" __global__ void adafactor_col_partials_multi(const AdafactorTensor* ts, int count, float grad_scale,
+                                                        float eps1, double* partial) {
+    const AdafactorTensor t = ts[adafactor_find<&AdafactorTensor::colp_block>(ts, count)];
+    long local = (long)blockIdx.x - t.colp_block, col_blocks = (t.cols + blockDim.x - 1) / blockDim.x;
+    long x = local % col_blocks, y = local / col_blocks;
+    long c = x * blockDim.x + threadIdx.x;
+    if (c >= t.cols) return;
+    long r0 = y * ADAFACTOR_COL_ROWS;
+    long r1 = min(t.rows, r0 + (long)ADAFACTOR_COL_ROWS);
+    double s = 0.0;
+    for (long r = r0; r < r1; ++r) {
+        float gi = __fmul_rn(t.g[r * t.cols + c], grad_scale);
+        s += (double)__fadd_rn(__fmul_rn(gi, gi), eps1);
+    }
+    partial[t.partial_off + y * t.cols + c] = s;
+}
+
+// col[c] ← col[c]·β₂ₜ + mean_r(g² + eps1)·(1 − β₂ₜ), the chunks' partials added in order.
+extern "C" __global__ void adafactor_cols_multi(const AdafactorTensor* ts, int count, const double* partial, float b2,
+                                                float w2) {
+    const AdafactorTensor t = ts[adafactor_find<&AdafactorTensor::cols_block>(ts, count)];
+    long c = ((long)blockIdx.x - t.cols_block) * blockDim.x + threadIdx.x;
+    if (c >= t.cols) return;
+    long chunks = (t.rows + ADAFACTOR_COL_ROWS - 1) / ADAFACTOR_COL_ROWS;
+    double s = 0.0;
+    for (long k = 0; k < chunks; ++k) s += partial[t.partial_off + k * t.cols + c];
+    t.col[c] = __fadd_rn(__fmul_rn(t.col[c], b2), __fmul_rn((float)(s / (double)t.rows), w2));
+}
+
+// One block per part: the rate rel·max(eps2, RMS(p)) (or rel) from its Σp² partials, and the mean
+// of its row statistics (factored parts; 1 otherwise).
+extern "C" __global__ void adafactor_rate_multi(const AdafactorTensor* ts, const double* psq, float rel,
+                                                int scale_parameter, float eps2, float* scal) {
+    const AdafactorTensor t = ts[blockIdx.x];
+    long partials = t.cols > 0 ? t.rows : (t.n + ADAFACTOR_PER_BLOCK - 1) / ADAFACTOR_PER_BLOCK;
+    long rows = t.cols > 0 ? t.rows : 0;
     double s = 0.0, rs = 0.0;
-    for (long i = threadIdx.x; i < count; i += blockDim.x) s += psq[i];
-    for (long i = threadIdx.x; i < rows; i += blockDim.x) rs += (double)row[i];
+    for (long i = threadIdx.x; i < partials; i += blockDim.x) s += psq[t.stats_block + i];
+    for (long i = threadIdx.x; i < rows; i += blockDim.x) rs += (double)t.row[i];
     s = adafactor_block_sum(s);
     rs = adafactor_block_sum(rs);
     if (threadIdx.x == 0) {
-        float rms = (float)sqrt(s / (double)n);
+        float rms = (float)sqrt(s / (double)t.n);
         float scale = scale_parameter ? fmaxf(eps2, rms) : 1.0f;
-        scal[0] = __fmul_rn(scale, rel);
-        scal[1] = rows > 0 ? (float)(rs / (double)rows) : 1.0f;
+        scal[4 * blockIdx.x] = __fmul_rn(scale, rel);
+        scal[4 * blockIdx.x + 1] = rows > 0 ? (float)(rs / (double)rows) : 1.0f;
     }
 }
 
 // The unclipped update of element i: g·rsqrt(row/mean)·rsqrt(col) (factored, cols > 0) or
 // g·rsqrt(v) (unfactored, `row` being v).
-__device__ float adafactor_u(const float* g, const float* row, const float* col, long cols, const float* scal, long i,
-                             float grad_scale) {
-    float gi = __fmul_rn(g[i], grad_scale);
-    if (cols > 0) {
-        long r = i / cols, c = i - r * cols;
-        float rf = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(row[r], scal[1])));
-        float cf = __fdiv_rn(1.0f, __fsqrt_rn(col[c]));
+__device__ float adafactor_u(const AdafactorTensor& t, const float* scal, long i, float grad_scale) {
+    float gi = __fmul_rn(t.g[i], grad_scale);
+    if (t.cols > 0) {
+        long r = i / t.cols, c = i - r * t.cols;
+        float rf = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(t.row[r], scal[1])));
+        float cf = __fdiv_rn(1.0f, __fsqrt_rn(t.col[c]));
         return __fmul_rn(__fmul_rn(rf, cf), gi);
     }
-    return __fmul_rn(__fdiv_rn(1.0f, __fsqrt_rn(row[i])), gi);
+    return __fmul_rn(__fdiv_rn(1.0f, __fsqrt_rn(t.row[i])), gi);
 }
 
 // One Σu² per block of the unclipped update.
-extern "C" __global__ void adafactor_update_sq(const float* g, const float* row, const float* col, long cols, long n,
-                                               const float* scal, float grad_scale, double* usq) {
-    long base = (long)blockIdx.x * ADAFACTOR_PER_BLOCK;
+extern "C" __global__ void adafactor_update_sq_multi(const AdafactorTensor* ts, int count, const float* scal,
+                                                     float grad_scale, double* usq) {
+    int part = adafactor_find<&AdafactorTensor::elem_block>(ts, count);
+    const AdafactorTensor t = ts[part];
+    long base = ((long)blockIdx.x - t.elem_block) * ADAFACTOR_PER_BLOCK;
     double s = 0.0;
-    for (long i = base + threadIdx.x; i < min(n, base + (long)ADAFACTOR_PER_BLOCK); i += blockDim.x) {
-        double u = adafactor_u(g, row, col, cols, scal, i, grad_scale);
+    for (long i = base + threadIdx.x; i < min(t.n, base + (long)ADAFACTOR_PER_BLOCK); i += blockDim.x) {
+        double u = adafactor_u(t, scal + 4 * part, i, grad_scale);
         s += u * u;
     }
     s = adafactor_block_sum(s);
     if (threadIdx.x == 0) usq[blockIdx.x] = s;
 }
 
-// One block: the clip divisor max(RMS(u) / clip_threshold, 1).
-extern "C" __global__ void adafactor_clip(const double* usq, long count, long n, float clip_threshold, float* scal) {
+// One block per part: the clip divisor max(RMS(u) / clip_threshold, 1).
+extern "C" __global__ void adafactor_clip_multi(const AdafactorTensor* ts, const double* usq, float clip_threshold,
+                                                float* scal) {
+    const AdafactorTensor t = ts[blockIdx.x];
+    long partials = (t.n + ADAFACTOR_PER_BLOCK - 1) / ADAFACTOR_PER_BLOCK;
     double s = 0.0;
-    for (long i = threadIdx.x; i < count; i += blockDim.x) s += usq[i];
+    for (long i = threadIdx.x; i < partials; i += blockDim.x) s += usq[t.elem_block + i];
     s = adafactor_block_sum(s);
-    if (threadIdx.x == 0) scal[2] = fmaxf(__fdiv_rn((float)sqrt(s / (double)n), clip_threshold), 1.0f);
+    if (threadIdx.x == 0) scal[4 * blockIdx.x + 2] = fmaxf(__fdiv_rn((float)sqrt(s / (double)t.n), clip_threshold), 1.0f);
 }
 
 // The update: u ← u / clip · lr; with a first moment m ← m·β₁ + u·w1 (w1 = 1 − β₁), u ← m; then
 // p ← p + p·(−weight_decay·lr) (when weight_decay ≠ 0), p ← p − u, and the half copy.
-extern "C" __global__ void adafactor_apply(float* p, const float* g, const float* row, const float* col, long cols, long n,
-                                           float* m, __half* copy, const float* scal, float grad_scale, float beta1,
-                                           float w1, float weight_decay) {
-    long base = (long)blockIdx.x * ADAFACTOR_PER_BLOCK;
-    float lr = scal[0], clip = scal[2];
-    float decay = __fmul_rn(-weight_decay, lr);
-    for (long i = base + threadIdx.x; i < min(n, base + (long)ADAFACTOR_PER_BLOCK); i += blockDim.x) {
-        float u = __fmul_rn(__fdiv_rn(adafactor_u(g, row, col, cols, scal, i, grad_scale), clip), lr);
-        if (m) {
-            m[i] = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(u, w1));
-            u = m[i];
+extern "C" __global__ void adafactor_apply_multi(const AdafactorTensor* ts, int count, const float* scal,
+                                                 float grad_scale, float beta1, float w1) {
+    int part = adafactor_find<&AdafactorTensor::elem_block>(ts, count);
+    const AdafactorTensor t = ts[part];
+    const float* sc = scal + 4 * part;
+    long base = ((long)blockIdx.x - t.elem_block) * ADAFACTOR_PER_BLOCK;
+    float lr = sc[0], clip = sc[2];
+    float decay = __fmul_rn(-t.weight_decay, lr);
+    for (long i = base + threadIdx.x; i < min(t.n, base + (long)ADAFACTOR_PER_BLOCK); i += blockDim.x) {
+        float u = __fmul_rn(__fdiv_rn(adafactor_u(t, sc, i, grad_scale), clip), lr);
+        if (t.m) {
+            t.m[i] = __fadd_rn(__fmul_rn(t.m[i], beta1), __fmul_rn(u, w1));
+            u = t.m[i];
         }
-        float pi = p[i];
-        if (weight_decay != 0.0f) pi = __fadd_rn(pi, __fmul_rn(pi, decay));
+        float pi = t.p[i];
+        if (t.weight_decay != 0.0f) pi = __fadd_rn(pi, __fmul_rn(pi, decay));
         pi = __fsub_rn(pi, u);
-        p[i] = pi;
-        if (copy) copy[i] = __float2half_rn(pi);
+        t.p[i] = pi;
+        if (t.copy) t.copy[i] = __float2half_rn(pi);
     }
 }

@@ -1,134 +1,26 @@
 //! The CUDA optimiser of kernels/optim.cu: multi-tensor Adam and Σx², each one launch a step;
-//! Adafactor, a few launches per tensor with its reductions on the device.
+//! multi-tensor Adafactor, one launch for each of its passes, with its reductions on the device.
 
 use super::*;
 use crate::backend::{AdafactorSlot, AdafactorStep, AdamFactors};
-
-/// One Adafactor tensor (a part of a slot) as device addresses: `cols` 0 for an unfactored part.
-struct AdafactorPart {
-    p: u64,
-    g: u64,
-    row: u64,
-    col: u64,
-    m: u64,
-    copy: u64,
-    rows: usize,
-    cols: usize,
-    n: usize,
-    weight_decay: f32,
-}
 
 /// Values one block of `adam_multi` updates.
 const ADAM_VALUES_PER_BLOCK: u64 = (ADAM_THREADS * ADAM_PER_THREAD) as u64;
 /// Values one block of `sum_squares_multi` reads.
 const SUM_SQUARES_VALUES_PER_BLOCK: u64 = (SUM_SQUARES_THREADS * SUM_SQUARES_PER_THREAD) as u64;
 
-impl Cuda {
-    /// transformers' `Adafactor.step` for one part: kernels/optim.cu's passes in order, the part's
-    /// scalars (rate, row mean, clip divisor) kept on the device.
-    fn adafactor_part(&self, t: &AdafactorPart, h: &AdafactorStep) -> Result<()> {
-        let threads = ADAFACTOR_THREADS;
-        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        let grid = |blocks: usize| LaunchConfig {
-            grid_dim: (blocks.max(1) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (b2, w2) = (h.beta2t() as f32, (1.0 - h.beta2t()) as f32);
-        let eps1 = h.options.eps1 as f32;
-        let (n, rows, cols) = (t.n as i64, t.rows as i64, t.cols as i64);
-        let blocks = t.n.div_ceil(ADAFACTOR_PER_BLOCK as usize);
-        let scal = self.gpu.alloc::<f32>(4)?;
-        let scal_p = self.gpu.ptr(&scal);
-        let (psq, psq_count, row_count) = if t.cols > 0 {
-            let psq = self.gpu.alloc::<f64>(t.rows)?;
-            self.gpu.launch(
-                "adafactor_rows",
-                grid(t.rows),
-                &[&t.g, &t.p, &t.row, &cols, &h.grad_scale, &eps1, &b2, &w2, &self.gpu.ptr(&psq)],
-            )?;
-            let chunks = t.rows.div_ceil(ADAFACTOR_COL_ROWS as usize);
-            let partial = self.gpu.alloc::<f64>(chunks * t.cols)?;
-            let col_blocks = t.cols.div_ceil(threads as usize) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (col_blocks, chunks as u32, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let partial_p = self.gpu.ptr(&partial);
-            self.gpu.launch("adafactor_col_partials", cfg, &[&t.g, &rows, &cols, &h.grad_scale, &eps1, &partial_p])?;
-            self.gpu.launch(
-                "adafactor_cols",
-                grid(col_blocks as usize),
-                &[&partial_p, &(chunks as i64), &rows, &cols, &t.col, &b2, &w2],
-            )?;
-            (psq, t.rows, rows)
-        } else {
-            let psq = self.gpu.alloc::<f64>(blocks)?;
-            self.gpu.launch(
-                "adafactor_vec",
-                grid(blocks),
-                &[&t.g, &t.p, &t.row, &n, &h.grad_scale, &eps1, &b2, &w2, &self.gpu.ptr(&psq)],
-            )?;
-            (psq, blocks, 0i64)
-        };
-        let rel = h.relative_lr() as f32;
-        self.gpu.launch(
-            "adafactor_rate",
-            one,
-            &[
-                &self.gpu.ptr(&psq),
-                &(psq_count as i64),
-                &n,
-                &t.row,
-                &row_count,
-                &rel,
-                &(h.options.scale_parameter as i32),
-                &(h.options.eps2 as f32),
-                &scal_p,
-            ],
-        )?;
-        let usq = self.gpu.alloc::<f64>(blocks)?;
-        let usq_p = self.gpu.ptr(&usq);
-        self.gpu.launch(
-            "adafactor_update_sq",
-            grid(blocks),
-            &[&t.g, &t.row, &t.col, &cols, &n, &scal_p, &h.grad_scale, &usq_p],
-        )?;
-        self.gpu.launch(
-            "adafactor_clip",
-            one,
-            &[&usq_p, &(blocks as i64), &n, &(h.options.clip_threshold as f32), &scal_p],
-        )?;
-        let beta1 = h.options.beta1.unwrap_or(0.0);
-        self.gpu.launch(
-            "adafactor_apply",
-            grid(blocks),
-            &[
-                &t.p,
-                &t.g,
-                &t.row,
-                &t.col,
-                &cols,
-                &n,
-                &t.m,
-                &t.copy,
-                &scal_p,
-                &h.grad_scale,
-                &(beta1 as f32),
-                &((1.0 - beta1) as f32),
-                &t.weight_decay,
-            ],
-        )
-    }
-}
-
 impl OptimOps for Cuda {
-    /// Each slot part by part (`adafactor_part`); a part's pointers are offsets into its slot's
-    /// buffers.
+    /// Every part of every slot in each of kernels/optim.cu's Adafactor passes, one launch a pass: a
+    /// table of the parts (`AdafactorTensor`, sixteen 64-bit words each, a part's pointers being
+    /// offsets into its slot's buffers) goes up with the step, and each block finds its part in it.
     fn adafactor_impl(&self, slots: &mut [AdafactorSlot<'_, Cuda>], h: &AdafactorStep) -> Result<()> {
         const F32: u64 = 4;
         const F16: u64 = 2;
+        let threads = ADAFACTOR_THREADS as usize;
+        let per_block = ADAFACTOR_PER_BLOCK as usize;
+        let mut table: Vec<u64> = Vec::new();
+        // Running first blocks of the launches, and the column partials' running offset.
+        let (mut stats, mut colp, mut cols_b, mut elem, mut partials) = (0usize, 0usize, 0usize, 0usize, 0usize);
         for (i, s) in slots.iter_mut().enumerate() {
             let shape = s.p.shape().to_vec();
             let cols = if shape.len() == 2 { shape[1] } else { 0 };
@@ -148,24 +40,80 @@ impl OptimOps for Cuda {
             let (mut at, mut at_row) = (0u64, 0u64);
             for (k, &rows) in s.parts.iter().enumerate() {
                 let n = if cols > 0 { rows * cols } else { rows };
-                let part = AdafactorPart {
-                    p: p + at * F32,
-                    g: g + at * F32,
-                    row: row + at_row * F32,
-                    col: if cols > 0 { col + (k * cols) as u64 * F32 } else { 0 },
-                    m: if m != 0 { m + at * F32 } else { 0 },
-                    copy: if copy != 0 { copy + at * F16 } else { 0 },
-                    rows,
-                    cols,
-                    n,
-                    weight_decay: s.weight_decay as f32,
-                };
-                self.adafactor_part(&part, h)?;
+                if n == 0 {
+                    continue;
+                }
+                let offset = |base: u64, by: u64, size: u64| if base != 0 { base + by * size } else { 0 };
+                let (col_blocks, chunks) = (cols.div_ceil(threads), rows.div_ceil(ADAFACTOR_COL_ROWS as usize));
+                table.extend([
+                    p + at * F32,
+                    g + at * F32,
+                    row + at_row * F32,
+                    offset(col, (k * cols) as u64, F32),
+                    offset(m, at, F32),
+                    offset(copy, at, F16),
+                    rows as u64,
+                    cols as u64,
+                    n as u64,
+                    (s.weight_decay as f32).to_bits() as u64,
+                    stats as u64,
+                    colp as u64,
+                    cols_b as u64,
+                    elem as u64,
+                    partials as u64,
+                    0,
+                ]);
+                stats += if cols > 0 { rows } else { n.div_ceil(per_block) };
+                if cols > 0 {
+                    colp += col_blocks * chunks;
+                    cols_b += col_blocks;
+                    partials += chunks * cols;
+                }
+                elem += n.div_ceil(per_block);
                 at += n as u64;
                 at_row += rows as u64;
             }
         }
-        Ok(())
+        let count = table.len() / 16;
+        if count == 0 {
+            return Ok(());
+        }
+        let ts = self.gpu.upload(&table)?;
+        let tp = self.gpu.ptr(&ts);
+        let count_i = count as i32;
+        let grid = |blocks: usize| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (ADAFACTOR_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b2, w2) = (h.beta2t() as f32, (1.0 - h.beta2t()) as f32);
+        let eps1 = h.options.eps1 as f32;
+        let scal = self.gpu.alloc::<f32>(4 * count)?;
+        let psq = self.gpu.alloc::<f64>(stats)?;
+        let usq = self.gpu.alloc::<f64>(elem)?;
+        let (scal_p, psq_p, usq_p) = (self.gpu.ptr(&scal), self.gpu.ptr(&psq), self.gpu.ptr(&usq));
+        self.gpu.launch(
+            "adafactor_stats_multi",
+            grid(stats),
+            &[&tp, &count_i, &h.grad_scale, &eps1, &b2, &w2, &psq_p],
+        )?;
+        if colp > 0 {
+            let partial = self.gpu.alloc::<f64>(partials)?;
+            let partial_p = self.gpu.ptr(&partial);
+            let cfg = grid(colp);
+            self.gpu.launch("adafactor_col_partials_multi", cfg, &[&tp, &count_i, &h.grad_scale, &eps1, &partial_p])?;
+            self.gpu.launch("adafactor_cols_multi", grid(cols_b), &[&tp, &count_i, &partial_p, &b2, &w2])?;
+        }
+        let rel = h.relative_lr() as f32;
+        let scale_parameter = h.options.scale_parameter as i32;
+        let eps2 = h.options.eps2 as f32;
+        self.gpu.launch("adafactor_rate_multi", grid(count), &[&tp, &psq_p, &rel, &scale_parameter, &eps2, &scal_p])?;
+        self.gpu.launch("adafactor_update_sq_multi", grid(elem), &[&tp, &count_i, &scal_p, &h.grad_scale, &usq_p])?;
+        let clip = h.options.clip_threshold as f32;
+        self.gpu.launch("adafactor_clip_multi", grid(count), &[&tp, &usq_p, &clip, &scal_p])?;
+        let beta1 = h.options.beta1.unwrap_or(0.0);
+        let (b1, w1) = (beta1 as f32, (1.0 - beta1) as f32);
+        self.gpu.launch("adafactor_apply_multi", grid(elem), &[&tp, &count_i, &scal_p, &h.grad_scale, &b1, &w1])
     }
 
     /// Every slot in one launch: a table of the tensors (kernels/optim.cu's `AdamTensor`, eight
