@@ -712,13 +712,13 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
     __shared__ __align__(16) __half qs[QB * PAD];
     __shared__ __align__(16) __half gs[QB * PAD];
     __shared__ float ls[QB], dl[QB], bias_s[QB + KB];
-    // d_rel set: dS staging [4 warps][16][SPAD], then the slots [ATTN_REL_WARPS][2·max_distance + 1].
+    // d_rel set: dS staging [ATTN_REL_WARPS][16][SPAD], then the slots [ATTN_REL_WARPS][2·max_distance + 1].
     extern __shared__ __align__(16) float rel_smem[];
     resolve(p);
     int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * KB;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     float* staged = rel_smem + warp * 16 * SPAD;
-    float* slots = rel_smem + (QB / 16) * 16 * SPAD;
+    float* slots = rel_smem + ATTN_REL_WARPS * 16 * SPAD;
     float* row = slots + warp * rel_slots(p);
     RelEdges edges;
     if (d_rel) rel_grad_begin(slots, p);

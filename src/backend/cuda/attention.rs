@@ -201,7 +201,7 @@ impl AttentionOps for Cuda {
         // size is fixed at compile time.
         let mma = matches!(dk, 16 | 32 | 64);
         let (form, threads) = match dk {
-            16 | 32 | 64 => (format!("mma_{dk}"), ATTN_MMA_THREADS),
+            _ if mma => (format!("mma_{dk}"), ATTN_MMA_THREADS),
             1..=32 => ("plain_32".to_string(), ATTN_ROWS),
             33..=64 => ("plain_64".to_string(), ATTN_ROWS),
             _ => ("plain_128".to_string(), ATTN_ROWS),
@@ -214,7 +214,7 @@ impl AttentionOps for Cuda {
         // launch's shared memory for them (kernels/attention.cu, the bias table's gradient).
         let slots = table.map_or(0, |(_, rb)| 2 * rb.max_distance + 1);
         let d_rel = if slots > 0 { Some(self.gpu.alloc_zeros::<f32>(h * slots)?) } else { None };
-        let staging = if mma { (ATTN_MMA_THREADS / 32 * 16 * ATTN_DS_STRIDE) as usize } else { 0 };
+        let staging = if mma { (ATTN_REL_WARPS * 16 * ATTN_DS_STRIDE) as usize } else { 0 };
         let rel_smem = if slots > 0 { (staging + ATTN_REL_WARPS as usize * slots) * 4 } else { 0 };
         ensure!(
             rel_smem <= ATTN_BIAS_GRAD_SMEM as usize,
