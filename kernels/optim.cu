@@ -3,6 +3,19 @@
 // tensor of a step too.
 #include "common.cuh"
 
+// The multi-tensor launches' table search: the last tensor whose first block in this launch (field
+// F, non-decreasing over the table) is at most this block. A tensor with no blocks here has the
+// next one's first block, so the search passes over it.
+template <typename T, long T::*F>
+__device__ int tensor_of_block(const T* ts, int count) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (ts[mid].*F <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // One tensor of a multi-tensor Adam update, as src/backend/cuda/optim.rs lays it out: eight
 // 64-bit words. `copy` (or null) receives the updated values in half; `first_block` is the first
 // block of the launch that works on this tensor.
@@ -26,12 +39,7 @@ struct AdamTensor {
 // one launch: block b works on the last tensor whose first block is at most b.
 extern "C" __global__ void adam_multi(const AdamTensor* ts, int count, float w1, float beta2, float w2,
                                       float neg_step, float bc2_sqrt, float eps, float grad_scale) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (ts[mid].first_block <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
-    }
-    const AdamTensor t = ts[lo];
+    const AdamTensor t = ts[tensor_of_block<AdamTensor, &AdamTensor::first_block>(ts, count)];
     long i = ((long)blockIdx.x - t.first_block) * blockDim.x * ADAM_PER_THREAD + threadIdx.x;
     for (int k = 0; k < ADAM_PER_THREAD; ++k, i += blockDim.x) {
         if (i >= t.n) return;
@@ -62,12 +70,7 @@ struct SumSquaresTensor {
 // (a deterministic result, unlike atomics).
 extern "C" __global__ void sum_squares_multi(const SumSquaresTensor* ts, int count, double* partial) {
     __shared__ double scratch[32];
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (ts[mid].first_block <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
-    }
-    const SumSquaresTensor t = ts[lo];
+    const SumSquaresTensor t = ts[tensor_of_block<SumSquaresTensor, &SumSquaresTensor::first_block>(ts, count)];
     long i = ((long)blockIdx.x - t.first_block) * blockDim.x * SUM_SQUARES_PER_THREAD + threadIdx.x;
     double s = 0.0;
     for (int k = 0; k < SUM_SQUARES_PER_THREAD && i < t.n; ++k, i += blockDim.x) {
@@ -95,7 +98,7 @@ extern "C" __global__ void sum_squares_multi(const SumSquaresTensor* ts, int cou
 
 // One part, as src/backend/cuda/optim.rs lays it out: sixteen 64-bit words. `cols` is 0 for an
 // unfactored part (`row` then holds its moment). Each `*_block` is the part's first block in that
-// launch; a part with no blocks there has the next part's, so the search below skips it.
+// launch (`tensor_of_block`'s field).
 struct AdafactorTensor {
     float* p;
     const float* g;
@@ -113,17 +116,6 @@ struct AdafactorTensor {
     long partial_off;  // the column partials' offset in their buffer
     long pad2;
 };
-
-// The last part whose first block (field F) is at most this block.
-template <long AdafactorTensor::*F>
-__device__ int adafactor_find(const AdafactorTensor* ts, int count) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (ts[mid].*F <= (long)blockIdx.x) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
 
 // Σ of one f64 per thread over the block (blockDim.x a multiple of 32, at most 1024); thread 0 has it.
 __device__ double adafactor_block_sum(double s) {
@@ -146,7 +138,7 @@ __device__ double adafactor_block_sum(double s) {
 // element-wise, and their Σp². Either way psq[block] takes the Σp².
 extern "C" __global__ void adafactor_stats_multi(const AdafactorTensor* ts, int count, float grad_scale, float eps1,
                                                  float b2, float w2, double* psq) {
-    const AdafactorTensor t = ts[adafactor_find<&AdafactorTensor::stats_block>(ts, count)];
+    const AdafactorTensor t = ts[tensor_of_block<AdafactorTensor, &AdafactorTensor::stats_block>(ts, count)];
     long local = (long)blockIdx.x - t.stats_block;
     double ps = 0.0;
     if (t.cols > 0) {
@@ -178,7 +170,7 @@ extern "C" __global__ void adafactor_stats_multi(const AdafactorTensor* ts, int 
 // (x, y) takes columns x·blockDim.x… of rows y·ADAFACTOR_COL_ROWS…, one column a thread.
 extern "C" __global__ void adafactor_col_partials_multi(const AdafactorTensor* ts, int count, float grad_scale,
                                                         float eps1, double* partial) {
-    const AdafactorTensor t = ts[adafactor_find<&AdafactorTensor::colp_block>(ts, count)];
+    const AdafactorTensor t = ts[tensor_of_block<AdafactorTensor, &AdafactorTensor::colp_block>(ts, count)];
     long local = (long)blockIdx.x - t.colp_block, col_blocks = (t.cols + blockDim.x - 1) / blockDim.x;
     long x = local % col_blocks, y = local / col_blocks;
     long c = x * blockDim.x + threadIdx.x;
@@ -196,7 +188,7 @@ extern "C" __global__ void adafactor_col_partials_multi(const AdafactorTensor* t
 // col[c] ← col[c]·β₂ₜ + mean_r(g² + eps1)·(1 − β₂ₜ), the chunks' partials added in order.
 extern "C" __global__ void adafactor_cols_multi(const AdafactorTensor* ts, int count, const double* partial, float b2,
                                                 float w2) {
-    const AdafactorTensor t = ts[adafactor_find<&AdafactorTensor::cols_block>(ts, count)];
+    const AdafactorTensor t = ts[tensor_of_block<AdafactorTensor, &AdafactorTensor::cols_block>(ts, count)];
     long c = ((long)blockIdx.x - t.cols_block) * blockDim.x + threadIdx.x;
     if (c >= t.cols) return;
     long chunks = (t.rows + ADAFACTOR_COL_ROWS - 1) / ADAFACTOR_COL_ROWS;
@@ -241,7 +233,7 @@ __device__ float adafactor_u(const AdafactorTensor& t, const float* scal, long i
 // One Σu² per block of the unclipped update.
 extern "C" __global__ void adafactor_update_sq_multi(const AdafactorTensor* ts, int count, const float* scal,
                                                      float grad_scale, double* usq) {
-    int part = adafactor_find<&AdafactorTensor::elem_block>(ts, count);
+    int part = tensor_of_block<AdafactorTensor, &AdafactorTensor::elem_block>(ts, count);
     const AdafactorTensor t = ts[part];
     long base = ((long)blockIdx.x - t.elem_block) * ADAFACTOR_PER_BLOCK;
     double s = 0.0;
@@ -268,7 +260,7 @@ extern "C" __global__ void adafactor_clip_multi(const AdafactorTensor* ts, const
 // p ← p + p·(−weight_decay·lr) (when weight_decay ≠ 0), p ← p − u, and the half copy.
 extern "C" __global__ void adafactor_apply_multi(const AdafactorTensor* ts, int count, const float* scal,
                                                  float grad_scale, float beta1, float w1) {
-    int part = adafactor_find<&AdafactorTensor::elem_block>(ts, count);
+    int part = tensor_of_block<AdafactorTensor, &AdafactorTensor::elem_block>(ts, count);
     const AdafactorTensor t = ts[part];
     const float* sc = scal + 4 * part;
     long base = ((long)blockIdx.x - t.elem_block) * ADAFACTOR_PER_BLOCK;
