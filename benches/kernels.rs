@@ -24,7 +24,7 @@
 use anyhow::{Result, ensure};
 use detox::backend::cuda::{Buf, Cuda};
 use detox::backend::prelude::*;
-use detox::backend::{Activation, AttnGradLayout, AttnSpec, LoraRef, Position, Prec, RelBias, SampleSpec};
+use detox::backend::{Activation, AttnInputs, AttnSpec, LoraRef, Position, Prec, RelBias, SampleSpec};
 use detox::checkpoint::{DType, HostTensor};
 use half::f16;
 use std::process::ExitCode;
@@ -77,7 +77,7 @@ struct Workload {
 const WORKLOADS: [Workload; 2] =
     [Workload { name: "W64", batch: 64, minibatch: 16 }, Workload { name: "W256", batch: 256, minibatch: 32 }];
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Attn {
     /// Encoder self-attention: SRC queries against SRC keys, relative bias, right padding.
     Encoder,
@@ -633,9 +633,16 @@ fn attention<'b>(be: &'b Cuda, b: usize, kind: Attn, g: &mut Gen) -> Result<Benc
         Attn::SelfCausal => vec![GEN; b],
     };
     let sets = sets_for(b * (lq + 2 * lk) * D * 2);
-    let qs = half_sets(be, &[b, lq, D], sets, g)?;
-    let ks = half_sets(be, &[b, lk, D], sets, g)?;
-    let vs = half_sets(be, &[b, lk, D], sets, g)?;
+    // q, k and v as the model hands them over: the encoder's from one q|k|v product,
+    // cross-attention's k|v from one product, the decoder's cache apart.
+    let width = match kind {
+        Attn::Encoder => 3 * D,
+        Attn::Cross => 2 * D,
+        Attn::SelfCausal => D,
+    };
+    let stacked = half_sets(be, &[b, lk, width], sets, g)?;
+    let qs = if kind == Attn::Encoder { Vec::new() } else { half_sets(be, &[b, lq, D], sets, g)? };
+    let vs = if kind == Attn::SelfCausal { half_sets(be, &[b, lk, D], sets, g)? } else { Vec::new() };
     let key_lengths = be.upload_ids(&lengths.iter().map(|&l| l as u32).collect::<Vec<_>>(), &[b])?;
     let counter = be.upload_ids(&[GEN as u32 - 1], &[1])?;
     let table = weight_sets(be, &[BUCKETS, HEADS], 1, 2.0, g)?.remove(0);
@@ -653,7 +660,12 @@ fn attention<'b>(be: &'b Cuda, b: usize, kind: Attn, g: &mut Gen) -> Result<Benc
         };
         let spec =
             AttnSpec { heads: HEADS, d_kv: DK, scale: 1.0, kv_len, key_lengths, causal, q_offset, bias, dropout: None };
-        be.attention(&qs[i], &ks[i], &vs[i], &spec).map(drop)
+        let x = match kind {
+            Attn::Encoder => AttnInputs::Qkv(&stacked[i]),
+            Attn::Cross => AttnInputs::QAndKv { q: &qs[i], kv: &stacked[i] },
+            Attn::SelfCausal => AttnInputs::Apart { q: &qs[i], k: &stacked[i], v: &vs[i] },
+        };
+        be.attention(x, &spec).map(drop)
     };
     Ok(Bench::graph(bytes, flops, sets, Box::new(run)))
 }
@@ -678,8 +690,8 @@ fn encoder_spec<'a>(table: &'a Weight, key_lengths: &'a <Cuda as Device>::Ids) -
 fn attention_backward<'b>(be: &'b Cuda, b: usize, table_grad: bool, g: &mut Gen) -> Result<Bench<'b>> {
     let lengths: Vec<usize> = (0..b).map(|_| g.between(SRC / 2, SRC)).collect();
     let sets = sets_for(b * SRC * D * (5 * 2 + 3 * 2));
-    let [qs, ks, vs, gs] = [(); 4].map(|_| half_sets(be, &[b, SRC, D], sets, g));
-    let (qs, ks, vs, gs) = (qs?, ks?, vs?, gs?);
+    let qkvs = half_sets(be, &[b, SRC, 3 * D], sets, g)?;
+    let gs = half_sets(be, &[b, SRC, D], sets, g)?;
     let key_lengths = be.upload_ids(&lengths.iter().map(|&l| l as u32).collect::<Vec<_>>(), &[b])?;
     let table = weight_sets(be, &[BUCKETS, HEADS], 1, 2.0, g)?.remove(0);
     let mut d_table = be.zeros(&[BUCKETS, HEADS])?;
@@ -691,11 +703,11 @@ fn attention_backward<'b>(be: &'b Cuda, b: usize, table_grad: bool, g: &mut Gen)
     let flops = (10 * SRC * real_keys * D) as f64;
     // What each set's training forward kept, made outside the timed calls.
     let spec = encoder_spec(&table, &key_lengths);
-    let fwds = (0..sets).map(|i| be.attention_train(&qs[i], &ks[i], &vs[i], &spec)).collect::<Result<Vec<_>>>()?;
+    let fwds = (0..sets).map(|i| be.attention_train(AttnInputs::Qkv(&qkvs[i]), &spec)).collect::<Result<Vec<_>>>()?;
     let run = move |i: usize| {
         let d_table = table_grad.then_some(&mut d_table);
         let spec = encoder_spec(&table, &key_lengths);
-        be.attention_backward(&qs[i], &ks[i], &vs[i], &fwds[i], &gs[i], &spec, d_table, AttnGradLayout::Qkv).map(drop)
+        be.attention_backward(AttnInputs::Qkv(&qkvs[i]), &fwds[i], &gs[i], &spec, d_table).map(drop)
     };
     Ok(Bench::graph(bytes, flops, sets, Box::new(run)))
 }

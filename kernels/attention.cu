@@ -22,7 +22,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
     float qr[DK], acc[DK];
 #pragma unroll
     for (int d = 0; d < DK; d++) {
-        qr[d] = (active && d < p.dk) ? to_f(q[((long)b * p.Lq + i) * inner + h * p.dk + d]) * p.scale : 0.f;
+        qr[d] = (active && d < p.dk) ? to_f(q[((long)b * p.Lq + i) * p.ldq + h * p.dk + d]) * p.scale : 0.f;
         acc[d] = 0.f;
     }
     int klen = key_count(p, b);
@@ -34,7 +34,7 @@ __device__ void attention_prefill(const T* q, const T* k, const T* v, __half* ou
         __syncthreads();
         for (int e = threadIdx.x; e < ATTN_PREFILL_KEYS * p.dk; e += blockDim.x) {
             int jj = e / p.dk, d = e % p.dk, j = j0 + jj;
-            long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
+            long off = ((long)b * p.cap + j) * p.ldkv + h * p.dk + d;
             ks[e] = j < block_keys ? to_f(k[off]) : 0.f;
             vs[e] = j < block_keys ? to_f(v[off]) : 0.f;
         }
@@ -98,14 +98,14 @@ __device__ void attention_decode(const __half* q, const __half* k, const __half*
     float* scores = smem + p.dk;
     float* part = scores + p.cap;
     for (int d = threadIdx.x; d < p.dk; d += blockDim.x)
-        qs[d] = __half2float(q[((long)b * p.Lq + i) * inner + h * p.dk + d]) * p.scale;
+        qs[d] = __half2float(q[((long)b * p.Lq + i) * p.ldq + h * p.dk + d]) * p.scale;
     __syncthreads();
     int klen = key_count(p, b);
     int qpos = p.q_offset + i;
     int visible = p.causal ? min(qpos + 1, klen) : klen;
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < visible; j += blockDim.x) {
-        const __half* kr = k + ((long)b * p.cap + j) * inner + h * p.dk;
+        const __half* kr = k + ((long)b * p.cap + j) * p.ldkv + h * p.dk;
         float s = 0.f;
         if (VEC) {
             uint4 row[DK > 0 ? DK / 8 : 1];
@@ -145,7 +145,7 @@ __device__ void attention_decode(const __half* q, const __half* k, const __half*
             float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
             for (int j = g; j < visible; j += groups) {
-                uint4 u = reinterpret_cast<const uint4*>(v + ((long)b * p.cap + j) * inner + h * p.dk)[c];
+                uint4 u = reinterpret_cast<const uint4*>(v + ((long)b * p.cap + j) * p.ldkv + h * p.dk)[c];
                 const __half2* hp = reinterpret_cast<const __half2*>(&u);
                 float w = scores[j];
 #pragma unroll
@@ -160,7 +160,7 @@ __device__ void attention_decode(const __half* q, const __half* k, const __half*
         } else {
             float acc = 0.f;
             for (int j = g; j < visible; j += groups)
-                acc += scores[j] * __half2float(v[((long)b * p.cap + j) * inner + h * p.dk + c]);
+                acc += scores[j] * __half2float(v[((long)b * p.cap + j) * p.ldkv + h * p.dk + c]);
             part[g * p.dk + c] = acc;
         }
     }
@@ -197,7 +197,7 @@ __device__ void attention_mma(const __half* q, const __half* k, const __half* v,
         for (int e = 0; e < 4; e++) {
             int r = rows[e & 1], col = kk * 16 + tq * 2 + (e >> 1) * 8;
             qa[kk][e] = 0;
-            if (r < p.Lq) qa[kk][e] = *reinterpret_cast<const uint32_t*>(q + ((long)b * p.Lq + r) * inner + h * DK + col);
+            if (r < p.Lq) qa[kk][e] = *reinterpret_cast<const uint32_t*>(q + ((long)b * p.Lq + r) * p.ldq + h * DK + col);
         }
     }
     float o[DK / 8][4];
@@ -212,7 +212,7 @@ __device__ void attention_mma(const __half* q, const __half* k, const __half* v,
             int row = idx / (DK / 8), c = idx % (DK / 8), j = kt0 + row;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (j < kmax) {
-                long off = ((long)b * p.cap + j) * inner + h * DK;
+                long off = ((long)b * p.cap + j) * p.ldkv + h * DK;
                 kv = reinterpret_cast<const uint4*>(k + off)[c];
                 vv = reinterpret_cast<const uint4*>(v + off)[c];
             }
@@ -317,11 +317,11 @@ MMA_FORWARD(32)
 // dq = scale · Σ_j p_j (dp_j − D) k_j in one pass over the keys; the second (one block per 64
 // keys) recomputes p and dp from lse and D and accumulates dv = Σ_i p_i dout_i and
 // dk = scale · Σ_i p_i (dp_i − D_i) q_i over the queries that see its keys. The gradients are
-// written in half, where the projections' backward products read them, with their own row strides
-// (`ldq`, `ldkv`), so that they land in the stacked q/k/v (or k/v) layout of the projection that
-// made them. Every row of dk and dv up to the cache's capacity is written (zero past the real keys). Head sizes 16, 32 and 64 use the
-// tensor cores (mma.sync m16n8k16, f16 in, f32 accumulate); any other head size up to 128 takes a
-// plain f32 form.
+// written in half, where the projections' backward products read them, with the row strides of
+// the inputs (`ldq`, `ldkv`), so that they land in the stacked q/k/v (or k/v) layout of the
+// projection that made them. Every row of dk and dv up to the cache's capacity is written (zero
+// past the real keys). Head sizes 16, 32 and 64 use the tensor cores (mma.sync m16n8k16, f16 in,
+// f32 accumulate); any other head size up to 128 takes a plain f32 form.
 
 // The bias table's gradient. The bias is added after the scale, so d_table[bucket, h] is the sum
 // of ds = p·(dp − D) over the (query, key) pairs in that bucket. The key-side launch, which holds
@@ -393,7 +393,7 @@ extern "C" __global__ void attention_bias_fold(const float* d_rel, float* d_tabl
 
 template <int DK>
 __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half* v, const __half* out,
-                                  const __half* dout, __half* dq, int ldq, const float* lse, float* dsum_out,
+                                  const __half* dout, __half* dq, const float* lse, float* dsum_out,
                                   AttnParams p) {
     __shared__ float ks[BT * DK];
     __shared__ float vs[BT * DK];
@@ -401,7 +401,7 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * ATTN_ROWS + threadIdx.x;
     int inner = p.H * p.dk;
     bool active = i < p.Lq;
-    long qoff = ((long)b * p.Lq + i) * inner + h * p.dk;
+    long qoff = ((long)b * p.Lq + i) * p.ldq + h * p.dk, ooff = ((long)b * p.Lq + i) * inner + h * p.dk;
     long row = ((long)b * p.H + h) * p.Lq + i;
     float qr[DK], gr[DK], acc[DK];
     float D = 0.f;
@@ -409,8 +409,8 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     for (int d = 0; d < DK; d++) {
         bool in = active && d < p.dk;
         qr[d] = in ? __half2float(q[qoff + d]) : 0.f;
-        gr[d] = in ? __half2float(dout[qoff + d]) : 0.f;
-        D += in ? gr[d] * __half2float(out[qoff + d]) : 0.f;
+        gr[d] = in ? __half2float(dout[ooff + d]) : 0.f;
+        D += in ? gr[d] * __half2float(out[ooff + d]) : 0.f;
         acc[d] = 0.f;
     }
     float row_lse = active ? lse[row] : INFINITY;
@@ -424,7 +424,7 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
         for (int e = threadIdx.x; e < BT * DK; e += blockDim.x) {
             int jj = e / DK, d = e % DK, j = j0 + jj;
             bool in = j < block_keys && d < p.dk;
-            long off = ((long)b * p.cap + j) * inner + h * p.dk + d;
+            long off = ((long)b * p.cap + j) * p.ldkv + h * p.dk + d;
             ks[e] = in ? __half2float(k[off]) : 0.f;
             vs[e] = in ? __half2float(v[off]) : 0.f;
         }
@@ -448,12 +448,12 @@ __device__ void attn_bwd_dq_plain(const __half* q, const __half* k, const __half
     dsum_out[row] = D;
 #pragma unroll
     for (int d = 0; d < DK; d++)
-        if (d < p.dk) dq[((long)b * p.Lq + i) * ldq + h * p.dk + d] = __float2half_rn(acc[d] * p.scale);
+        if (d < p.dk) dq[qoff + d] = __float2half_rn(acc[d] * p.scale);
 }
 
 template <int DK>
 __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __half* v, const __half* dout, __half* dk,
-                                    __half* dv, int ldkv, const float* lse, const float* dsum, float* d_rel,
+                                    __half* dv, const float* lse, const float* dsum, float* d_rel,
                                     AttnParams p) {
     __shared__ float qs[BT * DK];
     __shared__ float gs[BT * DK];
@@ -467,7 +467,7 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
     int inner = p.H * p.dk;
     int klen = key_count(p, b);
     bool live = j < klen;  // keys past the real ones (padding, spare capacity) get zero gradients
-    long koff = ((long)b * p.cap + j) * inner + h * p.dk;
+    long koff = ((long)b * p.cap + j) * p.ldkv + h * p.dk;
     float kr[DK], vr[DK], adk[DK], adv[DK];
 #pragma unroll
     for (int d = 0; d < DK; d++) {
@@ -485,9 +485,9 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
             for (int e = threadIdx.x; e < BT * DK; e += blockDim.x) {
                 int ii = e / DK, d = e % DK, i = i0 + ii;
                 bool in = i < p.Lq && d < p.dk;
-                long off = ((long)b * p.Lq + i) * inner + h * p.dk + d;
-                qs[e] = in ? __half2float(q[off]) : 0.f;
-                gs[e] = in ? __half2float(dout[off]) : 0.f;
+                long qrow = (long)b * p.Lq + i, col = h * p.dk + d;
+                qs[e] = in ? __half2float(q[qrow * p.ldq + col]) : 0.f;
+                gs[e] = in ? __half2float(dout[qrow * inner + col]) : 0.f;
             }
             for (int ii = threadIdx.x; ii < BT; ii += blockDim.x) {
                 bool in = i0 + ii < p.Lq;
@@ -521,26 +521,25 @@ __device__ void attn_bwd_dkdv_plain(const __half* q, const __half* k, const __ha
     }
     if (d_rel) rel_grad_end(slots, edges, d_rel, p, h);
     if (j >= p.cap) return;
-    long goff = ((long)b * p.cap + j) * ldkv + h * p.dk;
 #pragma unroll
     for (int d = 0; d < DK; d++) {
         if (d < p.dk) {
-            dk[goff + d] = __float2half_rn(adk[d] * p.scale);
-            dv[goff + d] = __float2half_rn(adv[d]);
+            dk[koff + d] = __float2half_rn(adk[d] * p.scale);
+            dv[koff + d] = __float2half_rn(adv[d]);
         }
     }
 }
 
 #define PLAIN(DK) \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dq_plain_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, __half* dq, int ldq, \
+        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, __half* dq, \
         const float* lse, float* ds, AttnParams p) { \
-        attn_bwd_dq_plain<DK>(q, k, v, o, g, dq, ldq, lse, ds, p); \
+        attn_bwd_dq_plain<DK>(q, k, v, o, g, dq, lse, ds, p); \
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS) attention_backward_dkdv_plain_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* g, __half* dk, __half* dv, int ldkv, \
+        const __half* q, const __half* k, const __half* v, const __half* g, __half* dk, __half* dv, \
         const float* lse, const float* ds, float* d_rel, AttnParams p) { \
-        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, ldkv, lse, ds, d_rel, p); \
+        attn_bwd_dkdv_plain<DK>(q, k, v, g, dk, dv, lse, ds, d_rel, p); \
     }
 PLAIN(32)
 PLAIN(64)
@@ -595,18 +594,18 @@ __device__ __forceinline__ void product_nn(float (&acc)[DK / 8][4], const float 
     }
 }
 
-// Rows row0..row0+63 of two [rows, H·DK] half tensors into [64][PAD] tiles, 16 bytes at a time;
-// rows at or past `limit` are zero (so masked rows can never carry NaN from unwritten memory).
+// Rows row0..row0+63 of two half tensors (rows `lda` and `ldb` elements apart) into [64][PAD]
+// tiles, 16 bytes at a time; rows at or past `limit` are zero (so masked rows can never carry NaN
+// from unwritten memory).
 template <int DK, int PAD>
 __device__ __forceinline__ void load_tiles(__half* ta, __half* tb, const __half* a, const __half* b, long row_base,
-                                           int row0, int limit, int inner, int col0) {
+                                           int row0, int limit, int lda, int ldb, int col0) {
     for (int idx = threadIdx.x; idx < 64 * DK / 8; idx += blockDim.x) {
         int row = idx / (DK / 8), c = idx % (DK / 8), r = row0 + row;
         uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
         if (r < limit) {
-            long off = (row_base + r) * inner + col0;
-            va = reinterpret_cast<const uint4*>(a + off)[c];
-            vb = reinterpret_cast<const uint4*>(b + off)[c];
+            va = reinterpret_cast<const uint4*>(a + (row_base + r) * lda + col0)[c];
+            vb = reinterpret_cast<const uint4*>(b + (row_base + r) * ldb + col0)[c];
         }
         *reinterpret_cast<uint4*>(&ta[row * PAD + c * 8]) = va;
         *reinterpret_cast<uint4*>(&tb[row * PAD + c * 8]) = vb;
@@ -618,7 +617,7 @@ __device__ __forceinline__ void load_tiles(__half* ta, __half* tb, const __half*
 // dP = dO·Vᵀ per tile of 64 keys, dS = P (dP − D) with P from the forward's lse, dQ += dS·K.
 template <int DK>
 __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* v, const __half* out,
-                                const __half* dout, __half* dq, int ldq, const float* lse_in, float* dsum_out,
+                                const __half* dout, __half* dq, const float* lse_in, float* dsum_out,
                                 AttnParams p) {
     constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8;
     __shared__ __align__(16) __half ks[KB * PAD];
@@ -630,7 +629,7 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
     int inner = p.H * DK;
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
     uint32_t qa[DK / 16][4], ga[DK / 16][4];
-    load_a<DK>(qa, q, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
+    load_a<DK>(qa, q, (long)b * p.Lq, rows[0], p.Lq, p.ldq, h * DK, tq);
     load_a<DK>(ga, dout, (long)b * p.Lq, rows[0], p.Lq, inner, h * DK, tq);
     // D = Σ_j p_j·dp_j = dO·O per row (O = Σ_j p_j·factor_j·v_j), from the rows' O fragments.
     float D[2] = {0.f, 0.f}, lse[2];
@@ -660,7 +659,7 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
     for (int n = 0; n < DK / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     for (int kt0 = 0; kt0 < kmax; kt0 += KB) {
         __syncthreads();
-        load_tiles<DK, PAD>(ks, vs, k, v, (long)b * p.cap, kt0, kmax, inner, h * DK);
+        load_tiles<DK, PAD>(ks, vs, k, v, (long)b * p.cap, kt0, kmax, p.ldkv, p.ldkv, h * DK);
         // rel = key − query_pos spans [base, base + QB + KB − 2] over this tile.
         int base = kt0 - p.q_offset - q0 - (QB - 1);
         for (int idx = threadIdx.x; idx < QB + KB - 1; idx += blockDim.x) bias_s[idx] = rel_bias(p, h, base + idx);
@@ -694,7 +693,7 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
 #pragma unroll
         for (int n = 0; n < DK / 8; n++) {
             __half2 o = __floats2half2_rn(acc[n][rr * 2] * p.scale, acc[n][rr * 2 + 1] * p.scale);
-            *reinterpret_cast<__half2*>(dq + ((long)b * p.Lq + r) * ldq + h * DK + n * 8 + tq * 2) = o;
+            *reinterpret_cast<__half2*>(dq + ((long)b * p.Lq + r) * p.ldq + h * DK + n * 8 + tq * 2) = o;
         }
     }
 }
@@ -706,7 +705,7 @@ __device__ void attn_bwd_dq_mma(const __half* q, const __half* k, const __half* 
 // row of slots; a tile whose every pair lies past the clamp goes to the end sums directly.
 template <int DK>
 __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half* v, const __half* dout, __half* dk,
-                                  __half* dv, int ldkv, const float* lse, const float* dsum, float* d_rel,
+                                  __half* dv, const float* lse, const float* dsum, float* d_rel,
                                   AttnParams p) {
     constexpr int QB = ATTN_ROWS, KB = 64, PAD = DK + 8, SPAD = ATTN_DS_STRIDE;
     __shared__ __align__(16) __half qs[QB * PAD];
@@ -726,8 +725,8 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     int klen = key_count(p, b);
     uint32_t ka[DK / 16][4], va[DK / 16][4];
-    load_a<DK>(ka, k, (long)b * p.cap, keys[0], klen, inner, h * DK, tq);
-    load_a<DK>(va, v, (long)b * p.cap, keys[0], klen, inner, h * DK, tq);
+    load_a<DK>(ka, k, (long)b * p.cap, keys[0], klen, p.ldkv, h * DK, tq);
+    load_a<DK>(va, v, (long)b * p.cap, keys[0], klen, p.ldkv, h * DK, tq);
     float adk[DK / 8][4], adv[DK / 8][4];
 #pragma unroll
     for (int n = 0; n < DK / 8; n++) {
@@ -740,7 +739,7 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
     if (k0 < klen) {
         for (int i0 = i_start; i0 < p.Lq; i0 += QB) {
             __syncthreads();
-            load_tiles<DK, PAD>(qs, gs, q, dout, (long)b * p.Lq, i0, p.Lq, inner, h * DK);
+            load_tiles<DK, PAD>(qs, gs, q, dout, (long)b * p.Lq, i0, p.Lq, p.ldq, inner, h * DK);
             for (int idx = threadIdx.x; idx < QB; idx += blockDim.x) {
                 bool in = i0 + idx < p.Lq;
                 ls[idx] = in ? lse[stats + i0 + idx] : INFINITY;
@@ -807,7 +806,7 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
     for (int rr = 0; rr < 2; rr++) {
         int key = keys[rr];
         if (key >= p.cap) continue;
-        long off = ((long)b * p.cap + key) * ldkv + h * DK + tq * 2;
+        long off = ((long)b * p.cap + key) * p.ldkv + h * DK + tq * 2;
 #pragma unroll
         for (int n = 0; n < DK / 8; n++) {
             *reinterpret_cast<__half2*>(dk + off + n * 8) =
@@ -819,14 +818,14 @@ __device__ void attn_bwd_dkdv_mma(const __half* q, const __half* k, const __half
 
 #define MMA(DK) \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dq_mma_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, __half* dq, int ldq, \
+        const __half* q, const __half* k, const __half* v, const __half* o, const __half* g, __half* dq, \
         const float* lse, float* ds, AttnParams p) { \
-        attn_bwd_dq_mma<DK>(q, k, v, o, g, dq, ldq, lse, ds, p); \
+        attn_bwd_dq_mma<DK>(q, k, v, o, g, dq, lse, ds, p); \
     } \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS) attention_backward_dkdv_mma_##DK( \
-        const __half* q, const __half* k, const __half* v, const __half* g, __half* dk, __half* dv, int ldkv, \
+        const __half* q, const __half* k, const __half* v, const __half* g, __half* dk, __half* dv, \
         const float* lse, const float* ds, float* d_rel, AttnParams p) { \
-        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, ldkv, lse, ds, d_rel, p); \
+        attn_bwd_dkdv_mma<DK>(q, k, v, g, dk, dv, lse, ds, d_rel, p); \
     }
 MMA(16)
 MMA(32)

@@ -11,6 +11,7 @@ struct AttnParams {
     const uint32_t* bucket_lut;   // bucket of rel = key − query for rel in [−max_distance, max_distance]
     u64 drop_key;                 // the probabilities' dropout mask (rng.rs's dropout_key)
     int B, Lq, Lk, cap, H, dk;
+    int ldq, ldkv;                // row strides of q (and dq) and of k, v (and dk, dv): a projection's stacking
     int q_offset, causal, max_distance;
     float scale;
     float drop_p;                 // 0: no dropout on the probabilities

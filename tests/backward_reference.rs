@@ -11,7 +11,7 @@ mod common;
 
 use detox::backend::cpu::{Cpu, CpuTensor, log_softmax_row};
 use detox::backend::prelude::*;
-use detox::backend::{AdamSlot, AdamStep, AttnGradLayout, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias};
+use detox::backend::{AdamSlot, AdamStep, AttnInputs, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias};
 use detox::checkpoint::{DType, HostTensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -111,13 +111,14 @@ fn attention_backward_matches_finite_differences() {
         let shape = [b, l, inner];
         let (q, k, v) = (r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0), r.vec(b * l * inner, 1.0));
         let dout = r.vec(b * l * inner, 1.0);
-        let (qt, kt, vt) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
-        let fwd = Cpu.attention_train(&qt, &kt, &vt, &spec).unwrap();
-        let grads = Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, None, AttnGradLayout::Qkv);
+        let qkv = Cpu.concat_last(&[&t(&q, &shape), &t(&k, &shape), &t(&v, &shape)]).unwrap();
+        let fwd = Cpu.attention_train(AttnInputs::Qkv(&qkv), &spec).unwrap();
+        let grads = Cpu.attention_backward(AttnInputs::Qkv(&qkv), &fwd, &t(&dout, &shape), &spec, None);
         let dqkv = grads.unwrap().qkv().unwrap();
         let [dq, dkk, dv]: [_; 3] = Cpu.split_last(&dqkv, &[inner; 3]).unwrap().try_into().ok().unwrap();
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
-            Cpu.attention(&t(q, &shape), &t(k, &shape), &t(v, &shape), &spec).unwrap().data
+            let (q, k, v) = (t(q, &shape), t(k, &shape), t(v, &shape));
+            Cpu.attention(AttnInputs::Apart { q: &q, k: &k, v: &v }, &spec).unwrap().data
         };
         let what = format!("attention causal {causal} bias {bias:?} dropout {dropout:?}");
         check(&format!("{what} dq"), &q, &dq.data, &dout, |x| run(x, &k, &v), 6);
@@ -305,7 +306,8 @@ fn attention_bias_gradient_matches_finite_differences() {
                 bias: Some(RelBias { table: &w, bidirectional, num_buckets: buckets, max_distance: 7 }),
                 dropout,
             };
-            Cpu.attention(&t(&q, &shape), &t(&k, &shape), &t(&v, &shape), &spec).unwrap().data
+            let (q, k, v) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
+            Cpu.attention(AttnInputs::Apart { q: &q, k: &k, v: &v }, &spec).unwrap().data
         };
         let w = weight(&table, &[buckets, h]);
         let spec = AttnSpec::<Cpu> {
@@ -320,10 +322,9 @@ fn attention_bias_gradient_matches_finite_differences() {
             dropout,
         };
         let mut dt = t(&vec![0.0; buckets * h], &[buckets, h]);
-        let (qt, kt, vt) = (t(&q, &shape), t(&k, &shape), t(&v, &shape));
-        let fwd = Cpu.attention_train(&qt, &kt, &vt, &spec).unwrap();
-        Cpu.attention_backward(&qt, &kt, &vt, &fwd, &t(&dout, &shape), &spec, Some(&mut dt), AttnGradLayout::Qkv)
-            .unwrap();
+        let qkv = Cpu.concat_last(&[&t(&q, &shape), &t(&k, &shape), &t(&v, &shape)]).unwrap();
+        let fwd = Cpu.attention_train(AttnInputs::Qkv(&qkv), &spec).unwrap();
+        Cpu.attention_backward(AttnInputs::Qkv(&qkv), &fwd, &t(&dout, &shape), &spec, Some(&mut dt)).unwrap();
         check(&format!("attention bias causal {causal} dropout {dropout:?}"), &table, &dt.data, &dout, run, 36);
     }
 }

@@ -10,7 +10,7 @@ mod common;
 use common::fixture;
 use detox::backend::cpu::{Cpu, CpuTensor};
 use detox::backend::prelude::*;
-use detox::backend::{AttnSpec, Dropout, Position};
+use detox::backend::{AttnInputs, AttnSpec, Dropout, Position};
 use detox::t5::T5;
 use detox::t5::model::{DropSite, Fwd, StackKind};
 use detox::t5::params::FullGrads;
@@ -243,10 +243,11 @@ fn fused_sites_keep_one_minus_p_scaled_by_its_inverse() {
             Cpu.upload(&k, &[b, lk, inner]).unwrap(),
             Cpu.upload(&v, &[b, lk, inner]).unwrap(),
         );
-        let probs = Cpu.attention(&qt, &kt, &vt, &spec(None)).unwrap().data;
+        let x = AttnInputs::Apart { q: &qt, k: &kt, v: &vt };
+        let probs = Cpu.attention(x, &spec(None)).unwrap().data;
         let sums: Vec<f32> = probs.chunks(lk).map(|row| row.iter().sum()).collect();
         assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "identity values give the probabilities");
-        assert_inverted_dropout("attention", &Cpu.attention(&qt, &kt, &vt, &spec(Some(d))).unwrap().data, &probs, p);
+        assert_inverted_dropout("attention", &Cpu.attention(x, &spec(Some(d))).unwrap().data, &probs, p);
     }
 }
 

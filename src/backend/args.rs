@@ -248,25 +248,35 @@ pub struct Attended<T> {
     pub lse: T,
 }
 
-/// How `attention_backward` lays out its gradients: in the stacking of the projection that made
-/// q, k and v, so that the projection's backward reads them in place (in half, as its products do).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum AttnGradLayout {
-    /// Self-attention from one q/k/v projection: dq | dk | dv in one `[B, L, 3·inner]` tensor.
-    Qkv,
-    /// Cross-attention, k and v from one projection: dq `[B, Lq, inner]` and dk | dv in one
+/// Where attention reads q, k and v. `attention_backward` returns the gradients in the same
+/// stacking, so that the projection that made them reads them in place (in half, as its products
+/// do), and the forward reads the projection's output without splitting it.
+pub enum AttnInputs<'a, T> {
+    /// Self-attention from one q/k/v projection: q | k | v in one `[B, L, 3·inner]` tensor.
+    Qkv(&'a T),
+    /// Cross-attention, k and v from one projection: q `[B, Lq, inner]` and k | v in one
     /// `[B, Lk, 2·inner]`.
-    QAndKv,
+    QAndKv { q: &'a T, kv: &'a T },
+    /// q `[B, Lq, inner]`, k and v `[B, Lk, inner]` apart (a decoding cache, or separate
+    /// projections): the forward only, since the backward's gradients take a projection's stacking.
+    Apart { q: &'a T, k: &'a T, v: &'a T },
 }
 
-/// `attention_backward`'s gradients, in the layout asked for.
+impl<T> Clone for AttnInputs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for AttnInputs<'_, T> {}
+
+/// `attention_backward`'s gradients, in the stacking of its inputs.
 pub enum AttnGrads<T> {
     Qkv(T),
     QAndKv { q: T, kv: T },
 }
 
 impl<T> AttnGrads<T> {
-    /// The stacked dq | dk | dv of `AttnGradLayout::Qkv`.
+    /// The stacked dq | dk | dv of `AttnInputs::Qkv`.
     pub fn qkv(self) -> anyhow::Result<T> {
         match self {
             AttnGrads::Qkv(t) => Ok(t),
@@ -274,7 +284,7 @@ impl<T> AttnGrads<T> {
         }
     }
 
-    /// dq and the stacked dk | dv of `AttnGradLayout::QAndKv`.
+    /// dq and the stacked dk | dv of `AttnInputs::QAndKv`.
     pub fn q_kv(self) -> anyhow::Result<(T, T)> {
         match self {
             AttnGrads::QAndKv { q, kv } => Ok((q, kv)),

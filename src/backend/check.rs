@@ -3,7 +3,7 @@
 //! checks what is its own (precisions, device limits). Every message names the op and the shapes.
 
 use super::{
-    AdafactorSlot, AdafactorStep, AdamSlot, AttnGradLayout, AttnSpec, BeamSpec, BeamState, Device, Dropout, LoraGrad,
+    AdafactorSlot, AdafactorStep, AdamSlot, AttnInputs, AttnSpec, BeamSpec, BeamState, Device, Dropout, LoraGrad,
     LoraRef, Position, ProcessSpec, Shaped,
 };
 use anyhow::{Result, bail, ensure};
@@ -173,25 +173,51 @@ pub fn attention<B: Device>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The shapes of q, k and v as `x` stacks them, each `[B, L, inner]`.
+pub fn attention_inputs<B: Device>(
+    op: &str,
+    x: AttnInputs<'_, B::Tensor>,
+    spec: &AttnSpec<'_, B>,
+) -> Result<[Vec<usize>; 3]> {
+    let inner = spec.heads * spec.d_kv;
+    let stacked = |t: &B::Tensor, parts: usize, what: &str| -> Result<Vec<usize>> {
+        let s = t.shape();
+        ensure!(
+            s.len() == 3 && s[2] == parts * inner,
+            "{op}: {what} {s:?} is not [B, L, {parts} × {} heads × {}]",
+            spec.heads,
+            spec.d_kv
+        );
+        Ok(vec![s[0], s[1], inner])
+    };
+    Ok(match x {
+        AttnInputs::Qkv(qkv) => {
+            let s = stacked(qkv, 3, "q|k|v")?;
+            [s.clone(), s.clone(), s]
+        }
+        AttnInputs::QAndKv { q, kv } => {
+            let s = stacked(kv, 2, "k|v")?;
+            [q.shape().to_vec(), s.clone(), s]
+        }
+        AttnInputs::Apart { q, k, v } => [q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec()],
+    })
+}
+
 pub fn attention_backward<B: Device>(
-    q: &[usize],
-    k: &[usize],
-    v: &[usize],
+    x: AttnInputs<'_, B::Tensor>,
+    [q, k, v]: &[Vec<usize>; 3],
     (out, lse): (&[usize], &[usize]),
     dout: &[usize],
     spec: &AttnSpec<'_, B>,
     d_table: Option<&[usize]>,
-    layout: AttnGradLayout,
 ) -> Result<()> {
     attention("attention_backward", q, k, v, Some(dout), spec)?;
     ensure!(
-        layout != AttnGradLayout::Qkv || k[1] == q[1],
-        "attention_backward: stacked q/k/v gradients need as many keys as queries, not {} for {}",
-        k[1],
-        q[1]
+        !matches!(x, AttnInputs::Apart { .. }),
+        "attention_backward: q, k and v apart have no projection stacking to return their gradients in; \
+         pass them as Qkv or QAndKv"
     );
-    ensure!(out == q, "attention_backward: the forward's output {out:?} for q {q:?}");
+    ensure!(out == q.as_slice(), "attention_backward: the forward's output {out:?} for q {q:?}");
     ensure!(
         lse == [q[0], spec.heads, q[1]],
         "attention_backward: the forward's lse {lse:?} for {} rows × {} heads × {} queries",

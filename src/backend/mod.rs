@@ -359,16 +359,11 @@ pub trait NormOps: Device {
 /// Attention with T5's relative position bias, and its backward with the bias table's gradient.
 pub trait AttentionOps: Device {
     checked_op! {
-        /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]` → `[B, Lq, H·dk]` (which only feeds the output
-        /// projection, so a backend may store it in half).
-        fn attention / attention_impl(
-            &self,
-            q: &Self::Tensor,
-            k: &Self::Tensor,
-            v: &Self::Tensor,
-            spec: &AttnSpec<'_, Self>,
-        ) -> Result<Self::Tensor> => {
-            check::attention("attention", q.shape(), k.shape(), v.shape(), None, spec)?;
+        /// q `[B, Lq, H·dk]`, k and v `[B, Lk, H·dk]`, as `x` stacks them → `[B, Lq, H·dk]` (which
+        /// only feeds the output projection, so a backend may store it in half).
+        fn attention / attention_impl(&self, x: AttnInputs<'_, Self::Tensor>, spec: &AttnSpec<'_, Self>) -> Result<Self::Tensor> => {
+            let [q, k, v] = check::attention_inputs("attention", x, spec)?;
+            check::attention("attention", &q, &k, &v, None, spec)?;
         }
     }
 
@@ -377,35 +372,31 @@ pub trait AttentionOps: Device {
         /// backward reads instead of recomputing it.
         fn attention_train / attention_train_impl(
             &self,
-            q: &Self::Tensor,
-            k: &Self::Tensor,
-            v: &Self::Tensor,
+            x: AttnInputs<'_, Self::Tensor>,
             spec: &AttnSpec<'_, Self>,
         ) -> Result<Attended<Self::Tensor>> => {
-            check::attention("attention_train", q.shape(), k.shape(), v.shape(), None, spec)?;
+            let [q, k, v] = check::attention_inputs("attention_train", x, spec)?;
+            check::attention("attention_train", &q, &k, &v, None, spec)?;
         }
     }
 
     checked_op! {
         /// Backward of `attention_train` under the same spec from what it kept: dq, dk and dv in
-        /// `layout` (half where the backend stores half), and with `d_table` (the call has a bias)
-        /// the bias table's gradient added into it: `d_table[bucket, h] += Σ` of the scores'
-        /// gradients over the (query, key) pairs in that bucket.
-        #[allow(clippy::too_many_arguments)]
+        /// the stacking of `x` (half where the backend stores half), and with `d_table` (the call
+        /// has a bias) the bias table's gradient added into it: `d_table[bucket, h] += Σ` of the
+        /// scores' gradients over the (query, key) pairs in that bucket.
         fn attention_backward / attention_backward_impl(
             &self,
-            q: &Self::Tensor,
-            k: &Self::Tensor,
-            v: &Self::Tensor,
+            x: AttnInputs<'_, Self::Tensor>,
             fwd: &Attended<Self::Tensor>,
             dout: &Self::Tensor,
             spec: &AttnSpec<'_, Self>,
             d_table: Option<&mut Self::Tensor>,
-            layout: AttnGradLayout,
         ) -> Result<AttnGrads<Self::Tensor>> => {
+            let shapes = check::attention_inputs("attention_backward", x, spec)?;
             let kept = (fwd.out.shape(), fwd.lse.shape());
             let d_table = d_table.as_deref().map(|t| t.shape());
-            check::attention_backward(q.shape(), k.shape(), v.shape(), kept, dout.shape(), spec, d_table, layout)?;
+            check::attention_backward(x, &shapes, kept, dout.shape(), spec, d_table)?;
         }
     }
 }

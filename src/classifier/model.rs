@@ -3,7 +3,7 @@
 //! classification head, from right-padded ids to one logit per label.
 
 use super::config::{Arch, ClassifierConfig};
-use crate::backend::{Activation, AttnSpec, Backend, Shaped};
+use crate::backend::{Activation, AttnInputs, AttnSpec, Backend, Shaped};
 use crate::checkpoint::{Checkpoint, HostTensor};
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -157,7 +157,8 @@ impl<B: Backend> SequenceClassifier<B> {
         };
         for layer in &self.layers {
             let (q, k, v) = (dense(be, &h, &layer.query)?, dense(be, &h, &layer.key)?, dense(be, &h, &layer.value)?);
-            let mut a = dense(be, &be.attention(&q, &k, &v, &spec)?, &layer.attention_output)?;
+            let mut a =
+                dense(be, &be.attention(AttnInputs::Apart { q: &q, k: &k, v: &v }, &spec)?, &layer.attention_output)?;
             be.add_assign(&mut a, &h)?;
             h = layer_norm(be, &a, &layer.attention_norm, c.layer_norm_eps)?;
             let inner = be.activation(&dense(be, &h, &layer.intermediate)?, Activation::GeluErf)?;

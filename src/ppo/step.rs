@@ -259,6 +259,9 @@ fn train_minibatch<B: Backend>(
     let part = shard(rows.len(), group.rank(), group.world());
     let (p, resp) = upload_rows(be, learner.policy, exp.rollout, &rows[part.clone()], cols)?;
     let f = Fwd::train(worker_seed(seeds::ppo_dropout(env.opts.seed, epoch, m), group.rank()));
+    // Allocated while the forward is queued rather than after its results come back, when the
+    // GPU would wait for it.
+    let mut grads = PolicyGrads::zeros(be, learner.policy)?;
     let scored = learner.policy.score(be, &p, &resp, f, true)?;
     let (logprobs, vpreds, entropy) = (
         gather_concat(group, be, &scored.logprobs)?,
@@ -277,7 +280,6 @@ fn train_minibatch<B: Backend>(
     };
     let loss = finite_loss(ppo_loss(&inputs, mdims, cfg)?, epoch, m)?;
     let my = part.start * cols..part.end * cols;
-    let mut grads = PolicyGrads::zeros(be, learner.policy)?;
     let (d_logprobs, d_vpreds) = (&loss.d_logprobs[my.clone()], &loss.d_vpreds[my]);
     learner.policy.backward(be, &p, &resp, scored, d_logprobs, d_vpreds, env.opts.loss_scale, &mut grads)?;
     group.all_reduce_sum(be, &mut grads.tensors_mut())?;

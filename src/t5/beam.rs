@@ -90,8 +90,7 @@ fn expand<'a, B: Backend>(
     Ok(DecodeCache {
         self_k: cache.self_k.iter().map(empty).collect::<Result<_>>()?,
         self_v: cache.self_v.iter().map(empty).collect::<Result<_>>()?,
-        cross_k: cache.cross_k.into_iter().map(copy).collect::<Result<_>>()?,
-        cross_v: cache.cross_v.into_iter().map(copy).collect::<Result<_>>()?,
+        cross_kv: cache.cross_kv.into_iter().map(copy).collect::<Result<_>>()?,
         enc_lengths: lengths,
         pos: be.upload_ids(&[0], &[1])?,
         capacity: cache.capacity,

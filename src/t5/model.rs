@@ -4,9 +4,9 @@
 
 use super::config::T5Config;
 use super::lora::{LoraPair, LoraSettings};
-use crate::backend::{AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, Shaped};
+use crate::backend::{AttnInputs, AttnSpec, Backend, Dropout, LoraRef, Position, Prec, RelBias, Shaped};
 use crate::checkpoint::{Checkpoint, DType, HostTensor};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 /// One Hugging Face linear module inside a projection: where its rows sit in the projection's
 /// output, and its LoRA adapter.
@@ -143,12 +143,12 @@ impl DropSite {
 }
 
 /// Decoder state carried across calls: self-attention K/V of every position so far and the
-/// cross-attention K/V, computed once from the encoder output.
+/// cross-attention K/V, computed once from the encoder output (each layer's k | v as its
+/// projection stacks them, `[B, L, 2·inner]`).
 pub struct DecodeCache<'a, B: Backend> {
     pub self_k: Vec<B::Tensor>,
     pub self_v: Vec<B::Tensor>,
-    pub cross_k: Vec<B::Tensor>,
-    pub cross_v: Vec<B::Tensor>,
+    pub cross_kv: Vec<B::Tensor>,
     pub enc_lengths: &'a B::Ids,
     /// Positions already in the cache, as a device counter (`[1]`) so that a decoding step
     /// recorded once as a GPU graph replays at the current position.
@@ -393,14 +393,9 @@ impl<B: Backend> T5<B> {
         self.project_add(be, &inner, &ff.wo, f, h)
     }
 
-    /// q, k and v of `x` through one fused product.
-    fn qkv(&self, be: &B, x: &B::Tensor, a: &SelfAttention<B>, f: Fwd) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-        let inner = self.config.inner_dim();
-        let mut parts = be.split_last(&self.project(be, x, &a.qkv, f, Prec::Half)?, &[inner, inner, inner])?;
-        let v = parts.pop().expect("three parts");
-        let k = parts.pop().expect("three parts");
-        let q = parts.pop().expect("three parts");
-        Ok((q, k, v))
+    /// q | k | v of `x` through one fused product, `[B, L, 3·inner]`.
+    fn qkv(&self, be: &B, x: &B::Tensor, a: &SelfAttention<B>, f: Fwd) -> Result<B::Tensor> {
+        self.project(be, x, &a.qkv, f, Prec::Half)
     }
 
     pub(crate) fn rel_bias<'a>(&self, table: &'a B::Weight, bidirectional: bool) -> RelBias<'a, B> {
@@ -422,7 +417,7 @@ impl<B: Backend> T5<B> {
         for block in &self.encoder.blocks {
             let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
             let a = &block.self_attention;
-            let (q, k, v) = self.qkv(be, &x, a, f)?;
+            let qkv = self.qkv(be, &x, a, f)?;
             let spec = AttnSpec {
                 heads: c.num_heads,
                 d_kv: c.d_kv,
@@ -434,7 +429,7 @@ impl<B: Backend> T5<B> {
                 bias: Some(self.rel_bias(table, true)),
                 dropout: None,
             };
-            let ctx = be.attention(&q, &k, &v, &spec)?;
+            let ctx = be.attention(AttnInputs::Qkv(&qkv), &spec)?;
             self.project_add(be, &ctx, &a.o, f, &mut h)?;
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;
             self.feed_forward(be, &x, &block.ff, f, &mut h)?;
@@ -457,17 +452,14 @@ impl<B: Backend> T5<B> {
         let mut cache = DecodeCache {
             self_k: Vec::new(),
             self_v: Vec::new(),
-            cross_k: Vec::new(),
-            cross_v: Vec::new(),
+            cross_kv: Vec::new(),
             enc_lengths,
             pos: be.upload_ids(&[0], &[1])?,
             capacity,
         };
         for block in &self.decoder.blocks {
             let (ca, _) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
-            let mut kv = be.split_last(&self.project(be, enc, &ca.kv, f, Prec::Half)?, &[inner, inner])?;
-            cache.cross_v.push(kv.pop().expect("two parts"));
-            cache.cross_k.push(kv.pop().expect("two parts"));
+            cache.cross_kv.push(self.project(be, enc, &ca.kv, f, Prec::Half)?);
             cache.self_k.push(be.zeros_as(&[b, capacity, inner], Prec::Half)?);
             cache.self_v.push(be.zeros_as(&[b, capacity, inner], Prec::Half)?);
         }
@@ -484,13 +476,17 @@ impl<B: Backend> T5<B> {
         if n > cache.capacity {
             bail!("decoder cache holds {} positions; {n} requested", cache.capacity);
         }
-        let enc_len = cache.cross_k[0].shape()[1];
+        let enc_len = cache.cross_kv[0].shape()[1];
         let mut h = be.embedding(&self.shared, ids)?;
         let table = self.decoder.bias_table();
+        let inner = c.inner_dim();
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let x = be.rms_norm(&h, &block.self_attention_norm, c.layer_norm_epsilon)?;
             let a = &block.self_attention;
-            let (q, k, v) = self.qkv(be, &x, a, f)?;
+            let [q, k, v]: [B::Tensor; 3] = be
+                .split_last(&self.qkv(be, &x, a, f)?, &[inner, inner, inner])?
+                .try_into()
+                .map_err(|_| anyhow!("q|k|v splits into three"))?;
             be.write_rows(&mut cache.self_k[i], &k, Position::Counter(&cache.pos))?;
             be.write_rows(&mut cache.self_v[i], &v, Position::Counter(&cache.pos))?;
             let spec = AttnSpec {
@@ -504,7 +500,7 @@ impl<B: Backend> T5<B> {
                 bias: Some(self.rel_bias(table, false)),
                 dropout: None,
             };
-            let ctx = be.attention(&q, &cache.self_k[i], &cache.self_v[i], &spec)?;
+            let ctx = be.attention(AttnInputs::Apart { q: &q, k: &cache.self_k[i], v: &cache.self_v[i] }, &spec)?;
             self.project_add(be, &ctx, &a.o, f, &mut h)?;
 
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
@@ -521,7 +517,7 @@ impl<B: Backend> T5<B> {
                 bias: None,
                 dropout: None,
             };
-            let ctx = be.attention(&q, &cache.cross_k[i], &cache.cross_v[i], &spec)?;
+            let ctx = be.attention(AttnInputs::QAndKv { q: &q, kv: &cache.cross_kv[i] }, &spec)?;
             self.project_add(be, &ctx, &ca.o, f, &mut h)?;
 
             let x = be.rms_norm(&h, &block.ff_norm, c.layer_norm_epsilon)?;

@@ -10,9 +10,7 @@
 use super::model::{DenseReluDense, DropSite, Fwd, Proj, SelfAttention, StackKind, T5};
 use super::params::{BlockGrads, FullGrads, StackGrads};
 use super::trainable::a_then_b;
-use crate::backend::{
-    Attended, AttnGradLayout, AttnGrads, AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped,
-};
+use crate::backend::{Attended, AttnGrads, AttnInputs, AttnSpec, Backend, Dropout, LoraGrad, Position, Prec, Shaped};
 use anyhow::{Result, ensure};
 
 /// One encoder block's saved activations.
@@ -23,9 +21,8 @@ pub struct EncoderLayerTape<B: Backend> {
     /// The normed inputs of the attention and of the FFN.
     x_attn: B::Tensor,
     x_ff: B::Tensor,
-    q: B::Tensor,
-    k: B::Tensor,
-    v: B::Tensor,
+    /// The attention's q | k | v as their one product made them.
+    qkv: B::Tensor,
     ctx: Attended<B::Tensor>,
     gate_up: B::Tensor,
     /// The FFN's hidden as wo read it (after its dropout).
@@ -40,13 +37,11 @@ pub struct DecoderLayerTape<B: Backend> {
     x_self: B::Tensor,
     x_cross: B::Tensor,
     x_ff: B::Tensor,
-    q: B::Tensor,
-    k: B::Tensor,
-    v: B::Tensor,
+    qkv: B::Tensor,
     ctx: Attended<B::Tensor>,
+    /// The cross-attention's q, and its k | v from the encoder's output.
     q_cross: B::Tensor,
-    k_cross: B::Tensor,
-    v_cross: B::Tensor,
+    kv_cross: B::Tensor,
     ctx_cross: Attended<B::Tensor>,
     gate_up: B::Tensor,
     inner: B::Tensor,
@@ -134,14 +129,6 @@ impl<B: Backend> T5<B> {
         }
     }
 
-    fn split3(&self, be: &B, x: &B::Tensor) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-        let inner = self.config.inner_dim();
-        let mut p = be.split_last(x, &[inner, inner, inner])?;
-        let v = p.pop().expect("three parts");
-        let k = p.pop().expect("three parts");
-        Ok((p.pop().expect("three parts"), k, v))
-    }
-
     fn project_train(&self, be: &B, x: &B::Tensor, p: &Proj<B>, f: Fwd, out: Prec) -> Result<B::Tensor> {
         be.linear_to(x, &p.weight, &self.loras(p, f), out)
     }
@@ -163,7 +150,6 @@ impl<B: Backend> T5<B> {
         let eps = c.layer_norm_epsilon;
         let l = ids.shape()[1];
         let t = dec_ids.shape()[1];
-        let inner = c.inner_dim();
         let drop = |stack, layer, site| self.model_drop(f, stack, layer, site);
 
         let mut h = dropped(be, be.embedding(&self.shared, ids)?, drop(Encoder, 0, Embedding))?;
@@ -171,15 +157,15 @@ impl<B: Backend> T5<B> {
         for (i, block) in self.encoder.blocks.iter().enumerate() {
             let a: &SelfAttention<B> = &block.self_attention;
             let x_attn = be.rms_norm(&h, &block.self_attention_norm, eps)?;
-            let (q, k, v) = self.split3(be, &self.project_train(be, &x_attn, &a.qkv, f, Prec::Half)?)?;
+            let qkv = self.project_train(be, &x_attn, &a.qkv, f, Prec::Half)?;
             let spec = self.attn_spec(Some(lengths), l, false, Some(true), drop(Encoder, i, SelfProbs));
-            let ctx = be.attention_train(&q, &k, &v, &spec)?;
+            let ctx = be.attention_train(AttnInputs::Qkv(&qkv), &spec)?;
             let h_in = self.residual(be, &mut h, &ctx.out, &a.o, f, drop(Encoder, i, SelfOut))?;
             let x_ff = be.rms_norm(&h, &block.ff_norm, eps)?;
             let gate_up = self.project_train(be, &x_ff, &block.ff.wi, f, Prec::F32)?;
             let ff_inner = be.gated_gelu(&gate_up, drop(Encoder, i, FfHidden))?;
             let h_mid = self.residual(be, &mut h, &ff_inner, &block.ff.wo, f, drop(Encoder, i, FfOut))?;
-            encoder.push(EncoderLayerTape { h_in, h_mid, x_attn, x_ff, q, k, v, ctx, gate_up, inner: ff_inner });
+            encoder.push(EncoderLayerTape { h_in, h_mid, x_attn, x_ff, qkv, ctx, gate_up, inner: ff_inner });
         }
         let enc_out = be.rms_norm(&h, &self.encoder.final_layer_norm, eps)?;
         let enc_out = dropped(be, enc_out, drop(Encoder, 0, FinalNorm))?;
@@ -190,18 +176,16 @@ impl<B: Backend> T5<B> {
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let a = &block.self_attention;
             let x_self = be.rms_norm(&h, &block.self_attention_norm, eps)?;
-            let (q, k, v) = self.split3(be, &self.project_train(be, &x_self, &a.qkv, f, Prec::Half)?)?;
+            let qkv = self.project_train(be, &x_self, &a.qkv, f, Prec::Half)?;
             let spec = self.attn_spec(None, t, true, Some(false), drop(Decoder, i, SelfProbs));
-            let ctx = be.attention_train(&q, &k, &v, &spec)?;
+            let ctx = be.attention_train(AttnInputs::Qkv(&qkv), &spec)?;
             let h_in = self.residual(be, &mut h, &ctx.out, &a.o, f, drop(Decoder, i, SelfOut))?;
             let (ca, ca_norm) = block.cross_attention.as_ref().expect("decoder blocks cross-attend");
             let x_cross = be.rms_norm(&h, ca_norm, eps)?;
             let q_cross = self.project_train(be, &x_cross, &ca.q, f, Prec::Half)?;
-            let mut kv = be.split_last(&self.project_train(be, &enc_out, &ca.kv, f, Prec::Half)?, &[inner, inner])?;
-            let v_cross = kv.pop().expect("two parts");
-            let k_cross = kv.pop().expect("two parts");
+            let kv_cross = self.project_train(be, &enc_out, &ca.kv, f, Prec::Half)?;
             let spec = self.attn_spec(Some(lengths), l, false, None, drop(Decoder, i, CrossProbs));
-            let ctx_cross = be.attention_train(&q_cross, &k_cross, &v_cross, &spec)?;
+            let ctx_cross = be.attention_train(AttnInputs::QAndKv { q: &q_cross, kv: &kv_cross }, &spec)?;
             let h_self = self.residual(be, &mut h, &ctx_cross.out, &ca.o, f, drop(Decoder, i, CrossOut))?;
             let x_ff = be.rms_norm(&h, &block.ff_norm, eps)?;
             let gate_up = self.project_train(be, &x_ff, &block.ff.wi, f, Prec::F32)?;
@@ -214,13 +198,10 @@ impl<B: Backend> T5<B> {
                 x_self,
                 x_cross,
                 x_ff,
-                q,
-                k,
-                v,
+                qkv,
                 ctx,
                 q_cross,
-                k_cross,
-                v_cross,
+                kv_cross,
                 ctx_cross,
                 gate_up,
                 inner: ff_inner,
@@ -307,14 +288,13 @@ impl<B: Backend> Backprop<'_, B> {
     /// Attention's input gradients, and its bias table's into `d_table`.
     fn attention(
         &self,
-        (q, k, v): (&B::Tensor, &B::Tensor, &B::Tensor),
+        x: AttnInputs<'_, B::Tensor>,
         fwd: &Attended<B::Tensor>,
         d_ctx: &B::Tensor,
         spec: &AttnSpec<'_, B>,
         d_table: Option<&mut B::Tensor>,
-        layout: AttnGradLayout,
     ) -> Result<AttnGrads<B::Tensor>> {
-        self.be.attention_backward(q, k, v, fwd, d_ctx, spec, d_table, layout)
+        self.be.attention_backward(x, fwd, d_ctx, spec, d_table)
     }
 
     /// T5's own dropout at a site of the training pass being differentiated.
@@ -482,8 +462,8 @@ impl<B: Backend> T5<B> {
             let dy = bp.through(&dh, bp.site(Decoder, i, CrossOut))?;
             bp.proj(&ca.o, &s.ctx_cross.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), d_o)?;
             let spec = self.attn_spec(Some(lengths), l, false, None, bp.site(Decoder, i, CrossProbs));
-            let kept = (&s.q_cross, &s.k_cross, &s.v_cross);
-            let (dq, dkv) = bp.attention(kept, &s.ctx_cross, &d_ctx, &spec, None, AttnGradLayout::QAndKv)?.q_kv()?;
+            let kept = AttnInputs::QAndKv { q: &s.q_cross, kv: &s.kv_cross };
+            let (dq, dkv) = bp.attention(kept, &s.ctx_cross, &d_ctx, &spec, None)?.q_kv()?;
             let mut d_x = be.zeros(s.x_cross.shape())?;
             bp.proj(&ca.q, &s.x_cross, &dq, Some(&mut d_x), d_q)?;
             bp.norm(&s.h_self, ca_norm, &d_x, &mut dh, d_norm)?;
@@ -495,7 +475,7 @@ impl<B: Backend> T5<B> {
             bp.proj(&a.o, &s.ctx.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(None, t, true, Some(false), bp.site(Decoder, i, SelfProbs));
             let table = dec_g.table.as_deref_mut();
-            let d_qkv = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, table, AttnGradLayout::Qkv)?.qkv()?;
+            let d_qkv = bp.attention(AttnInputs::Qkv(&s.qkv), &s.ctx, &d_ctx, &spec, table)?.qkv()?;
             let mut d_x = be.zeros(s.x_self.shape())?;
             let mut g = dec_g.block(i);
             bp.proj(&a.qkv, &s.x_self, &d_qkv, Some(&mut d_x), g.as_deref_mut().map(|g| &mut g.qkv))?;
@@ -519,7 +499,7 @@ impl<B: Backend> T5<B> {
             bp.proj(&a.o, &s.ctx.out, dy.as_ref().unwrap_or(&dh), Some(&mut d_ctx), g.map(|g| &mut g.o))?;
             let spec = self.attn_spec(Some(lengths), l, false, Some(true), bp.site(Encoder, i, SelfProbs));
             let table = enc_g.table.as_deref_mut();
-            let d_qkv = bp.attention((&s.q, &s.k, &s.v), &s.ctx, &d_ctx, &spec, table, AttnGradLayout::Qkv)?.qkv()?;
+            let d_qkv = bp.attention(AttnInputs::Qkv(&s.qkv), &s.ctx, &d_ctx, &spec, table)?.qkv()?;
             let mut d_x = be.zeros(s.x_attn.shape())?;
             let mut g = enc_g.block(i);
             bp.proj(&a.qkv, &s.x_attn, &d_qkv, Some(&mut d_x), g.as_deref_mut().map(|g| &mut g.qkv))?;

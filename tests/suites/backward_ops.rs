@@ -10,7 +10,7 @@ use detox::backend::AdafactorOptions;
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
 use detox::backend::{
-    AdamSlot, AdamStep, AttnGradLayout, AttnGrads, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped,
+    AdamSlot, AdamStep, AttnGrads, AttnInputs, AttnSpec, Dropout, LoraGrad, LoraRef, Position, RelBias, Shaped,
 };
 use half::f16;
 
@@ -417,29 +417,32 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     let mut table_c = c.bias.map(|_| Cpu.upload(&start, &[32, c.h]).unwrap());
     let mut table_g = c.bias.map(|_| be.upload(&start, &[32, c.h]).unwrap());
     let (qc, kc, vc) = (Cpu.upload(&q, &qs).unwrap(), Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
-    let fwd_c = Cpu.attention_train(&qc, &kc, &vc, &spec_c).unwrap();
+    let kvc = Cpu.concat_last(&[&kc, &vc]).unwrap();
+    let fwd_c = Cpu.attention_train(AttnInputs::Apart { q: &qc, k: &kc, v: &vc }, &spec_c).unwrap();
+    let dout_c = Cpu.upload(&dout, &qs).unwrap();
     let (dq_c, dkv_c) = Cpu
-        .attention_backward(
-            &qc,
-            &kc,
-            &vc,
-            &fwd_c,
-            &Cpu.upload(&dout, &qs).unwrap(),
-            &spec_c,
-            table_c.as_mut(),
-            AttnGradLayout::QAndKv,
-        )
+        .attention_backward(AttnInputs::QAndKv { q: &qc, kv: &kvc }, &fwd_c, &dout_c, &spec_c, table_c.as_mut())
         .unwrap()
         .q_kv()
         .unwrap();
     let [dk_c, dv_c]: [_; 2] = Cpu.split_last(&dkv_c, &[inner, inner]).unwrap().try_into().ok().unwrap();
+    // Self-attention's shapes take the stacked q/k/v layout, the others q apart from the stacked
+    // k/v: the layouts of the projections that make them, read and written with their strides.
     let (qg, kg, vg) = (be.upload(&q, &qs).unwrap(), be.upload(&k, &ks).unwrap(), be.upload(&v, &ks).unwrap());
-    let halves = if c.half_inputs { [&qg, &kg, &vg].map(|t| half_copy(be, t)) } else { [None, None, None] };
-    let [qin, kin, vin] =
-        [(&halves[0], &qg), (&halves[1], &kg), (&halves[2], &vg)].map(|(h, f)| h.as_ref().unwrap_or(f));
+    let (qg, kvg) = match c.lq == c.cap {
+        true => (None, be.concat_last(&[&qg, &kg, &vg]).unwrap()),
+        false => (Some(qg), be.concat_last(&[&kg, &vg]).unwrap()),
+    };
+    let half = |t: &B::Tensor| if c.half_inputs { half_copy(be, t) } else { None };
+    let (qh, kvh) = (qg.as_ref().and_then(half), half(&kvg));
+    let kv = kvh.as_ref().unwrap_or(&kvg);
+    let x = match qg.as_ref() {
+        Some(q) => AttnInputs::QAndKv { q: qh.as_ref().unwrap_or(q), kv },
+        None => AttnInputs::Qkv(kv),
+    };
     // The training forward: its output, and each row's log-sum-exp (+∞ on both sides for a row
     // without keys), which the backward reads.
-    let fwd_g = be.attention_train(qin, kin, vin, &spec_g).unwrap();
+    let fwd_g = be.attention_train(x, &spec_g).unwrap();
     close(&be.download(&fwd_g.out).unwrap(), &fwd_c.out.data, 3e-3, &format!("{what}: forward"));
     let lse_g = be.download(&fwd_g.lse).unwrap();
     assert_eq!(lse_g.len(), fwd_c.lse.data.len(), "{what}: lse size");
@@ -447,11 +450,7 @@ fn attention_backward_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what:
     assert!(keyless.iter().all(|&i| lse_g[i] == f32::INFINITY), "{what}: lse of rows without keys");
     let finite = |x: &[f32]| -> Vec<f32> { x.iter().copied().filter(|v| v.is_finite()).collect() };
     close(&finite(&lse_g), &finite(&fwd_c.lse.data), F32 * 10.0, &format!("{what}: lse"));
-    // Self-attention's shapes take the stacked q/k/v layout, the others q apart from the stacked k/v.
-    let layout = if c.lq == c.cap { AttnGradLayout::Qkv } else { AttnGradLayout::QAndKv };
-    let grads = be
-        .attention_backward(qin, kin, vin, &fwd_g, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut(), layout)
-        .unwrap();
+    let grads = be.attention_backward(x, &fwd_g, &be.upload(&dout, &qs).unwrap(), &spec_g, table_g.as_mut()).unwrap();
     let (dq_g, dk_g, dv_g) = match grads {
         AttnGrads::Qkv(t) => {
             assert_eq!(t.shape(), [c.b, c.lq, 3 * inner], "{what}: dqkv shape");

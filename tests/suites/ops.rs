@@ -5,7 +5,7 @@
 use crate::common::{Case, F32, HALF, Rand, close, weight};
 use detox::backend::cpu::Cpu;
 use detox::backend::prelude::*;
-use detox::backend::{Activation, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
+use detox::backend::{Activation, AttnInputs, AttnSpec, Dropout, LoraRef, Position, Prec, RelBias, SampleSpec, Shaped};
 use detox::backend::{BeamSpec, BeamState, EarlyStopping, ProcessSpec};
 
 fn embedding_case<B: Backend>(be: &B, r: &mut Rand, vocab: usize, d: usize, (b, l): (usize, usize), what: &str) {
@@ -332,13 +332,21 @@ fn attention_case<B: Backend>(be: &B, r: &mut Rand, c: &AttnCase, what: &str) {
     };
     let qs = [c.b, c.lq, inner];
     let ks = [c.b, c.cap, inner];
-    let want = Cpu
-        .attention(&Cpu.upload(&q, &qs).unwrap(), &Cpu.upload(&k, &ks).unwrap(), &Cpu.upload(&v, &ks).unwrap(), &spec_c)
-        .unwrap();
-    let got = be
-        .attention(&be.upload(&q, &qs).unwrap(), &be.upload(&k, &ks).unwrap(), &be.upload(&v, &ks).unwrap(), &spec_g)
-        .unwrap();
-    close(&be.download(&got).unwrap(), &want.data, 3e-3, what);
+    let (qc, kc, vc) = (Cpu.upload(&q, &qs).unwrap(), Cpu.upload(&k, &ks).unwrap(), Cpu.upload(&v, &ks).unwrap());
+    let want = Cpu.attention(AttnInputs::Apart { q: &qc, k: &kc, v: &vc }, &spec_c).unwrap();
+    // The backend reads q, k and v apart and in the stackings of the projections that make them.
+    let (qg, kg, vg) = (be.upload(&q, &qs).unwrap(), be.upload(&k, &ks).unwrap(), be.upload(&v, &ks).unwrap());
+    let kv = be.concat_last(&[&kg, &vg]).unwrap();
+    let qkv = (c.lq == c.cap).then(|| be.concat_last(&[&qg, &kg, &vg]).unwrap());
+    let mut stackings = vec![
+        ("apart", AttnInputs::Apart { q: &qg, k: &kg, v: &vg }),
+        ("q, k|v", AttnInputs::QAndKv { q: &qg, kv: &kv }),
+    ];
+    stackings.extend(qkv.as_ref().map(|t| ("q|k|v", AttnInputs::Qkv(t))));
+    for (stacking, x) in stackings {
+        let got = be.attention(x, &spec_g).unwrap();
+        close(&be.download(&got).unwrap(), &want.data, 3e-3, &format!("{what} ({stacking})"));
+    }
 }
 
 /// The attention table: (what, shape and variant) cases, each checked on its own inputs.

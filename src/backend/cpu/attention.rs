@@ -198,39 +198,49 @@ fn forward(
     Ok(Attended { out: CpuTensor::new(out, &q.shape)?, lse: CpuTensor::new(lse, &[b, h, lq])? })
 }
 
+/// q, k and v as plain tensors, split from the projection's stacking that `x` names.
+fn apart(x: AttnInputs<'_, CpuTensor<f32>>, inner: usize) -> Result<[CpuTensor<f32>; 3]> {
+    let split = |t: &CpuTensor<f32>, parts: usize| Cpu.split_last(t, &vec![inner; parts]);
+    Ok(match x {
+        AttnInputs::Qkv(qkv) => {
+            let [q, k, v]: [CpuTensor<f32>; 3] =
+                split(qkv, 3)?.try_into().map_err(|_| anyhow!("q|k|v splits into three"))?;
+            [q, k, v]
+        }
+        AttnInputs::QAndKv { q, kv } => {
+            let [k, v]: [CpuTensor<f32>; 2] = split(kv, 2)?.try_into().map_err(|_| anyhow!("k|v splits into two"))?;
+            [q.clone(), k, v]
+        }
+        AttnInputs::Apart { q, k, v } => [q.clone(), k.clone(), v.clone()],
+    })
+}
+
 impl AttentionOps for Cpu {
-    fn attention_impl(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<Self::Tensor> {
-        Ok(forward(q, k, v, spec)?.out)
+    fn attention_impl(&self, x: AttnInputs<'_, Self::Tensor>, spec: &AttnSpec<'_, Self>) -> Result<Self::Tensor> {
+        let [q, k, v] = apart(x, spec.heads * spec.d_kv)?;
+        Ok(forward(&q, &k, &v, spec)?.out)
     }
 
     fn attention_train_impl(
         &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        x: AttnInputs<'_, Self::Tensor>,
         spec: &AttnSpec<'_, Self>,
     ) -> Result<Attended<Self::Tensor>> {
-        forward(q, k, v, spec)
+        let [q, k, v] = apart(x, spec.heads * spec.d_kv)?;
+        forward(&q, &k, &v, spec)
     }
 
     fn attention_backward_impl(
         &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        x: AttnInputs<'_, Self::Tensor>,
         // The reference recomputes each row's softmax rather than read what the forward kept.
         _fwd: &Attended<Self::Tensor>,
         dout: &Self::Tensor,
         spec: &AttnSpec<'_, Self>,
         mut d_table: Option<&mut Self::Tensor>,
-        layout: AttnGradLayout,
     ) -> Result<AttnGrads<Self::Tensor>> {
+        let [q, k, v] = apart(x, spec.heads * spec.d_kv)?;
+        let (q, k, v) = (&q, &k, &v);
         let (h, dk) = (spec.heads, spec.d_kv);
         let (inner, lq, cap) = (h * dk, q.shape[1], k.shape[1]);
         let q_offset = at(spec.q_offset);
@@ -256,9 +266,10 @@ impl AttentionOps for Cpu {
         })?;
         let (dq, dk, dv) =
             (CpuTensor::new(dq, &q.shape)?, CpuTensor::new(dkk, &k.shape)?, CpuTensor::new(dv, &v.shape)?);
-        Ok(match layout {
-            AttnGradLayout::Qkv => AttnGrads::Qkv(self.concat_last(&[&dq, &dk, &dv])?),
-            AttnGradLayout::QAndKv => AttnGrads::QAndKv { q: dq, kv: self.concat_last(&[&dk, &dv])? },
+        Ok(match x {
+            AttnInputs::Qkv(_) => AttnGrads::Qkv(self.concat_last(&[&dq, &dk, &dv])?),
+            AttnInputs::QAndKv { .. } => AttnGrads::QAndKv { q: dq, kv: self.concat_last(&[&dk, &dv])? },
+            AttnInputs::Apart { .. } => bail!("attention_backward: q, k and v apart (the check refuses them)"),
         })
     }
 }

@@ -15,13 +15,13 @@ mod sampling;
 use super::relpos::relative_bucket;
 use super::rng::{dropout_factor, dropout_keep, dropout_key, uniform};
 use super::{
-    Activation, AdamSlot, AdamStep, Attended, AttnGradLayout, AttnGrads, AttnSpec, Dropout, LoraGrad, LoraRef,
-    Position, Prec, RelBias, SampleSpec, Shaped,
+    Activation, AdamSlot, AdamStep, Attended, AttnGrads, AttnInputs, AttnSpec, Dropout, LoraGrad, LoraRef, Position,
+    Prec, RelBias, SampleSpec, Shaped,
 };
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
 use super::{BeamSpec, BeamState, EarlyStopping, ProcessSpec};
 use crate::checkpoint::HostTensor;
-use anyhow::{Result, ensure};
+use anyhow::{Result, anyhow, bail, ensure};
 pub use elementwise::{apply_dropout, gelu_erf, gelu_new, gelu_new_grad};
 pub use linear::{matmul_nn, matmul_nt, matmul_tn};
 pub use losses::log_softmax_row;

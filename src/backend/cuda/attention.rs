@@ -18,6 +18,8 @@ struct AttnParams {
     cap: i32,
     h: i32,
     dk: i32,
+    ldq: i32,
+    ldkv: i32,
     q_offset: i32,
     causal: i32,
     max_distance: i32,
@@ -26,6 +28,22 @@ struct AttnParams {
 }
 // SAFETY: plain old data with the kernel's layout.
 unsafe impl DeviceRepr for AttnParams {}
+
+/// Where one call's q, k and v start in half and how many elements apart their rows are, as its
+/// `AttnInputs` stack them.
+struct Operands<'a> {
+    q: u64,
+    k: u64,
+    v: u64,
+    ldq: usize,
+    ldkv: usize,
+    /// B, Lq and the rows of k and v (a cache's capacity).
+    b: usize,
+    lq: usize,
+    cap: usize,
+    /// The half copies of f32 inputs, alive while the launches read them.
+    _held: Vec<std::borrow::Cow<'a, CudaSlice<f16>>>,
+}
 
 impl Cuda {
     fn bucket_lut(&self, bidirectional: bool, buckets: usize, max_distance: usize) -> Result<u64> {
@@ -39,9 +57,38 @@ impl Cuda {
         }
         Ok(self.gpu.ptr(&luts[&key]))
     }
-    /// The kernels' parameter block for one call: q `[B, Lq, ·]` against k's `cap` rows under
-    /// `spec`, the position from its counter when it has one.
-    fn attn_params(&self, q: &CudaTensor, k: &CudaTensor, spec: &AttnSpec<'_, Self>) -> Result<AttnParams> {
+    /// The addresses and row strides of `x`'s q, k and v, each `inner` = H·dk wide.
+    fn operands<'a>(&self, x: AttnInputs<'a, CudaTensor>, inner: usize) -> Result<Operands<'a>> {
+        // The address `parts` widths of `inner` halves along a row from `base`.
+        let at = |base: u64, parts: usize| base + (parts * inner * std::mem::size_of::<f16>()) as u64;
+        let (held, q, k, v, ldq, ldkv) = match x {
+            AttnInputs::Qkv(qkv) => {
+                let h = self.as_half(qkv)?;
+                let base = self.gpu.ptr(&h);
+                (vec![h], base, at(base, 1), at(base, 2), 3 * inner, 3 * inner)
+            }
+            AttnInputs::QAndKv { q, kv } => {
+                let (qh, kvh) = (self.as_half(q)?, self.as_half(kv)?);
+                let (qp, kvp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kvh));
+                (vec![qh, kvh], qp, kvp, at(kvp, 1), inner, 2 * inner)
+            }
+            AttnInputs::Apart { q, k, v } => {
+                let (qh, kh, vh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?);
+                let (qp, kp, vp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh));
+                (vec![qh, kh, vh], qp, kp, vp, inner, inner)
+            }
+        };
+        let (b, lq, cap) = match x {
+            AttnInputs::Qkv(t) => (t.shape[0], t.shape[1], t.shape[1]),
+            AttnInputs::QAndKv { q, kv } => (q.shape[0], q.shape[1], kv.shape[1]),
+            AttnInputs::Apart { q, k, .. } => (q.shape[0], q.shape[1], k.shape[1]),
+        };
+        Ok(Operands { q, k, v, ldq, ldkv, b, lq, cap, _held: held })
+    }
+
+    /// The kernels' parameter block for one call on `x` under `spec`, the position from its
+    /// counter when it has one.
+    fn attn_params(&self, x: &Operands<'_>, spec: &AttnSpec<'_, Self>) -> Result<AttnParams> {
         let (q_offset, counter) = self.position(spec.q_offset);
         let (bias_table, bucket_lut, max_distance) = match &spec.bias {
             Some(rb) => (
@@ -57,12 +104,14 @@ impl Cuda {
             bias_table,
             bucket_lut,
             drop_key: spec.dropout.map_or(0, |d| d.key()),
-            b: q.shape[0] as i32,
-            lq: q.shape[1] as i32,
+            b: x.b as i32,
+            lq: x.lq as i32,
             lk: spec.kv_len as i32,
-            cap: k.shape[1] as i32,
+            cap: x.cap as i32,
             h: spec.heads as i32,
             dk: spec.d_kv as i32,
+            ldq: x.ldq as i32,
+            ldkv: x.ldkv as i32,
             q_offset,
             causal: spec.causal as i32,
             max_distance,
@@ -75,30 +124,26 @@ impl Cuda {
     /// plain many-query form, which also write each row's log-sum-exp to `lse` when it is not 0.
     fn attention_forward(
         &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
+        x: AttnInputs<'_, CudaTensor>,
         spec: &AttnSpec<'_, Self>,
         lse: u64,
     ) -> Result<CudaTensor> {
         let (h, dk) = (spec.heads, spec.d_kv);
-        let (b, lq) = (q.shape[0], q.shape[1]);
         ensure!(dk <= ATTN_MAX_DK as usize, "attention: d_kv {dk} > {ATTN_MAX_DK} is not supported on CUDA");
-        // q, k and v must share a precision: convert the odd one out to half.
-        let (qh, kh, vh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?);
-        let params = self.attn_params(q, k, spec)?;
-        let out = self.empty(&q.shape, Prec::Half)?;
-        let (qp, kp, vp, op) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.ptr_t(&out));
+        let x = self.operands(x, h * dk)?;
+        let (b, lq, cap) = (x.b, x.lq, x.cap);
+        let params = self.attn_params(&x, spec)?;
+        let out = self.empty(&[b, lq, h * dk], Prec::Half)?;
+        let (qp, kp, vp, op) = (x.q, x.k, x.v, self.ptr_t(&out));
         // The decoding form serves inference only: dropout and training take the many-query forms.
         if lq <= 4 && spec.dropout.is_none() && lse == 0 {
             let vec = dk == 64 || dk == 32;
             let width = if vec { dk / 8 } else { dk };
             let groups = ATTN_ROW_THREADS as usize / width;
-            let smem = (dk + k.shape[1] + groups * dk) * 4;
+            let smem = (dk + cap + groups * dk) * 4;
             ensure!(
                 smem <= SHARED_MEMORY_LIMIT as usize,
-                "attention: {} keys exceed the decode kernel's shared memory",
-                k.shape[1]
+                "attention: {cap} keys exceed the decode kernel's shared memory"
             );
             let cfg = LaunchConfig {
                 grid_dim: (h as u32, b as u32, lq as u32),
@@ -135,63 +180,60 @@ impl Cuda {
 }
 
 impl AttentionOps for Cuda {
-    fn attention_impl(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        spec: &AttnSpec<'_, Self>,
-    ) -> Result<Self::Tensor> {
-        self.attention_forward(q, k, v, spec, 0)
+    fn attention_impl(&self, x: AttnInputs<'_, Self::Tensor>, spec: &AttnSpec<'_, Self>) -> Result<Self::Tensor> {
+        self.attention_forward(x, spec, 0)
     }
 
     fn attention_train_impl(
         &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        x: AttnInputs<'_, Self::Tensor>,
         spec: &AttnSpec<'_, Self>,
     ) -> Result<Attended<Self::Tensor>> {
-        let lse = self.empty(&[q.shape[0], spec.heads, q.shape[1]], Prec::F32)?;
-        let out = self.attention_forward(q, k, v, spec, self.ptr_t(&lse))?;
+        let (b, lq) = match x {
+            AttnInputs::Qkv(q) | AttnInputs::QAndKv { q, .. } | AttnInputs::Apart { q, .. } => (q.shape[0], q.shape[1]),
+        };
+        let lse = self.empty(&[b, spec.heads, lq], Prec::F32)?;
+        let out = self.attention_forward(x, spec, self.ptr_t(&lse))?;
         Ok(Attended { out, lse })
     }
 
     /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, D = dO·O
     /// and dq; then per `ATTN_ROWS` keys, dk and dv, and with `d_table` the bias gradient
     /// per relative position, which a third launch folds into the table's buckets. q, k, v and dout
-    /// are read as half.
+    /// are read as half. The gradients take the inputs' stacking and row strides.
     fn attention_backward_impl(
         &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
+        x: AttnInputs<'_, CudaTensor>,
         fwd: &Attended<CudaTensor>,
         dout: &CudaTensor,
         spec: &AttnSpec<'_, Self>,
         d_table: Option<&mut CudaTensor>,
-        layout: AttnGradLayout,
     ) -> Result<AttnGrads<CudaTensor>> {
         let (h, dk) = (spec.heads, spec.d_kv);
-        let (b, lq) = (q.shape[0], q.shape[1]);
         ensure!(
             (1..=ATTN_MAX_DK as usize).contains(&dk),
             "attention_backward: d_kv {dk} is outside 1..={ATTN_MAX_DK} on CUDA"
         );
-        ensure!(h <= 65535 && b <= 65535, "attention_backward: {h} heads × {b} rows exceed the grid");
-        let cap = k.shape[1];
         let inner = h * dk;
-        // The gradients' tensors, and where dq, dk and dv start in them with their row strides.
-        let (grads, (dq, ldq), (dkp, dvp, ldkv)) = match layout {
-            AttnGradLayout::Qkv => {
-                let t = self.empty(&[b, lq, 3 * inner], Prec::Half)?;
-                let base = self.ptr_t(&t);
-                (AttnGrads::Qkv(t), (base, 3 * inner), (base + 2 * inner as u64, base + 4 * inner as u64, 3 * inner))
+        let grads = match x {
+            AttnInputs::Qkv(t) => AttnGrads::Qkv(self.empty(&t.shape, Prec::Half)?),
+            AttnInputs::QAndKv { q, kv } => {
+                AttnGrads::QAndKv { q: self.empty(&q.shape, Prec::Half)?, kv: self.empty(&kv.shape, Prec::Half)? }
             }
-            AttnGradLayout::QAndKv => {
-                let (tq, tkv) = (self.empty(&q.shape, Prec::Half)?, self.empty(&[b, cap, 2 * inner], Prec::Half)?);
-                let (bq, bkv) = (self.ptr_t(&tq), self.ptr_t(&tkv));
-                (AttnGrads::QAndKv { q: tq, kv: tkv }, (bq, inner), (bkv, bkv + 2 * inner as u64, 2 * inner))
+            AttnInputs::Apart { .. } => bail!("attention_backward: q, k and v apart (the check refuses them)"),
+        };
+        let x = self.operands(x, inner)?;
+        let (b, lq, cap) = (x.b, x.lq, x.cap);
+        ensure!(h <= 65535 && b <= 65535, "attention_backward: {h} heads × {b} rows exceed the grid");
+        // dq, dk and dv start where q, k and v do in the same stacking.
+        let (dq, dkp, dvp) = match &grads {
+            AttnGrads::Qkv(t) => {
+                let base = self.ptr_t(t);
+                (base, base + x.k - x.q, base + x.v - x.q)
+            }
+            AttnGrads::QAndKv { q, kv } => {
+                let base = self.ptr_t(kv);
+                (self.ptr_t(q), base, base + x.v - x.k)
             }
         };
         if b == 0 || h == 0 {
@@ -222,9 +264,8 @@ impl AttentionOps for Cuda {
              {ATTN_BIAS_GRAD_SMEM}",
             slots / 2
         );
-        let (qh, kh, vh, gh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?, self.as_half(dout)?);
-        let oh = self.as_half(&fwd.out)?;
-        let params = self.attn_params(q, k, spec)?;
+        let (gh, oh) = (self.as_half(dout)?, self.as_half(&fwd.out)?);
+        let params = self.attn_params(&x, spec)?;
         // Per (row, head, query): D = Σ p·dp, from the first launch for the second.
         let dsum = self.gpu.alloc::<f32>(b * h * lq)?;
         let grid = |rows: usize, smem: usize| LaunchConfig {
@@ -232,8 +273,7 @@ impl AttentionOps for Cuda {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let (qp, kp, vp, gp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh), self.gpu.ptr(&gh));
-        let op = self.gpu.ptr(&oh);
+        let (qp, kp, vp, gp, op) = (x.q, x.k, x.v, self.gpu.ptr(&gh), self.gpu.ptr(&oh));
         ensure!(
             matches!(fwd.lse.buf, Buf::F32(_)),
             "attention_backward: the forward's lse must be f32, as attention_train keeps it"
@@ -244,14 +284,14 @@ impl AttentionOps for Cuda {
             self.gpu.launch(
                 &format!("attention_backward_dq_{form}"),
                 grid(lq, 0),
-                &[&qp, &kp, &vp, &op, &gp, &dq, &(ldq as i32), &lp, &dp, &params],
+                &[&qp, &kp, &vp, &op, &gp, &dq, &lp, &dp, &params],
             )?;
         }
         if cap > 0 {
             self.gpu.launch(
                 &format!("attention_backward_dkdv_{form}"),
                 grid(cap, rel_smem),
-                &[&qp, &kp, &vp, &gp, &dkp, &dvp, &(ldkv as i32), &lp, &dp, &rp, &params],
+                &[&qp, &kp, &vp, &gp, &dkp, &dvp, &lp, &dp, &rp, &params],
             )?;
         }
         if let Some((tp, rb)) = table {

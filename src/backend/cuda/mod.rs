@@ -17,7 +17,7 @@ mod optim;
 mod sampling;
 
 use super::relpos::relative_bucket;
-use super::{Activation, Attended, AttnGradLayout, AttnGrads, AttnSpec, LoraRef, Position, Prec, SampleSpec, Shaped};
+use super::{Activation, Attended, AttnGrads, AttnInputs, AttnSpec, LoraRef, Position, Prec, SampleSpec, Shaped};
 use super::{AttentionOps, Device, ElementwiseOps, LayoutOps, LinearOps, LossOps, NormOps, OptimOps, SamplingOps};
 use super::{BeamSpec, BeamState, EarlyStopping, ProcessSpec};
 use crate::backend::{AdamSlot, AdamStep, Dropout, LoraGrad};
