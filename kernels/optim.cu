@@ -1,6 +1,6 @@
-// The optimiser's kernels: a multi-tensor Adam update and a multi-tensor Σx² (in f64) for gradient
-// norms, each one launch for every tensor of a step; Adafactor's passes, each one launch for every
-// tensor of a step too.
+// The optimiser's kernels: a multi-tensor Adam update, a multi-tensor Σx² (in f64) for gradient
+// norms and a multi-tensor zeroing of the gradients, each one launch for every tensor of a step;
+// Adafactor's passes, each one launch for every tensor of a step too.
 #include "common.cuh"
 
 // The multi-tensor launches' table search: the last tensor whose first block in this launch (field
@@ -56,9 +56,10 @@ extern "C" __global__ void adam_multi(const AdamTensor* ts, int count, float w1,
     }
 }
 
-// One tensor of a multi-tensor Σx², as src/backend/cuda/optim.rs lays it out: four 64-bit words.
-struct SumSquaresTensor {
-    const void* x;
+// One tensor of a multi-tensor pass over plain values (Σx², zeroing), as src/backend/cuda/optim.rs
+// lays it out: four 64-bit words.
+struct TensorSpan {
+    void* x;
     long n;
     long first_block;
     long half;
@@ -68,12 +69,12 @@ struct SumSquaresTensor {
 // Σx² in f64 over every tensor of a step in one launch: block b takes a chunk of the last tensor
 // whose first block is at most b and writes one partial sum, which the host adds in a fixed order
 // (a deterministic result, unlike atomics).
-extern "C" __global__ void sum_squares_multi(const SumSquaresTensor* ts, int count, double* partial) {
+extern "C" __global__ void sum_squares_multi(const TensorSpan* ts, int count, double* partial) {
     __shared__ double scratch[32];
-    const SumSquaresTensor t = ts[tensor_of_block<SumSquaresTensor, &SumSquaresTensor::first_block>(ts, count)];
-    long i = ((long)blockIdx.x - t.first_block) * blockDim.x * SUM_SQUARES_PER_THREAD + threadIdx.x;
+    const TensorSpan t = ts[tensor_of_block<TensorSpan, &TensorSpan::first_block>(ts, count)];
+    long i = ((long)blockIdx.x - t.first_block) * blockDim.x * SPAN_PER_THREAD + threadIdx.x;
     double s = 0.0;
-    for (int k = 0; k < SUM_SQUARES_PER_THREAD && i < t.n; ++k, i += blockDim.x) {
+    for (int k = 0; k < SPAN_PER_THREAD && i < t.n; ++k, i += blockDim.x) {
         double v = t.half ? (double)__half2float(static_cast<const __half*>(t.x)[i]) : (double)static_cast<const float*>(t.x)[i];
         s += v * v;
     }
@@ -85,6 +86,19 @@ extern "C" __global__ void sum_squares_multi(const SumSquaresTensor* ts, int cou
         s = lane < nw ? scratch[lane] : 0.0;
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) partial[blockIdx.x] = s;
+    }
+}
+
+// Every tensor of a table set to zero in one launch, as `sum_squares_multi` reads them.
+extern "C" __global__ void zero_multi(const TensorSpan* ts, int count) {
+    const TensorSpan t = ts[tensor_of_block<TensorSpan, &TensorSpan::first_block>(ts, count)];
+    long i = ((long)blockIdx.x - t.first_block) * blockDim.x * SPAN_PER_THREAD + threadIdx.x;
+    for (int k = 0; k < SPAN_PER_THREAD && i < t.n; ++k, i += blockDim.x) {
+        if (t.half) {
+            static_cast<__half*>(t.x)[i] = __float2half_rn(0.f);
+        } else {
+            static_cast<float*>(t.x)[i] = 0.f;
+        }
     }
 }
 

@@ -540,6 +540,11 @@ pub trait OptimOps: Device {
     /// Σ x² over every element of every tensor of `xs`, for gradient norms: one read-back for all
     /// of them, so a step's norm waits on the device once, not once per tensor.
     fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
+
+    /// Every tensor of `xs` set to zero (a step's gradients before its backward adds into them),
+    /// in one pass where the backend can: a step keeps its gradients' memory instead of
+    /// allocating them again for every minibatch.
+    fn zero_grads(&self, xs: &mut [&mut Self::Tensor]) -> Result<()>;
 }
 
 /// Every family at once: what model code is written against (`B: Backend`). Any type that

@@ -217,13 +217,15 @@ fn run_epochs<B: Backend>(
     on_grads: &mut OnGrads<'_, B>,
 ) -> Result<Vec<MinibatchReport>> {
     let mut minibatches = Vec::new();
+    // One set of gradient tensors for the whole step, zeroed before each minibatch's backward.
+    let mut grads = PolicyGrads::zeros(env.be, learner.policy)?;
     for epoch in 0..env.cfg.ppo_epochs {
         let mut order: Vec<usize> = (0..exp.dims.rows).collect();
         if env.opts.shuffle {
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(seeds::ppo_shuffle(env.opts.seed, epoch)));
         }
         for (m, rows) in order.chunks(env.cfg.mini_batch_size).enumerate() {
-            let report = train_minibatch(env, learner, exp, (epoch, m), rows, on_grads)?;
+            let report = train_minibatch(env, learner, exp, (epoch, m), rows, &mut grads, on_grads)?;
             let stop = early_stop(env.cfg, report.loss.stats.policykl);
             minibatches.push(report);
             if stop {
@@ -241,13 +243,14 @@ fn take_rows(x: &[f32], rows: &[usize], cols: usize) -> Vec<f32> {
 
 /// TRL's `train_minibatch` with the `loss` before it: GAE and whitening on the minibatch's rows, a
 /// training pass over this worker's share, `ppo_loss` over the whole minibatch, the backward, the
-/// gradients summed over the group and clipped, and one Adam step.
+/// gradients summed over the group into `grads` and clipped, and one Adam step.
 fn train_minibatch<B: Backend>(
     env: &StepEnv<'_, B>,
     learner: &mut Learner<'_, B>,
     exp: &Experience<'_>,
     (epoch, m): (usize, usize),
     rows: &[usize],
+    grads: &mut PolicyGrads<B>,
     on_grads: &mut OnGrads<'_, B>,
 ) -> Result<MinibatchReport> {
     let (be, group, cfg, cols) = (env.be, env.group, env.cfg, exp.dims.cols);
@@ -259,9 +262,7 @@ fn train_minibatch<B: Backend>(
     let part = shard(rows.len(), group.rank(), group.world());
     let (p, resp) = upload_rows(be, learner.policy, exp.rollout, &rows[part.clone()], cols)?;
     let f = Fwd::train(worker_seed(seeds::ppo_dropout(env.opts.seed, epoch, m), group.rank()));
-    // Allocated while the forward is queued rather than after its results come back, when the
-    // GPU would wait for it.
-    let mut grads = PolicyGrads::zeros(be, learner.policy)?;
+    be.zero_grads(&mut grads.tensors_mut())?;
     let scored = learner.policy.score(be, &p, &resp, f, true)?;
     let (logprobs, vpreds, entropy) = (
         gather_concat(group, be, &scored.logprobs)?,
@@ -281,11 +282,11 @@ fn train_minibatch<B: Backend>(
     let loss = finite_loss(ppo_loss(&inputs, mdims, cfg)?, epoch, m)?;
     let my = part.start * cols..part.end * cols;
     let (d_logprobs, d_vpreds) = (&loss.d_logprobs[my.clone()], &loss.d_vpreds[my]);
-    learner.policy.backward(be, &p, &resp, scored, d_logprobs, d_vpreds, env.opts.loss_scale, &mut grads)?;
+    learner.policy.backward(be, &p, &resp, scored, d_logprobs, d_vpreds, env.opts.loss_scale, grads)?;
     group.all_reduce_sum(be, &mut grads.tensors_mut())?;
-    let (grad_norm, factor) = clip(env, &grads, (epoch, m))?;
-    on_grads(epoch, m, &grads)?;
-    learner.opt.step(be, learner.policy, &grads, factor as f32)?;
+    let (grad_norm, factor) = clip(env, grads, (epoch, m))?;
+    on_grads(epoch, m, grads)?;
+    learner.opt.step(be, learner.policy, grads, factor as f32)?;
     let (advantages, returns) = (adv.advantages, adv.returns);
     Ok(MinibatchReport { epoch, rows: rows.to_vec(), advantages, returns, logprobs, vpreds, loss, grad_norm })
 }

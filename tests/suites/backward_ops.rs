@@ -1066,6 +1066,29 @@ pub fn sum_squares_matches_cpu<B: Backend>(be: &B) {
     assert_eq!(be.sum_squares(&[]).unwrap(), 0.0);
 }
 
+/// Zeroing a table of tensors in one pass: every value of every tensor, f32 and half, whatever its
+/// size, and nothing else (the tensors beside them keep their values).
+pub fn zero_grads_matches_cpu<B: Backend>(be: &B) {
+    let mut r = Rand::new(111);
+    let sizes = [0, 1, 2047, 2048, 2049, 300_001];
+    let xs: Vec<Vec<f32>> = sizes.iter().map(|&n| r.vec(n, 3.0)).collect();
+    let mut on_cpu: Vec<_> = xs.iter().map(|x| Cpu.upload(x, &[x.len()]).unwrap()).collect();
+    let mut on_be: Vec<_> = xs.iter().map(|x| be.upload(x, &[x.len()]).unwrap()).collect();
+    let mut halves: Vec<_> = on_be.iter().filter_map(|x| half_copy(be, x)).collect();
+    let kept = be.upload(&xs[3], &[xs[3].len()]).unwrap();
+    Cpu.zero_grads(&mut on_cpu.iter_mut().collect::<Vec<_>>()).unwrap();
+    be.zero_grads(&mut on_be.iter_mut().chain(halves.iter_mut()).collect::<Vec<_>>()).unwrap();
+    for (i, (c, g)) in on_cpu.iter().zip(&on_be).enumerate() {
+        assert!(c.data.iter().all(|&v| v == 0.0), "the CPU zeroed tensor {i}");
+        assert_eq!(be.download(g).unwrap(), c.data, "zero_grads of {} values", sizes[i]);
+    }
+    for h in &halves {
+        assert!(be.download(h).unwrap().iter().all(|&v| v == 0.0), "zero_grads of {} half values", h.numel());
+    }
+    assert_eq!(be.download(&kept).unwrap(), xs[3], "a tensor outside the table keeps its values");
+    be.zero_grads(&mut []).unwrap();
+}
+
 crate::common::suite!("backward":
     table dropout_matches_cpu,
     table linear_backward_matches_cpu,
@@ -1080,6 +1103,7 @@ crate::common::suite!("backward":
     table adam_matches_cpu,
     table adafactor_matches_cpu,
     each sum_squares_matches_cpu,
+    each zero_grads_matches_cpu,
     table weight_grad_matches_cpu,
     table rms_norm_weight_grad_matches_cpu,
     table embedding_backward_matches_cpu,

@@ -133,4 +133,9 @@ impl OptimOps for Cpu {
     fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64> {
         Ok(xs.iter().flat_map(|x| &x.data).map(|&v| (v as f64) * (v as f64)).sum())
     }
+
+    fn zero_grads(&self, xs: &mut [&mut Self::Tensor]) -> Result<()> {
+        xs.iter_mut().for_each(|x| x.data.fill(0.0));
+        Ok(())
+    }
 }

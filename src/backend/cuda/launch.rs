@@ -19,9 +19,10 @@ pub const VOCAB_THREADS: u32 = 1024;
 /// Threads of one block of `adam_multi`, and the values each thread updates.
 pub const ADAM_THREADS: u32 = 256;
 pub const ADAM_PER_THREAD: u32 = 4;
-/// Threads of one block of `sum_squares_multi`, and the values each thread reads.
-pub const SUM_SQUARES_THREADS: u32 = 256;
-pub const SUM_SQUARES_PER_THREAD: u32 = 8;
+/// Threads of one block of the passes over a table of tensor spans (`sum_squares_multi`,
+/// `zero_multi`), and the values each thread takes.
+pub const SPAN_THREADS: u32 = 256;
+pub const SPAN_PER_THREAD: u32 = 8;
 /// Threads of one block of the Adafactor kernels, and the values one block of its element-wise
 /// passes takes.
 pub const ADAFACTOR_THREADS: u32 = 256;

@@ -1,4 +1,4 @@
-//! The CUDA optimiser of kernels/optim.cu: multi-tensor Adam and Σx², each one launch a step;
+//! The CUDA optimiser of kernels/optim.cu: multi-tensor Adam, Σx² and zeroing, each one launch a step;
 //! multi-tensor Adafactor, one launch for each of its passes, with its reductions on the device.
 
 use super::*;
@@ -6,8 +6,8 @@ use crate::backend::{AdafactorSlot, AdafactorStep, AdamFactors};
 
 /// Values one block of `adam_multi` updates.
 const ADAM_VALUES_PER_BLOCK: u64 = (ADAM_THREADS * ADAM_PER_THREAD) as u64;
-/// Values one block of `sum_squares_multi` reads.
-const SUM_SQUARES_VALUES_PER_BLOCK: u64 = (SUM_SQUARES_THREADS * SUM_SQUARES_PER_THREAD) as u64;
+/// Values one block of `sum_squares_multi` or `zero_multi` takes.
+const SPAN_VALUES_PER_BLOCK: u64 = (SPAN_THREADS * SPAN_PER_THREAD) as u64;
 
 impl OptimOps for Cuda {
     /// Every part of every slot in each of kernels/optim.cu's Adafactor passes, one launch a pass: a
@@ -169,25 +169,40 @@ impl OptimOps for Cuda {
     /// Every tensor in one launch (kernels/optim.cu's `SumSquaresTensor`, four 64-bit words
     /// each); each block writes one partial sum, and the host adds them once, in order.
     fn sum_squares(&self, xs: &[&CudaTensor]) -> Result<f64> {
-        let mut table: Vec<u64> = Vec::with_capacity(xs.len() * 4);
+        let Some((table, count, cfg)) = self.spans(xs.iter().copied())? else { return Ok(0.0) };
+        let blocks = cfg.grid_dim.0 as usize;
+        let partial = self.gpu.alloc::<f64>(blocks)?;
+        self.gpu.launch("sum_squares_multi", cfg, &[&self.gpu.ptr(&table), &count, &self.gpu.ptr(&partial)])?;
+        Ok(self.gpu.download(&partial, blocks)?.iter().sum())
+    }
+
+    fn zero_grads(&self, xs: &mut [&mut CudaTensor]) -> Result<()> {
+        if let Some((table, count, cfg)) = self.spans(xs.iter().map(|x| &**x))? {
+            self.gpu.launch("zero_multi", cfg, &[&self.gpu.ptr(&table), &count])?;
+        }
+        Ok(())
+    }
+}
+
+impl Cuda {
+    /// The `TensorSpan` table (kernels/optim.cu) of the non-empty tensors of `xs` on the device,
+    /// its length, and the launch that gives each tensor its blocks; None when every one is empty.
+    fn spans<'a>(
+        &self,
+        xs: impl Iterator<Item = &'a CudaTensor>,
+    ) -> Result<Option<(CudaSlice<u64>, i32, LaunchConfig)>> {
+        let mut table: Vec<u64> = Vec::new();
         let mut blocks = 0u64;
-        for x in xs.iter().filter(|x| x.numel() > 0) {
+        for x in xs.filter(|x| x.numel() > 0) {
             let n = x.numel() as u64;
             table.extend([self.ptr_t(x), n, blocks, matches!(x.buf, Buf::F16(_)) as u64]);
-            blocks += n.div_ceil(SUM_SQUARES_VALUES_PER_BLOCK);
+            blocks += n.div_ceil(SPAN_VALUES_PER_BLOCK);
         }
         if blocks == 0 {
-            return Ok(0.0);
+            return Ok(None);
         }
-        let partial = self.gpu.alloc::<f64>(blocks as usize)?;
-        let table_dev = self.gpu.upload(&table)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (SUM_SQUARES_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let count = (table.len() / 4) as i32;
-        self.gpu.launch("sum_squares_multi", cfg, &[&self.gpu.ptr(&table_dev), &count, &self.gpu.ptr(&partial)])?;
-        Ok(self.gpu.download(&partial, blocks as usize)?.iter().sum())
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (SPAN_THREADS, 1, 1), shared_mem_bytes: 0 };
+        Ok(Some((self.gpu.upload(&table)?, (table.len() / 4) as i32, cfg)))
     }
 }
