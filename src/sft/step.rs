@@ -215,10 +215,6 @@ pub fn sft_gradients<B: Backend>(
     let w = h.loss_scale / total_tokens as f32;
     let weights = be.upload(&batch.mask.iter().map(|m| m * w).collect::<Vec<_>>(), &[batch.mask.len()])?;
 
-    // The gradients, allocated while the device still has the forward to run rather than after
-    // the losses are read back, when it would wait for them.
-    let mut grads = zeros()?;
-
     // 2. Teacher-forced forward, keeping the tape.
     // Train mode: the adapters' dropout and T5's own (`dropout_rate` of config.json).
     let f = Fwd {
@@ -238,6 +234,7 @@ pub fn sft_gradients<B: Backend>(
     let losses = Losses { loss: loss / total_tokens as f64, ce: ce / total_tokens as f64 };
 
     // 4. Backward into every weight, or into the adapters.
+    let mut grads = zeros()?;
     let head_grads = match &mut grads {
         SftGrads::Full(g) => Some(g),
         SftGrads::Lora(_) => None,
