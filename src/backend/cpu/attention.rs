@@ -202,11 +202,7 @@ fn forward(
 fn apart(x: AttnInputs<'_, CpuTensor<f32>>, inner: usize) -> Result<[CpuTensor<f32>; 3]> {
     let split = |t: &CpuTensor<f32>, parts: usize| Cpu.split_last(t, &vec![inner; parts]);
     Ok(match x {
-        AttnInputs::Qkv(qkv) => {
-            let [q, k, v]: [CpuTensor<f32>; 3] =
-                split(qkv, 3)?.try_into().map_err(|_| anyhow!("q|k|v splits into three"))?;
-            [q, k, v]
-        }
+        AttnInputs::Qkv(qkv) => split(qkv, 3)?.try_into().map_err(|_| anyhow!("q|k|v splits into three"))?,
         AttnInputs::QAndKv { q, kv } => {
             let [k, v]: [CpuTensor<f32>; 2] = split(kv, 2)?.try_into().map_err(|_| anyhow!("k|v splits into two"))?;
             [q.clone(), k, v]

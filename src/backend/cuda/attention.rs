@@ -61,29 +61,30 @@ impl Cuda {
     fn operands<'a>(&self, x: AttnInputs<'a, CudaTensor>, inner: usize) -> Result<Operands<'a>> {
         // The address `parts` widths of `inner` halves along a row from `base`.
         let at = |base: u64, parts: usize| base + (parts * inner * std::mem::size_of::<f16>()) as u64;
-        let (held, q, k, v, ldq, ldkv) = match x {
+        let (b, lq) = match x {
+            AttnInputs::Qkv(q) | AttnInputs::QAndKv { q, .. } | AttnInputs::Apart { q, .. } => (q.shape[0], q.shape[1]),
+        };
+        let x = match x {
             AttnInputs::Qkv(qkv) => {
                 let h = self.as_half(qkv)?;
                 let base = self.gpu.ptr(&h);
-                (vec![h], base, at(base, 1), at(base, 2), 3 * inner, 3 * inner)
+                let (k, v) = (at(base, 1), at(base, 2));
+                Operands { q: base, k, v, ldq: 3 * inner, ldkv: 3 * inner, b, lq, cap: lq, _held: vec![h] }
             }
             AttnInputs::QAndKv { q, kv } => {
                 let (qh, kvh) = (self.as_half(q)?, self.as_half(kv)?);
                 let (qp, kvp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kvh));
-                (vec![qh, kvh], qp, kvp, at(kvp, 1), inner, 2 * inner)
+                let (ldq, ldkv, cap) = (inner, 2 * inner, kv.shape[1]);
+                Operands { q: qp, k: kvp, v: at(kvp, 1), ldq, ldkv, b, lq, cap, _held: vec![qh, kvh] }
             }
             AttnInputs::Apart { q, k, v } => {
                 let (qh, kh, vh) = (self.as_half(q)?, self.as_half(k)?, self.as_half(v)?);
                 let (qp, kp, vp) = (self.gpu.ptr(&qh), self.gpu.ptr(&kh), self.gpu.ptr(&vh));
-                (vec![qh, kh, vh], qp, kp, vp, inner, inner)
+                let cap = k.shape[1];
+                Operands { q: qp, k: kp, v: vp, ldq: inner, ldkv: inner, b, lq, cap, _held: vec![qh, kh, vh] }
             }
         };
-        let (b, lq, cap) = match x {
-            AttnInputs::Qkv(t) => (t.shape[0], t.shape[1], t.shape[1]),
-            AttnInputs::QAndKv { q, kv } => (q.shape[0], q.shape[1], kv.shape[1]),
-            AttnInputs::Apart { q, k, .. } => (q.shape[0], q.shape[1], k.shape[1]),
-        };
-        Ok(Operands { q, k, v, ldq, ldkv, b, lq, cap, _held: held })
+        Ok(x)
     }
 
     /// The kernels' parameter block for one call on `x` under `spec`, the position from its
@@ -121,22 +122,25 @@ impl Cuda {
     }
 
     /// The forward: the decoding form for a few queries at inference, else the tensor-core or the
-    /// plain many-query form, which also write each row's log-sum-exp to `lse` when it is not 0.
+    /// plain many-query form, which with `keep_lse` also write each row's log-sum-exp
+    /// `[B, H, Lq]`.
     fn attention_forward(
         &self,
         x: AttnInputs<'_, CudaTensor>,
         spec: &AttnSpec<'_, Self>,
-        lse: u64,
-    ) -> Result<CudaTensor> {
+        keep_lse: bool,
+    ) -> Result<(CudaTensor, Option<CudaTensor>)> {
         let (h, dk) = (spec.heads, spec.d_kv);
         ensure!(dk <= ATTN_MAX_DK as usize, "attention: d_kv {dk} > {ATTN_MAX_DK} is not supported on CUDA");
         let x = self.operands(x, h * dk)?;
         let (b, lq, cap) = (x.b, x.lq, x.cap);
         let params = self.attn_params(&x, spec)?;
         let out = self.empty(&[b, lq, h * dk], Prec::Half)?;
+        let lse_t = keep_lse.then(|| self.empty(&[b, h, lq], Prec::F32)).transpose()?;
+        let lse = lse_t.as_ref().map_or(0, |t| self.ptr_t(t));
         let (qp, kp, vp, op) = (x.q, x.k, x.v, self.ptr_t(&out));
         // The decoding form serves inference only: dropout and training take the many-query forms.
-        if lq <= 4 && spec.dropout.is_none() && lse == 0 {
+        if lq <= 4 && spec.dropout.is_none() && !keep_lse {
             let vec = dk == 64 || dk == 32;
             let width = if vec { dk / 8 } else { dk };
             let groups = ATTN_ROW_THREADS as usize / width;
@@ -175,13 +179,13 @@ impl Cuda {
             let name = format!("attention_prefill_f16_{dk_tile}");
             self.gpu.launch(&name, cfg, &[&qp, &kp, &vp, &op, &lse, &params])?;
         }
-        Ok(out)
+        Ok((out, lse_t))
     }
 }
 
 impl AttentionOps for Cuda {
     fn attention_impl(&self, x: AttnInputs<'_, Self::Tensor>, spec: &AttnSpec<'_, Self>) -> Result<Self::Tensor> {
-        self.attention_forward(x, spec, 0)
+        Ok(self.attention_forward(x, spec, false)?.0)
     }
 
     fn attention_train_impl(
@@ -189,12 +193,10 @@ impl AttentionOps for Cuda {
         x: AttnInputs<'_, Self::Tensor>,
         spec: &AttnSpec<'_, Self>,
     ) -> Result<Attended<Self::Tensor>> {
-        let (b, lq) = match x {
-            AttnInputs::Qkv(q) | AttnInputs::QAndKv { q, .. } | AttnInputs::Apart { q, .. } => (q.shape[0], q.shape[1]),
-        };
-        let lse = self.empty(&[b, spec.heads, lq], Prec::F32)?;
-        let out = self.attention_forward(x, spec, self.ptr_t(&lse))?;
-        Ok(Attended { out, lse })
+        match self.attention_forward(x, spec, true)? {
+            (out, Some(lse)) => Ok(Attended { out, lse }),
+            (_, None) => bail!("attention_train: the forward kept no log-sum-exp"),
+        }
     }
 
     /// Two launches (kernels/attention.cu says how the work is split): per `ATTN_ROWS` queries, D = dO·O
